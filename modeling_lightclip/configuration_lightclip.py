@@ -1,0 +1,274 @@
+"""LightCLIP model configuration.
+
+A `LightCLIPConfig` holds two sub-configs, one per tower, the way `VisionTextDualEncoderConfig` does:
+`vision_config` may be any transformers vision backbone config (ResNet, MobileNetV2, EfficientNet, ViT,
+MobileViT, ConvNeXt, CLIPVision, ...) and `text_config` any text encoder config (BERT-style, CLIPText, ...),
+given as a config object or as a dict carrying `model_type`.
+
+Beside the towers it holds the projection sizes and the fields of every training objective. The objective
+fields only change what `forward(return_loss=True)` computes; the inference path (two towers, two
+projections) never depends on them.
+
+This file is saved beside the weights as remote code: it imports only torch/transformers at top level.
+"""
+
+import math
+
+from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
+
+SOFT_LABEL_MODES = ("none", "uniform", "similarity")
+SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
+TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
+VISION_POOLING = ("auto", "cls", "mean", "pooler")
+
+_DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
+                   "depths": [1, 1, 1, 1], "layer_type": "basic"}
+_DEFAULT_TEXT = {"model_type": "bert", "vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 4,
+                 "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 77}
+
+
+def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
+    """Turn a config object, a dict carrying `model_type`, or None into a transformers config."""
+    if value is None:
+        value = dict(default)
+        logger.info("`%s` is None; using the default %s tower.", name, default["model_type"])
+    if isinstance(value, PretrainedConfig):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"`{name}` must be a transformers config or a dict with `model_type`, got {type(value)}")
+    value = dict(value)
+    model_type = value.pop("model_type", None)
+    if model_type is None:
+        raise ValueError(
+            f"`{name}` has no `model_type`; add one, e.g. {{'model_type': '{default['model_type']}', ...}}."
+        )
+    try:
+        return AutoConfig.for_model(model_type, **value)
+    except ValueError as err:
+        raise ValueError(
+            f"Unknown {name.split('_')[0]} tower type {model_type!r}: it is not a transformers model type. "
+            "Use one transformers knows (e.g. resnet, mobilenet_v2, efficientnet, vit, clip_vision_model for "
+            "images; bert, clip_text_model for text)."
+        ) from err
+
+
+class LightCLIPConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`LightCLIPModel`]: a lightweight dual encoder plus the multi-level training objectives of
+    LightCLIP and the neighbour guidance of CLIP-PING.
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Image tower config. A dict must carry `model_type`. Defaults to a small ResNet.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Text tower config. A dict must carry `model_type`. Defaults to a 4-layer BERT.
+        projection_dim (`int`, *optional*, defaults to 256):
+            Size of the shared image-text embedding space.
+        logit_scale_init_value (`float`, *optional*, defaults to ln(1/0.07)):
+            Initial value of the learnable log temperature, as in CLIP.
+        logit_scale_max (`float`, *optional*, defaults to ln(100)):
+            The log temperature is clamped to this value after every optimiser step.
+        image_size (`int`, *optional*):
+            Input resolution the model is trained at; used to size token sequences. Defaults to the vision
+            config's `image_size` or 224.
+        vision_pooling (`str`, *optional*, defaults to `"auto"`):
+            How the global image vector is taken: `"pooler"` (the tower's pooler output), `"cls"` (first token),
+            `"mean"` (mean of the patch tokens). `"auto"` uses the pooler where the tower has one, else CLS for
+            token sequences and mean for feature maps.
+        text_pooling (`str`, *optional*, defaults to `"auto"`):
+            How the global text vector is taken: `"eos"`/`"pooler"` (CLIP text tower's EOS token), `"cls"`
+            (first token) or `"mean"` (attention-masked mean). `"auto"` is the pooler for CLIP text towers and the
+            masked mean for BERT-style towers: a small text tower trained from scratch has no pre-trained CLS
+            objective behind its first token, and the masked mean is what sentence encoders use.
+        vision_token_stage (`int`, *optional*):
+            Which feature map gives the image patch tokens for the token-level objective: `None` is the tower's
+            last hidden state; an int indexes the tower's `hidden_states` (e.g. -2 for the stage before the last,
+            useful for CNNs at small resolution, whose last map has few cells).
+        cnn_init (`str`, *optional*, defaults to `"kaiming"`):
+            Initialisation of convolutional towers built from a config (never of loaded weights): `"kaiming"`
+            (Kaiming-normal convolutions, unit normalisation weights: the standard from-scratch init) or
+            `"transformers"` (the backbone's own `_init_weights`; EfficientNet's draws BatchNorm weights from
+            N(0, 0.02), which silences a fresh tower).
+        token_projection_dim (`int`, *optional*, defaults to 128):
+            Size of the shared token space of the token-level objective.
+        soft_label_mode (`str`, *optional*, defaults to `"similarity"`):
+            Progressive softened labels of the instance-level loss: `"none"` (one-hot), `"uniform"` (the
+            softened mass spread evenly over the negatives) or `"similarity"` (spread over the negatives by their
+            detached intra-modal similarity to the positive).
+        soft_label_max (`float`, *optional*, defaults to 0.2):
+            The softening weight alpha reached at the end of training.
+        soft_label_schedule (`str`, *optional*, defaults to `"cosine"`):
+            How alpha rises from 0 to `soft_label_max` with training progress: `"linear"`, `"cosine"`, `"step"`
+            (0 for the first half, then the maximum) or `"constant"`.
+        soft_label_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the softmax over intra-modal similarities in `"similarity"` mode.
+        token_loss_weight (`float`, *optional*, defaults to 0.5):
+            Weight of the relaxed bipartite token alignment loss; 0 switches it off.
+        token_match_threshold (`float`, *optional*):
+            Cosine similarity below which a matched word-patch pair is dropped (partial matching); None keeps all.
+        token_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the token-level contrastive terms.
+        mlm_loss_weight (`float`, *optional*, defaults to 0.5):
+            Weight of the masked language modelling loss; 0 switches it off and the fusion module and MLM head
+            are not built.
+        mlm_probability (`float`, *optional*, defaults to 0.15):
+            Share of caption tokens masked (80% [MASK], 10% random, 10% kept).
+        fusion_text_layers (`list[int]`, *optional*):
+            Text encoder layers after which image features are injected by cross-attention. Defaults to the
+            middle and the last layer.
+        fusion_vision_stages (`list[int]`, *optional*):
+            Image tower stages (indices into its `hidden_states`) whose features the fusion draws on, one per
+            text layer in `fusion_text_layers`. Defaults to `[-2, -1]`.
+        fusion_num_heads (`int`, *optional*, defaults to 4):
+            Attention heads of the fusion cross-attention.
+        save_training_modules (`bool`, *optional*, defaults to `True`):
+            When False, `save_pretrained` leaves the training-only modules (fusion, MLM head, token projections)
+            out of the saved weights and the saved config switches them off, giving a pure inference checkpoint.
+        ping_nn_loss_weight, ping_xnn_loss_weight (`float`, *optional*, defaults to 0):
+            Weights of CLIP-PING's nearest-neighbour and cross nearest-neighbour terms; 0 switches them off.
+        ping_bank_size (`int`, *optional*, defaults to 0):
+            Number of training samples the neighbour memory bank indexes (the dataset size); set by the trainer.
+        mask_token_id, pad_token_id, cls_token_id, sep_token_id (`int`, *optional*):
+            Token ids the MLM masking and the token-level objective need; taken from the tokenizer by the trainer.
+    """
+
+    model_type = "lightclip"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config=None,
+        text_config=None,
+        projection_dim: int = 256,
+        logit_scale_init_value: float = math.log(1 / 0.07),
+        logit_scale_max: float = math.log(100.0),
+        image_size: int | None = None,
+        vision_pooling: str = "auto",
+        text_pooling: str = "auto",
+        vision_token_stage: int | None = None,
+        cnn_init: str = "kaiming",
+        token_projection_dim: int = 128,
+        soft_label_mode: str = "similarity",
+        soft_label_max: float = 0.2,
+        soft_label_schedule: str = "cosine",
+        soft_label_temperature: float = 0.1,
+        token_loss_weight: float = 0.5,
+        token_match_threshold: float | None = None,
+        token_temperature: float = 0.1,
+        mlm_loss_weight: float = 0.5,
+        mlm_probability: float = 0.15,
+        fusion_text_layers: list | None = None,
+        fusion_vision_stages: list | None = None,
+        fusion_num_heads: int = 4,
+        save_training_modules: bool = True,
+        ping_nn_loss_weight: float = 0.0,
+        ping_xnn_loss_weight: float = 0.0,
+        ping_bank_size: int = 0,
+        ping_temperature: float | None = None,
+        mask_token_id: int | None = None,
+        cls_token_id: int | None = None,
+        sep_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vision_config = _as_sub_config(vision_config, _DEFAULT_VISION, "vision_config")
+        self.text_config = _as_sub_config(text_config, _DEFAULT_TEXT, "text_config")
+        self.projection_dim = projection_dim
+        self.logit_scale_init_value = logit_scale_init_value
+        self.logit_scale_max = logit_scale_max
+        if image_size is None:
+            image_size = getattr(self.vision_config, "image_size", None) or 224
+        self.image_size = int(image_size)
+        self.vision_pooling = vision_pooling
+        self.text_pooling = text_pooling
+        self.vision_token_stage = vision_token_stage
+        self.cnn_init = cnn_init
+        self.token_projection_dim = token_projection_dim
+        self.soft_label_mode = soft_label_mode
+        self.soft_label_max = soft_label_max
+        self.soft_label_schedule = soft_label_schedule
+        self.soft_label_temperature = soft_label_temperature
+        self.token_loss_weight = token_loss_weight
+        self.token_match_threshold = token_match_threshold
+        self.token_temperature = token_temperature
+        self.mlm_loss_weight = mlm_loss_weight
+        self.mlm_probability = mlm_probability
+        num_text_layers = getattr(self.text_config, "num_hidden_layers", 2)
+        if fusion_text_layers is None:
+            fusion_text_layers = sorted({max(num_text_layers // 2 - 1, 0), num_text_layers - 1})
+        if fusion_vision_stages is None:
+            fusion_vision_stages = [-2, -1][-len(fusion_text_layers):]
+        self.fusion_text_layers = list(fusion_text_layers)
+        self.fusion_vision_stages = list(fusion_vision_stages)
+        self.fusion_num_heads = fusion_num_heads
+        self.save_training_modules = save_training_modules
+        self.ping_nn_loss_weight = ping_nn_loss_weight
+        self.ping_xnn_loss_weight = ping_xnn_loss_weight
+        self.ping_bank_size = ping_bank_size
+        self.ping_temperature = ping_temperature
+        self.mask_token_id = mask_token_id
+        self.cls_token_id = cls_token_id
+        self.sep_token_id = sep_token_id
+        kwargs.setdefault("pad_token_id", getattr(self.text_config, "pad_token_id", None))
+        super().__init__(**kwargs)
+        self.validate_lightclip()
+
+    def validate_lightclip(self):
+        """Check the fields against each other; each failure names the field and the fix."""
+        if self.soft_label_mode not in SOFT_LABEL_MODES:
+            raise ValueError(f"soft_label_mode={self.soft_label_mode!r}: choose one of {SOFT_LABEL_MODES}.")
+        if self.soft_label_schedule not in SOFT_LABEL_SCHEDULES:
+            raise ValueError(
+                f"soft_label_schedule={self.soft_label_schedule!r}: choose one of {SOFT_LABEL_SCHEDULES}."
+            )
+        if not 0.0 <= self.soft_label_max < 1.0:
+            raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
+        if self.text_pooling not in TEXT_POOLING:
+            raise ValueError(f"text_pooling={self.text_pooling!r}: choose one of {TEXT_POOLING}.")
+        if self.cnn_init not in ("kaiming", "transformers"):
+            raise ValueError(f"cnn_init={self.cnn_init!r}: choose 'kaiming' or 'transformers'.")
+        if self.vision_pooling not in VISION_POOLING:
+            raise ValueError(f"vision_pooling={self.vision_pooling!r}: choose one of {VISION_POOLING}.")
+        if self.projection_dim <= 0 or self.token_projection_dim <= 0:
+            raise ValueError("projection_dim and token_projection_dim must be positive.")
+        for name in ("token_loss_weight", "mlm_loss_weight", "ping_nn_loss_weight", "ping_xnn_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
+        if len(self.fusion_text_layers) != len(self.fusion_vision_stages):
+            raise ValueError(
+                f"fusion_text_layers {self.fusion_text_layers} and fusion_vision_stages {self.fusion_vision_stages} "
+                "must have the same length: each text layer draws on one image stage."
+            )
+        num_text_layers = getattr(self.text_config, "num_hidden_layers", None)
+        if num_text_layers is not None:
+            bad = [i for i in self.fusion_text_layers if not -num_text_layers <= i < num_text_layers]
+            if bad:
+                raise ValueError(
+                    f"fusion_text_layers {bad} out of range for a text tower of {num_text_layers} layers."
+                )
+
+    @property
+    def uses_token_loss(self) -> bool:
+        return self.token_loss_weight > 0
+
+    @property
+    def uses_mlm(self) -> bool:
+        return self.mlm_loss_weight > 0
+
+    @property
+    def uses_ping(self) -> bool:
+        return self.ping_nn_loss_weight > 0 or self.ping_xnn_loss_weight > 0
+
+    def to_dict(self):
+        output = super().to_dict()
+        output["vision_config"] = self.vision_config.to_dict()
+        output["text_config"] = self.text_config.to_dict()
+        return output
+
+
+__all__ = ["LightCLIPConfig"]

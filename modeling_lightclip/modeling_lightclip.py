@@ -1,0 +1,452 @@
+"""PyTorch LightCLIP model: a lightweight dual encoder whose multi-level training losses live in `forward`.
+
+The inference path is exactly a dual encoder: image tower -> pooled vector -> `visual_projection`, text tower ->
+pooled vector -> `text_projection`, cosine similarity scaled by `logit_scale`. Every training-only module (token
+projections, fusion module, MLM head, neighbour memory bank) lives under `self.objectives` and is touched only
+when `forward(return_loss=True)` runs in training.
+
+Saved beside the weights as remote code: imports only torch and transformers at top level.
+"""
+
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput, logging
+
+from .configuration_lightclip import LightCLIPConfig
+from .objectives_lightclip import InstanceContrastiveLoss, soft_label_alpha
+
+
+logger = logging.get_logger(__name__)
+
+_AUTO_MAP_CLASSES = ("AutoModel", "AutoModelForZeroShotImageClassification")
+
+
+@dataclass
+class LightCLIPOutput(ModelOutput):
+    """
+    Output of [`LightCLIPModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            Weighted sum of the enabled training objectives.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            Scaled cosine similarities image x text.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            The transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised projected text embeddings.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`):
+            L2-normalised projected image embeddings.
+        losses (`dict[str, torch.FloatTensor]`, *optional*):
+            Each objective's unweighted term (e.g. `instance`, `token`, `mlm`), for logging.
+        image_tokens (`torch.FloatTensor` of shape `(batch_size, num_patches, vision_hidden)`, *optional*):
+            Image patch tokens (a CNN's feature map flattened to H*W tokens, a ViT's tokens without prefix tokens),
+            returned with `output_tokens=True`.
+        text_tokens (`torch.FloatTensor` of shape `(batch_size, seq_len, text_hidden)`, *optional*):
+            Text token states, returned with `output_tokens=True`.
+        text_word_mask (`torch.BoolTensor` of shape `(batch_size, seq_len)`, *optional*):
+            True at real word tokens (special and padding tokens excluded), returned with `output_tokens=True`.
+        text_model_output (`BaseModelOutputWithPooling`):
+            The text tower's raw output.
+        vision_model_output (`BaseModelOutputWithPooling`):
+            The image tower's raw output.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    losses: dict | None = None
+    image_tokens: torch.FloatTensor | None = None
+    text_tokens: torch.FloatTensor | None = None
+    text_word_mask: torch.BoolTensor | None = None
+    text_model_output: Any = None
+    vision_model_output: Any = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ["text_model_output", "vision_model_output"] else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+@dataclass
+class _VisionEncoding:
+    """What one image-tower pass yields: pooled vector, patch tokens, per-stage features, raw output."""
+
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    stages: tuple | None
+    raw: Any
+
+
+@dataclass
+class _TextEncoding:
+    pooled: torch.Tensor
+    tokens: torch.Tensor
+    raw: Any
+
+
+def _build_tower(config) -> PreTrainedModel:
+    """`AutoModel.from_config`, without the towers' task poolers (BERT/ViT `add_pooling_layer`): LightCLIP pools
+    itself, and a pooler nobody trains would leave parameters without gradients under DDP."""
+    try:
+        model_class = AutoModel._model_mapping[type(config)]
+    except KeyError as err:
+        raise ValueError(
+            f"No transformers AutoModel for tower config {type(config).__name__} (model_type "
+            f"{getattr(config, 'model_type', '?')!r}); pick a tower type AutoModel supports."
+        ) from err
+    kwargs = {}
+    if "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    return AutoModel.from_config(config, **kwargs)
+
+
+@dataclass
+class VisionTowerShapes:
+    """Shapes of a vision tower's outputs at a given resolution, probed on the meta device (no compute, no memory).
+
+    feature_dim: hidden size of the tokens of the last hidden state; pooled_dim: size of the pooled vector;
+    stage_dims: hidden size of each entry of `hidden_states`; num_prefix_tokens: CLS/distillation/register tokens
+    in front of a ViT's patch tokens; num_tokens: patch tokens of the last hidden state.
+    """
+
+    feature_dim: int
+    pooled_dim: int
+    has_pooler: bool
+    is_feature_map: bool
+    stage_dims: list
+    stage_num_tokens: list
+    num_prefix_tokens: int
+    num_tokens: int
+
+
+def probe_vision_tower(vision_config, image_size: int) -> VisionTowerShapes:
+    """Run the tower once on the meta device to read its output shapes; works for any transformers backbone."""
+    config = copy.deepcopy(vision_config)
+    with torch.device("meta"):
+        tower = _build_tower(config).eval()
+        num_channels = getattr(config, "num_channels", 3)
+        out = tower(torch.empty(1, num_channels, image_size, image_size), output_hidden_states=True, return_dict=True)
+    last = out.last_hidden_state
+    pooler = getattr(out, "pooler_output", None)
+    is_map = last.dim() == 4
+    hidden_states = out.hidden_states or (last,)
+
+    def _dim_and_tokens(t):
+        return (t.shape[1], t.shape[2] * t.shape[3]) if t.dim() == 4 else (t.shape[-1], t.shape[1])
+
+    patch_size = getattr(config, "patch_size", None)
+    prefix = 0
+    if not is_map and isinstance(patch_size, int) and patch_size > 0:
+        prefix = max(last.shape[1] - (image_size // patch_size) ** 2, 0)
+    feature_dim, num_tokens = _dim_and_tokens(last)
+    return VisionTowerShapes(
+        feature_dim=feature_dim,
+        pooled_dim=pooler.flatten(1).shape[1] if pooler is not None else feature_dim,
+        has_pooler=pooler is not None,
+        is_feature_map=is_map,
+        stage_dims=[_dim_and_tokens(h)[0] for h in hidden_states],
+        stage_num_tokens=[_dim_and_tokens(h)[1] - (0 if h.dim() == 4 else prefix) for h in hidden_states],
+        num_prefix_tokens=prefix,
+        num_tokens=num_tokens - prefix,
+    )
+
+
+def feature_map_to_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); (B, L, C) -> (B, L - prefix, C)."""
+    if features.dim() == 4:
+        return features.flatten(2).transpose(1, 2)
+    return features[:, num_prefix_tokens:]
+
+
+class LightCLIPPreTrainedModel(PreTrainedModel):
+    config_class = LightCLIPConfig
+    config: LightCLIPConfig
+    base_model_prefix = "lightclip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    # Trainer: the MLM/PING inputs are not token-count-normalised labels; never rescale our loss.
+    accepts_loss_kwargs = False
+    # Training-only modules may be left out of an inference checkpoint (config.save_training_modules=False).
+    _keys_to_ignore_on_load_missing = [r"^objectives\."]
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        """The towers' own initialisation, then (config.cnn_init == "kaiming") the standard from-scratch init of
+        convolutional towers: Kaiming-normal convolutions, unit-weight/zero-bias normalisation layers. Some
+        transformers backbones (EfficientNet, for one) draw BatchNorm weights from N(0, 0.02), which makes a
+        freshly built tower output zeros. Only tensors not loaded from a checkpoint are touched."""
+        super().initialize_weights()
+        if getattr(self.config, "cnn_init", "kaiming") != "kaiming":
+            return
+        for tower in (getattr(self, "vision_model", None), getattr(self, "text_model", None)):
+            if tower is None:
+                continue
+            for module in tower.modules():
+                if isinstance(module, nn.Conv2d):
+                    init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+                    if module.bias is not None:
+                        init.zeros_(module.bias)
+                elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)) and module.weight is not None:
+                    init.ones_(module.weight)
+                    init.zeros_(module.bias)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, LightCLIPModel):
+            init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5)
+            init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5)
+            init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+
+
+class LightCLIPModel(LightCLIPPreTrainedModel):
+    r"""
+    Lightweight CLIP: any transformers image tower + any text tower, trained with LightCLIP's multi-level
+    objectives and CLIP-PING's neighbour guidance.
+
+    Loading a trained model::
+
+        model = AutoModel.from_pretrained("org/lightclip-resnet18", trust_remote_code=True)
+        pipe = pipeline("zero-shot-image-classification", model="org/lightclip-resnet18", trust_remote_code=True)
+    """
+
+    def __init__(self, config: LightCLIPConfig, vision_model: PreTrainedModel | None = None,
+                 text_model: PreTrainedModel | None = None):
+        super().__init__(config)
+        self.vision_model = vision_model if vision_model is not None else _build_tower(config.vision_config)
+        self.text_model = text_model if text_model is not None else _build_tower(config.text_config)
+        # Keep one config object per tower so that updates (e.g. attention implementation) stay in sync.
+        self.vision_model.config = self.config.vision_config
+        self.text_model.config = self.config.text_config
+
+        self.vision_shapes = probe_vision_tower(config.vision_config, config.image_size)
+        self.vision_embed_dim = self.vision_shapes.pooled_dim
+        self.text_embed_dim = config.text_config.hidden_size
+        self._text_tower_inputs = set(inspect.signature(self.text_model.forward).parameters)
+        self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+
+        self.instance_loss = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature)
+        # Training progress in [0, 1] for the progressive soft labels; set by a TrainerCallback or by hand.
+        self.training_progress = 0.0
+        self.post_init()
+
+    # ---------------------------------------------------------------------------------------------- towers
+
+    def _encode_image(self, pixel_values: torch.Tensor, output_stages: bool = False) -> _VisionEncoding:
+        out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
+        last = out.last_hidden_state
+        shapes = self.vision_shapes
+        tokens = feature_map_to_tokens(last, shapes.num_prefix_tokens)
+        mode = self.config.vision_pooling
+        pooler = getattr(out, "pooler_output", None)
+        if mode == "auto":
+            mode = "pooler" if pooler is not None else ("mean" if last.dim() == 4 else "cls")
+        if mode == "pooler":
+            if pooler is None:
+                raise ValueError("vision_pooling='pooler' but the image tower returns no pooler_output.")
+            pooled = pooler.flatten(1)
+        elif mode == "cls":
+            if last.dim() == 4:
+                raise ValueError("vision_pooling='cls' needs a token-sequence tower (ViT-like), not a CNN.")
+            pooled = last[:, 0]
+        else:
+            pooled = tokens.mean(dim=1)
+        return _VisionEncoding(pooled=pooled, tokens=tokens, stages=out.hidden_states, raw=out)
+
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     **tower_kwargs) -> _TextEncoding:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        max_positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        if max_positions is not None and input_ids.shape[1] > max_positions:
+            raise ValueError(
+                f"captions of {input_ids.shape[1]} tokens exceed the text tower's {max_positions} positions: "
+                f"tokenise with truncation=True, max_length={max_positions}."
+            )
+        tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None and k in self._text_tower_inputs}
+        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
+        tokens = out.last_hidden_state
+        mode = self.config.text_pooling
+        pooler = getattr(out, "pooler_output", None)
+        if mode == "auto":
+            mode = "pooler" if self.config.text_config.model_type == "clip_text_model" else "mean"
+        if mode in ("pooler", "eos"):
+            if pooler is None:
+                raise ValueError(f"text_pooling={self.config.text_pooling!r} but the text tower has no pooler output.")
+            pooled = pooler
+        elif mode == "cls":
+            pooled = tokens[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+            pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _TextEncoding(pooled=pooled, tokens=tokens, raw=out)
+
+    def text_word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """True at real word tokens: attended, and not a CLS/SEP/BOS/EOS/PAD/MASK token."""
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        special = {self.config.cls_token_id, self.config.sep_token_id, self.config.pad_token_id,
+                   getattr(self.config.text_config, "bos_token_id", None),
+                   getattr(self.config.text_config, "eos_token_id", None)}
+        special = [s for s in special if isinstance(s, int) and 0 <= s < self.config.text_config.vocab_size]
+        if special:
+            mask &= ~torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
+        return mask
+
+    def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        """Image tower + projection. As transformers 5's `CLIPModel`, returns the tower output with `pooler_output`
+        replaced by the projected (not yet normalised) image embedding."""
+        enc = self._encode_image(pixel_values)
+        return BaseModelOutputWithPooling(last_hidden_state=enc.raw.last_hidden_state,
+                                          pooler_output=self.visual_projection(enc.pooled))
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          token_type_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                          **kwargs) -> BaseModelOutputWithPooling:
+        """Text tower + projection; `pooler_output` is the projected (not yet normalised) text embedding."""
+        enc = self._encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+        return BaseModelOutputWithPooling(last_hidden_state=enc.tokens,
+                                          pooler_output=self.text_projection(enc.pooled))
+
+    # ---------------------------------------------------------------------------------------------- training
+
+    def set_training_progress(self, progress: float) -> None:
+        """Fraction of training done, in [0, 1]; drives the progressive soft labels."""
+        self.training_progress = min(max(float(progress), 0.0), 1.0)
+
+    @property
+    def soft_label_alpha(self) -> float:
+        if self.config.soft_label_mode == "none":
+            return 0.0
+        return soft_label_alpha(self.training_progress, self.config.soft_label_max, self.config.soft_label_schedule)
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp the log temperature to [0, logit_scale_max] (ln 100 by default), as CLIP does after each step."""
+        self.logit_scale.clamp_(0.0, self.config.logit_scale_max)
+
+    # ---------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        output_tokens: bool = False,
+        return_dict: bool | None = None,
+    ) -> LightCLIPOutput | tuple:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`): caption token ids.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, channels, height, width)`): images.
+            attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 at real tokens.
+            token_type_ids, position_ids (*optional*): passed to the text tower when it takes them.
+            return_loss (`bool`, *optional*): compute the training objectives and return `loss` and `losses`.
+            output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
+        """
+        if input_ids is None or pixel_values is None:
+            raise ValueError("LightCLIPModel.forward needs both `input_ids` and `pixel_values`.")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        vision = self._encode_image(pixel_values)
+        text = self._encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+        image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
+        text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
+        logit_scale = self.logit_scale.exp()
+        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        logits_per_image = logits_per_text.t()
+
+        loss, losses = None, None
+        if return_loss:
+            losses = self.instance_loss(image_embeds, text_embeds, logit_scale,
+                                        alpha=self.soft_label_alpha if self.training else 0.0)
+            loss = losses["instance"]
+
+        word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
+        output = LightCLIPOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            losses=losses,
+            image_tokens=vision.tokens if output_tokens else None,
+            text_tokens=text.tokens if output_tokens else None,
+            text_word_mask=word_mask,
+            text_model_output=text.raw,
+            vision_model_output=vision.raw,
+        )
+        return output if return_dict else output.to_tuple()
+
+    # ---------------------------------------------------------------------------------------------- construction
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+    ) -> "LightCLIPModel":
+        """Build a LightCLIP model whose towers start from pretrained checkpoints (Hub ids or local folders).
+
+        Keyword arguments prefixed `vision_` / `text_` go to the towers' `from_pretrained`; the rest go to
+        `LightCLIPConfig` (e.g. `projection_dim`, objective weights). Projections start fresh.
+        """
+        vision_kwargs = {k[len("vision_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
+        text_kwargs = {k[len("text_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
+        towers = []
+        for name, extra in ((vision_model_name_or_path, vision_kwargs), (text_model_name_or_path, text_kwargs)):
+            model = AutoModel.from_pretrained(name, **extra)
+            if hasattr(model, "vision_model") and getattr(model.config, "model_type", "") == "clip":
+                raise ValueError(f"{name} is a full CLIP model; pass its vision or text tower checkpoint instead.")
+            towers.append(model)
+        vision_model, text_model = towers
+        config = LightCLIPConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(),
+                                 **kwargs)
+        return cls(config, vision_model=vision_model, text_model=text_model)
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus: the custom-code `auto_map` for AutoConfig, AutoModel and
+        AutoModelForZeroShotImageClassification (the zero-shot pipeline loads through the latter), and, when
+        `config.save_training_modules` is False, an inference-only checkpoint without the training modules."""
+        module = self.__class__.__module__.split(".")[-1]
+        config_module = self.config.__class__.__module__.split(".")[-1]
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoConfig"] = f"{config_module}.{self.config.__class__.__name__}"
+        for auto_class in _AUTO_MAP_CLASSES:
+            auto_map[auto_class] = f"{module}.{self.__class__.__name__}"
+        self.config.auto_map = auto_map
+        if self.config.save_training_modules:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        state_dict = state_dict if state_dict is not None else self.state_dict()
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("objectives.")}
+        original = self.config
+        inference_config = copy.deepcopy(original)
+        for name in ("token_loss_weight", "mlm_loss_weight", "ping_nn_loss_weight", "ping_xnn_loss_weight"):
+            setattr(inference_config, name, 0.0)
+        self.config = inference_config
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            self.config = original
+
+
+LightCLIPConfig.register_for_auto_class()
+LightCLIPModel.register_for_auto_class("AutoModel")
+
+__all__ = ["LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower"]

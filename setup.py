@@ -1,0 +1,41 @@
+"""LightCLIP: train lightweight CLIP models with the Hugging Face stack."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="lightclip",
+    version="0.1.0",
+    description="Lightweight CLIP models (LightCLIP multi-level objectives + CLIP-PING neighbour guidance) "
+                "trained with the Hugging Face Trainer",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["modeling_lightclip", "modeling_lightclip.*"]),
+    py_modules=["train_lightclip"],
+    data_files=[("share/lightclip/configuration", [str(p) for p in sorted((ROOT / "configuration").glob("*.json"))])],
+    install_requires=[
+        # torch: `pip install torch==2.13.0` first on CPU machines; an unpinned torch pulls a CUDA build.
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=4.0",
+        "evaluate>=0.4",
+        "peft>=0.13",
+        "scipy>=1.10",
+        "huggingface_hub>=1.0",
+        "pillow>=10",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "tensorboard>=2.14"],
+    },
+    entry_points={"console_scripts": ["lightclip-train=train_lightclip:main"]},
+)

@@ -1,0 +1,167 @@
+"""The saved folder runs as remote code where this project is not importable (the Hub user's situation)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_batch
+from modeling_lightclip.preprocessing import build_processor
+
+
+CLIENT = textwrap.dedent('''
+    import importlib.abc, json, sys
+
+    class _Block(importlib.abc.MetaPathFinder):
+        """Make this project's package unimportable, as on a user's machine."""
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_lightclip", "train_lightclip"):
+                raise ImportError(f"{name} is blocked: the client must run from the saved folder alone")
+            return None
+
+    sys.meta_path.insert(0, _Block())
+    folder, photos, expected_path = sys.argv[1], sys.argv[2:4], sys.argv[4]
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor, pipeline
+
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    expected = json.load(open(expected_path))
+    inputs = processor(text=expected["texts"], images=[Image.open(p) for p in photos], padding=True,
+                       return_tensors="pt")
+    with torch.no_grad():
+        out = model(**inputs)
+    pipe = pipeline("zero-shot-image-classification", model=folder, trust_remote_code=True)
+    result = pipe(photos[0], candidate_labels=["astronaut", "cat", "car"])
+    print(json.dumps({
+        "model_class": type(model).__name__,
+        "model_module": type(model).__module__,
+        "processor_class": type(processor).__name__,
+        "logits_per_image": out.logits_per_image.tolist(),
+        "pipeline_labels": sorted(r["label"] for r in result),
+        "pipeline_score_sum": sum(r["score"] for r in result),
+    }))
+''')
+
+
+def _save_tiny_folder(model, tokenizer, folder: Path):
+    model.save_pretrained(folder)
+    build_processor(model.config.image_size, tokenizer).save_pretrained(folder)
+
+
+def _expected(model, tokenizer, photo_paths, folder: Path) -> dict:
+    from PIL import Image
+
+    texts = ["a photo of an astronaut", "a tabby cat"]
+    processor = build_processor(model.config.image_size, tokenizer)
+    inputs = processor(text=texts, images=[Image.open(p) for p in photo_paths], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    expected = {"texts": texts, "logits_per_image": logits.tolist()}
+    (folder / "_expected.json").write_text(json.dumps(expected))
+    return expected
+
+
+def _run_client(python: str, folder: Path, photo_paths, cwd: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(cwd / "hf_home")
+    script = cwd / "client.py"
+    script.write_text(CLIENT)
+    proc = subprocess.run(
+        [python, str(script), str(folder), *map(str, photo_paths), str(folder / "_expected.json")],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(result, expected):
+    assert result["model_class"] == "LightCLIPModel"
+    assert result["model_module"].startswith("transformers_modules.")  # loaded from the folder's code
+    assert result["processor_class"] == "LightCLIPProcessor"
+    torch.testing.assert_close(torch.tensor(result["logits_per_image"]), torch.tensor(expected["logits_per_image"]),
+                               atol=1e-5, rtol=1e-5)
+    assert result["pipeline_labels"] == ["astronaut", "car", "cat"]
+    assert result["pipeline_score_sum"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_saved_folder_is_flat_remote_code(tiny_model, tokenizer, tmp_path):
+    _save_tiny_folder(tiny_model, tokenizer, tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "model.safetensors", "configuration_lightclip.py", "modeling_lightclip.py",
+            "objectives_lightclip.py", "processing_lightclip.py", "processor_config.json",
+            "tokenizer.json"} <= names
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_lightclip.LightCLIPConfig",
+        "AutoModel": "modeling_lightclip.LightCLIPModel",
+        "AutoModelForZeroShotImageClassification": "modeling_lightclip.LightCLIPModel",
+    }
+    # relative imports only, and nothing but torch/transformers at top level
+    for name in ("configuration_lightclip.py", "modeling_lightclip.py", "objectives_lightclip.py",
+                 "processing_lightclip.py"):
+        for line in (tmp_path / name).read_text().splitlines():
+            if line.startswith(("import ", "from ")):
+                module = line.split()[1]
+                assert module.startswith((".", "torch", "transformers")) or module in (
+                    "copy", "inspect", "math", "dataclasses", "typing"), f"{name}: {line}"
+
+
+def test_remote_code_and_pipeline_without_the_package(tiny_model, tokenizer, photo_paths, tmp_path):
+    folder = tmp_path / "model"
+    _save_tiny_folder(tiny_model, tokenizer, folder)
+    expected = _expected(tiny_model, tokenizer, photo_paths, folder)
+    _check(_run_client(sys.executable, folder, photo_paths, tmp_path), expected)
+
+
+@pytest.mark.skipif(os.environ.get("LIGHTCLIP_SKIP_CLEAN_VENV") == "1", reason="LIGHTCLIP_SKIP_CLEAN_VENV=1")
+def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
+    """A fresh virtualenv with only torch, transformers and pillow: what a Hub user has."""
+    import transformers
+
+    folder = tmp_path / "model"
+    _save_tiny_folder(tiny_model, tokenizer, folder)
+    expected = _expected(tiny_model, tokenizer, photo_paths, folder)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    install = subprocess.run(
+        [python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
+         f"transformers=={transformers.__version__}", "pillow"],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert install.returncode == 0, install.stderr[-4000:]
+    listed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
+                            check=True)
+    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
+    _check(_run_client(python, folder, photo_paths, tmp_path), expected)
+
+
+def test_processor_round_trip(tokenizer, photo_paths, tmp_path):
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    processor = build_processor(48, tokenizer)
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded).__name__ == "LightCLIPProcessor"
+    images = [Image.open(p) for p in photo_paths]
+    texts = ["an astronaut", "a cat on a blanket"]
+    a = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    b = loaded(text=texts, images=images, padding=True, return_tensors="pt")
+    assert set(a) == set(b) == {"input_ids", "attention_mask", "pixel_values"}
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert a["pixel_values"].shape == (2, 3, 48, 48)
+    # the parts load without custom code too (what the zero-shot pipeline does)
+    assert torch.equal(AutoImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"],
+                       a["pixel_values"])
+    assert AutoTokenizer.from_pretrained(tmp_path)(texts, padding=True)["input_ids"] == a["input_ids"].tolist()
