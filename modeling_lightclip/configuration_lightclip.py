@@ -112,6 +112,12 @@ class LightCLIPConfig(PretrainedConfig):
             Cosine similarity below which a matched word-patch pair is dropped (partial matching); None keeps all.
         token_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the token-level contrastive terms.
+        token_negatives (`str`, *optional*, defaults to `"batch"`):
+            Candidates a matched word (patch) must pick its patch (word) from: `"batch"` - every patch (word) of
+            the global batch, so the term also says which image a word belongs to; `"image"` - the pair's own.
+        token_solver (`str`, *optional*, defaults to `"auto"`):
+            Assignment solver: `"scipy"` (Hungarian on CPU, one transfer per batch), `"batched"`
+            (torch-linear-assignment, Triton on CUDA) or `"auto"` (batched on CUDA when installed, else scipy).
         mlm_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the masked language modelling loss; 0 switches it off and the fusion module and MLM head
             are not built.
@@ -159,6 +165,8 @@ class LightCLIPConfig(PretrainedConfig):
         token_loss_weight: float = 0.5,
         token_match_threshold: float | None = None,
         token_temperature: float = 0.1,
+        token_negatives: str = "batch",
+        token_solver: str = "auto",
         mlm_loss_weight: float = 0.5,
         mlm_probability: float = 0.15,
         fusion_text_layers: list | None = None,
@@ -194,6 +202,8 @@ class LightCLIPConfig(PretrainedConfig):
         self.token_loss_weight = token_loss_weight
         self.token_match_threshold = token_match_threshold
         self.token_temperature = token_temperature
+        self.token_negatives = token_negatives
+        self.token_solver = token_solver
         self.mlm_loss_weight = mlm_loss_weight
         self.mlm_probability = mlm_probability
         num_text_layers = getattr(self.text_config, "num_hidden_layers", 2)
@@ -228,6 +238,10 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
         if self.text_pooling not in TEXT_POOLING:
             raise ValueError(f"text_pooling={self.text_pooling!r}: choose one of {TEXT_POOLING}.")
+        if self.token_negatives not in ("batch", "image"):
+            raise ValueError(f"token_negatives={self.token_negatives!r}: choose 'batch' or 'image'.")
+        if self.token_solver not in ("auto", "scipy", "batched"):
+            raise ValueError(f"token_solver={self.token_solver!r}: choose 'auto', 'scipy' or 'batched'.")
         if self.cnn_init not in ("kaiming", "transformers"):
             raise ValueError(f"cnn_init={self.cnn_init!r}: choose 'kaiming' or 'transformers'.")
         if self.vision_pooling not in VISION_POOLING:

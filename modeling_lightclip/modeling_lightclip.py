@@ -22,7 +22,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
 from .configuration_lightclip import LightCLIPConfig
-from .objectives_lightclip import InstanceContrastiveLoss, soft_label_alpha
+from .objectives_lightclip import (
+    LightCLIPObjectives,
+    feature_map_tokens,
+    find_text_layers,
+    mask_tokens,
+    soft_label_alpha,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -164,13 +170,6 @@ def probe_vision_tower(vision_config, image_size: int) -> VisionTowerShapes:
     )
 
 
-def feature_map_to_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); (B, L, C) -> (B, L - prefix, C)."""
-    if features.dim() == 4:
-        return features.flatten(2).transpose(1, 2)
-    return features[:, num_prefix_tokens:]
-
-
 class LightCLIPPreTrainedModel(PreTrainedModel):
     config_class = LightCLIPConfig
     config: LightCLIPConfig
@@ -242,7 +241,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
 
-        self.instance_loss = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature)
+        stage = config.vision_token_stage
+        vision_token_dim = self.vision_shapes.feature_dim if stage is None else self.vision_shapes.stage_dims[stage]
+        # Training-only: token projections, fusion module, MLM head. Never run on the inference path.
+        self.objectives = LightCLIPObjectives(config, vision_token_dim, self.vision_shapes.stage_dims,
+                                              self.text_embed_dim)
+        if self.objectives.mlm is not None:
+            if config.mask_token_id is None:
+                raise ValueError("mlm_loss_weight > 0 needs a mask token: the tokenizer has none (set "
+                                 "config.mask_token_id, use a tokenizer with [MASK], or set mlm_loss_weight=0).")
+            find_text_layers(self.text_model, config.text_config.num_hidden_layers)  # fail now, not mid-training
         # Training progress in [0, 1] for the progressive soft labels; set by a TrainerCallback or by hand.
         self.training_progress = 0.0
         self.post_init()
@@ -253,7 +261,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
         last = out.last_hidden_state
         shapes = self.vision_shapes
-        tokens = feature_map_to_tokens(last, shapes.num_prefix_tokens)
+        tokens = feature_map_tokens(last, shapes.num_prefix_tokens)
         mode = self.config.vision_pooling
         pooler = getattr(out, "pooler_output", None)
         if mode == "auto":
@@ -298,13 +306,17 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return _TextEncoding(pooled=pooled, tokens=tokens, raw=out)
 
+    def special_token_ids(self) -> list[int]:
+        """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM."""
+        text = self.config.text_config
+        ids = {self.config.cls_token_id, self.config.sep_token_id, self.config.pad_token_id, self.config.mask_token_id,
+               getattr(text, "bos_token_id", None), getattr(text, "eos_token_id", None)}
+        return sorted(i for i in ids if isinstance(i, int) and 0 <= i < text.vocab_size)
+
     def text_word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """True at real word tokens: attended, and not a CLS/SEP/BOS/EOS/PAD/MASK token."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        special = {self.config.cls_token_id, self.config.sep_token_id, self.config.pad_token_id,
-                   getattr(self.config.text_config, "bos_token_id", None),
-                   getattr(self.config.text_config, "eos_token_id", None)}
-        special = [s for s in special if isinstance(s, int) and 0 <= s < self.config.text_config.vocab_size]
+        special = self.special_token_ids()
         if special:
             mask &= ~torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
         return mask
@@ -336,6 +348,12 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             return 0.0
         return soft_label_alpha(self.training_progress, self.config.soft_label_max, self.config.soft_label_schedule)
 
+    def mask_for_mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT-style masking with the config's mask and special token ids."""
+        return mask_tokens(input_ids, attention_mask, self.config.mask_token_id, self.special_token_ids(),
+                           self.config.text_config.vocab_size, self.config.mlm_probability, generator)
+
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
         """Clamp the log temperature to [0, logit_scale_max] (ln 100 by default), as CLIP does after each step."""
@@ -351,6 +369,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
+        mlm_input_ids: torch.LongTensor | None = None,
+        mlm_labels: torch.LongTensor | None = None,
         output_tokens: bool = False,
         return_dict: bool | None = None,
     ) -> LightCLIPOutput | tuple:
@@ -361,13 +381,22 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 at real tokens.
             token_type_ids, position_ids (*optional*): passed to the text tower when it takes them.
             return_loss (`bool`, *optional*): compute the training objectives and return `loss` and `losses`.
+            mlm_input_ids, mlm_labels (`torch.LongTensor`, *optional*): a masked copy of `input_ids` and its MLM
+                targets (-100 where nothing is predicted), from the collator. When MLM is on and they are absent,
+                `forward` masks `input_ids` itself. (Not named `labels`: the Trainer rescales losses it finds there.)
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
         if input_ids is None or pixel_values is None:
             raise ValueError("LightCLIPModel.forward needs both `input_ids` and `pixel_values`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        vision = self._encode_image(pixel_values)
-        text = self._encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
+        objectives = self.objectives
+        token_on = bool(return_loss) and objectives.token is not None
+        mlm_on = bool(return_loss) and objectives.mlm is not None
+        need_stages = mlm_on or (token_on and self.config.vision_token_stage is not None)
+        text_kwargs = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+
+        vision = self._encode_image(pixel_values, output_stages=need_stages)
+        text = self._encode_text(input_ids, attention_mask, **text_kwargs)
         image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
         text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
         logit_scale = self.logit_scale.exp()
@@ -376,9 +405,27 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
         loss, losses = None, None
         if return_loss:
-            losses = self.instance_loss(image_embeds, text_embeds, logit_scale,
-                                        alpha=self.soft_label_alpha if self.training else 0.0)
+            alpha = self.soft_label_alpha if self.training else 0.0
+            losses = dict(objectives.instance(image_embeds, text_embeds, logit_scale, alpha=alpha))
             loss = losses["instance"]
+            if token_on:
+                stage = self.config.vision_token_stage
+                image_tokens = vision.tokens if stage is None else feature_map_tokens(
+                    vision.stages[stage], self.vision_shapes.num_prefix_tokens)
+                word_mask = self.text_word_mask(input_ids, attention_mask)
+                losses.update(objectives.token(image_tokens, text.tokens, word_mask))
+                loss = loss + self.config.token_loss_weight * losses["token"]
+            if mlm_on:
+                if mlm_input_ids is None or mlm_labels is None:
+                    mlm_input_ids, mlm_labels = self.mask_for_mlm(input_ids, attention_mask)
+                losses.update(objectives.mlm(
+                    self.text_model, find_text_layers(self.text_model, self.config.text_config.num_hidden_layers),
+                    self.text_model.get_input_embeddings().weight,
+                    mlm_input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+                    mlm_labels, vision.stages,
+                    {k: v for k, v in text_kwargs.items() if v is not None and k in self._text_tower_inputs},
+                ))
+                loss = loss + self.config.mlm_loss_weight * losses["mlm"]
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
         output = LightCLIPOutput(

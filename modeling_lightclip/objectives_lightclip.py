@@ -8,6 +8,13 @@ Objectives
 ----------
 * `InstanceContrastiveLoss` - symmetric InfoNCE over the *global* batch with LightCLIP's progressively
   softened labels.
+* `TokenAlignmentLoss` - relaxed bipartite matching between the words of a caption and the patches of its image
+  (Hungarian algorithm), turned into a word<->patch contrastive objective.
+* `MaskedLanguageModelling` - MLM on the shortened text tower, with a training-only fusion module that injects the
+  unmasked image's multi-stage features into the masked caption by cross-attention.
+
+Every term is normalised over the *global* batch (counts are all-reduced), so that with DDP's gradient averaging
+the loss and gradients of N processes equal those of one process holding the whole batch.
 """
 
 import math
@@ -152,4 +159,356 @@ class InstanceContrastiveLoss(nn.Module):
         return {"instance": 0.5 * (loss_i2t + loss_t2i)}
 
 
-__all__ = ["InstanceContrastiveLoss", "gather_with_grad", "soft_label_alpha", "soft_targets"]
+
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a (detached) count over ranks."""
+    _, world = _world()
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value
+
+
+def _global_mean_normaliser(count: torch.Tensor) -> torch.Tensor:
+    """world / global count: multiply a local *sum* by this so DDP's averaging yields the global mean."""
+    _, world = _world()
+    return world / _global_sum(count.float()).clamp(min=1.0)
+
+
+def _pad_to_global_length(tensor: torch.Tensor, dim: int, value) -> torch.Tensor:
+    """Pad `dim` to the longest size over ranks (dynamic padding differs per rank) so it can be gathered."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    length = torch.tensor([tensor.shape[dim]], device=tensor.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    missing = int(length.item()) - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1) + [0, missing]
+    return F.pad(tensor, pad, value=value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token level
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _solve_assignments_scipy(similarity: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """Maximum-similarity one-to-one word->patch assignment per pair, on CPU with scipy's Hungarian solver.
+
+    similarity (B, L, P) and word_mask (B, L) arrive in one device-to-host transfer; returns (B, L) patch index per
+    word, -1 for words left unmatched (padding, special tokens, or more words than patches).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    sim = similarity.numpy()
+    mask = word_mask.numpy()
+    matches = torch.full(word_mask.shape, -1, dtype=torch.long)
+    for b in range(sim.shape[0]):  # one problem per positive pair: B problems, never B^2
+        rows = mask[b].nonzero()[0]
+        if rows.size == 0:
+            continue
+        r, c = linear_sum_assignment(sim[b, rows], maximize=True)
+        matches[b, torch.from_numpy(rows[r])] = torch.from_numpy(c).long()
+    return matches
+
+
+def _solve_assignments_batched(similarity: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """The same assignment with torch-linear-assignment's batched solver (Triton on CUDA).
+
+    Invalid word rows get a constant cost, so they only take patches no real word needs: with at least as many
+    patches as rows, the real rows' optimum is unchanged. With more words than patches the problem is solved
+    transposed (each patch picks a word) and real words always beat the constant-cost rows.
+    """
+    from torch_linear_assignment import batch_linear_assignment
+
+    cost = -similarity.float()
+    big = cost.abs().max().detach() + 10.0 if cost.numel() else torch.tensor(10.0)
+    cost = cost.masked_fill(~word_mask.unsqueeze(-1), float(big))
+    num_words, num_patches = cost.shape[1], cost.shape[2]
+    if num_words <= num_patches:
+        matches = batch_linear_assignment(cost)
+    else:
+        patch_to_word = batch_linear_assignment(cost.transpose(1, 2).contiguous())  # (B, P)
+        matches = torch.full(word_mask.shape, -1, dtype=torch.long, device=cost.device)
+        valid = patch_to_word >= 0
+        b_idx, p_idx = valid.nonzero(as_tuple=True)
+        matches[b_idx, patch_to_word[b_idx, p_idx]] = p_idx
+    return matches.masked_fill(~word_mask, -1)
+
+
+def solve_word_patch_assignment(similarity: torch.Tensor, word_mask: torch.Tensor, solver: str = "auto") -> torch.Tensor:
+    """One-to-one assignment maximising the summed word-patch similarity of each caption-image pair.
+
+    `solver`: "scipy" (CPU Hungarian, one transfer for the batch), "batched" (torch-linear-assignment) or
+    "auto" (batched on CUDA when the package is installed, else scipy). Returns matches on `similarity`'s device.
+    """
+    device = similarity.device
+    if solver == "batched" or (solver == "auto" and similarity.is_cuda):
+        try:
+            return _solve_assignments_batched(similarity.detach(), word_mask).to(device)
+        except ImportError:
+            if solver == "batched":
+                raise
+    matches = _solve_assignments_scipy(similarity.detach().float().cpu(), word_mask.cpu())
+    return matches.to(device, non_blocking=True)
+
+
+class TokenAlignmentLoss(nn.Module):
+    """Relaxed bipartite token alignment (LightCLIP, token level).
+
+    Words (special and padding tokens excluded) and image patches are projected into a shared token space. For
+    each *positive* image-caption pair the Hungarian algorithm assigns every word its own patch, maximising the
+    summed cosine similarity. "Relaxed": the matching is partial - there are more patches than words and the
+    unmatched patches are free; with `match_threshold`, matched pairs whose similarity is below it are dropped.
+
+    The matches become a contrastive objective that cannot collapse (a constant embedding scores every candidate
+    alike and so gets the maximal loss):
+
+    * word -> patch: each matched word must pick its matched patch against the other candidate patches;
+    * patch -> word: each matched patch must pick its word against the other candidate words.
+
+    `negatives="batch"` (default) takes the candidates from every image/caption of the global batch, so the term
+    also teaches which image a word belongs to; `"image"` restricts them to the pair's own image and caption.
+    Matching is solved on detached similarities (it is a discrete choice); gradients flow through the contrastive
+    terms. Assignments are solved for the B positive pairs only, from one device-to-host transfer.
+    """
+
+    def __init__(self, vision_dim: int, text_dim: int, token_dim: int, temperature: float = 0.1,
+                 match_threshold: float | None = None, negatives: str = "batch", solver: str = "auto"):
+        super().__init__()
+        self.image_token_projection = nn.Linear(vision_dim, token_dim)
+        self.text_token_projection = nn.Linear(text_dim, token_dim)
+        self.temperature = temperature
+        self.match_threshold = match_threshold
+        if negatives not in ("batch", "image"):
+            raise ValueError(f"token negatives {negatives!r}: choose 'batch' or 'image'.")
+        self.negatives = negatives
+        self.solver = solver
+
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, word_mask: torch.Tensor,
+                return_matches: bool = False) -> dict[str, torch.Tensor]:
+        """image_tokens (B, P, Cv), text_tokens (B, L, Ct), word_mask (B, L) bool."""
+        patches = F.normalize(self.image_token_projection(image_tokens), dim=-1)
+        words = F.normalize(self.text_token_projection(text_tokens), dim=-1)
+        word_mask = word_mask.bool()
+        similarity = torch.einsum("bld,bpd->blp", words, patches)
+        matches = solve_word_patch_assignment(similarity, word_mask, self.solver)
+        if self.match_threshold is not None:
+            matched_sim = similarity.detach().gather(2, matches.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            matches = matches.masked_fill(matched_sim < self.match_threshold, -1)
+        matched = matches >= 0
+        b_idx, l_idx = matched.nonzero(as_tuple=True)
+        p_idx = matches[b_idx, l_idx]
+        normaliser = _global_mean_normaliser(matched.sum())
+        num_patches = patches.shape[1]
+
+        if self.negatives == "image":
+            w2p_logits = similarity[b_idx, l_idx] / self.temperature  # (n, P)
+            w2p_target = p_idx
+            p2w_logits = similarity[b_idx, :, p_idx].masked_fill(~word_mask[b_idx], float("-inf")) / self.temperature
+            p2w_target = l_idx
+        else:
+            rank, _ = _world()
+            local = patches.shape[0]
+            all_patches = gather_with_grad(patches).flatten(0, 1)  # (B_g * P, d)
+            padded_words = _pad_to_global_length(words, 1, 0.0)
+            padded_mask = _pad_to_global_length(word_mask, 1, False)
+            length = padded_words.shape[1]
+            all_words = gather_with_grad(padded_words).flatten(0, 1)  # (B_g * L, d)
+            all_word_mask = gather_with_grad(padded_mask.float()).flatten().bool()
+            global_b = b_idx + rank * local
+            w2p_logits = words[b_idx, l_idx] @ all_patches.t() / self.temperature
+            w2p_target = global_b * num_patches + p_idx
+            p2w_logits = (patches[b_idx, p_idx] @ all_words.t()).masked_fill(~all_word_mask, float("-inf"))
+            p2w_logits = p2w_logits / self.temperature
+            p2w_target = global_b * length + l_idx
+
+        if b_idx.numel() == 0:
+            # nothing matched on this rank: a zero that still reaches the projections (DDP needs every grad)
+            zero = 0.0 * (patches.sum() + words.sum())
+            losses = {"token": zero}
+        else:
+            w2p = F.cross_entropy(w2p_logits, w2p_target, reduction="sum")
+            p2w = F.cross_entropy(p2w_logits, p2w_target, reduction="sum")
+            losses = {"token": 0.5 * (w2p + p2w) * normaliser}
+        if return_matches:
+            losses["matches"] = matches
+        return losses
+
+
+# --------------------------------------------------------------------------------------------------------------
+# MLM with multi-stage fusion
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, mask_token_id: int,
+                special_token_ids, vocab_size: int, probability: float = 0.15,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: pick `probability` of the real, non-special tokens; of those 80% -> [MASK], 10% -> a random
+    token, 10% kept. Returns (masked input ids, labels with -100 where no prediction is asked)."""
+    device = input_ids.device
+    candidates = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask is not None:
+        candidates &= attention_mask.bool()
+    special = [int(t) for t in special_token_ids if t is not None]
+    if special:
+        candidates &= ~torch.isin(input_ids, torch.tensor(special, device=device))
+
+    def _uniform(shape):
+        return torch.rand(shape, generator=generator, device="cpu" if generator is not None else device).to(device)
+
+    selected = (_uniform(input_ids.shape) < probability) & candidates
+    labels = input_ids.masked_fill(~selected, -100)
+    roll = _uniform(input_ids.shape)
+    to_mask = selected & (roll < 0.8)
+    to_random = selected & (roll >= 0.8) & (roll < 0.9)
+    masked = input_ids.masked_fill(to_mask, mask_token_id)
+    random_ids = (_uniform(input_ids.shape) * vocab_size).long().clamp(max=vocab_size - 1)
+    masked = torch.where(to_random, random_ids, masked)
+    return masked, labels
+
+
+class FusionBlock(nn.Module):
+    """Text tokens attend to one image stage: pre-norm cross-attention plus MLP, each behind a zero-initialised
+    gate so that, at the start of training, the masked text pass is exactly the plain text tower."""
+
+    def __init__(self, text_dim: int, image_dim: int, num_heads: int):
+        super().__init__()
+        if text_dim % num_heads:
+            num_heads = 1
+        self.image_projection = nn.Linear(image_dim, text_dim)
+        self.image_norm = nn.LayerNorm(text_dim)
+        self.text_norm = nn.LayerNorm(text_dim)
+        self.cross_attention = nn.MultiheadAttention(text_dim, num_heads, batch_first=True)
+        self.mlp_norm = nn.LayerNorm(text_dim)
+        self.mlp = nn.Sequential(nn.Linear(text_dim, 2 * text_dim), nn.GELU(), nn.Linear(2 * text_dim, text_dim))
+        self.attention_gate = nn.Parameter(torch.zeros(()))
+        self.mlp_gate = nn.Parameter(torch.zeros(()))
+
+    def forward(self, text_states: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
+        image = self.image_norm(self.image_projection(feature_map_tokens(image_features)))
+        attended, _ = self.cross_attention(self.text_norm(text_states), image, image, need_weights=False)
+        text_states = text_states + self.attention_gate.tanh() * attended
+        return text_states + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(text_states))
+
+
+def feature_map_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a token sequence (B, L, C) -> (B, L - prefix, C)."""
+    if features.dim() == 4:
+        return features.flatten(2).transpose(1, 2)
+    return features[:, num_prefix_tokens:]
+
+
+def find_text_layers(text_model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The text tower's list of transformer layers (BERT `encoder.layer`, CLIP `encoder.layers`, ...)."""
+    for name in ("encoder.layer", "encoder.layers", "layers", "transformer.layer", "layer"):
+        module = text_model
+        for part in name.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    for module in text_model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise ValueError(f"cannot find the {num_layers} transformer layers of the text tower {type(text_model).__name__}"
+                     " for the MLM fusion module; set mlm_loss_weight=0 for this tower.")
+
+
+class MaskedLanguageModelling(nn.Module):
+    """MLM on the text tower, helped by a training-only fusion module (LightCLIP).
+
+    The masked caption runs through the text tower; after each layer in `text_layers` a `FusionBlock` lets the
+    text tokens cross-attend to the *unmasked* image's features from one stage of the image tower
+    (`vision_stages`, indices into its hidden states), so low- and high-level image features both inform the
+    prediction. An MLM head (transform + decoder tied to the text tower's word embeddings) predicts the masked
+    tokens. Fusion and head run only inside this module's forward; the dual-encoder inference path never sees them.
+    """
+
+    def __init__(self, text_dim: int, vision_stage_dims: list, text_layers: list, vision_stages: list,
+                 num_heads: int, vocab_size: int, layer_norm_eps: float = 1e-12):
+        super().__init__()
+        self.text_layers = list(text_layers)
+        self.vision_stages = list(vision_stages)
+        self.fusion = nn.ModuleList(
+            FusionBlock(text_dim, vision_stage_dims[stage], num_heads) for stage in self.vision_stages
+        )
+        self.head_transform = nn.Sequential(nn.Linear(text_dim, text_dim), nn.GELU(),
+                                            nn.LayerNorm(text_dim, eps=layer_norm_eps))
+        self.head_bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, text_model: nn.Module, text_layers: nn.ModuleList, word_embeddings: torch.Tensor,
+                mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_labels: torch.Tensor,
+                image_stages: tuple, text_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+        handles = []
+        for block, layer_index, stage in zip(self.fusion, self.text_layers, self.vision_stages):
+            image_features = image_stages[stage]
+
+            def _inject(module, args, output, block=block, image_features=image_features):
+                if isinstance(output, tuple):
+                    return (block(output[0], image_features),) + tuple(output[1:])
+                return block(output, image_features)
+
+            handles.append(text_layers[layer_index].register_forward_hook(_inject))
+        try:
+            out = text_model(input_ids=mlm_input_ids, attention_mask=attention_mask, return_dict=True,
+                             **(text_kwargs or {}))
+        finally:
+            for handle in handles:
+                handle.remove()
+        states = out.last_hidden_state
+        asked = mlm_labels != -100
+        normaliser = _global_mean_normaliser(asked.sum())
+        hidden = self.head_transform(states[asked])
+        logits = F.linear(hidden, word_embeddings, self.head_bias)
+        if logits.shape[0] == 0:
+            zero = 0.0 * (states.sum() + self.head_bias.sum() + sum(p.sum() for p in self.head_transform.parameters()))
+            return {"mlm": zero}
+        loss = F.cross_entropy(logits.float(), mlm_labels[asked], reduction="sum") * normaliser
+        return {"mlm": loss}
+
+
+class LightCLIPObjectives(nn.Module):
+    """All training-only parts of a LightCLIP model, built from its config: the instance loss (no parameters),
+    the token alignment loss with its token projections, the MLM head with its fusion module. Objectives whose
+    weight is 0 are not built, so they cost nothing and hold no parameters."""
+
+    def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
+        super().__init__()
+        self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature)
+        self.token = None
+        if config.token_loss_weight > 0:
+            self.token = TokenAlignmentLoss(
+                vision_token_dim, text_dim, config.token_projection_dim, temperature=config.token_temperature,
+                match_threshold=config.token_match_threshold, negatives=config.token_negatives,
+                solver=config.token_solver,
+            )
+        self.mlm = None
+        if config.mlm_loss_weight > 0:
+            self.mlm = MaskedLanguageModelling(
+                text_dim, vision_stage_dims, config.fusion_text_layers, config.fusion_vision_stages,
+                config.fusion_num_heads, config.text_config.vocab_size,
+                layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12),
+            )
+
+
+__all__ = [
+    "LightCLIPObjectives",
+    "FusionBlock",
+    "InstanceContrastiveLoss",
+    "MaskedLanguageModelling",
+    "TokenAlignmentLoss",
+    "feature_map_tokens",
+    "find_text_layers",
+    "gather_with_grad",
+    "mask_tokens",
+    "soft_label_alpha",
+    "soft_targets",
+    "solve_word_patch_assignment",
+]

@@ -71,10 +71,16 @@ def test_forward_shapes_and_tokens_every_tower_family(vision, text, tokenizer):
     assert torch.equal(out.text_word_mask, batch["attention_mask"].bool() & ~specials)
 
 
-def test_loss_equals_independent_clip_loss(tiny_model, tokenizer):
-    tiny_model.config.soft_label_mode = "none"
+def test_loss_equals_independent_clip_loss(tiny_recipe, tokenizer):
+    """alpha = 0 and no extra objectives: the standard CLIP loss."""
+    from modeling_lightclip.recipes import build_model_config
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_mode="similarity", soft_label_max=0.5,
+                                token_loss_weight=0.0, mlm_loss_weight=0.0)
+    model = LightCLIPModel(config).train()
+    model.set_training_progress(0.0)  # alpha_0 = 0
     batch = make_batch(tokenizer, batch_size=6)
-    out = tiny_model(**batch, return_loss=True)
+    out = model(**batch, return_loss=True)
     torch.testing.assert_close(out.loss, clip_loss(out.logits_per_text))
     # and by hand: mean of the two cross-entropies against the diagonal
     labels = torch.arange(6)
@@ -152,7 +158,7 @@ def test_from_vision_text_pretrained(tmp_path, tokenizer):
     vision.save_pretrained(tmp_path / "v")
     text.save_pretrained(tmp_path / "t")
     model = LightCLIPModel.from_vision_text_pretrained(str(tmp_path / "v"), str(tmp_path / "t"), projection_dim=8,
-                                                       image_size=32)
+                                                       image_size=32, mask_token_id=tokenizer.mask_token_id)
     for name, param in vision.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], param)
     for name, param in text.state_dict().items():
@@ -165,3 +171,12 @@ def test_overlong_caption_fails_with_a_clear_message(tiny_model, tokenizer):
     ids = torch.full((1, 100), tokenizer.cls_token_id)
     with pytest.raises(ValueError, match="truncat"):
         tiny_model.get_text_features(input_ids=ids)
+
+
+def test_mlm_without_a_mask_token_fails_at_start(tiny_recipe, tokenizer):
+    from modeling_lightclip.recipes import build_model_config
+
+    config = build_model_config(tiny_recipe["model"], tokenizer)
+    config.mask_token_id = None
+    with pytest.raises(ValueError, match="needs a mask token"):
+        LightCLIPModel(config)
