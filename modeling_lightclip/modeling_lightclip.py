@@ -8,6 +8,7 @@ when `forward(return_loss=True)` runs in training.
 Saved beside the weights as remote code: imports only torch and transformers at top level.
 """
 
+import contextlib
 import copy
 import inspect
 from dataclasses import dataclass
@@ -101,6 +102,20 @@ class _TextEncoding:
     pooled: torch.Tensor
     tokens: torch.Tensor
     raw: Any
+
+
+@contextlib.contextmanager
+def _batchnorm_running_stats_if(condition: bool, module: nn.Module):
+    """A batch of one image has no batch statistics at a 1x1 feature map: let BatchNorm use its running
+    statistics for that call (and leave them untouched) instead of failing."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training] if condition else []
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
 
 
 def _build_tower(config) -> PreTrainedModel:
@@ -258,7 +273,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
     # ---------------------------------------------------------------------------------------------- towers
 
     def _encode_image(self, pixel_values: torch.Tensor, output_stages: bool = False) -> _VisionEncoding:
-        out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
+        with _batchnorm_running_stats_if(self.training and pixel_values.shape[0] == 1, self.vision_model):
+            out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
         last = out.last_hidden_state
         shapes = self.vision_shapes
         tokens = feature_map_tokens(last, shapes.num_prefix_tokens)

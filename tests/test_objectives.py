@@ -1,0 +1,332 @@
+"""The training objectives against independent oracles: hand-computed targets, brute-force matching, a second
+implementation of the soft-label loss, masking statistics, and inference parity."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import make_batch
+from modeling_lightclip import LightCLIPModel
+from modeling_lightclip.objectives_lightclip import (
+    InstanceContrastiveLoss,
+    TokenAlignmentLoss,
+    mask_tokens,
+    soft_label_alpha,
+    soft_targets,
+    solve_word_patch_assignment,
+)
+from modeling_lightclip.recipes import build_model_config
+
+
+# ---------------------------------------------------------------------------------------------- instance level
+
+
+def test_soft_targets_by_hand():
+    positives = torch.tensor([0, 2])
+    # alpha = 0: one-hot, whatever the mode
+    for mode in ("none", "uniform", "similarity"):
+        assert torch.equal(soft_targets(torch.zeros(2, 3), positives, 3, 0.0, mode, 0.5),
+                           torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]))
+    # uniform, alpha = 0.3 over 2 negatives
+    uniform = soft_targets(None, positives, 3, 0.3, "uniform", 0.5)
+    torch.testing.assert_close(uniform, torch.tensor([[0.7, 0.15, 0.15], [0.15, 0.15, 0.7]]))
+    # similarity, alpha = 0.3, temperature 0.5: row 0 negatives have similarities 0.5 and 0.0
+    sim = torch.tensor([[1.0, 0.5, 0.0], [0.2, -0.3, 1.0]])
+    e = math.e
+    row0 = [0.7, 0.3 * e / (e + 1), 0.3 * 1 / (e + 1)]            # softmax([0.5, 0.0] / 0.5) = softmax([1, 0])
+    # row 1: negatives 0.2 and -0.3 -> logits 0.4 and -0.6 -> softmax = [e^0.4, e^-0.6] / sum
+    z = math.exp(0.4) + math.exp(-0.6)
+    row1 = [0.3 * math.exp(0.4) / z, 0.3 * math.exp(-0.6) / z, 0.7]
+    torch.testing.assert_close(soft_targets(sim, positives, 3, 0.3, "similarity", 0.5), torch.tensor([row0, row1]))
+    # every row is a distribution
+    torch.testing.assert_close(soft_targets(sim, positives, 3, 0.3, "similarity", 0.5).sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("linear", [0.0, 0.05, 0.1, 0.15, 0.2]),
+    ("cosine", [0.0, 0.2 * (1 - math.cos(math.pi / 4)) / 2, 0.1, 0.2 * (1 - math.cos(3 * math.pi / 4)) / 2, 0.2]),
+    ("step", [0.0, 0.0, 0.2, 0.2, 0.2]),
+    ("constant", [0.2] * 5),
+])
+def test_alpha_schedules(schedule, expected):
+    got = [soft_label_alpha(p, 0.2, schedule) for p in (0.0, 0.25, 0.5, 0.75, 1.0)]
+    assert got == pytest.approx(expected)
+
+
+def _soft_clip_loss_reference(image, text, scale, alpha, mode, temperature):
+    """A second implementation: explicit loops over rows, KL-style cross-entropy with soft targets."""
+    n = image.shape[0]
+    total = 0.0
+    for logits_fn, same in ((lambda i: scale * image[i] @ text.t(), text), (lambda i: scale * text[i] @ image.t(), image)):
+        for i in range(n):
+            target = torch.zeros(n)
+            target[i] = 1.0 - alpha
+            negatives = [j for j in range(n) if j != i]
+            if mode == "uniform":
+                for j in negatives:
+                    target[j] = alpha / (n - 1)
+            else:
+                sims = torch.stack([same[i] @ same[j] for j in negatives]) / temperature
+                for j, w in zip(negatives, sims.softmax(0)):
+                    target[j] = alpha * w
+            total = total - (target * logits_fn(i).log_softmax(0)).sum() / n
+    return total / 2
+
+
+@pytest.mark.parametrize("mode", ["uniform", "similarity"])
+def test_soft_label_loss_equals_second_implementation(mode):
+    torch.manual_seed(0)
+    image = F.normalize(torch.randn(5, 8), dim=-1)
+    text = F.normalize(torch.randn(5, 8), dim=-1)
+    loss = InstanceContrastiveLoss(mode, 0.2)(image, text, torch.tensor(7.0), alpha=0.25)["instance"]
+    torch.testing.assert_close(loss, _soft_clip_loss_reference(image, text, 7.0, 0.25, mode, 0.2))
+
+
+def test_alpha_follows_training_progress(tiny_recipe, tokenizer):
+    config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_max=0.4, soft_label_schedule="linear")
+    model = LightCLIPModel(config)
+    model.set_training_progress(0.5)
+    assert model.soft_label_alpha == pytest.approx(0.2)
+    model.set_training_progress(3.0)  # clipped
+    assert model.soft_label_alpha == pytest.approx(0.4)
+    model.config.soft_label_mode = "none"
+    assert model.soft_label_alpha == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- matching
+
+
+def _brute_force_best(sim: torch.Tensor) -> float:
+    """Maximum total similarity of a one-to-one partial assignment, by enumerating injective maps."""
+    rows, cols = sim.shape
+    best = -math.inf
+    if rows <= cols:
+        for perm in itertools.permutations(range(cols), rows):
+            best = max(best, sum(sim[r, perm[r]].item() for r in range(rows)))
+    else:
+        for perm in itertools.permutations(range(rows), cols):
+            best = max(best, sum(sim[perm[c], c].item() for c in range(cols)))
+    return best
+
+
+@pytest.mark.parametrize("solver", ["scipy", "batched"])
+def test_assignment_equals_brute_force(solver):
+    if solver == "batched":
+        pytest.importorskip("torch_linear_assignment")
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        batch, length, patches = 3, 5, int(torch.randint(3, 7, (1,), generator=generator))
+        sim = torch.rand(batch, length, patches, generator=generator) * 2 - 1
+        mask = torch.rand(batch, length, generator=generator) < 0.8
+        mask[0] = True  # one caption longer than the patch count when patches < 5
+        matches = solve_word_patch_assignment(sim, mask, solver)
+        for b in range(batch):
+            rows = mask[b].nonzero().flatten()
+            matched = matches[b] >= 0
+            assert not matched[~mask[b]].any(), "a padding/special token was matched"
+            cols = matches[b][matched]
+            assert len(set(cols.tolist())) == len(cols), "a patch was used twice"
+            assert int(matched.sum()) == min(len(rows), patches)
+            got = sum(sim[b, r, c].item() for r, c in zip(matched.nonzero().flatten().tolist(), cols.tolist()))
+            expected = _brute_force_best(sim[b, rows]) if len(rows) else 0.0
+            assert got == pytest.approx(expected, abs=1e-5), (trial, b)
+
+
+def test_match_threshold_drops_poor_matches():
+    torch.manual_seed(0)
+    loss = TokenAlignmentLoss(4, 4, 4, match_threshold=0.99, negatives="image", solver="scipy")
+    out = loss(torch.randn(2, 6, 4), torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool), return_matches=True)
+    # random projections: nothing reaches cosine 0.99, so everything is dropped and the loss is a graph-carrying zero
+    assert (out["matches"] == -1).all()
+    assert out["token"].item() == 0.0 and out["token"].requires_grad
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_token_objective_learns_a_toy_alignment_without_collapse(negatives):
+    """Words are noisy views of hidden patches (through a different linear map); training the token projections
+    must recover which patch each word came from, and the token embeddings must keep their spread."""
+    torch.manual_seed(0)
+    batch, num_patches, num_words, dim = 8, 9, 4, 12
+    mix = torch.randn(dim, dim)
+    loss_fn = TokenAlignmentLoss(dim, dim, 16, temperature=0.1, negatives=negatives, solver="scipy")
+    optimiser = torch.optim.Adam(loss_fn.parameters(), lr=0.02)
+
+    def sample():
+        patches = torch.randn(batch, num_patches, dim)
+        source = torch.stack([torch.randperm(num_patches)[:num_words] for _ in range(batch)])
+        words = patches.gather(1, source.unsqueeze(-1).expand(-1, -1, dim)) @ mix + 0.1 * torch.randn(batch, num_words, dim)
+        return patches, words, source
+
+    mask = torch.ones(batch, num_words, dtype=torch.bool)
+    history = []
+    for _ in range(300):
+        patches, words, _ = sample()
+        loss = loss_fn(patches, words, mask)["token"]
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        history.append(loss.item())
+    patches, words, source = sample()
+    with torch.no_grad():
+        out = loss_fn(patches, words, mask, return_matches=True)
+        embedded = F.normalize(loss_fn.text_token_projection(words), dim=-1).flatten(0, 1)
+    assert sum(history[-10:]) / 10 < 0.5 * sum(history[:10]) / 10
+    accuracy = (out["matches"] == source).float().mean().item()
+    assert accuracy > 0.9, accuracy
+    # no collapse: token embeddings still point in many directions (mean pairwise cosine well below 1)
+    cosine = embedded @ embedded.t()
+    off_diagonal = cosine[~torch.eye(len(cosine), dtype=torch.bool)]
+    assert off_diagonal.mean().item() < 0.5
+    assert embedded.var(dim=0).sum().item() > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- MLM
+
+
+def test_masking_statistics():
+    generator = torch.Generator().manual_seed(0)
+    vocab, mask_id, specials = 1000, 4, [0, 2, 3]
+    ids = torch.randint(5, vocab, (400, 64), generator=generator)
+    ids[:, 0], ids[:, -1] = 2, 3                      # [CLS] ... [SEP]
+    attention = torch.ones_like(ids)
+    attention[:, 48:] = 0
+    ids[:, 48:] = 0                                   # padding
+    masked, labels = mask_tokens(ids, attention, mask_id, specials, vocab, 0.15, generator)
+    eligible = attention.bool() & ~torch.isin(ids, torch.tensor(specials))
+    selected = labels != -100
+    assert not selected[~eligible].any(), "special or padding token selected"
+    assert torch.equal(labels[selected], ids[selected])
+    rate = selected.sum().item() / eligible.sum().item()
+    assert rate == pytest.approx(0.15, abs=0.01)
+    n = selected.sum().item()
+    to_mask = (masked[selected] == mask_id).sum().item() / n
+    kept = (masked[selected] == ids[selected]).sum().item() / n
+    replaced = 1 - to_mask - kept
+    assert to_mask == pytest.approx(0.8, abs=0.02)
+    assert kept == pytest.approx(0.1 + 0.1 / vocab, abs=0.02)
+    assert replaced == pytest.approx(0.1, abs=0.02)
+    assert torch.equal(masked[~selected], ids[~selected])
+
+
+def test_forward_masks_by_itself_when_the_collator_did_not(tiny_recipe, tokenizer):
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_probability=0.5)
+    model = LightCLIPModel(config).eval()  # no dropout: the masking is the only random draw
+    batch = make_batch(tokenizer, batch_size=4)
+    torch.manual_seed(0)
+    auto = model(**batch, return_loss=True).losses["mlm"]
+    torch.manual_seed(0)
+    mlm_input_ids, mlm_labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"])
+    given = model(**batch, return_loss=True, mlm_input_ids=mlm_input_ids, mlm_labels=mlm_labels).losses["mlm"]
+    assert torch.isfinite(auto) and auto.item() > 0
+    assert given.item() == pytest.approx(auto.item(), rel=1e-6)
+
+
+def test_mlm_head_is_tied_to_word_embeddings(tiny_model):
+    names = [n for n, _ in tiny_model.objectives.mlm.named_parameters()]
+    assert not any("decoder" in n or n.endswith("embeddings.weight") for n in names)
+
+
+def test_fusion_reaches_the_text_layers_and_image(tiny_recipe, tokenizer):
+    """MLM gradients reach the fusion blocks, the image tower (through the fused features) and the text tower."""
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, soft_label_mode="none",
+                                mlm_probability=0.5)
+    model = LightCLIPModel(config).train()
+    with torch.no_grad():  # open the zero-initialised gates so cross-attention contributes
+        for block in model.objectives.mlm.fusion:
+            block.attention_gate.fill_(1.0)
+    batch = make_batch(tokenizer, batch_size=4)
+    torch.manual_seed(0)
+    ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"])
+    out = model(**batch, return_loss=True, mlm_input_ids=ids, mlm_labels=labels)
+    out.losses["mlm"].backward()
+    for block in model.objectives.mlm.fusion:
+        assert block.cross_attention.in_proj_weight.grad.abs().sum() > 0
+    first_stage = next(p for n, p in model.vision_model.named_parameters() if "embedder" in n)
+    assert first_stage.grad is not None and first_stage.grad.abs().sum() > 0
+    # the text changes with the image: same caption, other images -> other MLM loss
+    with torch.no_grad():
+        other = model(**{**batch, "pixel_values": batch["pixel_values"].flip(0)}, return_loss=True,
+                      mlm_input_ids=ids, mlm_labels=labels).losses["mlm"]
+    model.eval()
+    assert other.item() != pytest.approx(out.losses["mlm"].item(), abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- parity
+
+
+def test_inference_parity_with_and_without_training_modules(tiny_recipe, tokenizer, tmp_path):
+    full = LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer)).eval()
+    plain = LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0,
+                                              mlm_loss_weight=0.0)).eval()
+    assert sum(p.numel() for p in full.objectives.parameters()) > 0
+    assert sum(p.numel() for p in plain.objectives.parameters()) == 0
+    missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and all(k.startswith("objectives.") for k in unexpected)
+    batch = make_batch(tokenizer, batch_size=3)
+    calls = []
+    for module in full.objectives.modules():
+        module.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        a, b = full(**batch), plain(**batch)
+    assert not calls, "a training-only module ran on the inference path"
+    assert torch.equal(a.image_embeds, b.image_embeds) and torch.equal(a.text_embeds, b.text_embeds)
+    inference_params = sum(p.numel() for n, p in full.named_parameters() if not n.startswith("objectives."))
+    assert inference_params == sum(p.numel() for p in plain.parameters())
+
+    # an inference-only checkpoint: no training modules in the weights, objectives off in its config
+    full.config.save_training_modules = False
+    full.save_pretrained(tmp_path)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("objectives.")]
+    loaded = LightCLIPModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.token_loss_weight == 0 and loaded.config.mlm_loss_weight == 0
+    assert full.config.token_loss_weight > 0  # the live model keeps its training config
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).image_embeds, a.image_embeds)
+
+
+# ---------------------------------------------------------------------------------------------- robustness
+
+
+def _check_step(model, batch):
+    model.zero_grad()
+    out = model(**batch, return_loss=True)
+    assert torch.isfinite(out.loss), out.losses
+    for term in out.losses.values():
+        assert torch.isfinite(term)
+    out.loss.backward()
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            assert torch.isfinite(param.grad).all(), name
+    return out
+
+
+def test_robust_to_degenerate_batches(tiny_recipe, tokenizer):
+    config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_max=0.5, soft_label_schedule="constant")
+    model = LightCLIPModel(config).train()
+    batch = make_batch(tokenizer, batch_size=4)
+    # batch of one
+    _check_step(model, {k: v[:1] for k, v in batch.items()})
+    # a caption with no word token ([CLS] [SEP]) and an all-padding row
+    degenerate = {k: v.clone() for k, v in batch.items()}
+    degenerate["input_ids"][1, 1] = tokenizer.sep_token_id
+    degenerate["input_ids"][1, 2:] = tokenizer.pad_token_id
+    degenerate["attention_mask"][1, 2:] = 0
+    degenerate["input_ids"][2] = tokenizer.pad_token_id
+    degenerate["attention_mask"][2] = 0
+    _check_step(model, degenerate)
+    # no word token anywhere: the token term is an exact, graph-carrying zero
+    empty = {k: v.clone() for k, v in batch.items()}
+    empty["input_ids"][:, 1] = tokenizer.sep_token_id
+    empty["input_ids"][:, 2:] = tokenizer.pad_token_id
+    empty["attention_mask"][:, 2:] = 0
+    out = _check_step(model, empty)
+    assert out.losses["token"].item() == 0.0
+    # captions longer than the patch count (tiny: 2x2 = 4 patches at stage -2)
+    assert model.vision_shapes.stage_num_tokens[-2] < (batch["attention_mask"].sum(1) - 2).max()
+    _check_step(model, batch)
