@@ -123,6 +123,11 @@ class LightCLIPConfig(PretrainedConfig):
             are not built.
         mlm_probability (`float`, *optional*, defaults to 0.15):
             Share of caption tokens masked (80% [MASK], 10% random, 10% kept).
+        mlm_batch_fraction (`float`, *optional*, defaults to 0.5):
+            Share of each batch's rows (the first ones; the sampler shuffles) whose masked caption goes through the
+            fused MLM pass. The MLM pass is a second text-tower pass plus fusion; on half the rows it costs about
+            half, which keeps the full LightCLIP step within 1.2x of the CLIP step (benchmarks/objective_overhead.py).
+            1.0 runs MLM on every row.
         fusion_text_layers (`list[int]`, *optional*):
             Text encoder layers after which image features are injected by cross-attention. Defaults to the
             middle and the last layer.
@@ -169,6 +174,7 @@ class LightCLIPConfig(PretrainedConfig):
         token_solver: str = "auto",
         mlm_loss_weight: float = 0.5,
         mlm_probability: float = 0.15,
+        mlm_batch_fraction: float = 0.5,
         fusion_text_layers: list | None = None,
         fusion_vision_stages: list | None = None,
         fusion_num_heads: int = 4,
@@ -206,6 +212,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.token_solver = token_solver
         self.mlm_loss_weight = mlm_loss_weight
         self.mlm_probability = mlm_probability
+        self.mlm_batch_fraction = mlm_batch_fraction
         num_text_layers = getattr(self.text_config, "num_hidden_layers", 2)
         if fusion_text_layers is None:
             fusion_text_layers = sorted({max(num_text_layers // 2 - 1, 0), num_text_layers - 1})
@@ -253,6 +260,8 @@ class LightCLIPConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
+        if not 0.0 < self.mlm_batch_fraction <= 1.0:
+            raise ValueError(f"mlm_batch_fraction={self.mlm_batch_fraction}: must lie in (0, 1].")
         if len(self.fusion_text_layers) != len(self.fusion_vision_stages):
             raise ValueError(
                 f"fusion_text_layers {self.fusion_text_layers} and fusion_vision_stages {self.fusion_vision_stages} "

@@ -11,6 +11,7 @@ Saved beside the weights as remote code: imports only torch and transformers at 
 import contextlib
 import copy
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -434,12 +435,15 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             if mlm_on:
                 if mlm_input_ids is None or mlm_labels is None:
                     mlm_input_ids, mlm_labels = self.mask_for_mlm(input_ids, attention_mask)
+                rows = max(1, math.ceil(self.config.mlm_batch_fraction * input_ids.shape[0]))
+                mlm_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+                mlm_text_kwargs = {k: v[:rows] for k, v in text_kwargs.items()
+                                   if v is not None and k in self._text_tower_inputs}
                 losses.update(objectives.mlm(
                     self.text_model, find_text_layers(self.text_model, self.config.text_config.num_hidden_layers),
                     self.text_model.get_input_embeddings().weight,
-                    mlm_input_ids, attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-                    mlm_labels, vision.stages,
-                    {k: v for k, v in text_kwargs.items() if v is not None and k in self._text_tower_inputs},
+                    mlm_input_ids[:rows], mlm_mask[:rows], mlm_labels[:rows],
+                    tuple(stage[:rows] for stage in vision.stages), mlm_text_kwargs,
                 ))
                 loss = loss + self.config.mlm_loss_weight * losses["mlm"]
 

@@ -374,8 +374,9 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ma
 
 
 class FusionBlock(nn.Module):
-    """Text tokens attend to one image stage: pre-norm cross-attention plus MLP, each behind a zero-initialised
-    gate so that, at the start of training, the masked text pass is exactly the plain text tower."""
+    """Text tokens attend to one image stage: pre-norm cross-attention behind a zero-initialised tanh gate, so
+    that at the start of training the masked text pass is exactly the plain text tower. No feed-forward of its
+    own: the text layer that follows (or the MLM head transform, after the last layer) provides it."""
 
     def __init__(self, text_dim: int, image_dim: int, num_heads: int):
         super().__init__()
@@ -385,16 +386,12 @@ class FusionBlock(nn.Module):
         self.image_norm = nn.LayerNorm(text_dim)
         self.text_norm = nn.LayerNorm(text_dim)
         self.cross_attention = nn.MultiheadAttention(text_dim, num_heads, batch_first=True)
-        self.mlp_norm = nn.LayerNorm(text_dim)
-        self.mlp = nn.Sequential(nn.Linear(text_dim, 2 * text_dim), nn.GELU(), nn.Linear(2 * text_dim, text_dim))
         self.attention_gate = nn.Parameter(torch.zeros(()))
-        self.mlp_gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, text_states: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
         image = self.image_norm(self.image_projection(feature_map_tokens(image_features)))
         attended, _ = self.cross_attention(self.text_norm(text_states), image, image, need_weights=False)
-        text_states = text_states + self.attention_gate.tanh() * attended
-        return text_states + self.mlp_gate.tanh() * self.mlp(self.mlp_norm(text_states))
+        return text_states + self.attention_gate.tanh() * attended
 
 
 def feature_map_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:

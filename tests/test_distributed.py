@@ -24,6 +24,7 @@ def _model_and_batch(tokenizer):
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",
         "token_loss_weight": 0.5, "token_negatives": "batch", "mlm_loss_weight": 0.5, "mlm_probability": 0.3,
+        "mlm_batch_fraction": 1.0,
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
                           "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
         "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -35,7 +36,6 @@ def _model_and_batch(tokenizer):
     with torch.no_grad():
         for block in model.objectives.mlm.fusion:
             block.attention_gate.fill_(0.5)
-            block.mlp_gate.fill_(0.5)
     generator = torch.Generator().manual_seed(1)
     # captions of different lengths so that the two ranks pad differently
     texts = [CAPTIONS[i % len(CAPTIONS)] + (" with a hat" * (i % 3)) for i in range(8)]
