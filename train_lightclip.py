@@ -1,11 +1,161 @@
-"""Train a LightCLIP model with the Hugging Face Trainer (stub: the trainer lands with its own issue)."""
+"""Train a LightCLIP model with the Hugging Face Trainer.
 
+    python train_lightclip.py                                    # embedded default: Fashion-MNIST, 2 CPU cores
+    python train_lightclip.py --recipe resnet18 --dataset_name imagefolder --data_dir my_images/
+    accelerate launch train_lightclip.py --recipe vit_xs --train_file train.csv --validation_file val.csv
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train_lightclip.py --recipe tiny
+
+`--recipe` loads configuration/NAME.json; every flag overrides it, including each LightCLIPConfig field by its
+name (`--soft_label_mode none --token_loss_weight 0 --mlm_loss_weight 0` is the CLIP baseline). This file only
+parses arguments and wires the pieces in `modeling_lightclip/` together.
+"""
+
+import argparse
+import logging
 import sys
+from pathlib import Path
+
+from transformers import HfArgumentParser, set_seed
+
+from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+from modeling_lightclip.arguments import LightCLIPTrainingArguments, ModelArguments, config_overrides
+from modeling_lightclip.data import (
+    DataArguments,
+    ImageTextCollator,
+    class_names_for,
+    load_image_text_datasets,
+    zero_shot_templates,
+)
+from modeling_lightclip.preprocessing import build_processor, load_tokenizer, train_wordpiece_tokenizer
+from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, load_recipe
+from modeling_lightclip.trainer import LightCLIPTrainer
+
+
+logger = logging.getLogger("train_lightclip")
+
+
+def parse_args(argv):
+    """Recipe first (it supplies defaults), then every flag on top."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--recipe", default="default")
+    known, _ = pre.parse_known_args(argv)
+    recipe = load_recipe(known.recipe)
+    parser = HfArgumentParser((ModelArguments, DataArguments, LightCLIPTrainingArguments))
+    parser.set_defaults(**recipe.get("training", {}), **recipe.get("data", {}))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    return recipe, model_args, data_args, training_args
+
+
+def _captions(dataset, column, limit=200_000):
+    for i, example in enumerate(dataset):
+        if i >= limit:
+            break
+        caption = example.get(column)
+        yield from (caption if isinstance(caption, list) else [caption])
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `latest` for the newest complete checkpoint in --output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", "false", "False"):
+        return None
+    if value in ("latest", "true", "True"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+        return found
+    return value
+
+
+def _tokenizer(recipe, model_args, train_dataset, data_args, training_args):
+    """A given tokenizer, or one trained on the captions. WordPiece training is not deterministic from run to
+    run, so the main process trains it once and saves it; the other processes load that copy."""
+    settings = recipe.get("tokenizer", {})
+    max_length = settings.get("model_max_length", 77)
+    if model_args.tokenizer_name:
+        return load_tokenizer(model_args.tokenizer_name, max_length)
+    if train_dataset is None:
+        raise ValueError("no training data to train a tokenizer on: pass --tokenizer_name or a train split.")
+    shared = Path(training_args.output_dir) / "_tokenizer"
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        if training_args.process_index == 0:
+            vocab = model_args.tokenizer_vocab_size or settings.get("vocab_size", 8192)
+            tokenizer = train_wordpiece_tokenizer(_captions(train_dataset, data_args.caption_column), vocab,
+                                                  max_length)
+            tokenizer.save_pretrained(shared)
+        else:
+            tokenizer = load_tokenizer(str(shared), max_length)
+    return tokenizer
+
+
+def build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args):
+    overrides = config_overrides(model_args)
+    source = resolve_checkpoint(training_args) or model_args.model_name_or_path
+    if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
+        processor = LightCLIPProcessor.from_pretrained(source)
+        model = LightCLIPModel.from_pretrained(source, **overrides)
+        check_tokenizer_fits(model.config, processor.tokenizer)
+        return model, processor
+    tokenizer = _tokenizer(recipe, model_args, train_dataset, data_args, training_args)
+    config = build_model_config(recipe["model"], tokenizer, **overrides)
+    if model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+        model = LightCLIPModel.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
+            **{k: v for k, v in config.to_dict().items() if k not in ("vision_config", "text_config")})
+    else:
+        model = LightCLIPModel(config)
+    check_tokenizer_fits(model.config, tokenizer)
+    return model, build_processor(model.config.image_size, tokenizer)
 
 
 def main(argv=None):
-    raise SystemExit("train_lightclip.py: the training entry point is not implemented yet.")
+    argv = sys.argv[1:] if argv is None else argv
+    recipe, model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    set_seed(training_args.seed)
+
+    splits = load_image_text_datasets(data_args)
+    train_dataset, eval_dataset = splits.get("train"), splits.get("validation")
+    model, processor = build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
+
+    common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
+                  max_length=data_args.max_caption_length)
+    train_collator = ImageTextCollator(
+        **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
+        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed,
+        mlm_probability=model.config.mlm_probability if model.config.mlm_loss_weight > 0 else None)
+    eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
+    class_names = class_names_for(eval_dataset, data_args) if eval_dataset is not None else None
+
+    trainer = LightCLIPTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset,
+        data_collator=train_collator,
+        processing_class=processor,
+        eval_collator=eval_collator if eval_dataset is not None else None,
+        class_names=class_names,
+        zero_shot_templates=zero_shot_templates(data_args),
+    )
+    if training_args.do_train and train_dataset is not None:
+        result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+        metrics = dict(result.metrics)
+        metrics.update({f"train_skipped_{k}": v for k, v in train_collator.skipped.items()})
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
+        trainer.save_state()
+    if training_args.do_eval and eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

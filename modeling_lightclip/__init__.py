@@ -16,6 +16,7 @@ from .processing_lightclip import LightCLIPProcessor
 AutoConfig.register(LightCLIPConfig.model_type, LightCLIPConfig, exist_ok=True)
 AutoModel.register(LightCLIPConfig, LightCLIPModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(LightCLIPConfig, LightCLIPModel, exist_ok=True)
+AutoProcessor.register(LightCLIPConfig, LightCLIPProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 

@@ -29,7 +29,7 @@ def recipe_dirs() -> list[Path]:
 def list_recipes() -> list[str]:
     names = set()
     for directory in recipe_dirs():
-        names.update(p.stem for p in directory.iterdir() if p.suffix in RECIPE_SUFFIXES)
+        names.update(p.stem for p in directory.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file())
     return sorted(names)
 
 

@@ -47,9 +47,19 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 class LightCLIPTrainer(Trainer):
-    """`Trainer` for LightCLIP: decay groups as CLIP, per-objective loss terms logged, callback installed."""
+    """`Trainer` for LightCLIP: decay groups as CLIP, per-objective loss terms logged, callback installed, and
+    evaluation that adds zero-shot accuracy and retrieval recall to the eval loss.
 
-    def __init__(self, *args, callbacks=None, **kwargs):
+    Args beyond `Trainer`'s:
+        eval_collator: collator for evaluation embeddings (no augmentation, no masking, with class labels).
+        class_names, zero_shot_templates: for zero-shot classification of the eval split (skipped when None).
+    """
+
+    def __init__(self, *args, callbacks=None, eval_collator=None, class_names=None, zero_shot_templates=None,
+                 **kwargs):
+        self.eval_collator = eval_collator
+        self.class_names = class_names
+        self.zero_shot_templates = zero_shot_templates
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
             callbacks.append(LightCLIPCallback())
@@ -61,6 +71,7 @@ class LightCLIPTrainer(Trainer):
         return decay_parameter_names(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {k: v for k, v in inputs.items() if k != "return_loss"}
         outputs = model(**inputs, return_loss=True)
         loss = outputs["loss"]
         if model.training and outputs.get("losses"):
@@ -69,6 +80,42 @@ class LightCLIPTrainer(Trainer):
                     self._term_sums[name] += float(value.detach())
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, *args, **kwargs):
+        self._current_eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.eval_collator is not None:
+            extra = self.embedding_metrics(getattr(self, "_current_eval_dataset", None))
+            output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
+        return output
+
+    def embedding_metrics(self, dataset=None) -> dict:
+        """Zero-shot top-1/top-5 (when class names are known) and retrieval R@1/5/10 on the eval split."""
+        from torch.utils.data import DataLoader
+
+        from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+
+        dataset = dataset if dataset is not None else self.eval_dataset
+        loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
+                            collate_fn=self.eval_collator, num_workers=self.args.dataloader_num_workers)
+        loader = self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
+        accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
+        images, texts, captions, labels = embed_pairs(self.model, loader, accelerator)
+        metrics = retrieval_metrics(images, texts, captions)
+        if self.class_names and labels is not None:
+            tokenizer = self.processing_class.tokenizer
+            class_embeds = class_text_embeddings(self.model, tokenizer, self.class_names,
+                                                 self.zero_shot_templates or ["a photo of a {}."])
+            metrics.update(zero_shot_metrics(images, labels, class_embeds))
+        metrics["num_samples"] = images.shape[0]
+        skipped = sum(v for k, v in self.eval_collator.skipped.items() if k != "empty_batch")
+        if skipped:
+            metrics["skipped_samples"] = skipped
+        return metrics
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._term_count:

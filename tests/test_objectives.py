@@ -330,3 +330,32 @@ def test_robust_to_degenerate_batches(tiny_recipe, tokenizer):
     # captions longer than the patch count (tiny: 2x2 = 4 patches at stage -2)
     assert model.vision_shapes.stage_num_tokens[-2] < (batch["attention_mask"].sum(1) - 2).max()
     _check_step(model, batch)
+
+
+def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, tokenizer):
+    """The fusion hooks sit on checkpointed text layers: recomputation must reproduce them exactly."""
+    text = {**tiny_recipe["model"]["text_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_batch_fraction=1.0,
+                                text_config=text)
+    torch.manual_seed(0)
+    model = LightCLIPModel(config).train()
+    with torch.no_grad():
+        for block in model.objectives.mlm.fusion:
+            block.attention_gate.fill_(0.7)
+    batch = make_batch(tokenizer, batch_size=4)
+    ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+
+    def gradients():
+        model.zero_grad()
+        out = model(**batch, return_loss=True, mlm_input_ids=ids, mlm_labels=labels)
+        out.losses["mlm"].backward()
+        return out.losses["mlm"].item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, plain = gradients()
+    model.gradient_checkpointing_enable()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.text_model.modules())
+    loss_ckpt, checkpointed = gradients()
+    assert loss_ckpt == pytest.approx(loss)
+    assert set(plain) == set(checkpointed)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)

@@ -1,0 +1,101 @@
+"""Command-line arguments of `train_lightclip.py` (training side; not remote code).
+
+`ModelArguments` is generated from `LightCLIPConfig.__init__`: every scalar or list config field (objective
+weights, soft-label schedule, fusion layers, ...) is a flag of the same name whose default `None` means "as the
+recipe says". `LightCLIPTrainingArguments` is `TrainingArguments` with defaults right for contrastive training.
+"""
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .configuration_lightclip import LightCLIPConfig
+
+
+_NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs"}
+
+
+def _flag_type(annotation, default):
+    """An argparse-friendly `X | None` type for a config parameter."""
+    if annotation is inspect.Parameter.empty:
+        annotation = type(default) if default is not None else str
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
+        annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
+    base = args[0] if args else str
+    if base is list or typing.get_origin(base) is list:
+        return typing.Optional[list[int]]
+    return typing.Optional[base]
+
+
+def _config_field_specs():
+    specs = []
+    for name, param in inspect.signature(LightCLIPConfig.__init__).parameters.items():
+        if name in _NOT_FLAGS:
+            continue
+        default = None if param.default is inspect.Parameter.empty else param.default
+        specs.append((name, _flag_type(param.annotation, default),
+                      field(default=None, metadata={"help": f"LightCLIPConfig.{name} (recipe/config default: "
+                                                            f"{default!r})"})))
+    return specs
+
+
+CONFIG_FLAGS = [name for name, _, _ in _config_field_specs()]
+
+
+@dataclass
+class _ModelSource:
+    recipe: str = field(default="default", metadata={
+        "help": "Recipe name in configuration/ (default, tiny, resnet18, mobilenetv2, efficientnet_b0, vit_xs) or "
+                "a path to a recipe JSON/YAML. Command-line flags override it."})
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue from a LightCLIP checkpoint (Hub id or folder) instead of building from the recipe."})
+    vision_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Start the image tower from this pretrained checkpoint (Hub id or folder)."})
+    text_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Start the text tower from this pretrained checkpoint (Hub id or folder)."})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "Tokenizer (Hub id or folder). Default: train a WordPiece tokenizer on the training captions."})
+    tokenizer_vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size when training one."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow custom code of third-party Hub repos (never set on your behalf)."})
+
+
+ModelArguments = dataclasses.make_dataclass(
+    "ModelArguments", _config_field_specs(), bases=(_ModelSource,),
+)
+ModelArguments.__doc__ = "Model source and every LightCLIPConfig field (None = as the recipe or checkpoint says)."
+
+
+@dataclass
+class LightCLIPTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with contrastive-training defaults: the last partial batch dropped (the global-batch
+    loss needs equal batches on every rank), dataset columns kept for the collator, no `labels` (the eval loss is
+    requested through `return_loss`), eval loss only from the loss loop."""
+
+    output_dir: str | None = field(default="outputs/lightclip", metadata={"help": "Where checkpoints and the "
+                                                                                   "final Hub-ready folder go."})
+    dataloader_drop_last: bool = field(default=True)
+    remove_unused_columns: bool = field(default=False)
+    label_names: list[str] | None = field(default_factory=list)
+    prediction_loss_only: bool = field(default=True)
+    per_device_train_batch_size: int = field(default=128)
+    per_device_eval_batch_size: int = field(default=256)
+    learning_rate: float = field(default=1e-3)
+    weight_decay: float = field(default=0.1)
+    logging_steps: float = field(default=10)
+    save_strategy: str = field(default="no")
+    eval_strategy: str = field(default="no")
+    do_train: bool = field(default=True)
+    do_eval: bool = field(default=True)
+
+
+def config_overrides(model_args) -> dict:
+    """The LightCLIPConfig fields given on the command line (not None)."""
+    return {name: getattr(model_args, name) for name in CONFIG_FLAGS if getattr(model_args, name) is not None}
+
+
+__all__ = ["CONFIG_FLAGS", "LightCLIPTrainingArguments", "ModelArguments", "config_overrides"]

@@ -1,0 +1,338 @@
+"""Image-text data for training (training side; not remote code).
+
+* `load_image_text_datasets` - run_clip-style loading through `datasets`: a Hub id or a packaged builder
+  (`imagefolder`, `webdataset`, `parquet`, `csv`, `json`) with `--data_dir`, or `--train_file` /
+  `--validation_file` (csv or json lines, images as paths relative to the file or absolute), optionally
+  streaming. With nothing given, the Fashion-MNIST subset shipped under `data/fashion_mnist/`.
+* `ImageTextCollator` - decodes images (paths, bytes or PIL), applies the train-time augmentation or the eval
+  transform (both end in the saved image processor, so what the model sees at inference matches), tokenises,
+  masks for MLM, and skips bad samples, counting them by reason.
+"""
+
+import io
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .objectives_lightclip import mask_tokens
+
+
+EMBEDDED_DATA = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist"
+PACKAGED_BUILDERS = ("imagefolder", "webdataset", "parquet", "csv", "json", "arrow", "text")
+# PIL's own decompression-bomb guard: images above this many pixels raise instead of exhausting memory.
+Image.MAX_IMAGE_PIXELS = 89_478_485
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class DataArguments:
+    """Where the image-text pairs come from (run_clip-style flags)."""
+
+    dataset_name: str | None = field(default=None, metadata={
+        "help": "Hub dataset id, or a packaged builder: imagefolder, webdataset, parquet, csv, json. "
+                "Default: the Fashion-MNIST subset shipped in data/fashion_mnist."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    data_dir: str | None = field(default=None, metadata={"help": "data_dir for the builder."})
+    train_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet training file."})
+    validation_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet eval file."})
+    train_split: str = field(default="train")
+    validation_split: str = field(default="validation")
+    image_column: str = field(default="image", metadata={"help": "Column holding images (PIL, path or bytes)."})
+    caption_column: str = field(default="caption", metadata={"help": "Column holding captions."})
+    label_column: str | None = field(default="label", metadata={
+        "help": "Class column of the eval split for zero-shot classification (a ClassLabel, or ints with "
+                "--class_names). Zero-shot is skipped when the split has no such column."})
+    class_names: str | None = field(default=None, metadata={
+        "help": "Comma-separated class names, or a file with one per line, when the label column is plain ints."})
+    zero_shot_templates: str | None = field(default=None, metadata={
+        "help": "Prompt templates with {} for zero-shot, '|'-separated or a file with one per line. "
+                "Default: the Fashion-MNIST caption templates."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (IterableDataset)."})
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    max_caption_length: int | None = field(default=None, metadata={
+        "help": "Truncate captions to this many tokens (default: the tokenizer's model_max_length)."})
+    random_resized_crop_scale: float = field(default=0.8, metadata={
+        "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
+
+
+def _file_builder(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".json", ".jsonl"):
+        return "json"
+    if suffix == ".parquet":
+        return "parquet"
+    raise ValueError(f"{path}: use a .csv, .json/.jsonl or .parquet file")
+
+
+def load_image_text_datasets(args: DataArguments) -> dict:
+    """{"train": ..., "validation": ...} (either may be missing) as `datasets` (Iterable)Datasets."""
+    from datasets import load_dataset
+
+    if args.dataset_name is None and args.train_file is None and args.validation_file is None:
+        if not (EMBEDDED_DATA / "train.parquet").is_file():
+            raise FileNotFoundError(f"the embedded dataset is missing from {EMBEDDED_DATA}; regenerate it with "
+                                    "`python -m modeling_lightclip.offline_data fashion-mnist`")
+        args.dataset_name = "parquet"
+        files = {"train": str(EMBEDDED_DATA / "train.parquet"), "validation": str(EMBEDDED_DATA / "validation.parquet")}
+        raw = load_dataset("parquet", data_files=files, streaming=args.streaming)
+    elif args.train_file or args.validation_file:
+        files = {}
+        if args.train_file:
+            files["train"] = args.train_file
+        if args.validation_file:
+            files["validation"] = args.validation_file
+        builder = _file_builder(next(iter(files.values())))
+        raw = load_dataset(builder, data_files=files, streaming=args.streaming)
+        raw = {split: _resolve_relative_paths(ds, args.image_column, Path(files[split]).parent)
+               for split, ds in raw.items()}
+    else:
+        raw = load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
+                           streaming=args.streaming)
+    out = {}
+    for name, split in (("train", args.train_split), ("validation", args.validation_split)):
+        if split in raw:
+            out[name] = raw[split]
+    if "train" not in out and "validation" not in out:
+        raise ValueError(f"no '{args.train_split}' or '{args.validation_split}' split in the dataset "
+                         f"(found {list(raw)}); set --train_split / --validation_split.")
+    for name, ds in out.items():
+        columns = ds.column_names if ds.column_names is not None else list(ds.features or {})
+        for column in (args.image_column, args.caption_column):
+            if columns and column not in columns:
+                raise ValueError(f"the {name} split has no column {column!r} (columns: {columns}); set "
+                                 f"--image_column / --caption_column.")
+    limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
+    for name, limit in limits.items():
+        if limit is not None and name in out:
+            ds = out[name]
+            out[name] = ds.take(limit) if args.streaming else ds.select(range(min(limit, len(ds))))
+    return out
+
+
+def _resolve_relative_paths(dataset, column: str, root: Path):
+    """Image paths in csv/json files are taken relative to the file's folder."""
+    def _absolute(example):
+        value = example[column]
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            example[column] = str(root / value)
+        return example
+
+    return dataset.map(_absolute)
+
+
+def class_names_for(dataset, args: DataArguments) -> list[str] | None:
+    """Class names for zero-shot: from --class_names, else from the label column's ClassLabel feature."""
+    if args.class_names:
+        path = Path(args.class_names)
+        if path.is_file():
+            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [name.strip() for name in args.class_names.split(",") if name.strip()]
+    features = getattr(dataset, "features", None) or {}
+    feature = features.get(args.label_column) if args.label_column else None
+    return list(feature.names) if hasattr(feature, "names") else None
+
+
+def zero_shot_templates(args: DataArguments) -> list[str]:
+    from .offline_data import CAPTION_TEMPLATES
+
+    if not args.zero_shot_templates:
+        return list(CAPTION_TEMPLATES)
+    path = Path(args.zero_shot_templates)
+    templates = path.read_text().splitlines() if path.is_file() else args.zero_shot_templates.split("|")
+    templates = [t.strip() for t in templates if t.strip()]
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("every zero-shot template needs a {} for the class name")
+    return templates
+
+
+# ------------------------------------------------------------------------------------------------------- images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: 16-bit greyscale is rescaled, transparency is composited on white, CMYK/P/LA/L are
+    converted (the honest repair: the pixels are kept, only their encoding changes)."""
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        image = Image.fromarray(((array - lo) / max(hi - lo, 1e-12) * 255.0).round().astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_image(value) -> Image.Image:
+    """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        if value.get("bytes"):
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            image = Image.open(value["path"])
+        else:
+            raise ValueError("empty image record")
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, (str, Path)):
+        image = Image.open(value)
+    else:
+        raise TypeError(f"not an image: {type(value).__name__}")
+    image.load()
+    return to_rgb(image)
+
+
+def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random) -> Image.Image:
+    """Crop a random square-ish region keeping at least `min_scale` of the area (aspect 3/4..4/3)."""
+    width, height = image.size
+    if min_scale >= 1.0 or width < 2 or height < 2:
+        return image
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(min_scale, 1.0)
+        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            return image.crop((left, top, left + w, top + h))
+    return image
+
+
+# ------------------------------------------------------------------------------------------------------- collator
+
+
+@dataclass
+class ImageTextCollator:
+    """Examples -> a LightCLIP batch. Bad samples are skipped and counted in `skipped` by reason.
+
+    train=True applies the augmentation (random resized crop, horizontal flip) before the image processor and,
+    when `mlm_probability` is set, adds `mlm_input_ids` / `mlm_labels`. Keys: pixel_values, input_ids,
+    attention_mask, return_loss (so the Trainer computes an eval loss), optionally sample_ids, and class_labels when
+    `label_column` is set (evaluation only: the model takes no such input).
+    """
+
+    processor: object
+    image_column: str = "image"
+    caption_column: str = "caption"
+    label_column: str | None = None
+    train: bool = True
+    max_length: int | None = None
+    mlm_probability: float | None = None
+    random_resized_crop_scale: float = 0.8
+    horizontal_flip: bool = True
+    seed: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self._rng = random.Random(self.seed)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def _image(self, example):
+        try:
+            value = example[self.image_column]
+        except KeyError:
+            self.skipped["no_image_column"] += 1
+            return None
+        if value is None:
+            self.skipped["missing_image"] += 1
+            return None
+        try:
+            image = load_image(value)
+        except FileNotFoundError:
+            self.skipped["missing_file"] += 1
+            return None
+        except Image.DecompressionBombError:
+            self.skipped["too_large"] += 1
+            return None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            self.skipped["undecodable_image"] += 1
+            return None
+        except TypeError:
+            self.skipped["not_an_image"] += 1
+            return None
+        if image.width < 1 or image.height < 1:
+            self.skipped["empty_image"] += 1
+            return None
+        if self.train:
+            image = random_resized_crop(image, self.random_resized_crop_scale, self._rng)
+            if self.horizontal_flip and self._rng.random() < 0.5:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return image
+
+    def _caption(self, example):
+        caption = example.get(self.caption_column)
+        if isinstance(caption, (list, tuple)):  # several captions per image: draw one
+            caption = self._rng.choice(caption) if caption else None
+        if isinstance(caption, bytes):
+            try:
+                caption = caption.decode("utf-8")
+            except UnicodeDecodeError:
+                self.skipped["non_utf8_caption"] += 1
+                return None
+        if not isinstance(caption, str):
+            self.skipped["missing_caption"] += 1
+            return None
+        caption = " ".join(caption.split())
+        if not caption:
+            self.skipped["empty_caption"] += 1
+            return None
+        return caption
+
+    def __call__(self, examples: list[dict]) -> dict:
+        images, captions, keep = [], [], []
+        for i, example in enumerate(examples):
+            caption = self._caption(example)
+            image = self._image(example) if caption is not None else None
+            if image is None or caption is None:
+                continue
+            images.append(image)
+            captions.append(caption)
+            keep.append(i)
+        if not images:
+            self.skipped["empty_batch"] += 1
+            return {}
+        max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
+        text = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        batch = {"pixel_values": pixel_values, "input_ids": text["input_ids"],
+                 "attention_mask": text["attention_mask"], "return_loss": True}
+        if self.train and self.mlm_probability:
+            special = [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id,
+                       self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.mask_token_id]
+            batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+                text["input_ids"], text["attention_mask"], self.tokenizer.mask_token_id, special,
+                len(self.tokenizer), self.mlm_probability)
+        if self.label_column is not None and self.label_column in examples[0]:
+            batch["class_labels"] = torch.tensor([int(examples[i][self.label_column]) for i in keep], dtype=torch.long)
+        if "sample_id" in examples[0]:
+            batch["sample_ids"] = torch.tensor([examples[i]["sample_id"] for i in keep], dtype=torch.long)
+        return batch
+
+
+__all__ = [
+    "DataArguments",
+    "ImageTextCollator",
+    "class_names_for",
+    "load_image",
+    "load_image_text_datasets",
+    "random_resized_crop",
+    "to_rgb",
+    "zero_shot_templates",
+]

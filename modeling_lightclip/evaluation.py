@@ -1,0 +1,125 @@
+"""Zero-shot classification and image<->text retrieval for LightCLIP (training side; not remote code).
+
+Embeddings are computed batch by batch (sharded across processes and gathered under accelerate); the scores go
+through the local `evaluate` modules in `modeling_lightclip/metrics/`. Keys follow the Trainer's `eval_` prefix:
+`zero_shot_top1`, `zero_shot_top5`, `image_to_text_r{1,5,10}`, `text_to_image_r{1,5,10}`.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
+
+
+def load_metric(name: str):
+    import evaluate
+
+    return evaluate.load(str(METRICS_DIR / name))
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+@torch.no_grad()
+def embed_pairs(model, dataloader, accelerator=None):
+    """(image embeddings, text embeddings, caption token ids, class labels or None) of every pair the collator
+    keeps; embeddings normalised, on CPU."""
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    images, texts, ids, labels = [], [], [], []
+    for batch in dataloader:
+        if not batch:
+            continue
+        pixel_values = batch["pixel_values"].to(device)
+        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        image = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
+        text = F.normalize(model.get_text_features(input_ids=input_ids,
+                                                   attention_mask=attention_mask).pooler_output.float(), dim=-1)
+        class_labels = batch.get("class_labels")
+        if class_labels is not None:
+            class_labels = class_labels.to(device)
+        if accelerator is not None:
+            image, text = accelerator.gather_for_metrics((image, text))
+            if class_labels is not None:
+                class_labels = accelerator.gather_for_metrics(class_labels)
+            input_ids = accelerator.gather_for_metrics(accelerator.pad_across_processes(input_ids, dim=1))
+            attention_mask = accelerator.gather_for_metrics(accelerator.pad_across_processes(attention_mask, dim=1))
+        images.append(image.cpu())
+        texts.append(text.cpu())
+        ids.extend(tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids.cpu(), attention_mask.cpu()))
+        if class_labels is not None:
+            labels.append(class_labels.cpu())
+    model.train(was_training)
+    if not images:
+        raise ValueError("no valid image-caption pair in the evaluation data")
+    return torch.cat(images), torch.cat(texts), ids, (torch.cat(labels) if labels else None)
+
+
+@torch.no_grad()
+def class_text_embeddings(model, tokenizer, class_names: list[str], templates: list[str]) -> torch.Tensor:
+    """CLIP's prompt ensemble: the normalised mean of each class's template embeddings. (C, D) on CPU."""
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows = []
+    for name in class_names:
+        enc = tokenizer([t.format(name) for t in templates], padding=True, truncation=True, return_tensors="pt")
+        emb = model.get_text_features(input_ids=enc["input_ids"].to(device),
+                                      attention_mask=enc["attention_mask"].to(device)).pooler_output.float()
+        rows.append(F.normalize(F.normalize(emb, dim=-1).mean(0), dim=-1))
+    model.train(was_training)
+    return torch.stack(rows).cpu()
+
+
+def zero_shot_metrics(image_embeds: torch.Tensor, labels: torch.Tensor, class_embeds: torch.Tensor) -> dict:
+    ranked = (image_embeds @ class_embeds.t()).argsort(dim=1, descending=True)[:, :5]
+    result = load_metric("zero_shot_accuracy").compute(predictions=ranked.tolist(), references=labels.tolist(),
+                                                       top_k=[1, 5])
+    return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"]}
+
+
+def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None = None,
+                      ks=(1, 5, 10)) -> dict:
+    """R@k both ways for paired embeddings (row i of each is one pair).
+
+    Identical captions (same token ids) are one gallery entry: image->text ranks the *distinct* captions and
+    text->image queries each distinct caption once, relevant to every image it describes. With all captions
+    distinct this is the usual pairwise recall; with repeated captions (class-name templates) the score no longer
+    depends on how ties between copies of one caption happen to be broken.
+    """
+    n = image_embeds.shape[0]
+    keys = captions if captions is not None else list(range(n))
+    index: dict = {}
+    first = []
+    caption_of = []
+    for i, key in enumerate(keys):
+        if key not in index:
+            index[key] = len(first)
+            first.append(i)
+        caption_of.append(index[key])
+    gallery = text_embeds[first]                                       # (U, D) distinct captions
+    images_of = [[] for _ in first]
+    for i, u in enumerate(caption_of):
+        images_of[u].append(i)
+    similarity = image_embeds @ gallery.t()                            # (N, U)
+    top = max(ks)
+    i2t = similarity.topk(min(top, len(first)), dim=1).indices.tolist()
+    t2i = similarity.t().topk(min(top, n), dim=1).indices.tolist()
+    metric = load_metric("retrieval_recall")
+    a = metric.compute(predictions=i2t, references=[[u] for u in caption_of], k=list(ks))
+    b = metric.compute(predictions=t2i, references=images_of, k=list(ks))
+    out = {f"image_to_text_r{k}": a[f"r{k}"] for k in ks}
+    out.update({f"text_to_image_r{k}": b[f"r{k}"] for k in ks})
+    return out
+
+
+__all__ = ["class_text_embeddings", "embed_pairs", "load_metric", "retrieval_metrics", "zero_shot_metrics"]
