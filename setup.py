@@ -18,7 +18,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["modeling_lightclip", "modeling_lightclip.*"]),
     py_modules=["train_lightclip"],
-    data_files=[("share/lightclip/configuration", [str(p) for p in sorted((ROOT / "configuration").glob("*.json"))])],
+    data_files=[
+        ("share/lightclip/configuration", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configuration").glob("*.json"))]),
+        ("share/lightclip/data/fashion_mnist", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "fashion_mnist").glob("*"))]),
+    ],
+    package_data={"modeling_lightclip": ["metrics/*/*.py"]},
     install_requires=[
         # torch: `pip install torch==2.13.0` first on CPU machines; an unpinned torch pulls a CUDA build.
         "torch>=2.4",

@@ -23,7 +23,11 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from .objectives_lightclip import mask_tokens
 
 
-EMBEDDED_DATA = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist"
+import sys
+
+_REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist"
+_INSTALLED_DATA = Path(sys.prefix) / "share" / "lightclip" / "data" / "fashion_mnist"
+EMBEDDED_DATA = _REPO_DATA if (_REPO_DATA / "train.parquet").is_file() else _INSTALLED_DATA
 PACKAGED_BUILDERS = ("imagefolder", "webdataset", "parquet", "csv", "json", "arrow", "text")
 # PIL's own decompression-bomb guard: images above this many pixels raise instead of exhausting memory.
 Image.MAX_IMAGE_PIXELS = 89_478_485
