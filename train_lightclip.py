@@ -26,6 +26,7 @@ from modeling_lightclip.data import (
     load_image_text_datasets,
     zero_shot_templates,
 )
+from modeling_lightclip.neighbours import NeighbourTable
 from modeling_lightclip.preprocessing import build_processor, load_tokenizer, train_wordpiece_tokenizer
 from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, load_recipe
 from modeling_lightclip.trainer import LightCLIPTrainer
@@ -118,6 +119,20 @@ def main(argv=None):
 
     splits = load_image_text_datasets(data_args)
     train_dataset, eval_dataset = splits.get("train"), splits.get("validation")
+    neighbours = None
+    ping_weights = [getattr(model_args, k) if getattr(model_args, k) is not None else recipe["model"].get(k, 0.0)
+                    for k in ("ping_nn_loss_weight", "ping_xnn_loss_weight")]
+    if any(w and w > 0 for w in ping_weights) and training_args.do_train:
+        if not data_args.ping_neighbours_dir:
+            raise ValueError("CLIP-PING is on (ping_nn_loss_weight / ping_xnn_loss_weight > 0) but no neighbour files "
+                             "were given: build them with `python -m modeling_lightclip.neighbours build --out DIR` "
+                             "and pass --ping_neighbours_dir DIR.")
+        if data_args.streaming:
+            raise ValueError("CLIP-PING needs row indices: it does not work with --streaming.")
+        neighbours = NeighbourTable(data_args.ping_neighbours_dir, len(train_dataset), data_args.ping_top_k,
+                                    training_args.seed)
+        train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
+        model_args.ping_bank_size = len(train_dataset)
     model, processor = build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
@@ -126,7 +141,7 @@ def main(argv=None):
                   max_length=data_args.max_caption_length)
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
-        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed,
+        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours,
         mlm_probability=model.config.mlm_probability if model.config.mlm_loss_weight > 0 else None)
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     class_names = class_names_for(eval_dataset, data_args) if eval_dataset is not None else None

@@ -65,6 +65,11 @@ class DataArguments:
     random_resized_crop_scale: float = field(default=0.8, metadata={
         "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
+    ping_neighbours_dir: str | None = field(default=None, metadata={
+        "help": "CLIP-PING neighbour folder built by `python -m modeling_lightclip.neighbours build` for this "
+                "training set (needed when ping_nn_loss_weight or ping_xnn_loss_weight > 0)."})
+    ping_top_k: int | None = field(default=None, metadata={
+        "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
 
 def _file_builder(path: str) -> str:
@@ -225,7 +230,8 @@ class ImageTextCollator:
 
     train=True applies the augmentation (random resized crop, horizontal flip) before the image processor and,
     when `mlm_probability` is set, adds `mlm_input_ids` / `mlm_labels`. Keys: pixel_values, input_ids,
-    attention_mask, return_loss (so the Trainer computes an eval loss), optionally sample_ids, and class_labels when
+    attention_mask, return_loss (so the Trainer computes an eval loss); with `neighbours` (a `NeighbourTable`,
+    CLIP-PING) sample_ids and one drawn image- and text-space neighbour id per sample; class_labels when
     `label_column` is set (evaluation only: the model takes no such input).
     """
 
@@ -239,6 +245,7 @@ class ImageTextCollator:
     random_resized_crop_scale: float = 0.8
     horizontal_flip: bool = True
     seed: int = 0
+    neighbours: object = None
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -325,8 +332,12 @@ class ImageTextCollator:
                 len(self.tokenizer), self.mlm_probability)
         if self.label_column is not None and self.label_column in examples[0]:
             batch["class_labels"] = torch.tensor([int(examples[i][self.label_column]) for i in keep], dtype=torch.long)
-        if "sample_id" in examples[0]:
-            batch["sample_ids"] = torch.tensor([examples[i]["sample_id"] for i in keep], dtype=torch.long)
+        if self.train and self.neighbours is not None:
+            if "sample_id" not in examples[0]:
+                raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
+            ids = [int(examples[i]["sample_id"]) for i in keep]
+            batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
+            batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(ids)
         return batch
 
 

@@ -388,6 +388,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         return_loss: bool | None = None,
         mlm_input_ids: torch.LongTensor | None = None,
         mlm_labels: torch.LongTensor | None = None,
+        sample_ids: torch.LongTensor | None = None,
+        image_neighbour_ids: torch.LongTensor | None = None,
+        text_neighbour_ids: torch.LongTensor | None = None,
         output_tokens: bool = False,
         return_dict: bool | None = None,
     ) -> LightCLIPOutput | tuple:
@@ -401,6 +404,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             mlm_input_ids, mlm_labels (`torch.LongTensor`, *optional*): a masked copy of `input_ids` and its MLM
                 targets (-100 where nothing is predicted), from the collator. When MLM is on and they are absent,
                 `forward` masks `input_ids` itself. (Not named `labels`: the Trainer rescales losses it finds there.)
+            sample_ids, image_neighbour_ids, text_neighbour_ids (`torch.LongTensor` of shape `(batch_size,)`,
+                *optional*): for CLIP-PING: each sample's training-set index and the index of one of its nearest
+                neighbours in the frozen image / text feature space (-1 for none), from the collator.
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
         if input_ids is None or pixel_values is None:
@@ -446,6 +452,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                     tuple(stage[:rows] for stage in vision.stages), mlm_text_kwargs,
                 ))
                 loss = loss + self.config.mlm_loss_weight * losses["mlm"]
+            if objectives.ping is not None and self.training:  # the bank holds training samples only
+                if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
+                    raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
+                                     "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
+                losses.update(objectives.ping(image_embeds, text_embeds, logit_scale, sample_ids,
+                                              image_neighbour_ids, text_neighbour_ids))
+                loss = loss + self.config.ping_nn_loss_weight * losses.get("ping_nn", 0.0)
+                loss = loss + self.config.ping_xnn_loss_weight * losses.get("ping_xnn", 0.0)
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
         output = LightCLIPOutput(

@@ -37,6 +37,23 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
+_LOSS_GROUP = {}
+
+
+def _loss_group():
+    """A process group of its own for the losses' collectives.
+
+    DDP all-reduces gradient buckets from autograd hooks on the default group while the backward of the gathers
+    below issues reduce-scatters; on one shared group the two streams of collectives may interleave differently on
+    different ranks, which deadlocks gloo. A separate communicator orders each stream on its own. Created on first
+    use (every rank computes the loss, so every rank creates it, in the same order)."""
+    default = dist.group.WORLD
+    key = id(default)
+    if key not in _LOSS_GROUP:
+        _LOSS_GROUP[key] = dist.new_group(backend=dist.get_backend())
+    return _LOSS_GROUP[key]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather `tensor` along dim 0 from every rank, keeping autograd.
 
@@ -49,14 +66,15 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed import _functional_collectives as fc
 
+    group = _loss_group()
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device), group=group)
     if len({int(s.item()) for s in sizes}) != 1:
         raise ValueError(
             f"global-batch contrastive loss needs the same batch size on every rank, got {[int(s) for s in sizes]}; "
             "drop the last partial batch (TrainingArguments(dataloader_drop_last=True))."
         )
-    gathered = fc.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    gathered = fc.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=group)
     return fc.wait_tensor(gathered) if hasattr(fc, "wait_tensor") else gathered
 
 
@@ -168,7 +186,7 @@ def _global_sum(value: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return value
     value = value.detach().clone()
-    dist.all_reduce(value)
+    dist.all_reduce(value, group=_loss_group())
     return value
 
 
@@ -184,7 +202,7 @@ def _pad_to_global_length(tensor: torch.Tensor, dim: int, value) -> torch.Tensor
     if world == 1:
         return tensor
     length = torch.tensor([tensor.shape[dim]], device=tensor.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=_loss_group())
     missing = int(length.item()) - tensor.shape[dim]
     if missing == 0:
         return tensor
@@ -471,6 +489,116 @@ class MaskedLanguageModelling(nn.Module):
         return {"mlm": loss}
 
 
+# --------------------------------------------------------------------------------------------------------------
+# CLIP-PING neighbour guidance
+# --------------------------------------------------------------------------------------------------------------
+
+
+class NeighbourEmbeddingBank:
+    """The student's own most recent image and text embeddings, indexed by training-sample id, with a validity
+    flag for samples not seen yet. Deliberately *not* a registered buffer: it is never saved with the weights and
+    DDP does not broadcast it every step. Under several processes every rank writes the embeddings of the whole
+    global batch, so all ranks hold the same bank. Allocated lazily on the embeddings' device."""
+
+    def __init__(self, size: int, dim: int, dtype: torch.dtype = torch.float32):
+        self.size, self.dim, self.dtype = size, dim, dtype
+        self.image = self.text = self.valid = None
+
+    def _allocate(self, device):
+        if self.image is None or self.image.device != device:
+            self.image = torch.zeros(self.size, self.dim, dtype=self.dtype, device=device)
+            self.text = torch.zeros(self.size, self.dim, dtype=self.dtype, device=device)
+            self.valid = torch.zeros(self.size, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings, valid) for sample `ids`; ids < 0 (no neighbour) and unseen samples are invalid."""
+        self._allocate(ids.device)
+        in_range = (ids >= 0) & (ids < self.size)
+        safe = ids.clamp(0, self.size - 1)
+        table = self.image if modality == "image" else self.text
+        return table[safe].float(), in_range & self.valid[safe]
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        self._allocate(image_embeds.device)
+        ids = gather_with_grad(ids.detach())
+        image_embeds = gather_with_grad(image_embeds.detach())
+        text_embeds = gather_with_grad(text_embeds.detach())
+        keep = (ids >= 0) & (ids < self.size)
+        if not keep.all():
+            raise IndexError(f"sample ids outside the bank of {self.size} samples: "
+                             f"{ids[~keep][:5].tolist()}; is config.ping_bank_size the training-set size?")
+        self.image[ids] = image_embeds.to(self.dtype)
+        self.text[ids] = text_embeds.to(self.dtype)
+        self.valid[ids] = True
+
+    def state_dict(self) -> dict:
+        return {"image": self.image, "text": self.text, "valid": self.valid} if self.image is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.image, self.text, self.valid = state["image"], state["text"], state["valid"]
+
+
+class NeighbourContrastiveLoss(nn.Module):
+    """CLIP-PING: contrastive supervision from nearest neighbours (NN) and cross nearest neighbours (XNN) found
+    offline in the feature spaces of frozen pretrained unimodal encoders.
+
+    For local sample i with image-space neighbour a(i) and text-space neighbour t(i) (ids of other training
+    samples, from the collator):
+
+    * NN:  image i -> the text embedding of a(i);   text i -> the image embedding of t(i)
+    * XNN: image i -> the text embedding of t(i);   text i -> the image embedding of a(i)
+
+    Each is InfoNCE with the neighbour as the positive against the global batch's other samples of the other
+    modality: in the usual image->text logits row, the column of i's own caption (not a negative, and the
+    instance loss already uses it) is replaced by the neighbour. Neighbour embeddings come from the
+    `NeighbourEmbeddingBank` (detached, no extra encoder pass); rows whose neighbour has not been seen yet are
+    skipped. Terms are normalised over the global count of usable rows.
+    """
+
+    def __init__(self, bank_size: int, dim: int, nn_weight: float, xnn_weight: float):
+        super().__init__()
+        if bank_size <= 0:
+            raise ValueError("CLIP-PING needs config.ping_bank_size = the number of training samples (> 0).")
+        self.bank = NeighbourEmbeddingBank(bank_size, dim)
+        self.nn_weight, self.xnn_weight = nn_weight, xnn_weight
+
+    @staticmethod
+    def _term(queries, all_candidates, positives, valid, logit_scale, rank):
+        local = queries.shape[0]
+        own = torch.arange(local, device=queries.device) + rank * local
+        logits = logit_scale * queries @ all_candidates.t()
+        positive_logit = logit_scale * (queries * positives).sum(-1)
+        logits = logits.scatter(1, own.unsqueeze(1), positive_logit.unsqueeze(1))
+        per_row = F.cross_entropy(logits, own, reduction="none")
+        normaliser = _global_mean_normaliser(valid.sum())
+        return (per_row * valid).sum() * normaliser
+
+    def forward(self, image_embeds, text_embeds, logit_scale, sample_ids, image_neighbour_ids, text_neighbour_ids,
+                update_bank: bool = True) -> dict[str, torch.Tensor]:
+        rank, _ = _world()
+        all_images = gather_with_grad(image_embeds)
+        all_texts = gather_with_grad(text_embeds)
+        text_of_image_nn, ok_a_text = self.bank.lookup(image_neighbour_ids, "text")
+        image_of_text_nn, ok_t_image = self.bank.lookup(text_neighbour_ids, "image")
+        text_of_text_nn, ok_t_text = self.bank.lookup(text_neighbour_ids, "text")
+        image_of_image_nn, ok_a_image = self.bank.lookup(image_neighbour_ids, "image")
+        losses = {}
+        if self.nn_weight > 0:
+            losses["ping_nn"] = 0.5 * (
+                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, rank)
+                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, rank))
+        if self.xnn_weight > 0:
+            losses["ping_xnn"] = 0.5 * (
+                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, rank)
+                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, rank))
+        if update_bank and self.training:
+            self.bank.update(sample_ids, image_embeds, text_embeds)
+        return losses
+
+
 class LightCLIPObjectives(nn.Module):
     """All training-only parts of a LightCLIP model, built from its config: the instance loss (no parameters),
     the token alignment loss with its token projections, the MLM head with its fusion module. Objectives whose
@@ -493,10 +621,16 @@ class LightCLIPObjectives(nn.Module):
                 config.fusion_num_heads, config.text_config.vocab_size,
                 layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12),
             )
+        self.ping = None
+        if config.ping_nn_loss_weight > 0 or config.ping_xnn_loss_weight > 0:
+            self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
+                                                 config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
 
 
 __all__ = [
     "LightCLIPObjectives",
+    "NeighbourContrastiveLoss",
+    "NeighbourEmbeddingBank",
     "FusionBlock",
     "InstanceContrastiveLoss",
     "MaskedLanguageModelling",

@@ -7,6 +7,7 @@
   the total loss.
 """
 
+import dataclasses
 from collections import defaultdict
 
 import torch
@@ -80,6 +81,17 @@ class LightCLIPTrainer(Trainer):
                     self._term_sums[name] += float(value.detach())
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The eval loss sees evaluation inputs: no augmentation, no neighbour ids, no class labels."""
+        if self.eval_collator is None:
+            return super().get_eval_dataloader(eval_dataset)
+        original = self.data_collator
+        self.data_collator = dataclasses.replace(self.eval_collator, label_column=None)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = original
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         self._current_eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

@@ -5,6 +5,7 @@ own longest caption, as a per-rank collator would), trains one step under DDP an
 every parameter's gradient (rank 0 writes them).
 """
 
+import faulthandler
 import sys
 
 import torch
@@ -16,6 +17,7 @@ from modeling_lightclip import LightCLIPModel
 
 
 def main(model_dir: str, batch_path: str, out_path: str) -> None:
+    faulthandler.dump_traceback_later(120, exit=True)  # a hang shows its stacks and fails instead of blocking CI
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

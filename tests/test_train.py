@@ -110,7 +110,7 @@ def test_two_process_cpu_training(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(REPO / "train_lightclip.py"), *TINY, "--max_steps", "3", "--output_dir", str(out)],
-        env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     metrics = json.loads((out / "eval_results.json").read_text())
