@@ -20,6 +20,7 @@ setup(
     py_modules=["train_lightclip"],
     data_files=[
         ("share/lightclip/configuration", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "configuration").glob("*.json"))]),
+        ("share/lightclip", ["model_card.md"]),
         ("share/lightclip/data/fashion_mnist", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "fashion_mnist").glob("*"))]),
     ],
     package_data={"modeling_lightclip": ["metrics/*/*.py"]},

@@ -26,6 +26,8 @@ from modeling_lightclip.data import (
     load_image_text_datasets,
     zero_shot_templates,
 )
+from modeling_lightclip.hub import HubUploadError, push_folder, write_model_card
+from modeling_lightclip.lora import apply_lora, merge_lora, unwrap_peft
 from modeling_lightclip.neighbours import NeighbourTable
 from modeling_lightclip.preprocessing import build_processor, load_tokenizer, train_wordpiece_tokenizer
 from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, load_recipe
@@ -111,6 +113,29 @@ def build_model_and_processor(recipe, model_args, train_dataset, data_args, trai
     return model, build_processor(model.config.image_size, tokenizer)
 
 
+def write_training_info(training_args, data_args, recipe, train_dataset, model_args) -> None:
+    """What the model card says about training, recorded beside the weights."""
+    import json
+
+    info = {
+        "recipe": recipe.get("name"),
+        "dataset": data_args.dataset_name if data_args.dataset_name not in (None, "parquet", "csv", "json")
+        else ("Fashion-MNIST (embedded subset)" if data_args.train_file is None and data_args.dataset_name == "parquet"
+              else data_args.train_file or data_args.dataset_name),
+        "dataset_hub_id": data_args.dataset_name if data_args.dataset_name and "/" in data_args.dataset_name else None,
+        "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+        "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
+        * training_args.gradient_accumulation_steps,
+        "learning_rate": training_args.learning_rate,
+        "epochs": training_args.num_train_epochs,
+        "seed": training_args.seed,
+        "eval_split": data_args.validation_split,
+        "base_models": [m for m in (model_args.model_name_or_path, model_args.vision_model_name_or_path,
+                                    model_args.text_model_name_or_path) if m and "/" in m and not Path(m).exists()],
+    }
+    (Path(training_args.output_dir) / "training_info.json").write_text(json.dumps(info, indent=2))
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     recipe, model_args, data_args, training_args = parse_args(argv)
@@ -136,6 +161,16 @@ def main(argv=None):
     model, processor = build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
+
+    lora = model_args.lora_r is not None
+    if lora:
+        if not model_args.model_name_or_path:
+            raise ValueError("--lora_r fine-tunes an existing LightCLIP: pass --model_name_or_path (Hub id or folder).")
+        model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                           model_args.lora_target_modules)
+    push, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, at the end, with our card
+    if push and not training_args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME.")
 
     common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
                   max_length=data_args.max_caption_length)
@@ -163,12 +198,26 @@ def main(argv=None):
         metrics.update({f"train_skipped_{k}": v for k, v in train_collator.skipped.items()})
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
+        if lora:  # fold the adapters in: the saved model is a plain LightCLIP that loads without peft
+            trainer.model = model = merge_lora(model)
         trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
         trainer.save_state()
     if training_args.do_eval and eval_dataset is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero() and training_args.do_train:
+        write_training_info(training_args, data_args, recipe, train_dataset, model_args)
+        write_model_card(training_args.output_dir, model=unwrap_peft(trainer.model).to("cpu"), processor=processor,
+                         repo_id=training_args.hub_model_id)
+        if push:
+            try:
+                url = push_folder(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
+                                  bool(training_args.hub_private_repo))
+                logger.info("pushed to %s", url)
+            except HubUploadError as err:
+                logger.error("%s", err)
+                raise SystemExit(f"error: {err}") from None
     return trainer
 
 

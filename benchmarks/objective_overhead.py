@@ -4,7 +4,8 @@
 
 Arms run interleaved (round-robin) so machine noise hits them alike; figures are medians over --steps timed
 steps after --warmup steps. Also reports the share of the full step spent solving the bipartite matching.
-Targets (issue #3): full step <= 1.20x the CLIP-only step; matching <= 5% of the full step.
+Targets: full step <= 1.20x the CLIP-only step; matching <= 5% of the full step (issue #3); CLIP-PING adds
+<= 10% to the step it is added to (issue #4; the bank is pre-filled so every row has a seen neighbour).
 """
 
 import argparse
@@ -38,7 +39,12 @@ ARMS = {
     "+token": dict(soft_label_mode="none", token_loss_weight=0.5, mlm_loss_weight=0.0),
     "+mlm_fusion": dict(soft_label_mode="none", token_loss_weight=0.0, mlm_loss_weight=0.5),
     "full": dict(soft_label_mode="similarity", token_loss_weight=0.5, mlm_loss_weight=0.5),
+    "+ping": dict(soft_label_mode="none", token_loss_weight=0.0, mlm_loss_weight=0.0, ping_nn_loss_weight=0.5,
+                  ping_xnn_loss_weight=0.5),
+    "full+ping": dict(soft_label_mode="similarity", token_loss_weight=0.5, mlm_loss_weight=0.5,
+                      ping_nn_loss_weight=0.5, ping_xnn_loss_weight=0.5),
 }
+BANK_SIZE = 10_000
 
 
 class _MatchingTimer:
@@ -90,11 +96,15 @@ def main():
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
              "pixel_values": torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=generator)}
     batch = {k: v.to(device) for k, v in batch.items()}
+    ping_inputs = {"sample_ids": torch.randperm(BANK_SIZE, generator=generator)[:args.batch_size],
+                   "image_neighbour_ids": torch.randint(0, BANK_SIZE, (args.batch_size,), generator=generator),
+                   "text_neighbour_ids": torch.randint(0, BANK_SIZE, (args.batch_size,), generator=generator)}
+    ping_inputs = {k: v.to(device) for k, v in ping_inputs.items()}
 
     models, optimisers = {}, {}
     base_state = None
     for arm, fields in ARMS.items():
-        overrides = dict(fields, image_size=args.image_size, soft_label_schedule="constant")
+        overrides = dict(fields, image_size=args.image_size, soft_label_schedule="constant", ping_bank_size=BANK_SIZE)
         if args.vision_token_stage is not None:
             overrides["vision_token_stage"] = args.vision_token_stage
         config = build_model_config(copy.deepcopy(recipe["model"]), tokenizer, **overrides)
@@ -104,6 +114,12 @@ def main():
             base_state = {k: v for k, v in model.state_dict().items() if not k.startswith("objectives.")}
         model.load_state_dict(base_state, strict=False)  # same towers in every arm
         model.set_training_progress(1.0)
+        if model.objectives.ping is not None:
+            dim = config.projection_dim
+            model.objectives.ping.bank.load_state_dict({
+                "image": torch.nn.functional.normalize(torch.randn(BANK_SIZE, dim), dim=-1).to(device),
+                "text": torch.nn.functional.normalize(torch.randn(BANK_SIZE, dim), dim=-1).to(device),
+                "valid": torch.ones(BANK_SIZE, dtype=torch.bool, device=device)})
         models[arm] = model
         optimisers[arm] = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -116,7 +132,8 @@ def main():
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss = model(**batch, return_loss=True).loss
+                    extra = ping_inputs if model.objectives.ping is not None else {}
+                    loss = model(**batch, **extra, return_loss=True).loss
                 loss.backward()
                 optimisers[arm].step()
                 optimisers[arm].zero_grad(set_to_none=True)
@@ -141,6 +158,10 @@ def main():
         median = statistics.median(times[arm])
         results[arm] = {"median_ms": 1000 * median, "ratio": median / clip}
         print(f"{arm:<14}{1000 * median:>18.1f}{median / clip:>9.2f}x")
+    for with_ping, without in (("+ping", "clip"), ("full+ping", "full")):
+        added = statistics.median(times[with_ping]) / statistics.median(times[without])
+        results[f"ping_overhead_on_{without}"] = added
+        print(f"CLIP-PING on top of {without}: {added:.3f}x")
     share = statistics.median(matching)
     results["matching_share_of_full_step"] = share
     print(f"matching share of the full step: {100 * share:.1f}% (median)")

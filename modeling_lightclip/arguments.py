@@ -60,6 +60,12 @@ class _ModelSource:
     tokenizer_name: str | None = field(default=None, metadata={
         "help": "Tokenizer (Hub id or folder). Default: train a WordPiece tokenizer on the training captions."})
     tokenizer_vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size when training one."})
+    lora_r: int | None = field(default=None, metadata={
+        "help": "Fine-tune --model_name_or_path with LoRA adapters of this rank (peft); the saved model is merged."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * lora_r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "Comma-separated module names to adapt (e.g. query,value), or peft's all-linear."})
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow custom code of third-party Hub repos (never set on your behalf)."})
 

@@ -23,7 +23,7 @@ def load_metric(name: str):
 def _unwrap(model):
     while hasattr(model, "module"):
         model = model.module
-    return model
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @torch.no_grad()

@@ -15,8 +15,11 @@ from transformers import Trainer, TrainerCallback
 
 
 def _unwrap(model):
+    """The LightCLIPModel inside DDP/accelerate and peft wrappers."""
     while hasattr(model, "module"):
         model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return model
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import make_batch
+from modeling_lightclip import LightCLIPModel
 from modeling_lightclip.preprocessing import build_processor
 
 
@@ -144,6 +145,53 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
     installed = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
     _check(_run_client(python, folder, photo_paths, tmp_path), expected)
+
+    # the native export of a CLIP-shaped model: plain CLIPModel, no custom code, same pipeline
+    from modeling_lightclip.hub import export_clip
+    from modeling_lightclip.recipes import build_model_config
+    from test_hub import CLIP_SHAPED
+
+    torch.manual_seed(0)
+    clip_shaped = LightCLIPModel(build_model_config(CLIP_SHAPED, tokenizer)).eval()
+    native = export_clip(clip_shaped, build_processor(32, tokenizer), tmp_path / "native")
+    probs = _native_probs(clip_shaped, tokenizer, photo_paths[0])
+    script = tmp_path / "native_client.py"
+    script.write_text(NATIVE_CLIENT)
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    proc = subprocess.run([python, str(script), str(native), str(photo_paths[0])], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["model_class"] == "CLIPModel"
+    got = {r["label"]: r["score"] for r in result["pipeline"]}
+    for label, p in probs.items():
+        assert got[label] == pytest.approx(p, abs=1e-4)
+
+
+NATIVE_CLIENT = textwrap.dedent('''
+    import json, sys
+    from transformers import AutoModel, pipeline
+
+    folder, photo = sys.argv[1], sys.argv[2]
+    model = AutoModel.from_pretrained(folder)
+    pipe = pipeline("zero-shot-image-classification", model=folder)
+    print(json.dumps({"model_class": type(model).__name__,
+                      "pipeline": pipe(photo, candidate_labels=["astronaut", "cat", "car"])}))
+''')
+
+
+def _native_probs(model, tokenizer, photo) -> dict:
+    """What the pipeline must return, computed from the LightCLIP model with the pipeline's default template."""
+    from PIL import Image
+
+    labels = ["astronaut", "cat", "car"]
+    processor = build_processor(model.config.image_size, tokenizer)
+    inputs = processor(text=[f"This is a photo of {label}." for label in labels], images=[Image.open(photo)],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**inputs).logits_per_image.softmax(dim=-1)[0]
+    return dict(zip(labels, probs.tolist()))
 
 
 def test_processor_round_trip(tokenizer, photo_paths, tmp_path):

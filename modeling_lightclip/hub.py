@@ -1,0 +1,313 @@
+"""Hub side of LightCLIP (training side; not remote code): model card, push, native `CLIPModel` export.
+
+    python -m modeling_lightclip.hub card   outputs/lightclip-fashion-mnist                 # (re)write README.md
+    python -m modeling_lightclip.hub push   outputs/lightclip-fashion-mnist --hub_model_id ORG/NAME
+    python -m modeling_lightclip.hub export outputs/vit-xs --out outputs/vit-xs-clip       # CLIP-shaped towers only
+
+The card is rendered from the repository's `model_card.md` template with `huggingface_hub.ModelCard` /
+`ModelCardData`, from real values read at save time: the saved config and weights, `eval_results.json`,
+`trainer_state.json` and `training_info.json` in the folder, and a latency measurement of the inference path.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+_TEMPLATE_CANDIDATES = (Path(__file__).resolve().parent.parent / "model_card.md",
+                        Path(sys.prefix) / "share" / "lightclip" / "model_card.md")
+METRIC_NAMES = {
+    "eval_zero_shot_top1": ("zero-shot top-1 accuracy", "accuracy", "zero-shot-image-classification"),
+    "eval_zero_shot_top5": ("zero-shot top-5 accuracy", "top_5_accuracy", "zero-shot-image-classification"),
+    "eval_image_to_text_r1": ("image→text R@1", "recall_at_1", "image-to-text"),
+    "eval_image_to_text_r5": ("image→text R@5", "recall_at_5", "image-to-text"),
+    "eval_image_to_text_r10": ("image→text R@10", "recall_at_10", "image-to-text"),
+    "eval_text_to_image_r1": ("text→image R@1", "recall_at_1", "text-to-image"),
+    "eval_text_to_image_r5": ("text→image R@5", "recall_at_5", "text-to-image"),
+    "eval_text_to_image_r10": ("text→image R@10", "recall_at_10", "text-to-image"),
+}
+
+
+class HubUploadError(RuntimeError):
+    """Raised with one message that says what failed, that the folder is complete, and how to retry."""
+
+
+def _template() -> str:
+    for path in _TEMPLATE_CANDIDATES:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    raise FileNotFoundError("model_card.md template not found beside the package")
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def parameter_counts(model) -> dict:
+    total = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    training = total(model.objectives) if hasattr(model, "objectives") else 0
+    inference = total(model) - training
+    return {"vision": total(model.vision_model), "text": total(model.text_model), "inference": inference,
+            "training": training}
+
+
+@torch.no_grad()
+def measure_latency(model, processor, runs: int = 20, threads: int = 1) -> dict:
+    """Median CPU latency (ms) of the image and the text encoder for one input, with `threads` threads."""
+    from PIL import Image
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    model = model.to("cpu").eval()
+    size = model.config.image_size
+    pixel_values = processor.image_processor(Image.new("RGB", (size, size), (120, 90, 60)),
+                                             return_tensors="pt")["pixel_values"]
+    text = processor.tokenizer(["a photo of a small brown dog on the grass"], return_tensors="pt")
+
+    def _median(fn):
+        fn()
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    try:
+        image_ms = _median(lambda: model.get_image_features(pixel_values=pixel_values))
+        text_ms = _median(lambda: model.get_text_features(**text))
+    finally:
+        torch.set_num_threads(previous)
+    return {"image_ms": round(image_ms, 2), "text_ms": round(text_ms, 2), "threads": threads, "runs": runs}
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _tower_name(config) -> str:
+    names = {"resnet": "ResNet", "mobilenet_v2": "MobileNetV2", "efficientnet": "EfficientNet",
+             "clip_vision_model": "ViT (CLIP vision)", "vit": "ViT", "bert": "BERT", "clip_text_model": "CLIP text",
+             "convnext": "ConvNeXt", "mobilevit": "MobileViT"}
+    layers = getattr(config, "num_hidden_layers", None)
+    width = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or [None])[-1]
+    detail = ", ".join(x for x in (f"{layers} layers" if layers else "", f"{width}-d" if width else "") if x)
+    name = names.get(config.model_type, config.model_type)
+    return f"{name} ({detail})" if detail else name
+
+
+def _objectives_table(config) -> str:
+    rows = [
+        ("instance contrastive (global batch)", "1.0",
+         f"soft labels: {config.soft_label_mode}, max α {config.soft_label_max}, {config.soft_label_schedule} schedule"),
+        ("token alignment (relaxed bipartite matching)", str(config.token_loss_weight),
+         f"negatives: {config.token_negatives}, temperature {config.token_temperature}"),
+        ("masked language modelling + fusion", str(config.mlm_loss_weight),
+         f"mask {config.mlm_probability}, fusion after text layers {config.fusion_text_layers} from image stages "
+         f"{config.fusion_vision_stages}, on {config.mlm_batch_fraction:g} of each batch"),
+        ("CLIP-PING nearest neighbours (NN)", str(config.ping_nn_loss_weight), "frozen-encoder neighbours"),
+        ("CLIP-PING cross nearest neighbours (XNN)", str(config.ping_xnn_loss_weight), "frozen-encoder neighbours"),
+    ]
+    return "\n".join(f"| {a} | {b} | {c if float(b) > 0 else 'off'} |" for a, b, c in rows)
+
+
+def build_model_card(folder, model=None, processor=None, repo_id: str | None = None, form: str = "remote-code",
+                     latency: dict | None = None, license: str = "apache-2.0"):
+    """A `huggingface_hub.ModelCard` for a saved LightCLIP folder, from the real values found there."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from . import LightCLIPModel, LightCLIPProcessor
+
+    folder = Path(folder)
+    model = model if model is not None else LightCLIPModel.from_pretrained(folder)
+    processor = processor if processor is not None else LightCLIPProcessor.from_pretrained(folder)
+    config = model.config
+    info = _read_json(folder / "training_info.json")
+    state = _read_json(folder / "trainer_state.json")
+    metrics = _read_json(folder / "eval_results.json")
+    counts = parameter_counts(model)
+    latency = latency or measure_latency(model, processor)
+    model_name = repo_id.split("/")[-1] if repo_id else folder.name
+    dataset = info.get("dataset") or "custom image-text data"
+    dataset_id = info.get("dataset_hub_id")
+
+    eval_results = []
+    for key, (pretty, metric_type, task) in METRIC_NAMES.items():
+        if key in metrics:
+            eval_results.append(EvalResult(task_type=task, dataset_type=dataset_id or "custom",
+                                           dataset_name=dataset, metric_type=metric_type,
+                                           metric_value=round(float(metrics[key]), 4), metric_name=pretty,
+                                           dataset_split=info.get("eval_split", "validation")))
+    card_data = ModelCardData(
+        model_name=model_name,
+        pipeline_tag="zero-shot-image-classification",
+        library_name="transformers",
+        license=license,
+        tags=["lightclip", "clip", "zero-shot-image-classification", "vision", "lightweight"] +
+             (["custom_code"] if form == "remote-code" else []),
+        datasets=[dataset_id] if dataset_id else None,
+        base_model=info.get("base_models") or None,
+        eval_results=eval_results or None,
+        widget=[{"src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
+                 "candidate_labels": "cat, dog, music", "example_title": "Cat & dog"}],
+    )
+    repo = repo_id or str(folder)
+    if form == "remote-code":
+        usage = (
+            "```python\nfrom transformers import AutoModel, AutoProcessor, pipeline\n\n"
+            f'model = AutoModel.from_pretrained("{repo}", trust_remote_code=True)\n'
+            f'processor = AutoProcessor.from_pretrained("{repo}", trust_remote_code=True)\n'
+            'inputs = processor(text=["a photo of a cat", "a photo of a dog"], images=image, padding=True, '
+            'return_tensors="pt")\nprobs = model(**inputs).logits_per_image.softmax(dim=-1)\n\n'
+            f'classifier = pipeline("zero-shot-image-classification", model="{repo}", trust_remote_code=True)\n'
+            'classifier("cat.jpg", candidate_labels=["cat", "dog"])\n```')
+        form_note = ("This repository holds the **LightCLIP form**: the model code ships beside the weights and runs "
+                     "with `trust_remote_code=True` (the Hub's hosted widget does not run custom code).")
+    else:
+        usage = (
+            "```python\nfrom transformers import CLIPModel, CLIPProcessor, pipeline\n\n"
+            f'model = CLIPModel.from_pretrained("{repo}")\nprocessor = CLIPProcessor.from_pretrained("{repo}")\n'
+            f'classifier = pipeline("zero-shot-image-classification", model="{repo}")\n```')
+        form_note = ("This repository holds the **native form**: a plain transformers `CLIPModel` exported from "
+                     "LightCLIP (no custom code), whose embeddings equal LightCLIP's within 1e-5.")
+    steps = state.get("global_step")
+    training_summary = (
+        f"Trained on {dataset} ({info.get('train_samples', '?')} image–text pairs) for {steps if steps else '?'} "
+        f"steps ({state.get('num_train_epochs', info.get('epochs', '?'))} epochs), global batch "
+        f"{info.get('global_batch_size', '?')}, learning rate {info.get('learning_rate', '?')}, "
+        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with `train_lightclip.py`."
+        if info else "Training details were not recorded with this folder.")
+    if eval_results:
+        rows = "\n".join(f"| {r.metric_name} | {r.metric_value:.4f} |" for r in eval_results)
+        eval_table = (f"On the {info.get('eval_split', 'validation')} split of {dataset} "
+                      f"({metrics.get('eval_num_samples', '?')} images):\n\n| metric | value |\n|---|---|\n{rows}")
+    else:
+        eval_table = "No evaluation was recorded with this folder."
+    text_config = config.text_config
+    return ModelCard.from_template(
+        card_data, template_str=_template(), model_name=model_name, form_note=form_note,
+        usage=usage, vision_tower=_tower_name(config.vision_config), text_tower=_tower_name(text_config),
+        vision_params=_human(counts["vision"]), text_params=_human(counts["text"]),
+        inference_params=_human(counts["inference"]), training_params=_human(counts["training"]),
+        training_modules_note=("" if counts["training"] else " (left out of this checkpoint)"),
+        image_size=config.image_size, vocab_size=text_config.vocab_size,
+        max_length=getattr(processor.tokenizer, "model_max_length", "?"), projection_dim=config.projection_dim,
+        logit_scale=f"{float(model.logit_scale.detach().exp()):.2f}", latency_threads=latency["threads"],
+        latency_runs=latency["runs"], image_latency_ms=latency["image_ms"], text_latency_ms=latency["text_ms"],
+        objectives_table=_objectives_table(config), training_summary=training_summary, eval_table=eval_table,
+        train_description=dataset,
+    )
+
+
+def write_model_card(folder, **kwargs) -> Path:
+    card = build_model_card(folder, **kwargs)
+    path = Path(folder) / "README.md"
+    card.save(path)
+    return path
+
+
+def push_folder(folder, repo_id: str, token: str | None = None, private: bool = False,
+                commit_message: str = "Upload LightCLIP model") -> str:
+    """Create the repo if needed and upload the folder (weights, code, processor, card). Any failure - no
+    network, no token, no permission - becomes one `HubUploadError` saying what happened and how to retry."""
+    from huggingface_hub import HfApi
+
+    folder = Path(folder)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message,
+                                 ignore_patterns=["_*", "checkpoint-*", "*.bin", "runs/*"])
+    except Exception as err:  # noqa: BLE001 - network, auth and server errors all end here, with one message
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        raise HubUploadError(
+            f"could not upload {folder} to the Hub repo {repo_id} ({reason}). The folder is complete and loads "
+            f"locally; push it later with: python -m modeling_lightclip.hub push {folder} --hub_model_id {repo_id}"
+        ) from None
+    return getattr(info, "commit_url", str(info))
+
+
+# ------------------------------------------------------------------------------------------------------ export
+
+
+def export_clip(model, processor, out_dir) -> Path:
+    """Write a plain transformers `CLIPModel` + `CLIPProcessor` (no custom code) for CLIP-shaped towers (CLIP
+    vision + CLIP text, pooled by their poolers). Its embeddings equal LightCLIP's."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    config = model.config
+    if config.vision_config.model_type != "clip_vision_model" or config.text_config.model_type != "clip_text_model":
+        raise ValueError(
+            f"native export needs CLIP-shaped towers (clip_vision_model + clip_text_model); this model has "
+            f"{config.vision_config.model_type} + {config.text_config.model_type}. It runs with "
+            "trust_remote_code=True instead (the model card says so).")
+    if config.vision_pooling not in ("auto", "pooler") or config.text_pooling not in ("auto", "pooler", "eos"):
+        raise ValueError("native export needs the towers' own pooling (vision_pooling/text_pooling 'auto').")
+    clip_config = CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
+                             projection_dim=config.projection_dim,
+                             logit_scale_init_value=float(config.logit_scale_init_value))
+    clip = CLIPModel(clip_config)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("objectives."):
+            continue
+        if key.startswith("vision_model.vision_model."):
+            key = key[len("vision_model."):]
+        elif key.startswith("text_model.text_model."):
+            key = key[len("text_model."):]
+        state[key] = value
+    missing, unexpected = clip.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    out_dir = Path(out_dir)
+    clip.save_pretrained(out_dir)
+    CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer).save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["card", "push", "export"])
+    parser.add_argument("folder")
+    parser.add_argument("--hub_model_id")
+    parser.add_argument("--hub_token")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--out", help="export: output folder of the native CLIPModel")
+    args = parser.parse_args(argv)
+    if args.command == "card":
+        print(write_model_card(args.folder, repo_id=args.hub_model_id))
+    elif args.command == "export":
+        from . import LightCLIPModel, LightCLIPProcessor
+
+        model = LightCLIPModel.from_pretrained(args.folder)
+        out = export_clip(model, LightCLIPProcessor.from_pretrained(args.folder), args.out)
+        for name in ("eval_results.json", "training_info.json", "trainer_state.json"):
+            if (Path(args.folder) / name).is_file():
+                (out / name).write_text((Path(args.folder) / name).read_text())
+        card = build_model_card(args.folder, model=model, repo_id=args.hub_model_id, form="native")
+        card.save(out / "README.md")
+        print(out)
+    else:
+        if not args.hub_model_id:
+            parser.error("push needs --hub_model_id ORG/NAME")
+        if not (Path(args.folder) / "README.md").is_file():
+            write_model_card(args.folder, repo_id=args.hub_model_id)
+        try:
+            print(push_folder(args.folder, args.hub_model_id, args.hub_token, args.private))
+        except HubUploadError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["HubUploadError", "build_model_card", "export_clip", "measure_latency", "parameter_counts",
+           "push_folder", "write_model_card"]
