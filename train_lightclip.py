@@ -31,7 +31,7 @@ from modeling_lightclip.lora import apply_lora, merge_lora, unwrap_peft
 from modeling_lightclip.neighbours import NeighbourTable
 from modeling_lightclip.preprocessing import build_processor, load_tokenizer, train_wordpiece_tokenizer
 from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, load_recipe
-from modeling_lightclip.trainer import LightCLIPTrainer
+from modeling_lightclip.trainer import LightCLIPTrainer, latest_complete_checkpoint, load_ping_bank
 
 
 logger = logging.getLogger("train_lightclip")
@@ -57,18 +57,19 @@ def _captions(dataset, column, limit=200_000):
         yield from (caption if isinstance(caption, list) else [caption])
 
 
-def resolve_checkpoint(training_args) -> str | None:
+def resolve_checkpoint(training_args, require_bank: bool = False) -> str | None:
     """`--resume_from_checkpoint PATH`, or `latest` for the newest complete checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
     if value in (None, "", "false", "False"):
         return None
     if value in ("latest", "true", "True"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        found = get_last_checkpoint(training_args.output_dir) if Path(training_args.output_dir).is_dir() else None
+        found = latest_complete_checkpoint(training_args.output_dir, require_bank=require_bank)
         if found is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint in {training_args.output_dir}")
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
+                                    f"{training_args.output_dir}")
         return found
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     return value
 
 
@@ -95,11 +96,14 @@ def _tokenizer(recipe, model_args, train_dataset, data_args, training_args):
 
 def build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args):
     overrides = config_overrides(model_args)
-    source = resolve_checkpoint(training_args) or model_args.model_name_or_path
+    checkpoint = resolve_checkpoint(training_args, require_bank=model_args.ping_bank_size is not None)
+    source = checkpoint or model_args.model_name_or_path
     if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
         processor = LightCLIPProcessor.from_pretrained(source)
         model = LightCLIPModel.from_pretrained(source, **overrides)
         check_tokenizer_fits(model.config, processor.tokenizer)
+        if checkpoint:
+            load_ping_bank(model, checkpoint)
         return model, processor
     tokenizer = _tokenizer(recipe, model_args, train_dataset, data_args, training_args)
     config = build_model_config(recipe["model"], tokenizer, **overrides)
@@ -111,6 +115,28 @@ def build_model_and_processor(recipe, model_args, train_dataset, data_args, trai
         model = LightCLIPModel(config)
     check_tokenizer_fits(model.config, tokenizer)
     return model, build_processor(model.config.image_size, tokenizer)
+
+
+def check_image_column(dataset, data_args, probe: int = 8) -> None:
+    """Stop at start-up, with one message, when the image column holds no images at all."""
+    from modeling_lightclip.data import load_image
+
+    rows = []
+    for i, row in enumerate(dataset):
+        rows.append(row)
+        if i + 1 >= probe:
+            break
+    decoded = 0
+    for row in rows:
+        try:
+            load_image(row[data_args.image_column])
+            decoded += 1
+        except Exception:  # noqa: BLE001 - any failure counts as "not an image" here
+            pass
+    if rows and decoded == 0:
+        example = repr(rows[0][data_args.image_column])[:80]
+        raise ValueError(f"the image column {data_args.image_column!r} holds no readable images (first value: "
+                         f"{example}); point --image_column at images (PIL, file paths or bytes).")
 
 
 def write_training_info(training_args, data_args, recipe, train_dataset, model_args) -> None:
@@ -159,6 +185,7 @@ def main(argv=None):
         train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
         model_args.ping_bank_size = len(train_dataset)
     model, processor = build_model_and_processor(recipe, model_args, train_dataset, data_args, training_args)
+    check_image_column(train_dataset if train_dataset is not None else eval_dataset, data_args)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
 
@@ -193,7 +220,10 @@ def main(argv=None):
         zero_shot_templates=zero_shot_templates(data_args),
     )
     if training_args.do_train and train_dataset is not None:
-        result = trainer.train(resume_from_checkpoint=resolve_checkpoint(training_args))
+        checkpoint = resolve_checkpoint(training_args, require_bank=neighbours is not None)
+        if checkpoint:
+            logger.info("resuming from %s", checkpoint)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(result.metrics)
         metrics.update({f"train_skipped_{k}": v for k, v in train_collator.skipped.items()})
         trainer.log_metrics("train", metrics)

@@ -12,6 +12,7 @@
 import io
 import math
 import random
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,10 @@ def load_image(value) -> Image.Image:
         image = Image.open(value)
     else:
         raise TypeError(f"not an image: {type(value).__name__}")
-    image.load()
+    with warnings.catch_warnings():
+        # between MAX_IMAGE_PIXELS and twice that PIL only warns: treat it as the bomb it may be
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image.load()
     return to_rgb(image)
 
 
@@ -249,7 +253,11 @@ class ImageTextCollator:
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
-        self._rng = random.Random(self.seed)
+        self._batch_skipped = Counter()
+
+    def _skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+        self._batch_skipped[reason] += 1
 
     @property
     def tokenizer(self):
@@ -259,27 +267,27 @@ class ImageTextCollator:
         try:
             value = example[self.image_column]
         except KeyError:
-            self.skipped["no_image_column"] += 1
+            self._skip("no_image_column")
             return None
         if value is None:
-            self.skipped["missing_image"] += 1
+            self._skip("missing_image")
             return None
         try:
             image = load_image(value)
         except FileNotFoundError:
-            self.skipped["missing_file"] += 1
+            self._skip("missing_file")
             return None
-        except Image.DecompressionBombError:
-            self.skipped["too_large"] += 1
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            self._skip("too_large")
             return None
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            self.skipped["undecodable_image"] += 1
+            self._skip("undecodable_image")
             return None
         except TypeError:
-            self.skipped["not_an_image"] += 1
+            self._skip("not_an_image")
             return None
         if image.width < 1 or image.height < 1:
-            self.skipped["empty_image"] += 1
+            self._skip("empty_image")
             return None
         if self.train:
             image = random_resized_crop(image, self.random_resized_crop_scale, self._rng)
@@ -295,18 +303,22 @@ class ImageTextCollator:
             try:
                 caption = caption.decode("utf-8")
             except UnicodeDecodeError:
-                self.skipped["non_utf8_caption"] += 1
+                self._skip("non_utf8_caption")
                 return None
         if not isinstance(caption, str):
-            self.skipped["missing_caption"] += 1
+            self._skip("missing_caption")
             return None
         caption = " ".join(caption.split())
         if not caption:
-            self.skipped["empty_caption"] += 1
+            self._skip("empty_caption")
             return None
         return caption
 
     def __call__(self, examples: list[dict]) -> dict:
+        # Randomness is drawn from torch's generator, which the Trainer seeds and checkpoints: a resumed run
+        # augments and masks like the uninterrupted one.
+        self._rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+        self._batch_skipped = Counter()
         images, captions, keep = [], [], []
         for i, example in enumerate(examples):
             caption = self._caption(example)
@@ -317,13 +329,15 @@ class ImageTextCollator:
             captions.append(caption)
             keep.append(i)
         if not images:
-            self.skipped["empty_batch"] += 1
-            return {}
+            self._skip("empty_batch")
+            return {"skipped": dict(self._batch_skipped)}
         max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
         text = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         batch = {"pixel_values": pixel_values, "input_ids": text["input_ids"],
                  "attention_mask": text["attention_mask"], "return_loss": True}
+        if self._batch_skipped:
+            batch["skipped"] = dict(self._batch_skipped)
         if self.train and self.mlm_probability:
             special = [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id,
                        self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.mask_token_id]

@@ -36,7 +36,7 @@ def embed_pairs(model, dataloader, accelerator=None):
     device = next(model.parameters()).device
     images, texts, ids, labels = [], [], [], []
     for batch in dataloader:
-        if not batch:
+        if "pixel_values" not in batch:  # every sample of this batch was bad (counted by the collator)
             continue
         pixel_values = batch["pixel_values"].to(device)
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)

@@ -8,7 +8,10 @@
 """
 
 import dataclasses
-from collections import defaultdict
+import json
+import os
+from collections import Counter, defaultdict
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -23,8 +26,50 @@ def _unwrap(model):
     return model
 
 
+PING_BANK_FILE = "ping_bank.pt"
+CHECKPOINT_REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
+
+
+def _checkpoint_complete(path: Path, require_bank: bool = False) -> bool:
+    """All files a resume needs are there and the trainer state (written last) parses."""
+    if not all((path / name).is_file() for name in CHECKPOINT_REQUIRED):
+        return False
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return not require_bank or (path / PING_BANK_FILE).is_file()
+
+
+def latest_complete_checkpoint(output_dir, require_bank: bool = False) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was completely written. A run killed while saving leaves a
+    checkpoint without its trainer state (the Trainer writes it last) or without the CLIP-PING bank (written right
+    after): such a folder is skipped, never resumed from."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    found = []
+    for path in output_dir.glob("checkpoint-*"):
+        suffix = path.name.split("-")[-1]
+        if path.is_dir() and suffix.isdigit() and _checkpoint_complete(path, require_bank):
+            found.append((int(suffix), path))
+    return str(max(found)[1]) if found else None
+
+
 class LightCLIPCallback(TrainerCallback):
-    """Progress for the soft-label schedule before each step; logit-scale clamp after each step."""
+    """Progress for the soft-label schedule before each step; logit-scale clamp after each step; the CLIP-PING
+    embedding bank saved into each checkpoint (it is not part of the weights)."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        model = _unwrap(model) if model is not None else None
+        ping = getattr(getattr(model, "objectives", None), "ping", None)
+        if ping is None or not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            tmp = folder / (PING_BANK_FILE + ".tmp")
+            torch.save({k: v.cpu() for k, v in ping.bank.state_dict().items()}, tmp)
+            os.replace(tmp, folder / PING_BANK_FILE)  # atomic: a kill leaves no half-written bank
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._set_progress(state, model)
@@ -70,12 +115,28 @@ class LightCLIPTrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._term_sums = defaultdict(float)
         self._term_count = 0
+        self._skipped = Counter()
+
+    def _empty_batch_loss(self, model, return_outputs):
+        """Every sample of this batch was bad (and skipped): a zero loss that still reaches every parameter, so
+        the optimiser step and DDP's gradient all-reduce happen as usual. Several processes would wait in the
+        loss's collectives for this one, so there it stops with a clear message instead."""
+        if self.accelerator.num_processes > 1:
+            raise RuntimeError("a whole batch was skipped as bad data on one process while the others train; "
+                               "clean the data (see the skipped_* counts) or use a larger batch.")
+        loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {k: v for k, v in inputs.items() if k != "return_loss"}
+        skipped = inputs.get("skipped") or {}
+        if model.training:
+            self._skipped.update({k: int(v) for k, v in skipped.items()})
+        inputs = {k: v for k, v in inputs.items() if k not in ("return_loss", "skipped")}
+        if "pixel_values" not in inputs:
+            return self._empty_batch_loss(model, return_outputs)
         outputs = model(**inputs, return_loss=True)
         loss = outputs["loss"]
         if model.training and outputs.get("losses"):
@@ -143,7 +204,21 @@ class LightCLIPTrainer(Trainer):
                 logs["logit_scale"] = round(float(model.logit_scale.detach().exp()), 3)
             self._term_sums.clear()
             self._term_count = 0
+        if "loss" in logs and self._skipped:  # cumulative counts of bad training samples, by reason
+            for reason, count in self._skipped.items():
+                logs[f"skipped_{reason}"] = count
         super().log(logs, *args, **kwargs)
 
 
-__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "decay_parameter_names"]
+def load_ping_bank(model, checkpoint) -> bool:
+    """Restore the CLIP-PING bank saved with a checkpoint; False when there is none to restore."""
+    ping = getattr(getattr(_unwrap(model), "objectives", None), "ping", None)
+    path = Path(checkpoint) / PING_BANK_FILE
+    if ping is None or not path.is_file():
+        return False
+    ping.bank.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return True
+
+
+__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "decay_parameter_names", "latest_complete_checkpoint",
+           "load_ping_bank"]
