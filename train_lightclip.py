@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, set_seed
 
-from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+from modeling_lightclip import LightCLIPConfig, LightCLIPModel, LightCLIPProcessor
 from modeling_lightclip.arguments import LightCLIPTrainingArguments, ModelArguments, config_overrides
 from modeling_lightclip.data import (
     DataArguments,
@@ -35,6 +35,9 @@ from modeling_lightclip.trainer import LightCLIPTrainer, latest_complete_checkpo
 
 
 logger = logging.getLogger("train_lightclip")
+# Fields that shape the weights: they cannot change when continuing from a checkpoint.
+ARCHITECTURE_FIELDS = ("projection_dim", "token_projection_dim", "image_size", "vision_token_stage",
+                       "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads")
 
 
 def parse_args(argv):
@@ -53,8 +56,12 @@ def _captions(dataset, column, limit=200_000):
     for i, example in enumerate(dataset):
         if i >= limit:
             break
-        caption = example.get(column)
-        yield from (caption if isinstance(caption, list) else [caption])
+        captions = example.get(column)
+        for caption in captions if isinstance(captions, list) else [captions]:
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8", errors="ignore")
+            if isinstance(caption, str):
+                yield caption
 
 
 def resolve_checkpoint(training_args, require_bank: bool = False) -> str | None:
@@ -99,6 +106,11 @@ def build_model_and_processor(recipe, model_args, train_dataset, data_args, trai
     checkpoint = resolve_checkpoint(training_args, require_bank=model_args.ping_bank_size is not None)
     source = checkpoint or model_args.model_name_or_path
     if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
+        saved = LightCLIPConfig.from_pretrained(source)
+        for name in ARCHITECTURE_FIELDS:
+            if name in overrides and overrides[name] != getattr(saved, name):
+                raise ValueError(f"--{name} {overrides[name]} does not match the checkpoint's {getattr(saved, name)}: "
+                                 f"the weights in {source} have that shape. Drop the flag, or train from a recipe.")
         processor = LightCLIPProcessor.from_pretrained(source)
         model = LightCLIPModel.from_pretrained(source, **overrides)
         check_tokenizer_fits(model.config, processor.tokenizer)
@@ -225,7 +237,8 @@ def main(argv=None):
             logger.info("resuming from %s", checkpoint)
         result = trainer.train(resume_from_checkpoint=checkpoint)
         metrics = dict(result.metrics)
-        metrics.update({f"train_skipped_{k}": v for k, v in train_collator.skipped.items()})
+        metrics.update({(f"train_{k}" if k.startswith("repaired_") else f"train_skipped_{k}"): v
+                        for k, v in train_collator.skipped.items()})
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         if lora:  # fold the adapters in: the saved model is a plain LightCLIP that loads without peft

@@ -11,6 +11,7 @@
 
 import io
 import math
+import zlib
 import random
 import warnings
 from collections import Counter
@@ -183,27 +184,42 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def load_image(value) -> Image.Image:
-    """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, dict):
-        if value.get("bytes"):
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise ValueError("empty image record")
-    elif isinstance(value, (bytes, bytearray)):
-        image = Image.open(io.BytesIO(value))
-    elif isinstance(value, (str, Path)):
-        image = Image.open(value)
-    else:
-        raise TypeError(f"not an image: {type(value).__name__}")
+def repair_kind(image: Image.Image) -> str | None:
+    """What `to_rgb` will have to repair beyond plain greyscale/palette -> RGB, for the skipped/repaired counts."""
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return "transparency"
+    if image.mode == "CMYK":
+        return "cmyk"
+    if image.mode.startswith("I") or image.mode == "F":
+        return "high_bit_depth"
+    return None
+
+
+def load_image(value, repairs: Counter | None = None) -> Image.Image:
+    """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict, converted to RGB.
+    Non-trivial conversions are counted in `repairs` (by kind) when given."""
     with warnings.catch_warnings():
-        # between MAX_IMAGE_PIXELS and twice that PIL only warns: treat it as the bomb it may be
+        # between MAX_IMAGE_PIXELS and twice that PIL only warns (at open): treat it as the bomb it may be
         warnings.simplefilter("error", Image.DecompressionBombWarning)
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict):
+            if value.get("bytes"):
+                image = Image.open(io.BytesIO(value["bytes"]))
+            elif value.get("path"):
+                image = Image.open(value["path"])
+            else:
+                raise ValueError("empty image record")
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+        elif isinstance(value, (str, Path)):
+            image = Image.open(value)
+        else:
+            raise TypeError(f"not an image: {type(value).__name__}")
         image.load()
+    kind = repair_kind(image)
+    if kind is not None and repairs is not None:
+        repairs[f"repaired_{kind}"] += 1
     return to_rgb(image)
 
 
@@ -249,6 +265,7 @@ class ImageTextCollator:
     random_resized_crop_scale: float = 0.8
     horizontal_flip: bool = True
     seed: int = 0
+    epoch: int = 0
     neighbours: object = None
     skipped: Counter = field(default_factory=Counter)
 
@@ -273,7 +290,11 @@ class ImageTextCollator:
             self._skip("missing_image")
             return None
         try:
-            image = load_image(value)
+            repairs = Counter()
+            image = load_image(value, repairs)
+            for reason, count in repairs.items():
+                self.skipped[reason] += count
+                self._batch_skipped[reason] += count
         except FileNotFoundError:
             self._skip("missing_file")
             return None
@@ -315,9 +336,13 @@ class ImageTextCollator:
         return caption
 
     def __call__(self, examples: list[dict]) -> dict:
-        # Randomness is drawn from torch's generator, which the Trainer seeds and checkpoints: a resumed run
-        # augments and masks like the uninterrupted one.
-        self._rng = random.Random(int(torch.randint(0, 2**62, (1,))))
+        # This batch's randomness (augmentation, MLM masking) is derived from (seed, epoch, the batch's captions),
+        # not from a running generator: the data loader collates one batch ahead of training, so a run resumed
+        # from a checkpoint would otherwise augment and mask its first batches differently.
+        key = repr((self.seed, self.epoch, [str(e.get(self.caption_column))[:200] for e in examples]))
+        batch_seed = zlib.crc32(key.encode("utf-8", "replace"))
+        self._rng = random.Random(batch_seed)
+        generator = torch.Generator().manual_seed(batch_seed)
         self._batch_skipped = Counter()
         images, captions, keep = [], [], []
         for i, example in enumerate(examples):
@@ -330,7 +355,7 @@ class ImageTextCollator:
             keep.append(i)
         if not images:
             self._skip("empty_batch")
-            return {"skipped": dict(self._batch_skipped)}
+            return {"skipped": dict(self._batch_skipped), "return_loss": True}
         max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
         text = self.tokenizer(captions, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -343,7 +368,7 @@ class ImageTextCollator:
                        self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.mask_token_id]
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
                 text["input_ids"], text["attention_mask"], self.tokenizer.mask_token_id, special,
-                len(self.tokenizer), self.mlm_probability)
+                len(self.tokenizer), self.mlm_probability, generator)
         if self.label_column is not None and self.label_column in examples[0]:
             batch["class_labels"] = torch.tensor([int(examples[i][self.label_column]) for i in keep], dtype=torch.long)
         if self.train and self.neighbours is not None:
@@ -351,7 +376,8 @@ class ImageTextCollator:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
             ids = [int(examples[i]["sample_id"]) for i in keep]
             batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
-            batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(ids)
+            batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
+                ids, np.random.default_rng(self._rng.getrandbits(63)))
         return batch
 
 

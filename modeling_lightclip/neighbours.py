@@ -286,8 +286,8 @@ class NeighbourTable:
     def __len__(self) -> int:
         return len(self.image)
 
-    def sample(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        choice = self.rng.integers(0, self.top_k, size=len(ids))
+    def sample(self, ids: list[int], rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        choice = (rng or self.rng).integers(0, self.top_k, size=len(ids))
         image = np.array([self.image[i, c] for i, c in zip(ids, choice)], dtype=np.int64)
         text = np.array([self.text[i, c] for i, c in zip(ids, choice)], dtype=np.int64)
         return torch.from_numpy(image), torch.from_numpy(text)

@@ -71,8 +71,15 @@ class LightCLIPCallback(TrainerCallback):
             torch.save({k: v.cpu() for k, v in ping.bank.state_dict().items()}, tmp)
             os.replace(tmp, folder / PING_BANK_FILE)  # atomic: a kill leaves no half-written bank
 
+    def __init__(self, collator=None):
+        self.collator = collator
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._set_progress(state, model)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if self.collator is not None and hasattr(self.collator, "epoch"):
+            self.collator.epoch = int(state.epoch or 0)  # the collator's per-batch randomness depends on it
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         self._set_progress(state, model)
@@ -111,7 +118,7 @@ class LightCLIPTrainer(Trainer):
         self.zero_shot_templates = zero_shot_templates
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
-            callbacks.append(LightCLIPCallback())
+            callbacks.append(LightCLIPCallback(kwargs.get("data_collator")))
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._term_sums = defaultdict(float)
         self._term_count = 0
@@ -151,7 +158,7 @@ class LightCLIPTrainer(Trainer):
         if self.eval_collator is None:
             return super().get_eval_dataloader(eval_dataset)
         original = self.data_collator
-        self.data_collator = dataclasses.replace(self.eval_collator, label_column=None)
+        self.data_collator = dataclasses.replace(self.eval_collator, label_column=None, skipped=Counter())
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
@@ -180,7 +187,10 @@ class LightCLIPTrainer(Trainer):
                             collate_fn=self.eval_collator, num_workers=self.args.dataloader_num_workers)
         loader = self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
         accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
+        before = Counter(self.eval_collator.skipped)
         images, texts, captions, labels = embed_pairs(self.model, loader, accelerator)
+        this_pass = Counter(self.eval_collator.skipped)
+        this_pass.subtract(before)
         metrics = retrieval_metrics(images, texts, captions)
         if self.class_names and labels is not None:
             tokenizer = self.processing_class.tokenizer
@@ -188,7 +198,7 @@ class LightCLIPTrainer(Trainer):
                                                  self.zero_shot_templates or ["a photo of a {}."])
             metrics.update(zero_shot_metrics(images, labels, class_embeds))
         metrics["num_samples"] = images.shape[0]
-        skipped = sum(v for k, v in self.eval_collator.skipped.items() if k != "empty_batch")
+        skipped = sum(v for k, v in this_pass.items() if k != "empty_batch" and not k.startswith("repaired_"))
         if skipped:
             metrics["skipped_samples"] = skipped
         return metrics
@@ -206,7 +216,7 @@ class LightCLIPTrainer(Trainer):
             self._term_count = 0
         if "loss" in logs and self._skipped:  # cumulative counts of bad training samples, by reason
             for reason, count in self._skipped.items():
-                logs[f"skipped_{reason}"] = count
+                logs[reason if reason.startswith("repaired_") else f"skipped_{reason}"] = count
         super().log(logs, *args, **kwargs)
 
 
