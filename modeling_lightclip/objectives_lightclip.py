@@ -505,10 +505,12 @@ class NeighbourEmbeddingBank:
         self.image = self.text = self.valid = None
 
     def _allocate(self, device):
-        if self.image is None or self.image.device != device:
+        if self.image is None:
             self.image = torch.zeros(self.size, self.dim, dtype=self.dtype, device=device)
             self.text = torch.zeros(self.size, self.dim, dtype=self.dtype, device=device)
             self.valid = torch.zeros(self.size, dtype=torch.bool, device=device)
+        elif self.image.device != device:  # e.g. restored from a checkpoint on CPU, training on GPU
+            self.image, self.text, self.valid = (t.to(device) for t in (self.image, self.text, self.valid))
 
     @torch.no_grad()
     def lookup(self, ids: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:

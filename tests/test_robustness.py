@@ -276,3 +276,37 @@ def test_nothing_trusts_remote_code_on_the_users_behalf():
                     if keyword.arg == "trust_remote_code":
                         assert not (isinstance(keyword.value, ast.Constant) and keyword.value.value is True), (
                             f"{path.name}:{node.lineno}")
+
+
+def test_ping_bank_is_checkpointed_and_restored(tmp_path):
+    """The CLIP-PING bank is not in the weights: it travels in each checkpoint and comes back on resume."""
+    import numpy as np
+    import train_lightclip
+    from modeling_lightclip.neighbours import FILES
+    from modeling_lightclip.trainer import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
+    from modeling_lightclip import LightCLIPModel
+
+    neighbours = tmp_path / "ping"
+    neighbours.mkdir()
+    rng = np.random.default_rng(0)
+    for modality in ("image", "text"):  # 64 training rows, 4 neighbours each (never itself)
+        table = np.stack([rng.permutation(np.delete(np.arange(64), i))[:4] for i in range(64)])
+        np.save(neighbours / FILES[f"{modality}_neighbours"], table)
+    out = tmp_path / "run"
+    args = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--save_strategy",
+            "steps", "--save_steps", "3", "--do_eval", "false", "--ping_nn_loss_weight", "0.5",
+            "--ping_xnn_loss_weight", "0.5", "--ping_neighbours_dir", str(neighbours), "--output_dir", str(out)]
+    train_lightclip.main(args + ["--max_steps", "3"])
+    checkpoint = out / "checkpoint-3"
+    assert (checkpoint / PING_BANK_FILE).is_file()
+    saved = torch.load(checkpoint / PING_BANK_FILE, weights_only=True)
+    assert int(saved["valid"].sum()) == 24  # 3 steps x 8 samples seen
+    # without its bank a checkpoint is incomplete for a CLIP-PING run
+    (checkpoint / PING_BANK_FILE).rename(checkpoint / "moved.pt")
+    assert latest_complete_checkpoint(out, require_bank=True) is None
+    (checkpoint / "moved.pt").rename(checkpoint / PING_BANK_FILE)
+    model = LightCLIPModel.from_pretrained(checkpoint)
+    assert load_ping_bank(model, checkpoint)
+    assert torch.equal(model.objectives.ping.bank.valid, saved["valid"])
+    train_lightclip.main(args + ["--max_steps", "5", "--resume_from_checkpoint", "latest"])
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 5
