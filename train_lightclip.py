@@ -53,6 +53,8 @@ def parse_args(argv):
 
 
 def _captions(dataset, column, limit=200_000):
+    if hasattr(dataset, "select_columns"):
+        dataset = dataset.select_columns([column])  # no image decoding while reading captions
     for i, example in enumerate(dataset):
         if i >= limit:
             break

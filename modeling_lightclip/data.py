@@ -104,7 +104,8 @@ def load_image_text_datasets(args: DataArguments) -> dict:
             files["validation"] = args.validation_file
         builder = _file_builder(next(iter(files.values())))
         raw = load_dataset(builder, data_files=files, streaming=args.streaming)
-        raw = {split: _resolve_relative_paths(ds, args.image_column, Path(files[split]).parent)
+        raw = {split: _resolve_relative_paths(_defer_image_decoding(ds, args.image_column), args.image_column,
+                                              Path(files[split]).parent)
                for split, ds in raw.items()}
     else:
         raw = load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
@@ -122,6 +123,8 @@ def load_image_text_datasets(args: DataArguments) -> dict:
             if columns and column not in columns:
                 raise ValueError(f"the {name} split has no column {column!r} (columns: {columns}); set "
                                  f"--image_column / --caption_column.")
+    for name, ds in list(out.items()):
+        out[name] = _defer_image_decoding(ds, args.image_column)
     limits = {"train": args.max_train_samples, "validation": args.max_eval_samples}
     for name, limit in limits.items():
         if limit is not None and name in out:
@@ -130,8 +133,24 @@ def load_image_text_datasets(args: DataArguments) -> dict:
     return out
 
 
+def _defer_image_decoding(dataset, column: str):
+    """`datasets` decodes an `Image()` column when a row is read, before the collator sees it, so one corrupt file
+    would crash the data loader. Keep the raw bytes/path instead: the collator decodes, skips and counts."""
+    from datasets import Image as ImageFeature
+
+    feature = (dataset.features or {}).get(column) if dataset.features is not None else None
+    if isinstance(feature, ImageFeature) and feature.decode:
+        return dataset.cast_column(column, ImageFeature(decode=False))
+    return dataset
+
+
 def _resolve_relative_paths(dataset, column: str, root: Path):
     """Image paths in csv/json files are taken relative to the file's folder."""
+    from datasets import Value
+
+    feature = (dataset.features or {}).get(column) if dataset.features is not None else None
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        return dataset  # images stored in the file itself (bytes), nothing to resolve
     def _absolute(example):
         value = example[column]
         if isinstance(value, str) and value and not Path(value).is_absolute():

@@ -327,11 +327,7 @@ def main(argv=None):
                                   data_dir=args.data_dir, train_file=args.train_file, train_split=args.train_split,
                                   image_column=args.image_column, caption_column=args.caption_column,
                                   max_train_samples=args.max_train_samples)
-        dataset = load_image_text_datasets(data_args)["train"]
-        if args.image_column in dataset.features and hasattr(dataset.features[args.image_column], "decode"):
-            from datasets import Image
-
-            dataset = dataset.cast_column(args.image_column, Image(decode=False))
+        dataset = load_image_text_datasets(data_args)["train"]  # images stay undecoded: bad ones are marked
         device = str(state.device)
         image_encoder = FrozenImageEncoder(args.image_encoder, device, args.image_size)
         text_encoder = FrozenTextEncoder(args.text_encoder, device)

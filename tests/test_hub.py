@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import make_batch
 from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.hub import HubUploadError, build_model_card, export_clip, push_folder
+from modeling_lightclip.hub import HubUploadError, export_clip, push_folder
 from modeling_lightclip.preprocessing import build_processor
 from modeling_lightclip.recipes import build_model_config
 

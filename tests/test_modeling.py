@@ -5,7 +5,7 @@ from transformers import AutoModel
 from transformers.models.clip.modeling_clip import image_text_contrastive_loss as clip_loss
 
 from conftest import make_batch
-from modeling_lightclip import LightCLIPConfig, LightCLIPModel
+from modeling_lightclip import LightCLIPModel
 
 
 TEXT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_batch
 from modeling_lightclip import LightCLIPModel
 from modeling_lightclip.preprocessing import build_processor
 

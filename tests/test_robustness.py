@@ -4,7 +4,6 @@ import io
 import json
 import math
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -310,3 +309,20 @@ def test_ping_bank_is_checkpointed_and_restored(tmp_path):
     assert torch.equal(model.objectives.ping.bank.valid, saved["valid"])
     train_lightclip.main(args + ["--max_steps", "5", "--resume_from_checkpoint", "latest"])
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 5
+
+
+def test_corrupt_file_in_a_decoding_image_column(tmp_path):
+    """An `Image()` column (decoded by datasets on read, as imagefolder and Hub datasets have) with a corrupt file:
+    the loader defers decoding to the collator, which skips and counts it instead of crashing."""
+    import train_lightclip
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    good = _png(Image.open(FIXTURES / "astronaut.jpg").convert("RGB"))
+    rows = {"image": [{"bytes": good, "path": None}] * 15 + [{"bytes": b"\x89PNG corrupt", "path": None}],
+            "caption": [f"an astronaut number {i}" for i in range(16)]}
+    features = Features({"image": ImageFeature(), "caption": Value("string")})
+    Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
+    out = tmp_path / "run"
+    train_lightclip.main(["--recipe", "tiny", "--train_file", str(tmp_path / "data.parquet"), "--max_steps", "2",
+                          "--per_device_train_batch_size", "8", "--do_eval", "false", "--output_dir", str(out)])
+    assert json.loads((out / "train_results.json").read_text())["train_skipped_undecodable_image"] == 1

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO
+from conftest import REPO
 
 
 EVAL_KEYS = ["eval_zero_shot_top1", "eval_zero_shot_top5", "eval_image_to_text_r1", "eval_image_to_text_r5",
