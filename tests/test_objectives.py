@@ -359,3 +359,31 @@ def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, token
     assert set(plain) == set(checkpointed)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_weight_decay_groups_and_callback(tiny_model):
+    from types import SimpleNamespace
+
+    from modeling_lightclip.trainer import LightCLIPCallback, decay_parameter_names
+
+    decayed = set(decay_parameter_names(tiny_model))
+    names = dict(tiny_model.named_parameters())
+    assert "logit_scale" not in decayed
+    assert not [n for n in decayed if n.endswith(".bias")]
+    norms = [n for n, m in tiny_model.named_modules()
+             if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)) and m.weight is not None]
+    assert norms and not [n for n in norms if f"{n}.weight" in decayed]
+    assert not [n for n in decayed if "gate" in n]
+    assert "visual_projection.weight" in decayed and "text_projection.weight" in decayed
+    convs = [f"{n}.weight" for n, m in tiny_model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and set(convs) <= decayed
+    assert decayed == {n for n, p in names.items() if p.ndim >= 2}
+
+    callback = LightCLIPCallback()
+    state = SimpleNamespace(global_step=30, max_steps=120)
+    callback.on_step_begin(None, state, None, model=tiny_model)
+    assert tiny_model.training_progress == pytest.approx(0.25)
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(9.0)
+    callback.on_step_end(None, state, None, model=tiny_model)
+    assert tiny_model.logit_scale.item() == pytest.approx(math.log(100.0))
