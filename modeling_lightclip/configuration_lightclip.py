@@ -141,6 +141,9 @@ class LightCLIPConfig(PretrainedConfig):
             out of the saved weights and the saved config switches them off, giving a pure inference checkpoint.
         ping_nn_loss_weight, ping_xnn_loss_weight (`float`, *optional*, defaults to 0):
             Weights of CLIP-PING's nearest-neighbour and cross nearest-neighbour terms; 0 switches them off.
+        ping_temperature (`float`, *optional*):
+            Fixed temperature of the CLIP-PING terms; None uses the model's learned logit scale, as the instance
+            loss does.
         ping_bank_size (`int`, *optional*, defaults to 0):
             Number of training samples the neighbour memory bank indexes (the dataset size); set by the trainer.
         mask_token_id, pad_token_id, cls_token_id, sep_token_id (`int`, *optional*):
@@ -260,6 +263,8 @@ class LightCLIPConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
+        if self.ping_temperature is not None and self.ping_temperature <= 0:
+            raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 < self.mlm_batch_fraction <= 1.0:
             raise ValueError(f"mlm_batch_fraction={self.mlm_batch_fraction}: must lie in (0, 1].")
         if len(self.fusion_text_layers) != len(self.fusion_vision_stages):

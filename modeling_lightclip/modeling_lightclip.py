@@ -456,7 +456,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
                     raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
                                      "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
-                losses.update(objectives.ping(image_embeds, text_embeds, logit_scale, sample_ids,
+                ping_scale = logit_scale if self.config.ping_temperature is None else logit_scale.new_tensor(
+                    1.0 / self.config.ping_temperature)
+                losses.update(objectives.ping(image_embeds, text_embeds, ping_scale, sample_ids,
                                               image_neighbour_ids, text_neighbour_ids))
                 loss = loss + self.config.ping_nn_loss_weight * losses.get("ping_nn", 0.0)
                 loss = loss + self.config.ping_xnn_loss_weight * losses.get("ping_xnn", 0.0)

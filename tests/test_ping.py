@@ -240,3 +240,31 @@ def test_train_script_refuses_ping_without_neighbour_files(tmp_path):
     with pytest.raises(ValueError, match="no neighbour files"):
         train_lightclip.main(["--recipe", "tiny", "--ping_nn_loss_weight", "0.5", "--max_steps", "1",
                               "--output_dir", str(tmp_path)])
+
+
+def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer):
+    from conftest import make_batch
+    from modeling_lightclip import LightCLIPModel
+    from modeling_lightclip.recipes import build_model_config
+
+    batch = make_batch(tokenizer, batch_size=4)
+    ids = dict(sample_ids=torch.tensor([0, 1, 2, 3]), image_neighbour_ids=torch.tensor([1, 0, 3, 2]),
+               text_neighbour_ids=torch.tensor([2, 3, 0, 1]))
+    terms = {}
+    for temperature in (None, 0.5):
+        torch.manual_seed(0)
+        config = build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=1.0, ping_bank_size=8,
+                                    token_loss_weight=0.0, mlm_loss_weight=0.0, ping_temperature=temperature)
+        model = LightCLIPModel(config).train()
+        model(**batch, **ids, return_loss=True)  # fills the bank
+        bank_text = model.objectives.ping.bank.text.clone()
+        bank_image = model.objectives.ping.bank.image.clone()
+        out = model(**batch, **ids, return_loss=True)
+        scale = out.logits_per_text.new_tensor(2.0) if temperature else model.logit_scale.exp()
+        expected = 0.5 * (NeighbourContrastiveLoss._term(out.image_embeds, out.text_embeds, bank_text[[1, 0, 3, 2]],
+                                                         torch.ones(4, dtype=torch.bool), scale, 0)
+                          + NeighbourContrastiveLoss._term(out.text_embeds, out.image_embeds, bank_image[[2, 3, 0, 1]],
+                                                           torch.ones(4, dtype=torch.bool), scale, 0))
+        torch.testing.assert_close(out.losses["ping_nn"], expected)
+        terms[temperature] = out.losses["ping_nn"].item()
+    assert terms[None] != pytest.approx(terms[0.5])
