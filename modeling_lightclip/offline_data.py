@@ -1,4 +1,6 @@
-"""Real image-text data that needs no network: Fashion-MNIST from Debian's `dataset-fashion-mnist` package.
+"""Real image-text data that needs no network, from Debian's packages.
+
+Fashion-MNIST (`dataset-fashion-mnist`): zero-shot classification.
 
     python -m modeling_lightclip.offline_data fashion-mnist --out data/fashion_mnist --train_per_class 1000 \
         --validation_per_class 200
@@ -8,6 +10,14 @@ be given with --package_root), reads the IDX files and writes `train.parquet` / 
 format: `image` (PNG), `caption` (class name in a prompt template), `label` (a `ClassLabel` carrying the class
 names, which zero-shot evaluation reads). The validation split is drawn from the official *test* split only.
 The repository ships the output of the command above under `data/fashion_mnist/` as the embedded default.
+
+OpenClipart (`openclipart-svg`, 8,121 public-domain SVGs with human-written metadata): image-caption retrieval.
+
+    python -m modeling_lightclip.offline_data openclipart --out data/openclipart --image_size 64
+
+rasterises every SVG with `cairosvg` (pip) onto white, builds its caption from the work's own metadata (title,
+category path, keywords) and writes `train.parquet` / `validation.parquet` with a fixed split (a stable hash of the
+file's path: 10% validation). SVGs that fail to parse or render are skipped and counted.
 """
 
 import argparse
@@ -102,21 +112,100 @@ def write_fashion_mnist(out_dir: Path, package_root: Path, train_per_class: int,
     return counts
 
 
+_NS = {"dc": "http://purl.org/dc/elements/1.1/", "cc": "http://web.resource.org/cc/",
+       "rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#"}
+_IGNORED_KEYWORDS = {"unsorted", "clip art", "clipart", "image", "media", "png", "public domain", "svg"}
+
+
+def openclipart_caption(svg_path: Path, svg_root: Path) -> str | None:
+    """Caption from the work's own metadata: title, then the category path, then up to five keywords."""
+    import xml.etree.ElementTree as ET
+
+    work = ET.parse(svg_path).getroot().find(".//cc:Work", _NS)
+    if work is None:
+        return None
+    title = " ".join((work.findtext("dc:title", default="", namespaces=_NS) or "").split())
+    keywords = [" ".join((li.text or "").split()) for li in work.findall("dc:subject/rdf:Bag/rdf:li", _NS)]
+    keywords = [k for k in dict.fromkeys(keywords) if k and k.lower() not in _IGNORED_KEYWORDS][:5]
+    category = [part.replace("_", " ") for part in svg_path.relative_to(svg_root).parent.parts]
+    if not title and not keywords:
+        return None
+    parts = [title] if title else []
+    if category:
+        parts.append(", ".join(category))
+    if keywords:
+        parts.append(", ".join(keywords))
+    return ". ".join(parts) + "."
+
+
+def write_openclipart(out_dir: Path, package_root: Path, image_size: int = 64, validation_percent: int = 10,
+                      limit: int | None = None) -> dict:
+    """Rasterise and caption the OpenClipart SVGs; returns row counts and skip counts by reason."""
+    import zlib
+    from collections import Counter
+
+    import cairosvg
+    from datasets import Dataset, Features, Image, Value
+    from PIL import Image as PILImage
+
+    svg_root = Path(package_root) / "usr" / "share" / "openclipart" / "svg"
+    paths = sorted(svg_root.rglob("*.svg"))[:limit]
+    rows = {"train": {"image": [], "caption": [], "path": []}, "validation": {"image": [], "caption": [], "path": []}}
+    skipped = Counter()
+    for path in paths:
+        try:
+            caption = openclipart_caption(path, svg_root)
+        except Exception:  # noqa: BLE001 - malformed XML
+            skipped["unparseable_svg"] += 1
+            continue
+        if caption is None:
+            skipped["no_metadata"] += 1
+            continue
+        try:
+            png = cairosvg.svg2png(url=str(path), output_width=image_size, output_height=image_size)
+            image = PILImage.open(io.BytesIO(png)).convert("RGBA")
+        except Exception:  # noqa: BLE001 - any rendering failure
+            skipped["unrenderable_svg"] += 1
+            continue
+        flat = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
+        buffer = io.BytesIO()
+        PILImage.alpha_composite(flat, image).convert("RGB").save(buffer, format="PNG", optimize=True)
+        relative = str(path.relative_to(svg_root))
+        split = "validation" if zlib.crc32(relative.encode()) % 100 < validation_percent else "train"
+        rows[split]["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows[split]["caption"].append(caption)
+        rows[split]["path"].append(relative)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    features = Features({"image": Image(), "caption": Value("string"), "path": Value("string")})
+    for split, columns in rows.items():
+        Dataset.from_dict(columns, features=features).to_parquet(str(out_dir / f"{split}.parquet"))
+    return {"train": len(rows["train"]["caption"]), "validation": len(rows["validation"]["caption"]),
+            "skipped": dict(skipped)}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["fashion-mnist"])
-    parser.add_argument("--out", default="data/fashion_mnist")
-    parser.add_argument("--package_root", help="an existing `dpkg -x` extraction of dataset-fashion-mnist")
+    parser.add_argument("dataset", choices=["fashion-mnist", "openclipart"])
+    parser.add_argument("--out")
+    parser.add_argument("--package_root", help="an existing `dpkg -x` extraction of the Debian package")
+    parser.add_argument("--image_size", type=int, default=64, help="openclipart: raster size")
+    parser.add_argument("--limit", type=int, help="openclipart: only the first N SVGs (by path)")
     parser.add_argument("--train_per_class", type=int, default=1000)
     parser.add_argument("--validation_per_class", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    package = "dataset-fashion-mnist" if args.dataset == "fashion-mnist" else "openclipart-svg"
+    out = Path(args.out or ("data/fashion_mnist" if args.dataset == "fashion-mnist" else "data/openclipart"))
     if args.package_root:
         root = Path(args.package_root)
     else:
-        root = fetch_debian_package("dataset-fashion-mnist", Path(tempfile.mkdtemp(prefix="lightclip-fmnist-")))
-    counts = write_fashion_mnist(Path(args.out), root, args.train_per_class, args.validation_per_class, args.seed)
-    print(f"wrote {counts} to {args.out}")
+        root = fetch_debian_package(package, Path(tempfile.mkdtemp(prefix="lightclip-data-")))
+    if args.dataset == "fashion-mnist":
+        counts = write_fashion_mnist(out, root, args.train_per_class, args.validation_per_class, args.seed)
+    else:
+        counts = write_openclipart(out, root, args.image_size, limit=args.limit)
+    print(f"wrote {counts} to {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Preparation of the real offline data sets: OpenClipart captions and rasters from SVG metadata."""
+
+from pathlib import Path
+
+import pytest
+
+
+SVG = """<?xml version="1.0" encoding="UTF-8"?>
+<svg xmlns="http://www.w3.org/2000/svg" xmlns:dc="http://purl.org/dc/elements/1.1/"
+     xmlns:cc="http://web.resource.org/cc/" xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+     width="40" height="40" viewBox="0 0 40 40">
+  <metadata><rdf:RDF><cc:Work rdf:about="">
+    <dc:title>{title}</dc:title>
+    <dc:subject><rdf:Bag>{keywords}</rdf:Bag></dc:subject>
+    <dc:publisher><cc:Agent><dc:title>Someone Else</dc:title></cc:Agent></dc:publisher>
+  </cc:Work></rdf:RDF></metadata>
+  <rect x="5" y="5" width="30" height="30" fill="#c00000"/>
+</svg>"""
+
+
+def _write(root: Path, relative: str, text: str) -> None:
+    path = root / "usr" / "share" / "openclipart" / "svg" / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_openclipart_captions_from_metadata(tmp_path):
+    from modeling_lightclip.offline_data import openclipart_caption
+
+    _write(tmp_path, "animals/birds/rooster.svg",
+           SVG.format(title="Red  Rooster", keywords="<rdf:li>rooster</rdf:li><rdf:li>unsorted</rdf:li>"
+                                                     "<rdf:li>farm</rdf:li><rdf:li>rooster</rdf:li>"))
+    _write(tmp_path, "food/empty.svg", SVG.format(title="", keywords=""))
+    svg_root = tmp_path / "usr" / "share" / "openclipart" / "svg"
+    # the work's own title (not the publisher's), the category path, keywords deduplicated without "unsorted"
+    assert openclipart_caption(svg_root / "animals/birds/rooster.svg", svg_root) == \
+        "Red Rooster. animals, birds. rooster, farm."
+    assert openclipart_caption(svg_root / "food/empty.svg", svg_root) is None
+
+
+def test_openclipart_parquet_with_rasters_and_skips(tmp_path):
+    try:
+        import cairosvg  # noqa: F401 - needs the cairo system library too
+    except (ImportError, OSError):
+        pytest.skip("cairosvg (and libcairo) not available")
+    from datasets import load_dataset
+
+    from modeling_lightclip.offline_data import write_openclipart
+
+    for i in range(12):
+        _write(tmp_path, f"objects/item_{i}.svg", SVG.format(title=f"Thing {i}", keywords="<rdf:li>box</rdf:li>"))
+    _write(tmp_path, "objects/broken.svg", "<svg><metadata>not closed")
+    _write(tmp_path, "objects/nometa.svg", SVG.format(title="", keywords=""))
+    counts = write_openclipart(tmp_path / "out", tmp_path, image_size=24)
+    assert counts["train"] + counts["validation"] == 12
+    assert counts["skipped"] == {"unparseable_svg": 1, "no_metadata": 1}
+    data = load_dataset("parquet", data_files={"train": str(tmp_path / "out" / "train.parquet")})["train"]
+    row = data[0]
+    assert row["image"].size == (24, 24) and row["image"].mode == "RGB"
+    assert row["image"].getpixel((12, 12)) == (192, 0, 0) and row["image"].getpixel((0, 0)) == (255, 255, 255)
+    assert row["caption"].startswith("Thing ") and row["caption"].endswith("objects. box.")
+    # the split is a function of the path alone: a second build puts every file in the same split
+    again = write_openclipart(tmp_path / "again", tmp_path, image_size=24)
+    assert (again["train"], again["validation"]) == (counts["train"], counts["validation"])
