@@ -19,6 +19,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from modeling_lightclip import LightCLIPConfig, LightCLIPModel
+from modeling_lightclip.hub import median_ms
 
 
 class PlainDualEncoder(nn.Module):
@@ -33,17 +34,6 @@ class PlainDualEncoder(nn.Module):
         image = self.visual_projection(self.vision_model(pixel_values=pixel_values).pooler_output)
         text = self.text_projection(self.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
         return F.normalize(image, dim=-1), F.normalize(text, dim=-1)
-
-
-def _median_ms(fn, steps, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main():
@@ -114,7 +104,7 @@ def main():
         results = {}
         for name, fn in (("image/lightclip", image_ours), ("image/plain", image_plain), ("text/lightclip", text_ours),
                          ("text/plain", text_plain)):
-            results[name] = _median_ms(fn, 4 * args.steps, args.warmup)
+            results[name] = median_ms(fn, 4 * args.steps, args.warmup)
         a, b = ours(**single), plain(**single)
     inference_params = sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("objectives."))
     plain_params = sum(p.numel() for p in plain.parameters())

@@ -56,6 +56,18 @@ def parameter_counts(model) -> dict:
             "training": training}
 
 
+def median_ms(fn, runs: int, warmup: int = 1) -> float:
+    """Median wall-clock milliseconds of `fn()` over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 @torch.no_grad()
 def measure_latency(model, processor, runs: int = 20, threads: int = 1) -> dict:
     """Median CPU latency (ms) of the image and the text encoder for one input, with `threads` threads."""
@@ -69,18 +81,9 @@ def measure_latency(model, processor, runs: int = 20, threads: int = 1) -> dict:
                                              return_tensors="pt")["pixel_values"]
     text = processor.tokenizer(["a photo of a small brown dog on the grass"], return_tensors="pt")
 
-    def _median(fn):
-        fn()
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return 1000 * statistics.median(times)
-
     try:
-        image_ms = _median(lambda: model.get_image_features(pixel_values=pixel_values))
-        text_ms = _median(lambda: model.get_text_features(**text))
+        image_ms = median_ms(lambda: model.get_image_features(pixel_values=pixel_values), runs)
+        text_ms = median_ms(lambda: model.get_text_features(**text), runs)
     finally:
         torch.set_num_threads(previous)
     return {"image_ms": round(image_ms, 2), "text_ms": round(text_ms, 2), "threads": threads, "runs": runs}

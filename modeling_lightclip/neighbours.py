@@ -266,6 +266,16 @@ def search(out_dir: Path, k: int = 8, backend: str = "auto", ivf_lists: int = 0,
     return {"num_samples": int(len(valid)), "num_valid": int(valid.sum()), "k": k, "backend": backend}
 
 
+def neighbour_label_agreement(out_dir, labels: np.ndarray) -> dict:
+    """Share of samples whose top-1 neighbour has the same label, per feature space (a sanity figure)."""
+    result = {}
+    for modality in ("image", "text"):
+        top1 = np.load(Path(out_dir) / FILES[f"{modality}_neighbours"])[:, 0]
+        found = top1 >= 0
+        result[f"{modality}_top1_same_label"] = round(float((labels[top1[found]] == labels[found]).mean()), 4)
+    return result
+
+
 class NeighbourTable:
     """Read-only view of a neighbour folder for the collator: one random neighbour among the top-k per sample."""
 
@@ -316,18 +326,24 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
     parser.add_argument("--ivf_lists", type=int, default=0, help="faiss IVF lists (approximate, for millions)")
     parser.add_argument("--faiss_gpu", action="store_true")
+    parser.add_argument("--label_column", help="report how often a sample's top-1 neighbour shares its label")
     args = parser.parse_args(argv)
 
     from accelerate import PartialState
 
     state = PartialState()
     out = Path(args.out)
-    if args.command in ("extract", "build"):
+
+    def _dataset():
         data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
                                   data_dir=args.data_dir, train_file=args.train_file, train_split=args.train_split,
                                   image_column=args.image_column, caption_column=args.caption_column,
                                   max_train_samples=args.max_train_samples)
-        dataset = load_image_text_datasets(data_args)["train"]  # images stay undecoded: bad ones are marked
+        return load_image_text_datasets(data_args)["train"]  # images stay undecoded: bad ones are marked
+
+    dataset = None
+    if args.command in ("extract", "build"):
+        dataset = _dataset()
         device = str(state.device)
         image_encoder = FrozenImageEncoder(args.image_encoder, device, args.image_size)
         text_encoder = FrozenTextEncoder(args.text_encoder, device)
@@ -339,6 +355,9 @@ def main(argv=None):
                                                 "num_samples": len(dataset), "image_size": args.image_size})
     if args.command in ("search", "build") and state.is_main_process:
         summary = search(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu)
+        if args.label_column:
+            dataset = dataset if dataset is not None else _dataset()
+            summary.update(neighbour_label_agreement(out, np.asarray(dataset[args.label_column])))
         meta_path = out / FILES["meta"]
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         _atomic_json(meta_path, {**meta, **summary})
