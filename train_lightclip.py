@@ -27,11 +27,11 @@ from modeling_lightclip.data import (
     zero_shot_templates,
 )
 from modeling_lightclip.hub import HubUploadError, push_folder, write_model_card
-from modeling_lightclip.lora import apply_lora, merge_lora, unwrap_peft
+from modeling_lightclip.lora import apply_lora, merge_lora
 from modeling_lightclip.neighbours import NeighbourTable
 from modeling_lightclip.preprocessing import build_processor, load_tokenizer, train_wordpiece_tokenizer
 from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, load_recipe
-from modeling_lightclip.trainer import LightCLIPTrainer, latest_complete_checkpoint, load_ping_bank
+from modeling_lightclip.trainer import LightCLIPTrainer, latest_complete_checkpoint, load_ping_bank, unwrap_model
 
 
 logger = logging.getLogger("train_lightclip")
@@ -253,7 +253,7 @@ def main(argv=None):
         trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero() and training_args.do_train:
         write_training_info(training_args, data_args, recipe, train_dataset, model_args)
-        write_model_card(training_args.output_dir, model=unwrap_peft(trainer.model).to("cpu"), processor=processor,
+        write_model_card(training_args.output_dir, model=unwrap_model(trainer.model).to("cpu"), processor=processor,
                          repo_id=training_args.hub_model_id)
         if push:
             try:

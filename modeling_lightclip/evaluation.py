@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .trainer import unwrap_model
+
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
@@ -20,17 +22,11 @@ def load_metric(name: str):
     return evaluate.load(str(METRICS_DIR / name))
 
 
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @torch.no_grad()
 def embed_pairs(model, dataloader, accelerator=None):
     """(image embeddings, text embeddings, caption token ids, class labels or None) of every pair the collator
     keeps; embeddings normalised, on CPU."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -66,7 +62,7 @@ def embed_pairs(model, dataloader, accelerator=None):
 @torch.no_grad()
 def class_text_embeddings(model, tokenizer, class_names: list[str], templates: list[str]) -> torch.Tensor:
     """CLIP's prompt ensemble: the normalised mean of each class's template embeddings. (C, D) on CPU."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -24,8 +24,4 @@ def merge_lora(peft_model):
     return peft_model.merge_and_unload()
 
 
-def unwrap_peft(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-__all__ = ["apply_lora", "merge_lora", "unwrap_peft"]
+__all__ = ["apply_lora", "merge_lora"]

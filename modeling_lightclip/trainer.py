@@ -17,7 +17,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The LightCLIPModel inside DDP/accelerate and peft wrappers."""
     while hasattr(model, "module"):
         model = model.module
@@ -61,7 +61,7 @@ class LightCLIPCallback(TrainerCallback):
     embedding bank saved into each checkpoint (it is not part of the weights)."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model) if model is not None else None
+        model = unwrap_model(model) if model is not None else None
         ping = getattr(getattr(model, "objectives", None), "ping", None)
         if ping is None or not args.should_save:
             return
@@ -85,13 +85,13 @@ class LightCLIPCallback(TrainerCallback):
         self._set_progress(state, model)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        model = _unwrap(model) if model is not None else None
+        model = unwrap_model(model) if model is not None else None
         if model is not None and hasattr(model, "clamp_logit_scale_"):
             model.clamp_logit_scale_()
 
     @staticmethod
     def _set_progress(state, model):
-        model = _unwrap(model) if model is not None else None
+        model = unwrap_model(model) if model is not None else None
         if model is not None and hasattr(model, "set_training_progress") and state.max_steps:
             model.set_training_progress(state.global_step / state.max_steps)
 
@@ -207,7 +207,7 @@ class LightCLIPTrainer(Trainer):
         if "loss" in logs and self._term_count:
             for name, total in self._term_sums.items():
                 logs[f"loss_{name}"] = round(total / self._term_count, 4)
-            model = _unwrap(self.model)
+            model = unwrap_model(self.model)
             if hasattr(model, "soft_label_alpha"):
                 logs["soft_label_alpha"] = round(model.soft_label_alpha, 4)
             if hasattr(model, "logit_scale"):
@@ -222,7 +222,7 @@ class LightCLIPTrainer(Trainer):
 
 def load_ping_bank(model, checkpoint) -> bool:
     """Restore the CLIP-PING bank saved with a checkpoint; False when there is none to restore."""
-    ping = getattr(getattr(_unwrap(model), "objectives", None), "ping", None)
+    ping = getattr(getattr(unwrap_model(model), "objectives", None), "ping", None)
     path = Path(checkpoint) / PING_BANK_FILE
     if ping is None or not path.is_file():
         return False
@@ -231,4 +231,4 @@ def load_ping_bank(model, checkpoint) -> bool:
 
 
 __all__ = ["LightCLIPCallback", "LightCLIPTrainer", "decay_parameter_names", "latest_complete_checkpoint",
-           "load_ping_bank"]
+           "load_ping_bank", "unwrap_model"]
