@@ -46,6 +46,8 @@ setup(
         "ping": ["faiss-cpu>=1.7"],
         # OpenClipart preparation (rasterising SVG; needs the cairo system library)
         "data": ["cairosvg>=2.7"],
+        # the ablation study's plot (benchmarks/ablation.py)
+        "bench": ["matplotlib>=3.7"],
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },

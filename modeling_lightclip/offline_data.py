@@ -87,8 +87,10 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def write_fashion_mnist(out_dir: Path, package_root: Path, train_per_class: int, validation_per_class: int,
-                        seed: int = 0) -> dict:
-    """Write balanced train/validation parquet files; returns their row counts."""
+                        seed: int = 0, test_per_class: int = 0) -> dict:
+    """Write balanced train/validation (and, with `test_per_class`, test) parquet files; returns their row counts.
+    validation and test are both drawn from the official test split: validation is for watching a run, test (all
+    1,000 per class for the whole split) for reporting; nothing is ever selected on test."""
     from datasets import ClassLabel, Dataset, Features, Image, Value
 
     out_dir = Path(out_dir)
@@ -96,8 +98,10 @@ def write_fashion_mnist(out_dir: Path, package_root: Path, train_per_class: int,
     features = Features({"image": Image(), "caption": Value("string"),
                          "label": ClassLabel(names=FASHION_MNIST_CLASSES)})
     counts = {}
-    for split, source, per_class in (("train", "train", train_per_class),
-                                     ("validation", "test", validation_per_class)):
+    splits = [("train", "train", train_per_class), ("validation", "test", validation_per_class)]
+    if test_per_class:
+        splits.append(("test", "test", test_per_class))
+    for split, source, per_class in splits:
         images, labels = read_fashion_mnist(package_root, source)
         index = _balanced_subset(labels, per_class, seed)
         rng = random.Random(seed)
@@ -193,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, help="openclipart: only the first N SVGs (by path)")
     parser.add_argument("--train_per_class", type=int, default=1000)
     parser.add_argument("--validation_per_class", type=int, default=200)
+    parser.add_argument("--test_per_class", type=int, default=0,
+                        help="fashion-mnist: also write test.parquet (1000 = the whole official test split)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     package = "dataset-fashion-mnist" if args.dataset == "fashion-mnist" else "openclipart-svg"
@@ -202,7 +208,8 @@ def main(argv=None):
     else:
         root = fetch_debian_package(package, Path(tempfile.mkdtemp(prefix="lightclip-data-")))
     if args.dataset == "fashion-mnist":
-        counts = write_fashion_mnist(out, root, args.train_per_class, args.validation_per_class, args.seed)
+        counts = write_fashion_mnist(out, root, args.train_per_class, args.validation_per_class, args.seed,
+                                     args.test_per_class)
     else:
         counts = write_openclipart(out, root, args.image_size, limit=args.limit)
     print(f"wrote {counts} to {out}")

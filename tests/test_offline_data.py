@@ -62,3 +62,43 @@ def test_openclipart_parquet_with_rasters_and_skips(tmp_path):
     # the split is a function of the path alone: a second build puts every file in the same split
     again = write_openclipart(tmp_path / "again", tmp_path, image_size=24)
     assert (again["train"], again["validation"]) == (counts["train"], counts["validation"])
+
+
+def _idx(path: Path, array, magic: int) -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def test_fashion_mnist_splits_from_idx_files(tmp_path):
+    """Balanced train/validation subsets and, with test_per_class=1000 here standing for 'all', the whole test
+    split: every test image once, with its own label and a caption naming that label's class."""
+    import numpy as np
+    from datasets import load_dataset
+
+    from modeling_lightclip.offline_data import FASHION_MNIST_CLASSES, write_fashion_mnist
+
+    folder = tmp_path / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("t10k", 40)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:, 0, 0] = np.arange(n)  # each image identifiable by its first pixel
+        images[:, 5:, 5:] = rng.integers(0, 255, (n, 23, 23), dtype=np.uint8)
+        _idx(folder / f"{split}-images-idx3-ubyte.gz", images, 2051)
+        _idx(folder / f"{split}-labels-idx1-ubyte.gz", labels, 2049)
+    counts = write_fashion_mnist(tmp_path / "out", tmp_path / "root", 3, 2, seed=0, test_per_class=1000)
+    assert counts == {"train": 30, "validation": 20, "test": 40}
+    test = load_dataset("parquet", data_files=str(tmp_path / "out" / "test.parquet"), split="train")
+    first_pixels = sorted(np.asarray(image)[0, 0] for image in test["image"])
+    assert first_pixels == list(range(40))
+    names = test.features["label"].names
+    assert names == FASHION_MNIST_CLASSES
+    for image, label, caption in zip(test["image"], test["label"], test["caption"]):
+        assert np.asarray(image)[0, 0] % 10 == label and names[label] in caption
+    train = load_dataset("parquet", data_files=str(tmp_path / "out" / "train.parquet"), split="train")
+    assert sorted(np.bincount(train["label"]).tolist()) == [3] * 10

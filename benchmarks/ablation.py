@@ -1,0 +1,432 @@
+"""The ablation study: does each LightCLIP objective, and CLIP-PING on top, make a small CLIP better?
+
+    python benchmarks/ablation.py                     # the whole CPU study: data, tokenizer, neighbours, runs, report
+    python benchmarks/ablation.py --setting gpu       # the same study, bigger, on a GPU
+    python benchmarks/ablation.py --report_only       # rebuild the JSON / markdown / PNG from finished runs
+
+One command, rerunnable (finished runs are kept and skipped; delete `outputs/ablation/` to start over):
+
+1. **Data** (`modeling_lightclip.offline_data`, from Debian's packages, no Hub): Fashion-MNIST (the balanced 10k
+   train subset, captions = class name in a prompt template; the *whole* official test split, 10k images, for
+   zero-shot) and OpenClipart (8k clip-art rasters with captions from their own metadata; fixed 90/10 split by
+   path hash). Each run trains on the union of the two train splits (17k pairs) and is scored on Fashion-MNIST
+   test (zero-shot top-1, prompt ensemble over the 8 training templates) and OpenClipart validation (R@1/R@5,
+   image->text and text->image). Nothing is selected on either: every arm runs the same fixed schedule to its last
+   step and that model is scored once.
+2. **One tokenizer** for every arm and seed, trained once on the train captions and saved (the WordPiece trainer
+   is not deterministic run to run), and **one neighbour table** for CLIP-PING (frozen EfficientNet-Lite0 and
+   all-MiniLM-L6-v2 features of the train split, computed once: the encoders are frozen, so caching them is exact).
+3. **Arms** at equal steps, batch, towers, learning-rate schedule: CLIP; CLIP + progressive soft labels;
+   CLIP + token alignment; CLIP + MLM/fusion; full LightCLIP; full LightCLIP + CLIP-PING (NN + XNN). Every
+   objective switch is written out in `ARMS`, so a change of the library's defaults cannot change an arm. Seeds
+   change initialisation, data order, augmentation and masking.
+4. **Report**: mean +- std over seeds of every metric, the difference to the CLIP arm with a Welch t-test p-value,
+   the mean training step time (wall clock of the run / steps; runs share the machine, see `--parallel`), the
+   inference latency and the inference-path parameter count (measured after the runs, one arm at a time, one
+   thread). Writes `results.json`, `results.md` and `results.png` to the study folder and copies them to
+   `benchmarks/results/ablation_<setting>.*`.
+
+`--arm NAME="--flag value ..."` adds an arm (or replaces one of the same name) for investigations, e.g.
+`--arm "soft_max_0.5=--soft_label_mode similarity --soft_label_max 0.5 --token_loss_weight 0 --mlm_loss_weight 0"`.
+"""
+
+import argparse
+import json
+import math
+import os
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Every objective switch spelled out per arm (weights are LightCLIPConfig fields).
+_OFF = {"soft_label_mode": "none", "token_loss_weight": 0.0, "mlm_loss_weight": 0.0,
+        "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0}
+_LIGHTCLIP = {"soft_label_mode": "similarity", "token_loss_weight": 0.5, "mlm_loss_weight": 0.5}
+ARMS = {
+    "clip": dict(_OFF),
+    "+soft_labels": {**_OFF, "soft_label_mode": "similarity"},
+    "+token": {**_OFF, "token_loss_weight": 0.5},
+    "+mlm_fusion": {**_OFF, "mlm_loss_weight": 0.5},
+    "lightclip": {**_OFF, **_LIGHTCLIP},
+    "lightclip+ping": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5},
+}
+BASELINE = "clip"
+
+# Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).
+SETTINGS = {
+    "cpu": {"recipe": "default", "image_size": 64, "batch_size": 128, "max_steps": 250, "learning_rate": 2e-3,
+            "seeds": [0, 1, 2], "parallel": 2, "threads": 1, "vocab_size": 4000, "extra": []},
+    "gpu": {"recipe": "resnet18", "image_size": 64, "batch_size": 256, "max_steps": 3000, "learning_rate": 1e-3,
+            "seeds": [0, 1, 2], "parallel": 1, "threads": None, "vocab_size": 8000,
+            "extra": ["--bf16", "true", "--dataloader_num_workers", "4"]},
+}
+METRICS = [  # key in run.json, column title
+    ("zero_shot_top1", "FM zero-shot top-1"),
+    ("image_to_text_r1", "OC I→T R@1"),
+    ("image_to_text_r5", "OC I→T R@5"),
+    ("text_to_image_r1", "OC T→I R@1"),
+    ("text_to_image_r5", "OC T→I R@5"),
+]
+PLOTTED = ["zero_shot_top1", "image_to_text_r1", "text_to_image_r1"]
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_root: str | None) -> dict:
+    """Fashion-MNIST and OpenClipart in `datasets` format, and their union as the training file."""
+    import tempfile
+
+    from datasets import concatenate_datasets, load_dataset
+
+    from modeling_lightclip.offline_data import fetch_debian_package, write_fashion_mnist, write_openclipart
+
+    fm, oc = data_dir / "fashion_mnist", data_dir / "openclipart"
+    if not (fm / "test.parquet").is_file():
+        root = fashion_mnist_root or fetch_debian_package("dataset-fashion-mnist",
+                                                          Path(tempfile.mkdtemp(prefix="lightclip-fm-")))
+        print("fashion-mnist:", write_fashion_mnist(fm, Path(root), 1000, 200, seed=0, test_per_class=1000))
+    if not (oc / "validation.parquet").is_file():
+        root = openclipart_root or fetch_debian_package("openclipart-svg",
+                                                        Path(tempfile.mkdtemp(prefix="lightclip-oc-")))
+        print("openclipart:", write_openclipart(oc, Path(root), image_size=64))
+    train = data_dir / "train.parquet"
+    if not train.is_file():
+        parts = [load_dataset("parquet", data_files=str(path), split="train").select_columns(["image", "caption"])
+                 for path in (fm / "train.parquet", oc / "train.parquet")]
+        union = concatenate_datasets(parts).shuffle(seed=0)
+        union.to_parquet(str(train))
+    return {"train": train, "zero_shot": fm / "test.parquet", "retrieval": oc / "validation.parquet"}
+
+
+def prepare_tokenizer(data_dir: Path, train_file: Path, vocab_size: int, max_length: int) -> Path:
+    from datasets import load_dataset
+
+    from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
+
+    out = data_dir / f"tokenizer_{vocab_size}"
+    if not (out / "tokenizer.json").is_file():
+        captions = load_dataset("parquet", data_files=str(train_file), split="train")["caption"]
+        train_wordpiece_tokenizer(captions, vocab_size, max_length).save_pretrained(out)
+    return out
+
+
+def prepare_neighbours(data_dir: Path, train_file: Path, image_size: int) -> Path:
+    from modeling_lightclip.neighbours import FILES
+
+    out = data_dir / f"neighbours_{image_size}"
+    if not all((out / FILES[key]).is_file() for key in ("image_neighbours", "text_neighbours")):
+        subprocess.run([sys.executable, "-m", "modeling_lightclip.neighbours", "build", "--out", str(out),
+                        "--train_file", str(train_file), "--image_size", str(image_size), "--k", "8"],
+                       cwd=ROOT, check=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+def arm_flags(overrides: dict) -> list[str]:
+    return [item for key, value in overrides.items() for item in (f"--{key}", str(value))]
+
+
+def parse_arm(text: str) -> tuple[str, dict]:
+    """`NAME=--flag value --flag value` -> (NAME, {flag: value}) on top of the CLIP arm's switches."""
+    name, _, flags = text.partition("=")
+    tokens = shlex.split(flags)
+    if not name or len(tokens) % 2 or any(not t.startswith("--") for t in tokens[::2]):
+        raise ValueError(f"--arm {text!r}: expected NAME=\"--flag value ...\"")
+    return name, {**_OFF, **{k[2:]: v for k, v in zip(tokens[::2], tokens[1::2])}}
+
+
+def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer: Path, neighbours: Path | None,
+               out_dir: Path) -> list[str]:
+    argv = ["--recipe", setting["recipe"], "--image_size", str(setting["image_size"]),
+            "--train_file", str(files["train"]), "--tokenizer_name", str(tokenizer),
+            "--per_device_train_batch_size", str(setting["batch_size"]), "--max_steps", str(setting["max_steps"]),
+            "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
+            "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
+            "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
+    if float(overrides.get("ping_nn_loss_weight", 0)) > 0 or float(overrides.get("ping_xnn_loss_weight", 0)) > 0:
+        argv += ["--ping_neighbours_dir", str(neighbours)]
+    return argv
+
+
+def evaluate_run(run_dir: Path, files: dict, batch_size: int = 256) -> dict:
+    """Zero-shot top-1/5 on Fashion-MNIST test, R@k both ways on OpenClipart validation, of a saved run."""
+    import torch
+    from datasets import load_dataset
+    from torch.utils.data import DataLoader
+
+    from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+    from modeling_lightclip.data import ImageTextCollator
+    from modeling_lightclip.evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+    from modeling_lightclip.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
+
+    model = LightCLIPModel.from_pretrained(run_dir).eval()
+    processor = LightCLIPProcessor.from_pretrained(run_dir)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    metrics = {}
+    fm = load_dataset("parquet", data_files=str(files["zero_shot"]), split="train")
+    collate = ImageTextCollator(processor=processor, train=False, label_column="label")
+    images, _, _, labels = embed_pairs(model, DataLoader(fm, batch_size=batch_size, collate_fn=collate))
+    classes = class_text_embeddings(model, processor.tokenizer, FASHION_MNIST_CLASSES, CAPTION_TEMPLATES)
+    metrics.update(zero_shot_metrics(images, labels, classes))
+    metrics["zero_shot_images"] = len(labels)
+    oc = load_dataset("parquet", data_files=str(files["retrieval"]), split="train")
+    collate = ImageTextCollator(processor=processor, train=False)
+    images, texts, ids, _ = embed_pairs(model, DataLoader(oc, batch_size=batch_size, collate_fn=collate))
+    metrics.update(retrieval_metrics(images, texts, captions=ids))
+    metrics["retrieval_pairs"] = len(ids)
+    return metrics
+
+
+def run_one(args) -> None:
+    """One (arm, seed): train with train_lightclip.py, score the saved model, write run.json last."""
+    import train_lightclip
+
+    spec = json.loads(args._job)
+    out_dir = Path(spec["out_dir"])
+    start = time.perf_counter()
+    trainer = train_lightclip.main(spec["argv"])
+    wall = time.perf_counter() - start
+    steps = trainer.state.global_step
+    runtime = json.loads((out_dir / "train_results.json").read_text())["train_runtime"]
+    result = {"arm": spec["arm"], "seed": spec["seed"], "overrides": spec["overrides"], "steps": steps,
+              "train_seconds": runtime, "step_seconds": runtime / steps, "wall_seconds": wall,
+              "threads": spec["threads"], "parallel": spec["parallel"],
+              **evaluate_run(out_dir, {k: Path(v) for k, v in spec["files"].items()})}
+    (out_dir / "run.json").write_text(json.dumps(result, indent=2))
+
+
+def launch(job: dict, log: Path) -> int:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if job["threads"]:
+        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    with open(log, "w") as handle:
+        return subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], cwd=ROOT, env=env,
+                              stdout=handle, stderr=subprocess.STDOUT).returncode
+
+
+def measure_inference(run_dir: Path, runs: int = 30) -> dict:
+    """Parameters of the inference path and median single-input latency (1 thread) of a saved run."""
+    from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+    from modeling_lightclip.hub import measure_latency, parameter_counts
+
+    model = LightCLIPModel.from_pretrained(run_dir)
+    processor = LightCLIPProcessor.from_pretrained(run_dir)
+    counts = parameter_counts(model)
+    latency = measure_latency(model, processor, runs=runs, threads=1)
+    saved = sum(f.stat().st_size for f in run_dir.glob("*.safetensors"))
+    return {"inference_params": counts["inference"], "training_only_params": counts["training"],
+            "saved_weight_bytes": saved, "image_ms": latency["image_ms"], "text_ms": latency["text_ms"]}
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+def _welch_p(a: list[float], b: list[float]) -> float | None:
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if max(statistics.stdev(a), statistics.stdev(b)) < 1e-9:  # no spread: scipy returns rounding noise, not a p
+        return None
+    from scipy.stats import ttest_ind
+
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return None if math.isnan(p) else p
+
+
+def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
+    """Per arm: mean, std (n-1) and per-seed values of every metric; difference to the baseline's mean with a
+    Welch t-test p-value; mean step time; inference figures."""
+    by_arm: dict[str, list[dict]] = {}
+    for run in runs:
+        by_arm.setdefault(run["arm"], []).append(run)
+    arms = [a for a in arm_order if a in by_arm] + sorted(set(by_arm) - set(arm_order))
+    summary = {}
+    for arm in arms:
+        rows = sorted(by_arm[arm], key=lambda r: r["seed"])
+        entry = {"seeds": [r["seed"] for r in rows], "metrics": {}}
+        for key, _ in METRICS + [("step_seconds", "")]:
+            values = [r[key] for r in rows]
+            entry["metrics"][key] = {"mean": statistics.fmean(values),
+                                     "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                                     "values": values}
+        if BASELINE in by_arm and arm != BASELINE:
+            base = {key: [r[key] for r in by_arm[BASELINE]] for key, _ in METRICS}
+            entry["vs_" + BASELINE] = {
+                key: {"delta": entry["metrics"][key]["mean"] - statistics.fmean(base[key]),
+                      "welch_p": _welch_p(entry["metrics"][key]["values"], base[key])}
+                for key, _ in METRICS}
+        entry["inference"] = inference.get(arm)
+        summary[arm] = entry
+    return summary
+
+
+def _pct(m: dict) -> str:
+    return f"{100 * m['mean']:.1f} ± {100 * m['std']:.1f}"
+
+
+def markdown_table(summary: dict, setting_name: str, setting: dict) -> str:
+    head = ["arm"] + [title for _, title in METRICS] + ["step (s)", "image / text latency (ms)",
+                                                         "inference params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm, entry in summary.items():
+        cells = [f"`{arm}`"]
+        for key, _ in METRICS:
+            cell = _pct(entry["metrics"][key])
+            versus = entry.get("vs_" + BASELINE, {}).get(key)
+            if versus is not None:
+                p = versus["welch_p"]
+                cell += f" ({100 * versus['delta']:+.1f}" + (f", p={p:.2f})" if p is not None else ")")
+            cells.append(cell)
+        cells.append(f"{entry['metrics']['step_seconds']['mean']:.2f}")
+        inference = entry.get("inference") or {}
+        cells.append(f"{inference['image_ms']:.2f} / {inference['text_ms']:.2f}" if inference else "–")
+        cells.append(f"{inference['inference_params']:,}" if inference else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    n = max(len(e["seeds"]) for e in summary.values())
+    note = (f"\n{setting_name} setting: recipe `{setting['recipe']}` at {setting['image_size']} px, batch "
+            f"{setting['batch_size']}, {setting['max_steps']} steps, lr {setting['learning_rate']}, {n} seeds; "
+            f"mean ± std over seeds (%), in brackets the difference to `{BASELINE}` in points and a Welch t-test "
+            f"p-value. Step time: run wall clock / steps, {setting['parallel']} run(s) side by side with "
+            f"{setting['threads'] or 'all'} thread(s) each. Latency: one input, one thread, median of 30.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def plot(summary: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(summary)
+    titles = dict(METRICS)
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.2 * len(PLOTTED), 3.6), constrained_layout=True)
+    for ax, key in zip(axes, PLOTTED):
+        means = [100 * summary[a]["metrics"][key]["mean"] for a in arms]
+        stds = [100 * summary[a]["metrics"][key]["std"] for a in arms]
+        colors = ["#9e9e9e" if a == BASELINE else "#3f7fbf" for a in arms]
+        ax.bar(range(len(arms)), means, yerr=stds, color=colors, capsize=3, alpha=0.85)
+        for i, a in enumerate(arms):
+            values = [100 * v for v in summary[a]["metrics"][key]["values"]]
+            ax.scatter([i] * len(values), values, s=10, color="black", zorder=3)
+        low = min(100 * min(summary[a]["metrics"][key]["values"]) for a in arms)
+        high = max(100 * max(summary[a]["metrics"][key]["values"]) for a in arms)
+        margin = max(1.0, 0.25 * (high - low))
+        ax.set_ylim(max(0.0, low - margin), high + margin)
+        ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
+        ax.set_title(titles[key], fontsize=10)
+        ax.set_ylabel("%")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: dict, inference: dict) -> dict:
+    runs = [json.loads(p.read_text()) for p in sorted(study_dir.glob("runs/*/seed*/run.json"))]
+    if not runs:
+        raise SystemExit(f"no finished runs under {study_dir}/runs")
+    summary = summarise(runs, inference, arm_order)
+    result = {"setting": setting_name, "settings": setting, "summary": summary, "runs": runs}
+    (study_dir / "results.json").write_text(json.dumps(result, indent=2))
+    (study_dir / "results.md").write_text(markdown_table(summary, setting_name, setting))
+    plot(summary, study_dir / "results.png",
+         f"LightCLIP ablation ({setting_name}): mean ± std over seeds, dots = seeds")
+    published = ROOT / "benchmarks" / "results"
+    published.mkdir(parents=True, exist_ok=True)
+    for suffix in ("json", "md", "png"):
+        shutil.copyfile(study_dir / f"results.{suffix}", published / f"ablation_{setting_name}.{suffix}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
+    parser.add_argument("--out", default="outputs/ablation", help="study folder (data is shared across settings)")
+    parser.add_argument("--arms", nargs="+", help=f"run only these arms (default: all of {list(ARMS)})")
+    parser.add_argument("--arm", action="append", default=[], help='add an arm: NAME="--flag value ..."')
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the setting's seeds")
+    parser.add_argument("--max_steps", type=int, help="override the setting's steps (a different study)")
+    parser.add_argument("--parallel", type=int, help="runs side by side (default: the setting's)")
+    parser.add_argument("--fashion_mnist_root", help="an existing `dpkg -x` of dataset-fashion-mnist")
+    parser.add_argument("--openclipart_root", help="an existing `dpkg -x` of openclipart-svg")
+    parser.add_argument("--report_only", action="store_true")
+    parser.add_argument("--_job", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._job:
+        return run_one(args)
+
+    setting = dict(SETTINGS[args.setting])
+    for key in ("seeds", "max_steps", "parallel"):
+        if getattr(args, key) is not None:
+            setting[key] = getattr(args, key)
+    arms = dict(ARMS)
+    for text in args.arm:
+        name, overrides = parse_arm(text)
+        arms[name] = overrides
+    selected = args.arms or list(arms)
+    unknown = [a for a in selected if a not in arms]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}: choose from {list(arms)} or add one with --arm")
+
+    out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
+    data_dir, study_dir = out / "data", out / args.setting
+    study_dir.mkdir(parents=True, exist_ok=True)
+    inference_file = study_dir / "inference.json"
+    inference = json.loads(inference_file.read_text()) if inference_file.is_file() else {}
+    if not args.report_only:
+        from modeling_lightclip.recipes import load_recipe
+
+        files = prepare_data(data_dir, args.fashion_mnist_root, args.openclipart_root)
+        max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
+        tokenizer = prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
+        needs_ping = any(float(arms[a].get("ping_nn_loss_weight", 0)) or float(arms[a].get("ping_xnn_loss_weight", 0))
+                         for a in selected)
+        neighbours = prepare_neighbours(data_dir, files["train"], setting["image_size"]) if needs_ping else None
+        jobs = []
+        for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds
+            for arm in selected:
+                run_dir = study_dir / "runs" / arm / f"seed{seed}"
+                if (run_dir / "run.json").is_file():
+                    continue
+                if run_dir.exists():
+                    shutil.rmtree(run_dir)  # an interrupted run starts over: runs save no checkpoints
+                run_dir.mkdir(parents=True)
+                jobs.append({"arm": arm, "seed": seed, "overrides": arms[arm], "out_dir": str(run_dir),
+                             "threads": setting["threads"], "parallel": setting["parallel"],
+                             "files": {k: str(v) for k, v in files.items()},
+                             "argv": train_argv(setting, arms[arm], seed, files, tokenizer, neighbours, run_dir)})
+        print(f"{len(jobs)} run(s) to do, {setting['parallel']} at a time")
+
+        def _run(job):
+            started = time.perf_counter()
+            code = launch(job, Path(job["out_dir"]) / "log.txt")
+            status = "ok" if code == 0 else f"FAILED (exit {code}, see {job['out_dir']}/log.txt)"
+            print(f"  {job['arm']} seed {job['seed']}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+            return code
+
+        with ThreadPoolExecutor(max_workers=setting["parallel"]) as pool:
+            codes = list(pool.map(_run, jobs))
+        for arm in selected:  # inference figures, one arm at a time with nothing else running
+            first = study_dir / "runs" / arm / f"seed{setting['seeds'][0]}"
+            if arm not in inference and (first / "run.json").is_file():
+                inference[arm] = measure_inference(first)
+        inference_file.write_text(json.dumps(inference, indent=2))
+        if any(codes):
+            print(f"{sum(1 for c in codes if c)} run(s) failed; the report covers the finished ones")
+    result = report(study_dir, list(arms), args.setting, setting, inference)
+    print((study_dir / "results.md").read_text())
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""The ablation runner (benchmarks/ablation.py): arms parse as training flags, and the report's statistics equal
+values computed by hand. The study itself takes about an hour of CPU; it is not a test."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    spec = importlib.util.spec_from_file_location("ablation_runner", ROOT / "benchmarks" / "ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ablation_runner"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(arm, seed, top1, r1, step=1.0):
+    return {"arm": arm, "seed": seed, "zero_shot_top1": top1, "image_to_text_r1": r1, "image_to_text_r5": r1,
+            "text_to_image_r1": r1, "text_to_image_r5": r1, "step_seconds": step}
+
+
+def test_every_arm_parses_as_training_flags(ablation, tmp_path):
+    """Each arm's switches reach the config fields under their own names (a typo would fail the parser or
+    leave a field at its default); CLIP-PING arms, and only they, get the neighbour folder."""
+    import train_lightclip
+    from modeling_lightclip.arguments import config_overrides
+
+    files = {"train": tmp_path / "train.parquet"}
+    for name, overrides in ablation.ARMS.items():
+        argv = ablation.train_argv(ablation.SETTINGS["cpu"], overrides, 3, files, tmp_path / "tok",
+                                   tmp_path / "nn", tmp_path / name)
+        _, model_args, data_args, training_args = train_lightclip.parse_args(argv)
+        given = config_overrides(model_args)
+        for key, value in overrides.items():
+            assert given[key] == (value if isinstance(value, str) else float(value)), (name, key)
+        assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
+        uses_ping = overrides["ping_nn_loss_weight"] > 0 or overrides["ping_xnn_loss_weight"] > 0
+        assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == uses_ping
+    # the arms differ from the baseline in exactly the objectives they name
+    base = ablation.ARMS["clip"]
+    changed = {name: {k for k in base if arm[k] != base[k]} for name, arm in ablation.ARMS.items()}
+    assert changed["+soft_labels"] == {"soft_label_mode"}
+    assert changed["+token"] == {"token_loss_weight"}
+    assert changed["+mlm_fusion"] == {"mlm_loss_weight"}
+    assert changed["lightclip"] == {"soft_label_mode", "token_loss_weight", "mlm_loss_weight"}
+    assert changed["lightclip+ping"] == changed["lightclip"] | {"ping_nn_loss_weight", "ping_xnn_loss_weight"}
+
+
+def test_parse_arm(ablation):
+    name, overrides = ablation.parse_arm("soft_0.5=--soft_label_mode similarity --soft_label_max 0.5")
+    assert name == "soft_0.5"
+    assert overrides["soft_label_mode"] == "similarity" and overrides["soft_label_max"] == "0.5"
+    assert overrides["token_loss_weight"] == 0.0  # everything else as the CLIP arm
+    for bad in ("=--a 1", "x=--a", "x=a 1"):
+        with pytest.raises(ValueError):
+            ablation.parse_arm(bad)
+
+
+def test_summary_statistics_by_hand(ablation):
+    runs = [_run("clip", s, v, 0.1) for s, v in enumerate([0.4, 0.5, 0.6])]
+    runs += [_run("lightclip", s, v, 0.2, step=2.0) for s, v in enumerate([0.5, 0.6, 0.7])]
+    summary = ablation.summarise(runs, {"clip": None}, ["clip", "lightclip"])
+    top1 = summary["lightclip"]["metrics"]["zero_shot_top1"]
+    assert top1["mean"] == pytest.approx(0.6) and top1["std"] == pytest.approx(0.1)  # sample std (n-1)
+    versus = summary["lightclip"]["vs_clip"]["zero_shot_top1"]
+    assert versus["delta"] == pytest.approx(0.1)
+    # Welch t = 0.1 / sqrt(0.01/3 + 0.01/3), 4 degrees of freedom; closed-form Student-t CDF for nu = 4
+    t = 0.1 / math.sqrt(0.02 / 3)
+    x = t / math.sqrt(4 + t * t)
+    assert versus["welch_p"] == pytest.approx(2 * (1 - (0.5 + 0.75 * x * (1 - x * x / 3))), rel=1e-6)
+    assert summary["lightclip"]["metrics"]["step_seconds"]["mean"] == pytest.approx(2.0)
+    assert "vs_clip" not in summary["clip"]
+    # constant metrics: zero variance on both sides -> no p-value rather than NaN
+    assert summary["lightclip"]["vs_clip"]["image_to_text_r1"]["welch_p"] is None
+    assert list(summary) == ["clip", "lightclip"]
+
+
+def test_report_files(ablation, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    study = tmp_path / "cpu"
+    for arm, values in (("clip", [0.40, 0.50]), ("+token", [0.55, 0.65])):
+        for seed, value in enumerate(values):
+            folder = study / "runs" / arm / f"seed{seed}"
+            folder.mkdir(parents=True)
+            (folder / "run.json").write_text(json.dumps(_run(arm, seed, value, 0.3)))
+    monkeypatch.setattr(ablation, "ROOT", tmp_path)
+    inference = {"clip": {"inference_params": 1234567, "image_ms": 1.5, "text_ms": 0.5}}
+    result = ablation.report(study, list(ablation.ARMS), "cpu", ablation.SETTINGS["cpu"], inference)
+    assert set(result["summary"]) == {"clip", "+token"}
+    table = (study / "results.md").read_text()
+    assert "| `clip` | 45.0 ± 7.1 |" in table            # mean 0.45, std 0.0707
+    assert "| `+token` | 60.0 ± 7.1 (+15.0, p=" in table
+    assert "1,234,567" in table and "1.50 / 0.50" in table
+    png = (tmp_path / "benchmarks" / "results" / "ablation_cpu.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
