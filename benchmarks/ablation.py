@@ -26,7 +26,7 @@ One command, rerunnable (finished runs are kept and skipped; delete `outputs/abl
    thread). Writes `results.json`, `results.md` and `results.png` to the study folder and copies them to
    `benchmarks/results/ablation_<setting>.*`.
 
-`--arm NAME="--flag value ..."` adds an arm (or replaces one of the same name) for investigations, e.g.
+`--name NAME` keeps an investigation in its own folder and report. `--arm NAME="--flag value ..."` adds an arm (or replaces one of the same name) for investigations, e.g.
 `--arm "soft_max_0.5=--soft_label_mode similarity --soft_label_max 0.5 --token_loss_weight 0 --mlm_loss_weight 0"`.
 """
 
@@ -211,7 +211,7 @@ def launch(job: dict, log: Path) -> int:
     if job["threads"]:
         env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
     with open(log, "w") as handle:
-        return subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], cwd=ROOT, env=env,
+        return subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], check=False, cwd=ROOT, env=env,
                               stdout=handle, stderr=subprocess.STDOUT).returncode
 
 
@@ -359,6 +359,8 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, help="runs side by side (default: the setting's)")
     parser.add_argument("--fashion_mnist_root", help="an existing `dpkg -x` of dataset-fashion-mnist")
     parser.add_argument("--openclipart_root", help="an existing `dpkg -x` of openclipart-svg")
+    parser.add_argument("--name", help="study folder and published file name (default: the setting's name); "
+                                       "use one for investigations, so they do not mix with the ablation")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -379,7 +381,8 @@ def main(argv=None):
         raise SystemExit(f"unknown arm(s) {unknown}: choose from {list(arms)} or add one with --arm")
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    data_dir, study_dir = out / "data", out / args.setting
+    name = args.name or args.setting
+    data_dir, study_dir = out / "data", out / name
     study_dir.mkdir(parents=True, exist_ok=True)
     inference_file = study_dir / "inference.json"
     inference = json.loads(inference_file.read_text()) if inference_file.is_file() else {}
@@ -423,7 +426,7 @@ def main(argv=None):
         inference_file.write_text(json.dumps(inference, indent=2))
         if any(codes):
             print(f"{sum(1 for c in codes if c)} run(s) failed; the report covers the finished ones")
-    result = report(study_dir, list(arms), args.setting, setting, inference)
+    result = report(study_dir, list(arms), name, setting, inference)
     print((study_dir / "results.md").read_text())
     return result
 
