@@ -57,7 +57,11 @@ ARMS = {
     "+token": {**_OFF, "token_loss_weight": 0.5},
     "+mlm_fusion": {**_OFF, "mlm_loss_weight": 0.5},
     "lightclip": {**_OFF, **_LIGHTCLIP},
-    "lightclip+ping": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5},
+    "lightclip+ping": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5,
+                       "ping_negatives": "bank"},
+    # the first CLIP-PING design, kept in the study because it fails instructively (see README)
+    "lightclip+ping_batch_negatives": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5,
+                                       "ping_xnn_loss_weight": 0.5, "ping_negatives": "batch"},
 }
 BASELINE = "clip"
 

@@ -144,6 +144,11 @@ class LightCLIPConfig(PretrainedConfig):
         ping_temperature (`float`, *optional*):
             Fixed temperature of the CLIP-PING terms; None uses the model's learned logit scale, as the instance
             loss does.
+        ping_negatives (`str`, *optional*, defaults to `"bank"`):
+            What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
+            other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
+            `"batch"` lets the student lower the loss by drifting over time and collapsed training in the ablation
+            (README); it is kept for comparison only.
         ping_bank_size (`int`, *optional*, defaults to 0):
             Number of training samples the neighbour memory bank indexes (the dataset size); set by the trainer.
         mask_token_id, pad_token_id, cls_token_id, sep_token_id (`int`, *optional*):
@@ -186,6 +191,7 @@ class LightCLIPConfig(PretrainedConfig):
         ping_xnn_loss_weight: float = 0.0,
         ping_bank_size: int = 0,
         ping_temperature: float | None = None,
+        ping_negatives: str = "bank",
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -229,6 +235,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.ping_xnn_loss_weight = ping_xnn_loss_weight
         self.ping_bank_size = ping_bank_size
         self.ping_temperature = ping_temperature
+        self.ping_negatives = ping_negatives
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -263,6 +270,8 @@ class LightCLIPConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
+        if self.ping_negatives not in ("bank", "batch"):
+            raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of ('bank', 'batch').")
         if self.ping_temperature is not None and self.ping_temperature <= 0:
             raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 < self.mlm_batch_fraction <= 1.0:

@@ -494,6 +494,10 @@ class MaskedLanguageModelling(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+PING_NEGATIVES = ("bank", "batch")
+_MASKED_LOGIT = -1e4  # exp() of this, relative to any real logit (|logit| <= logit scale <= 100), is 0 in fp32
+
+
 class NeighbourEmbeddingBank:
     """The student's own most recent image and text embeddings, indexed by training-sample id, with a validity
     flag for samples not seen yet. Deliberately *not* a registered buffer: it is never saved with the weights and
@@ -553,27 +557,45 @@ class NeighbourContrastiveLoss(nn.Module):
     * NN:  image i -> the text embedding of a(i);   text i -> the image embedding of t(i)
     * XNN: image i -> the text embedding of t(i);   text i -> the image embedding of a(i)
 
-    Each is InfoNCE with the neighbour as the positive against the global batch's other samples of the other
-    modality: in the usual image->text logits row, the column of i's own caption (not a negative, and the
-    instance loss already uses it) is replaced by the neighbour. Neighbour embeddings come from the
-    `NeighbourEmbeddingBank` (detached, no extra encoder pass); rows whose neighbour has not been seen yet are
-    skipped. Terms are normalised over the global count of usable rows.
+    Each is InfoNCE with the neighbour as the positive. Neighbour embeddings come from the
+    `NeighbourEmbeddingBank` (detached, no extra encoder pass), so they are *stale*: written when that sample was
+    last seen, up to an epoch ago. The negatives (`negatives`, config `ping_negatives`):
+
+    * `"bank"` (default): the bank entries that are the other usable rows' positives, gathered over the global
+      batch. Positive and negatives are then equally stale, so only their content tells them apart.
+    * `"batch"`: the global batch's *current* embeddings of the other modality, with the column of i's own pair
+      replaced by the neighbour. Measured to fail (README, ablation): the positive is the only stale candidate, and
+      where the batch holds a current copy of it (a repeated caption, a near-duplicate image) the loss can only
+      be lowered by making embeddings drift over time, which the student learns to do — image and text embeddings
+      ended in opposite cones (paired cosine -0.8) and zero-shot top-1 fell from 81% to 40%. Kept for comparison.
+
+    Rows whose neighbour has not been seen yet are skipped (and are no candidates). Terms are normalised over the
+    global count of usable rows.
     """
 
-    def __init__(self, bank_size: int, dim: int, nn_weight: float, xnn_weight: float):
+    def __init__(self, bank_size: int, dim: int, nn_weight: float, xnn_weight: float, negatives: str = "bank"):
         super().__init__()
         if bank_size <= 0:
             raise ValueError("CLIP-PING needs config.ping_bank_size = the number of training samples (> 0).")
+        if negatives not in PING_NEGATIVES:
+            raise ValueError(f"ping negatives {negatives!r}: choose one of {PING_NEGATIVES}.")
         self.bank = NeighbourEmbeddingBank(bank_size, dim)
-        self.nn_weight, self.xnn_weight = nn_weight, xnn_weight
+        self.nn_weight, self.xnn_weight, self.negatives = nn_weight, xnn_weight, negatives
 
     @staticmethod
-    def _term(queries, all_candidates, positives, valid, logit_scale, rank):
+    def _term(queries, all_candidates, positives, valid, logit_scale, rank, negatives: str = "bank"):
         local = queries.shape[0]
         own = torch.arange(local, device=queries.device) + rank * local
-        logits = logit_scale * queries @ all_candidates.t()
-        positive_logit = logit_scale * (queries * positives).sum(-1)
-        logits = logits.scatter(1, own.unsqueeze(1), positive_logit.unsqueeze(1))
+        if negatives == "bank":
+            all_positives = gather_with_grad(positives)
+            all_valid = gather_with_grad(valid.to(positives.dtype)) > 0.5
+            logits = logit_scale * queries @ all_positives.t()
+            # unusable rows' entries are no candidates; a finite fill keeps rows without any candidate NaN-free
+            logits = logits.masked_fill(~all_valid.unsqueeze(0), _MASKED_LOGIT)
+        else:
+            logits = logit_scale * queries @ all_candidates.t()
+            positive_logit = logit_scale * (queries * positives).sum(-1)
+            logits = logits.scatter(1, own.unsqueeze(1), positive_logit.unsqueeze(1))
         per_row = F.cross_entropy(logits, own, reduction="none")
         normaliser = _global_mean_normaliser(valid.sum())
         return (per_row * valid).sum() * normaliser
@@ -590,12 +612,13 @@ class NeighbourContrastiveLoss(nn.Module):
         losses = {}
         if self.nn_weight > 0:
             losses["ping_nn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, rank)
-                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, rank))
+                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, rank, self.negatives)
+                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, rank, self.negatives))
         if self.xnn_weight > 0:
             losses["ping_xnn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, rank)
-                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, rank))
+                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, rank, self.negatives)
+                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, rank,
+                             self.negatives))
         if update_bank and self.training:
             self.bank.update(sample_ids, image_embeds, text_embeds)
         return losses
@@ -626,7 +649,8 @@ class LightCLIPObjectives(nn.Module):
         self.ping = None
         if config.ping_nn_loss_weight > 0 or config.ping_xnn_loss_weight > 0:
             self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
-                                                 config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
+                                                 config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
+                                                 getattr(config, "ping_negatives", "bank"))
 
 
 __all__ = [

@@ -167,29 +167,32 @@ def test_bank_write_and_lookup():
         bank.update(torch.tensor([7]), image[:1], text[:1])
 
 
-def _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, scale):
-    """Second implementation: loops over rows, candidates = [neighbour] + the batch's other samples."""
+def _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, scale, negatives):
+    """Second implementation, a loop over rows. Candidates: [neighbour] + the batch's other current samples
+    ("batch"), or [neighbour] + the other usable rows' neighbours from the bank ("bank")."""
     def term(queries, others, bank, neighbour_ids):
-        total, count = 0.0, 0
-        for i in range(len(queries)):
+        usable = [i for i in range(len(queries)) if neighbour_ids[i] >= 0 and seen[int(neighbour_ids[i])]]
+        total = 0.0
+        for i in usable:
             j = int(neighbour_ids[i])
-            if j < 0 or not seen[j]:
-                continue
-            candidates = torch.cat([bank[j:j + 1], torch.cat([others[:i], others[i + 1:]])])
-            logits = scale * candidates @ queries[i]
+            if negatives == "batch":
+                rest = torch.cat([others[:i], others[i + 1:]])
+            else:
+                rest = torch.stack([bank[int(neighbour_ids[k])] for k in usable if k != i])
+            logits = scale * torch.cat([bank[j:j + 1], rest]) @ queries[i]
             total = total - logits.log_softmax(0)[0]
-            count += 1
-        return total / max(count, 1)
+        return total / max(len(usable), 1)
 
     nn = 0.5 * (term(images, texts, bank_texts, image_nn) + term(texts, images, bank_images, text_nn))
     xnn = 0.5 * (term(images, texts, bank_texts, text_nn) + term(texts, images, bank_images, image_nn))
     return nn, xnn
 
 
-def test_ping_loss_equals_second_implementation():
+@pytest.mark.parametrize("negatives", ["bank", "batch"])
+def test_ping_loss_equals_second_implementation(negatives):
     torch.manual_seed(0)
     n, size, dim = 5, 12, 8
-    loss = NeighbourContrastiveLoss(size, dim, nn_weight=1.0, xnn_weight=1.0).train()
+    loss = NeighbourContrastiveLoss(size, dim, nn_weight=1.0, xnn_weight=1.0, negatives=negatives).train()
     bank_images = F.normalize(torch.randn(size, dim), dim=-1)
     bank_texts = F.normalize(torch.randn(size, dim), dim=-1)
     seen = torch.ones(size, dtype=torch.bool)
@@ -201,12 +204,37 @@ def test_ping_loss_equals_second_implementation():
     image_nn = torch.tensor([6, 3, 8, -1, 9])     # 3 unseen, -1 none
     text_nn = torch.tensor([7, 10, 11, 6, 8])      # 7 unseen
     out = loss(images, texts, torch.tensor(10.0), sample_ids, image_nn, text_nn)
-    nn, xnn = _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, 10.0)
+    nn, xnn = _ping_reference(images, texts, bank_images, bank_texts, seen, image_nn, text_nn, 10.0, negatives)
     torch.testing.assert_close(out["ping_nn"], nn)
     torch.testing.assert_close(out["ping_xnn"], xnn)
     # the step wrote this batch into the bank
     got, valid = loss.bank.lookup(sample_ids, "image")
     assert valid.all() and torch.equal(got, images)
+
+
+def test_bank_negatives_do_not_reward_drift():
+    """The failure "batch" negatives invite: a query whose current copy sits in the batch. With the stale
+    neighbour as positive and the current copy as a negative, moving the query towards the *old* embedding and
+    away from the *current* one lowers the "batch" loss; with "bank" negatives that direction changes nothing,
+    because every candidate is a bank entry."""
+    torch.manual_seed(1)
+    dim, size = 6, 4
+    old = F.normalize(torch.randn(size, dim), dim=-1)        # bank: embeddings from an earlier step
+    current = F.normalize(old + 0.8 * torch.randn(size, dim), dim=-1)  # the same samples now, drifted
+    seen = torch.ones(size, dtype=torch.bool)
+    ids = torch.arange(size)
+    neighbours = torch.tensor([1, 0, 3, 2])  # duplicate pairs: each sample's neighbour is in the batch
+    losses = {}
+    for negatives in ("bank", "batch"):
+        loss = NeighbourContrastiveLoss(size, dim, nn_weight=1.0, xnn_weight=0.0, negatives=negatives).eval()
+        loss.bank.load_state_dict({"image": old.clone(), "text": old.clone(), "valid": seen.clone()})
+        query = current.clone().requires_grad_(True)
+        out = loss(query, current, torch.tensor(10.0), ids, neighbours, neighbours)["ping_nn"]
+        (grad,) = torch.autograd.grad(out, query)
+        drift = old[neighbours] - current[neighbours]  # towards the stale copy, away from the current one
+        losses[negatives] = -(grad * drift).sum().item()  # first-order loss decrease along the drift
+    assert losses["batch"] > 0.0  # "batch": drifting towards stale copies pays
+    assert losses["bank"] < losses["batch"]
 
 
 def test_ping_in_the_model_and_its_start_up_errors(tiny_recipe, tokenizer):
@@ -261,10 +289,11 @@ def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer)
         bank_image = model.objectives.ping.bank.image.clone()
         out = model(**batch, **ids, return_loss=True)
         scale = out.logits_per_text.new_tensor(2.0) if temperature else model.logit_scale.exp()
+        usable = torch.ones(4, dtype=torch.bool)
         expected = 0.5 * (NeighbourContrastiveLoss._term(out.image_embeds, out.text_embeds, bank_text[[1, 0, 3, 2]],
-                                                         torch.ones(4, dtype=torch.bool), scale, 0)
+                                                         usable, scale, 0, config.ping_negatives)
                           + NeighbourContrastiveLoss._term(out.text_embeds, out.image_embeds, bank_image[[2, 3, 0, 1]],
-                                                           torch.ones(4, dtype=torch.bool), scale, 0))
+                                                           usable, scale, 0, config.ping_negatives))
         torch.testing.assert_close(out.losses["ping_nn"], expected)
         terms[temperature] = out.losses["ping_nn"].item()
     assert terms[None] != pytest.approx(terms[0.5])
