@@ -149,6 +149,10 @@ def parse_arm(text: str) -> tuple[str, dict]:
     return name, {**_OFF, **{k[2:]: v for k, v in zip(tokens[::2], tokens[1::2])}}
 
 
+def _uses_ping(overrides: dict) -> bool:
+    return any(float(overrides.get(key, 0)) > 0 for key in ("ping_nn_loss_weight", "ping_xnn_loss_weight"))
+
+
 def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer: Path, neighbours: Path | None,
                out_dir: Path) -> list[str]:
     argv = ["--recipe", setting["recipe"], "--image_size", str(setting["image_size"]),
@@ -157,7 +161,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if float(overrides.get("ping_nn_loss_weight", 0)) > 0 or float(overrides.get("ping_xnn_loss_weight", 0)) > 0:
+    if _uses_ping(overrides):
         argv += ["--ping_neighbours_dir", str(neighbours)]
     return argv
 
@@ -396,8 +400,7 @@ def main(argv=None):
         files = prepare_data(data_dir, args.fashion_mnist_root, args.openclipart_root)
         max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
         tokenizer = prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
-        needs_ping = any(float(arms[a].get("ping_nn_loss_weight", 0)) or float(arms[a].get("ping_xnn_loss_weight", 0))
-                         for a in selected)
+        needs_ping = any(_uses_ping(arms[a]) for a in selected)
         neighbours = prepare_neighbours(data_dir, files["train"], setting["image_size"]) if needs_ping else None
         jobs = []
         for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds

@@ -22,6 +22,7 @@ logger = logging.get_logger(__name__)
 
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
+PING_NEGATIVES = ("bank", "batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
 
@@ -270,8 +271,8 @@ class LightCLIPConfig(PretrainedConfig):
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
-        if self.ping_negatives not in ("bank", "batch"):
-            raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of ('bank', 'batch').")
+        if self.ping_negatives not in PING_NEGATIVES:
+            raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
         if self.ping_temperature is not None and self.ping_temperature <= 0:
             raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 < self.mlm_batch_fraction <= 1.0:

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_lightclip import PING_NEGATIVES
+
 
 # --------------------------------------------------------------------------------------------------------------
 # distributed helpers
@@ -494,7 +496,6 @@ class MaskedLanguageModelling(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-PING_NEGATIVES = ("bank", "batch")
 _MASKED_LOGIT = -1e4  # exp() of this, relative to any real logit (|logit| <= logit scale <= 100), is 0 in fp32
 
 
@@ -584,6 +585,8 @@ class NeighbourContrastiveLoss(nn.Module):
 
     @staticmethod
     def _term(queries, all_candidates, positives, valid, logit_scale, rank, negatives: str = "bank"):
+        """One direction of one term; `all_candidates` (the gathered current embeddings) is read in "batch" mode
+        only."""
         local = queries.shape[0]
         own = torch.arange(local, device=queries.device) + rank * local
         if negatives == "bank":
@@ -603,8 +606,10 @@ class NeighbourContrastiveLoss(nn.Module):
     def forward(self, image_embeds, text_embeds, logit_scale, sample_ids, image_neighbour_ids, text_neighbour_ids,
                 update_bank: bool = True) -> dict[str, torch.Tensor]:
         rank, _ = _world()
-        all_images = gather_with_grad(image_embeds)
-        all_texts = gather_with_grad(text_embeds)
+        all_images = all_texts = None  # "bank" negatives never look at the current batch's embeddings
+        if self.negatives == "batch":
+            all_images = gather_with_grad(image_embeds)
+            all_texts = gather_with_grad(text_embeds)
         text_of_image_nn, ok_a_text = self.bank.lookup(image_neighbour_ids, "text")
         image_of_text_nn, ok_t_image = self.bank.lookup(text_neighbour_ids, "image")
         text_of_text_nn, ok_t_text = self.bank.lookup(text_neighbour_ids, "text")
@@ -650,7 +655,7 @@ class LightCLIPObjectives(nn.Module):
         if config.ping_nn_loss_weight > 0 or config.ping_xnn_loss_weight > 0:
             self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
                                                  config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
-                                                 getattr(config, "ping_negatives", "bank"))
+                                                 config.ping_negatives)
 
 
 __all__ = [
