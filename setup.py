@@ -23,7 +23,7 @@ setup(
         ("share/lightclip", ["model_card.md"]),
         ("share/lightclip/data/fashion_mnist", [str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "fashion_mnist").glob("*"))]),
     ],
-    package_data={"modeling_lightclip": ["metrics/*/*.py"]},
+    package_data={"modeling_lightclip.training": ["metrics/*/*.py"]},
     install_requires=[
         # torch: `pip install torch==2.13.0` first on CPU machines; an unpinned torch pulls a CUDA build.
         "torch>=2.4",

@@ -6,7 +6,7 @@
 
 One command, rerunnable (finished runs are kept and skipped; delete `outputs/ablation/` to start over):
 
-1. **Data** (`modeling_lightclip.offline_data`, from Debian's packages, no Hub): Fashion-MNIST (the balanced 10k
+1. **Data** (`modeling_lightclip.training.offline_data`, from Debian's packages, no Hub): Fashion-MNIST (the balanced 10k
    train subset, captions = class name in a prompt template; the *whole* official test split, 10k images, for
    zero-shot) and OpenClipart (8k clip-art rasters with captions from their own metadata; fixed 90/10 split by
    path hash). Each run trains on the union of the two train splits (17k pairs) and is scored on Fashion-MNIST
@@ -91,7 +91,7 @@ def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_roo
 
     from datasets import concatenate_datasets, load_dataset
 
-    from modeling_lightclip.offline_data import fetch_debian_package, write_fashion_mnist, write_openclipart
+    from modeling_lightclip.training.offline_data import fetch_debian_package, write_fashion_mnist, write_openclipart
 
     fm, oc = data_dir / "fashion_mnist", data_dir / "openclipart"
     if not (fm / "test.parquet").is_file():
@@ -114,7 +114,7 @@ def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_roo
 def prepare_tokenizer(data_dir: Path, train_file: Path, vocab_size: int, max_length: int) -> Path:
     from datasets import load_dataset
 
-    from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
+    from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
 
     out = data_dir / f"tokenizer_{vocab_size}"
     if not (out / "tokenizer.json").is_file():
@@ -124,11 +124,11 @@ def prepare_tokenizer(data_dir: Path, train_file: Path, vocab_size: int, max_len
 
 
 def prepare_neighbours(data_dir: Path, train_file: Path, image_size: int) -> Path:
-    from modeling_lightclip.neighbours import FILES
+    from modeling_lightclip.training.neighbours import FILES
 
     out = data_dir / f"neighbours_{image_size}"
     if not all((out / FILES[key]).is_file() for key in ("image_neighbours", "text_neighbours")):
-        subprocess.run([sys.executable, "-m", "modeling_lightclip.neighbours", "build", "--out", str(out),
+        subprocess.run([sys.executable, "-m", "modeling_lightclip.training.neighbours", "build", "--out", str(out),
                         "--train_file", str(train_file), "--image_size", str(image_size), "--k", "8"],
                        cwd=ROOT, check=True)
     return out
@@ -149,8 +149,15 @@ def parse_arm(text: str) -> tuple[str, dict]:
     return name, {**_OFF, **{k[2:]: v for k, v in zip(tokens[::2], tokens[1::2])}}
 
 
-def _uses_ping(overrides: dict) -> bool:
-    return any(float(overrides.get(key, 0)) > 0 for key in ("ping_nn_loss_weight", "ping_xnn_loss_weight"))
+def arm_config(setting: dict, overrides: dict):
+    """The `LightCLIPConfig` an arm trains (recipe + the arm's flags, parsed as `train_lightclip.py` parses them),
+    so that "is this objective on?" is asked of the config's own `uses_*` helpers."""
+    import train_lightclip
+    from modeling_lightclip.training.arguments import config_overrides
+    from modeling_lightclip.training.recipes import build_model_config
+
+    recipe, model_args, _, _ = train_lightclip.parse_args(["--recipe", setting["recipe"], *arm_flags(overrides)])
+    return build_model_config(recipe["model"], **config_overrides(model_args))
 
 
 def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer: Path, neighbours: Path | None,
@@ -161,7 +168,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if _uses_ping(overrides):
+    if arm_config(setting, overrides).uses_ping:
         argv += ["--ping_neighbours_dir", str(neighbours)]
     return argv
 
@@ -173,9 +180,9 @@ def evaluate_run(run_dir: Path, files: dict, batch_size: int = 256) -> dict:
     from torch.utils.data import DataLoader
 
     from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
-    from modeling_lightclip.data import ImageTextCollator
-    from modeling_lightclip.evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
-    from modeling_lightclip.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+    from modeling_lightclip.training.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
 
     model = LightCLIPModel.from_pretrained(run_dir).eval()
     processor = LightCLIPProcessor.from_pretrained(run_dir)
@@ -226,7 +233,7 @@ def launch(job: dict, log: Path) -> int:
 def measure_inference(run_dir: Path, runs: int = 30) -> dict:
     """Parameters of the inference path and median single-input latency (1 thread) of a saved run."""
     from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
-    from modeling_lightclip.hub import measure_latency, parameter_counts
+    from modeling_lightclip.training.hub import measure_latency, parameter_counts
 
     model = LightCLIPModel.from_pretrained(run_dir)
     processor = LightCLIPProcessor.from_pretrained(run_dir)
@@ -395,12 +402,12 @@ def main(argv=None):
     inference_file = study_dir / "inference.json"
     inference = json.loads(inference_file.read_text()) if inference_file.is_file() else {}
     if not args.report_only:
-        from modeling_lightclip.recipes import load_recipe
+        from modeling_lightclip.training.recipes import load_recipe
 
         files = prepare_data(data_dir, args.fashion_mnist_root, args.openclipart_root)
         max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
         tokenizer = prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
-        needs_ping = any(_uses_ping(arms[a]) for a in selected)
+        needs_ping = any(arm_config(setting, arms[a]).uses_ping for a in selected)
         neighbours = prepare_neighbours(data_dir, files["train"], setting["image_size"]) if needs_ping else None
         jobs = []
         for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds

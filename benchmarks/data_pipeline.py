@@ -14,8 +14,8 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from modeling_lightclip.data import DataArguments, ImageTextCollator, load_image_text_datasets
-from modeling_lightclip.preprocessing import build_processor, train_wordpiece_tokenizer
+from modeling_lightclip.training.data import DataArguments, ImageTextCollator, load_image_text_datasets
+from modeling_lightclip.training.preprocessing import build_processor, train_wordpiece_tokenizer
 
 
 def main():

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from modeling_lightclip import LightCLIPConfig, LightCLIPModel
-from modeling_lightclip.hub import median_ms
+from modeling_lightclip.training.hub import median_ms
 
 
 class PlainDualEncoder(nn.Module):

@@ -18,8 +18,8 @@ import torch
 
 from modeling_lightclip import LightCLIPModel
 from modeling_lightclip import objectives_lightclip
-from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
-from modeling_lightclip.recipes import build_model_config, load_recipe
+from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
+from modeling_lightclip.training.recipes import build_model_config, load_recipe
 
 
 CAPTIONS = [

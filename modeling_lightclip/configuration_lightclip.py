@@ -25,6 +25,14 @@ SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
 PING_NEGATIVES = ("bank", "batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
+# Each weighted loss term (its name in `LightCLIPOutput.losses`) and the config field holding its weight. The instance
+# loss always runs with weight 1; a term whose weight is 0 is off, and its modules are not built.
+LOSS_WEIGHT_FIELDS = {
+    "token": "token_loss_weight",
+    "mlm": "mlm_loss_weight",
+    "ping_nn": "ping_nn_loss_weight",
+    "ping_xnn": "ping_xnn_loss_weight",
+}
 
 _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
                    "depths": [1, 1, 1, 1], "layer_type": "basic"}
@@ -158,6 +166,9 @@ class LightCLIPConfig(PretrainedConfig):
 
     model_type = "lightclip"
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+    # Fields that shape the weights: continuing from a checkpoint cannot change them.
+    architecture_fields = ("projection_dim", "token_projection_dim", "image_size", "vision_token_stage",
+                           "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads")
 
     def __init__(
         self,
@@ -266,7 +277,7 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"vision_pooling={self.vision_pooling!r}: choose one of {VISION_POOLING}.")
         if self.projection_dim <= 0 or self.token_projection_dim <= 0:
             raise ValueError("projection_dim and token_projection_dim must be positive.")
-        for name in ("token_loss_weight", "mlm_loss_weight", "ping_nn_loss_weight", "ping_xnn_loss_weight"):
+        for name in LOSS_WEIGHT_FIELDS.values():
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
         if not 0.0 < self.mlm_probability < 1.0:
@@ -290,6 +301,12 @@ class LightCLIPConfig(PretrainedConfig):
                     f"fusion_text_layers {bad} out of range for a text tower of {num_text_layers} layers."
                 )
 
+    # ------------------------------------------------------------------ the one "is this objective on?" test
+
+    @property
+    def uses_soft_labels(self) -> bool:
+        return self.soft_label_mode != "none" and self.soft_label_max > 0
+
     @property
     def uses_token_loss(self) -> bool:
         return self.token_loss_weight > 0
@@ -302,6 +319,19 @@ class LightCLIPConfig(PretrainedConfig):
     def uses_ping(self) -> bool:
         return self.ping_nn_loss_weight > 0 or self.ping_xnn_loss_weight > 0
 
+    def loss_weights(self) -> dict[str, float]:
+        """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""
+        return {term: float(getattr(self, name)) for term, name in LOSS_WEIGHT_FIELDS.items()
+                if getattr(self, name) > 0}
+
+    def special_token_ids(self) -> list[int]:
+        """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM. The one rule both the
+        collator's masking and the model's word masks follow."""
+        text = self.text_config
+        ids = {self.cls_token_id, self.sep_token_id, self.pad_token_id, self.mask_token_id,
+               getattr(text, "bos_token_id", None), getattr(text, "eos_token_id", None)}
+        return sorted(i for i in ids if isinstance(i, int) and 0 <= i < text.vocab_size)
+
     def to_dict(self):
         output = super().to_dict()
         output["vision_config"] = self.vision_config.to_dict()
@@ -309,4 +339,4 @@ class LightCLIPConfig(PretrainedConfig):
         return output
 
 
-__all__ = ["LightCLIPConfig"]
+__all__ = ["LOSS_WEIGHT_FIELDS", "LightCLIPConfig"]

@@ -11,7 +11,6 @@ Saved beside the weights as remote code: imports only torch and transformers at 
 import contextlib
 import copy
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,12 +22,12 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .configuration_lightclip import LightCLIPConfig
+from .configuration_lightclip import LOSS_WEIGHT_FIELDS, LightCLIPConfig
 from .objectives_lightclip import (
     LightCLIPObjectives,
     feature_map_tokens,
     find_text_layers,
-    mask_tokens,
+    mask_for_mlm,
     soft_label_alpha,
 )
 
@@ -262,7 +261,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         # Training-only: token projections, fusion module, MLM head. Never run on the inference path.
         self.objectives = LightCLIPObjectives(config, vision_token_dim, self.vision_shapes.stage_dims,
                                               self.text_embed_dim)
-        if self.objectives.mlm is not None:
+        if config.uses_mlm:
             if config.mask_token_id is None:
                 raise ValueError("mlm_loss_weight > 0 needs a mask token: the tokenizer has none (set "
                                  "config.mask_token_id, use a tokenizer with [MASK], or set mlm_loss_weight=0).")
@@ -323,17 +322,17 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return _TextEncoding(pooled=pooled, tokens=tokens, raw=out)
 
-    def special_token_ids(self) -> list[int]:
-        """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM."""
-        text = self.config.text_config
-        ids = {self.config.cls_token_id, self.config.sep_token_id, self.config.pad_token_id, self.config.mask_token_id,
-               getattr(text, "bos_token_id", None), getattr(text, "eos_token_id", None)}
-        return sorted(i for i in ids if isinstance(i, int) and 0 <= i < text.vocab_size)
+    def _token_alignment_tokens(self, vision: _VisionEncoding) -> torch.Tensor:
+        """Patch tokens of the stage the token alignment reads (`config.vision_token_stage`; None = last)."""
+        stage = self.config.vision_token_stage
+        if stage is None:
+            return vision.tokens
+        return feature_map_tokens(vision.stages[stage], self.vision_shapes.num_prefix_tokens)
 
     def text_word_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """True at real word tokens: attended, and not a CLS/SEP/BOS/EOS/PAD/MASK token."""
         mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        special = self.special_token_ids()
+        special = self.config.special_token_ids()
         if special:
             mask &= ~torch.isin(input_ids, torch.tensor(special, device=input_ids.device))
         return mask
@@ -361,15 +360,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
     @property
     def soft_label_alpha(self) -> float:
-        if self.config.soft_label_mode == "none":
+        if not self.config.uses_soft_labels:
             return 0.0
         return soft_label_alpha(self.training_progress, self.config.soft_label_max, self.config.soft_label_schedule)
 
     def mask_for_mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT-style masking with the config's mask and special token ids."""
-        return mask_tokens(input_ids, attention_mask, self.config.mask_token_id, self.special_token_ids(),
-                           self.config.text_config.vocab_size, self.config.mlm_probability, generator)
+        """BERT-style masking with the config's mask and special token ids (the collator's rule too)."""
+        return mask_for_mlm(self.config, input_ids, attention_mask, generator)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -412,13 +410,10 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         if input_ids is None or pixel_values is None:
             raise ValueError("LightCLIPModel.forward needs both `input_ids` and `pixel_values`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        objectives = self.objectives
-        token_on = bool(return_loss) and objectives.token is not None
-        mlm_on = bool(return_loss) and objectives.mlm is not None
-        need_stages = mlm_on or (token_on and self.config.vision_token_stage is not None)
-        text_kwargs = {"token_type_ids": token_type_ids, "position_ids": position_ids}
+        text_kwargs = {k: v for k, v in (("token_type_ids", token_type_ids), ("position_ids", position_ids))
+                       if v is not None and k in self._text_tower_inputs}
 
-        vision = self._encode_image(pixel_values, output_stages=need_stages)
+        vision = self._encode_image(pixel_values, output_stages=bool(return_loss) and self.objectives.needs_image_stages)
         text = self._encode_text(input_ids, attention_mask, **text_kwargs)
         image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
         text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
@@ -428,40 +423,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
         loss, losses = None, None
         if return_loss:
-            alpha = self.soft_label_alpha if self.training else 0.0
-            losses = dict(objectives.instance(image_embeds, text_embeds, logit_scale, alpha=alpha))
-            loss = losses["instance"]
-            if token_on:
-                stage = self.config.vision_token_stage
-                image_tokens = vision.tokens if stage is None else feature_map_tokens(
-                    vision.stages[stage], self.vision_shapes.num_prefix_tokens)
-                word_mask = self.text_word_mask(input_ids, attention_mask)
-                losses.update(objectives.token(image_tokens, text.tokens, word_mask))
-                loss = loss + self.config.token_loss_weight * losses["token"]
-            if mlm_on:
-                if mlm_input_ids is None or mlm_labels is None:
-                    mlm_input_ids, mlm_labels = self.mask_for_mlm(input_ids, attention_mask)
-                rows = max(1, math.ceil(self.config.mlm_batch_fraction * input_ids.shape[0]))
-                mlm_mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-                mlm_text_kwargs = {k: v[:rows] for k, v in text_kwargs.items()
-                                   if v is not None and k in self._text_tower_inputs}
-                losses.update(objectives.mlm(
-                    self.text_model, find_text_layers(self.text_model, self.config.text_config.num_hidden_layers),
-                    self.text_model.get_input_embeddings().weight,
-                    mlm_input_ids[:rows], mlm_mask[:rows], mlm_labels[:rows],
-                    tuple(stage[:rows] for stage in vision.stages), mlm_text_kwargs,
-                ))
-                loss = loss + self.config.mlm_loss_weight * losses["mlm"]
-            if objectives.ping is not None and self.training:  # the bank holds training samples only
-                if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
-                    raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
-                                     "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
-                ping_scale = logit_scale if self.config.ping_temperature is None else logit_scale.new_tensor(
-                    1.0 / self.config.ping_temperature)
-                losses.update(objectives.ping(image_embeds, text_embeds, ping_scale, sample_ids,
-                                              image_neighbour_ids, text_neighbour_ids))
-                loss = loss + self.config.ping_nn_loss_weight * losses.get("ping_nn", 0.0)
-                loss = loss + self.config.ping_xnn_loss_weight * losses.get("ping_xnn", 0.0)
+            token_on = self.objectives.token is not None
+            losses = self.objectives(
+                image_embeds, text_embeds, logit_scale, soft_label_alpha=self.soft_label_alpha,
+                image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
+                word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
+                image_stages=vision.stages, text_model=self.text_model, input_ids=input_ids,
+                attention_mask=attention_mask, text_kwargs=text_kwargs, mlm_input_ids=mlm_input_ids,
+                mlm_labels=mlm_labels, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
+                text_neighbour_ids=text_neighbour_ids)
+            loss = losses.pop("loss")
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
         output = LightCLIPOutput(
@@ -520,7 +491,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("objectives.")}
         original = self.config
         inference_config = copy.deepcopy(original)
-        for name in ("token_loss_weight", "mlm_loss_weight", "ping_nn_loss_weight", "ping_xnn_loss_weight"):
+        for name in LOSS_WEIGHT_FIELDS.values():
             setattr(inference_config, name, 0.0)
         self.config = inference_config
         try:

@@ -12,6 +12,10 @@ Objectives
   (Hungarian algorithm), turned into a word<->patch contrastive objective.
 * `MaskedLanguageModelling` - MLM on the shortened text tower, with a training-only fusion module that injects the
   unmasked image's multi-stage features into the masked caption by cross-attention.
+* `NeighbourContrastiveLoss` - CLIP-PING: contrastive supervision from nearest neighbours (NN) and cross nearest
+  neighbours (XNN) found offline with frozen pretrained unimodal encoders.
+* `LightCLIPObjectives` - builds the enabled objectives from the config and is the one place their terms are
+  computed and summed (`forward`); `LightCLIPModel.forward` calls it with the towers' outputs.
 
 Every term is normalised over the *global* batch (counts are all-reduced), so that with DDP's gradient averaging
 the loss and gradients of N processes equal those of one process holding the whole batch.
@@ -78,6 +82,47 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
         )
     gathered = fc.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=group)
     return fc.wait_tensor(gathered) if hasattr(fc, "wait_tensor") else gathered
+
+
+def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All-gather `tensor` along dim 0 from every rank, without autograd (ids, masks, bank entries)."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    tensor = tensor.detach().contiguous()
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor, group=_loss_group())
+    return torch.cat(parts)
+
+
+def _global_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum a (detached) count over ranks."""
+    _, world = _world()
+    if world == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, group=_loss_group())
+    return value
+
+
+def _global_mean_normaliser(count: torch.Tensor) -> torch.Tensor:
+    """world / global count: multiply a local *sum* by this so DDP's averaging yields the global mean."""
+    _, world = _world()
+    return world / _global_sum(count.float()).clamp(min=1.0)
+
+
+def _pad_to_global_length(tensor: torch.Tensor, dim: int, value) -> torch.Tensor:
+    """Pad `dim` to the longest size over ranks (dynamic padding differs per rank) so it can be gathered."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    length = torch.tensor([tensor.shape[dim]], device=tensor.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=_loss_group())
+    missing = int(length.item()) - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    pad = [0, 0] * (tensor.dim() - dim - 1) + [0, missing]
+    return F.pad(tensor, pad, value=value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,39 +222,6 @@ class InstanceContrastiveLoss(nn.Module):
             loss_i2t = F.cross_entropy(logits_i2t, targets_i2t)
             loss_t2i = F.cross_entropy(logits_t2i, targets_t2i)
         return {"instance": 0.5 * (loss_i2t + loss_t2i)}
-
-
-
-
-
-def _global_sum(value: torch.Tensor) -> torch.Tensor:
-    """Sum a (detached) count over ranks."""
-    _, world = _world()
-    if world == 1:
-        return value
-    value = value.detach().clone()
-    dist.all_reduce(value, group=_loss_group())
-    return value
-
-
-def _global_mean_normaliser(count: torch.Tensor) -> torch.Tensor:
-    """world / global count: multiply a local *sum* by this so DDP's averaging yields the global mean."""
-    _, world = _world()
-    return world / _global_sum(count.float()).clamp(min=1.0)
-
-
-def _pad_to_global_length(tensor: torch.Tensor, dim: int, value) -> torch.Tensor:
-    """Pad `dim` to the longest size over ranks (dynamic padding differs per rank) so it can be gathered."""
-    _, world = _world()
-    if world == 1:
-        return tensor
-    length = torch.tensor([tensor.shape[dim]], device=tensor.device)
-    dist.all_reduce(length, op=dist.ReduceOp.MAX, group=_loss_group())
-    missing = int(length.item()) - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    pad = [0, 0] * (tensor.dim() - dim - 1) + [0, missing]
-    return F.pad(tensor, pad, value=value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,7 +352,7 @@ class TokenAlignmentLoss(nn.Module):
             padded_mask = _pad_to_global_length(word_mask, 1, False)
             length = padded_words.shape[1]
             all_words = gather_with_grad(padded_words).flatten(0, 1)  # (B_g * L, d)
-            all_word_mask = gather_with_grad(padded_mask.float()).flatten().bool()
+            all_word_mask = gather_no_grad(padded_mask.to(torch.uint8)).flatten().bool()
             global_b = b_idx + rank * local
             w2p_logits = words[b_idx, l_idx] @ all_patches.t() / self.temperature
             w2p_target = global_b * num_patches + p_idx
@@ -391,6 +403,15 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, ma
     random_ids = (_uniform(input_ids.shape) * vocab_size).long().clamp(max=vocab_size - 1)
     masked = torch.where(to_random, random_ids, masked)
     return masked, labels
+
+
+def mask_for_mlm(config, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one MLM masking rule, used by the training collator and by `forward`'s fallback: the config's mask
+    token, its special-token ids (`LightCLIPConfig.special_token_ids`), random replacements drawn from the text
+    tower's vocabulary, `config.mlm_probability` of the words."""
+    return mask_tokens(input_ids, attention_mask, config.mask_token_id, config.special_token_ids(),
+                       config.text_config.vocab_size, config.mlm_probability, generator)
 
 
 class FusionBlock(nn.Module):
@@ -529,9 +550,9 @@ class NeighbourEmbeddingBank:
     @torch.no_grad()
     def update(self, ids: torch.Tensor, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> None:
         self._allocate(image_embeds.device)
-        ids = gather_with_grad(ids.detach())
-        image_embeds = gather_with_grad(image_embeds.detach())
-        text_embeds = gather_with_grad(text_embeds.detach())
+        ids = gather_no_grad(ids)
+        image_embeds = gather_no_grad(image_embeds)
+        text_embeds = gather_no_grad(text_embeds)
         keep = (ids >= 0) & (ids < self.size)
         if not keep.all():
             raise IndexError(f"sample ids outside the bank of {self.size} samples: "
@@ -590,8 +611,8 @@ class NeighbourContrastiveLoss(nn.Module):
         local = queries.shape[0]
         own = torch.arange(local, device=queries.device) + rank * local
         if negatives == "bank":
-            all_positives = gather_with_grad(positives)
-            all_valid = gather_with_grad(valid.to(positives.dtype)) > 0.5
+            all_positives = gather_no_grad(positives)  # bank entries: detached
+            all_valid = gather_no_grad(valid.to(torch.uint8)).bool()
             logits = logit_scale * queries @ all_positives.t()
             # unusable rows' entries are no candidates; a finite fill keeps rows without any candidate NaN-free
             logits = logits.masked_fill(~all_valid.unsqueeze(0), _MASKED_LOGIT)
@@ -630,32 +651,109 @@ class NeighbourContrastiveLoss(nn.Module):
 
 
 class LightCLIPObjectives(nn.Module):
-    """All training-only parts of a LightCLIP model, built from its config: the instance loss (no parameters),
-    the token alignment loss with its token projections, the MLM head with its fusion module. Objectives whose
-    weight is 0 are not built, so they cost nothing and hold no parameters."""
+    """Every training objective of a LightCLIP model, built from its config, and the one place their terms are
+    computed and summed.
+
+    Holds the instance loss (no parameters) and, when their weight is > 0, the token alignment loss with its token
+    projections, the MLM head with its fusion module, and CLIP-PING's neighbour loss with its bank. Objectives whose
+    weight is 0 are not built: they cost nothing and hold no parameters. `forward` takes what the towers produced
+    and returns the dict of named unweighted terms plus `"loss"`, their weighted sum (weights:
+    `config.loss_weights()`; the instance term has weight 1).
+    """
 
     def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
         super().__init__()
+        self.config = config
         self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature)
         self.token = None
-        if config.token_loss_weight > 0:
+        if config.uses_token_loss:
             self.token = TokenAlignmentLoss(
                 vision_token_dim, text_dim, config.token_projection_dim, temperature=config.token_temperature,
                 match_threshold=config.token_match_threshold, negatives=config.token_negatives,
                 solver=config.token_solver,
             )
         self.mlm = None
-        if config.mlm_loss_weight > 0:
+        if config.uses_mlm:
             self.mlm = MaskedLanguageModelling(
                 text_dim, vision_stage_dims, config.fusion_text_layers, config.fusion_vision_stages,
                 config.fusion_num_heads, config.text_config.vocab_size,
                 layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12),
             )
         self.ping = None
-        if config.ping_nn_loss_weight > 0 or config.ping_xnn_loss_weight > 0:
+        if config.uses_ping:
             self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
                                                  config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
                                                  config.ping_negatives)
+
+    @property
+    def needs_image_stages(self) -> bool:
+        """Whether `forward` reads the image tower's per-stage features (MLM fusion, or token alignment at an
+        earlier stage): the model asks the tower for its hidden states only then."""
+        return self.mlm is not None or (self.token is not None and self.config.vision_token_stage is not None)
+
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        *,
+        soft_label_alpha: float = 0.0,
+        image_tokens: torch.Tensor | None = None,
+        text_tokens: torch.Tensor | None = None,
+        word_mask: torch.Tensor | None = None,
+        image_stages: tuple | None = None,
+        text_model: nn.Module | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_kwargs: dict | None = None,
+        mlm_input_ids: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        sample_ids: torch.Tensor | None = None,
+        image_neighbour_ids: torch.Tensor | None = None,
+        text_neighbour_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            image_embeds, text_embeds: (B, D) L2-normalised projected embeddings; logit_scale: the exp'ed scale.
+            soft_label_alpha: softening weight of the instance targets (applied in training only).
+            image_tokens, text_tokens, word_mask: the token alignment's patch tokens (B, P, Cv), word states
+                (B, L, Ct) and real-word mask (B, L).
+            image_stages: the image tower's hidden states, for the MLM fusion.
+            text_model, input_ids, attention_mask, text_kwargs: the text tower and the caption, for the fused
+                masked pass; `mlm_input_ids` / `mlm_labels` from the collator, else masked here (`mask_for_mlm`).
+            sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (training only).
+        """
+        config = self.config
+        alpha = soft_label_alpha if self.training else 0.0
+        terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha))
+        if self.token is not None:
+            terms.update(self.token(image_tokens, text_tokens, word_mask))
+        if self.mlm is not None:
+            if mlm_input_ids is None or mlm_labels is None:
+                mlm_input_ids, mlm_labels = mask_for_mlm(config, input_ids, attention_mask)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            rows = max(1, math.ceil(config.mlm_batch_fraction * input_ids.shape[0]))
+            terms.update(self.mlm(
+                text_model, find_text_layers(text_model, config.text_config.num_hidden_layers),
+                text_model.get_input_embeddings().weight, mlm_input_ids[:rows], attention_mask[:rows],
+                mlm_labels[:rows], tuple(stage[:rows] for stage in image_stages),
+                {k: v[:rows] for k, v in (text_kwargs or {}).items()},
+            ))
+        if self.ping is not None and self.training:  # the bank holds training samples only
+            if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
+                raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
+                                 "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
+            ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
+                1.0 / config.ping_temperature)
+            terms.update(self.ping(image_embeds, text_embeds, ping_scale, sample_ids, image_neighbour_ids,
+                                   text_neighbour_ids))
+        loss = terms["instance"]
+        for term, weight in config.loss_weights().items():
+            if term in terms:
+                loss = loss + weight * terms[term]
+        terms["loss"] = loss
+        return terms
 
 
 __all__ = [
@@ -668,7 +766,9 @@ __all__ = [
     "TokenAlignmentLoss",
     "feature_map_tokens",
     "find_text_layers",
+    "gather_no_grad",
     "gather_with_grad",
+    "mask_for_mlm",
     "mask_tokens",
     "soft_label_alpha",
     "soft_targets",

@@ -33,21 +33,21 @@ def captions():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
+    from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
 
     return train_wordpiece_tokenizer(CAPTIONS * 4, vocab_size=300, model_max_length=32)
 
 
 @pytest.fixture(scope="session")
 def tiny_recipe():
-    from modeling_lightclip.recipes import load_recipe
+    from modeling_lightclip.training.recipes import load_recipe
 
     return load_recipe("tiny")
 
 
 @pytest.fixture()
 def tiny_config(tiny_recipe, tokenizer):
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     return build_model_config(tiny_recipe["model"], tokenizer)
 

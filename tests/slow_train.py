@@ -5,7 +5,7 @@ import time
 
 from transformers import TrainerCallback
 
-import modeling_lightclip.trainer as trainer_module
+import modeling_lightclip.training.trainer as trainer_module
 import train_lightclip
 
 

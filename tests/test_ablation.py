@@ -30,18 +30,20 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
     """Each arm's switches reach the config fields under their own names (a typo would fail the parser or
     leave a field at its default); CLIP-PING arms, and only they, get the neighbour folder."""
     import train_lightclip
-    from modeling_lightclip.arguments import config_overrides
+    from modeling_lightclip.training.arguments import config_overrides
+    from modeling_lightclip.training.recipes import build_model_config
 
     files = {"train": tmp_path / "train.parquet"}
     for name, overrides in ablation.ARMS.items():
         argv = ablation.train_argv(ablation.SETTINGS["cpu"], overrides, 3, files, tmp_path / "tok",
                                    tmp_path / "nn", tmp_path / name)
-        _, model_args, data_args, training_args = train_lightclip.parse_args(argv)
+        recipe, model_args, data_args, training_args = train_lightclip.parse_args(argv)
         given = config_overrides(model_args)
         for key, value in overrides.items():
             assert given[key] == (value if isinstance(value, str) else float(value)), (name, key)
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
-        uses_ping = overrides["ping_nn_loss_weight"] > 0 or overrides["ping_xnn_loss_weight"] > 0
+        uses_ping = build_model_config(recipe["model"], **given).uses_ping
+        assert uses_ping == (name in ("lightclip+ping", "lightclip+ping_batch_negatives")), name
         assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == uses_ping
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]

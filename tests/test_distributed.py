@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import CAPTIONS
 from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.recipes import build_model_config
+from modeling_lightclip.training.recipes import build_model_config
 
 
 WORKER = Path(__file__).parent / "distributed_worker.py"

@@ -9,9 +9,9 @@ import torch
 
 from conftest import make_batch
 from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.hub import HubUploadError, export_clip, push_folder
-from modeling_lightclip.preprocessing import build_processor
-from modeling_lightclip.recipes import build_model_config
+from modeling_lightclip.training.hub import HubUploadError, export_clip, push_folder
+from modeling_lightclip.training.preprocessing import build_processor
+from modeling_lightclip.training.recipes import build_model_config
 
 
 CLIP_SHAPED = {
@@ -93,7 +93,7 @@ def test_push_without_network_fails_with_one_clear_message(trained_folder):
         push_folder(trained_folder, "someone/tiny-lightclip")  # HF_HUB_OFFLINE=1 in the tests
     message = str(info.value)
     assert "could not upload" in message and "folder is complete" in message
-    assert f"python -m modeling_lightclip.hub push {trained_folder} --hub_model_id someone/tiny-lightclip" in message
+    assert f"python -m modeling_lightclip.training.hub push {trained_folder} --hub_model_id someone/tiny-lightclip" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
@@ -129,7 +129,7 @@ def test_export_refuses_non_clip_towers(tiny_model, tokenizer, tmp_path):
 
 
 def test_lora_merge_equals_the_peft_model(tiny_recipe, tokenizer, tmp_path):
-    from modeling_lightclip.lora import apply_lora, merge_lora
+    from modeling_lightclip.training.lora import apply_lora, merge_lora
 
     torch.manual_seed(0)
     base = LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer)).eval()

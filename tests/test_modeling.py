@@ -30,7 +30,7 @@ VISION = {
 
 
 def _tiny(vision, tokenizer, text=TEXT, **kwargs):
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     torch.manual_seed(0)
     config = build_model_config({"image_size": 64, "projection_dim": 16, "vision_config": VISION[vision],
@@ -73,7 +73,7 @@ def test_forward_shapes_and_tokens_every_tower_family(vision, text, tokenizer):
 
 def test_loss_equals_independent_clip_loss(tiny_recipe, tokenizer):
     """alpha = 0 and no extra objectives: the standard CLIP loss."""
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_mode="similarity", soft_label_max=0.5,
                                 token_loss_weight=0.0, mlm_loss_weight=0.0)
@@ -174,7 +174,7 @@ def test_overlong_caption_fails_with_a_clear_message(tiny_model, tokenizer):
 
 
 def test_mlm_without_a_mask_token_fails_at_start(tiny_recipe, tokenizer):
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     config = build_model_config(tiny_recipe["model"], tokenizer)
     config.mask_token_id = None

@@ -18,7 +18,7 @@ from modeling_lightclip.objectives_lightclip import (
     soft_targets,
     solve_word_patch_assignment,
 )
-from modeling_lightclip.recipes import build_model_config
+from modeling_lightclip.training.recipes import build_model_config
 
 
 # ---------------------------------------------------------------------------------------------- instance level
@@ -224,6 +224,44 @@ def test_forward_masks_by_itself_when_the_collator_did_not(tiny_recipe, tokenize
     assert given.item() == pytest.approx(auto.item(), rel=1e-6)
 
 
+def test_collator_masks_by_the_configs_rule(tiny_recipe, tokenizer, photo_paths):
+    """One masking rule: the collator masks with the model config's special ids (here a word the config declares
+    its BOS token, which the tokenizer does not know as special) and the text tower's vocabulary."""
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.preprocessing import build_processor
+
+    word = tokenizer.convert_tokens_to_ids("photo")
+    config = build_model_config(tiny_recipe["model"], tokenizer, mlm_probability=0.9)
+    config.text_config.bos_token_id = word
+    assert word in config.special_token_ids()
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config)
+    examples = [{"image": str(photo_paths[i % 2]), "caption": "a photo of a photo of a cat " * 2} for i in range(16)]
+    batch = collator(examples)
+    selected = batch["mlm_labels"] != -100
+    assert selected.any()
+    assert not torch.isin(batch["input_ids"][selected], torch.tensor(config.special_token_ids())).any()
+    assert (batch["input_ids"] == word).any() and int(batch["mlm_input_ids"].max()) < config.text_config.vocab_size
+    no_mlm = build_model_config(tiny_recipe["model"], tokenizer, mlm_loss_weight=0.0)
+    assert "mlm_input_ids" not in ImageTextCollator(build_processor(32, tokenizer), model_config=no_mlm)(examples)
+
+
+def test_loss_is_the_weighted_sum_of_the_named_terms(tiny_recipe, tokenizer):
+    """`LightCLIPObjectives.forward` sums the terms with the config's weights (instance weight 1)."""
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.3, mlm_loss_weight=0.7,
+                                soft_label_mode="none")
+    torch.manual_seed(0)
+    model = LightCLIPModel(config).train()
+    batch = make_batch(tokenizer, batch_size=4)
+    out = model(**batch, return_loss=True)
+    assert set(out.losses) == {"instance", "token", "mlm"}
+    expected = out.losses["instance"] + 0.3 * out.losses["token"] + 0.7 * out.losses["mlm"]
+    torch.testing.assert_close(out.loss, expected)
+    clip = LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0,
+                                             mlm_loss_weight=0.0, soft_label_mode="none")).train()
+    out = clip(**batch, return_loss=True)
+    assert set(out.losses) == {"instance"} and torch.equal(out.loss, out.losses["instance"])
+
+
 def test_mlm_head_is_tied_to_word_embeddings(tiny_model):
     names = [n for n, _ in tiny_model.objectives.mlm.named_parameters()]
     assert not any("decoder" in n or n.endswith("embeddings.weight") for n in names)
@@ -364,7 +402,7 @@ def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, token
 def test_weight_decay_groups_and_callback(tiny_model):
     from types import SimpleNamespace
 
-    from modeling_lightclip.trainer import LightCLIPCallback, decay_parameter_names
+    from modeling_lightclip.training.trainer import LightCLIPCallback, decay_parameter_names
 
     decayed = set(decay_parameter_names(tiny_model))
     names = dict(tiny_model.named_parameters())

@@ -25,7 +25,7 @@ def _write(root: Path, relative: str, text: str) -> None:
 
 
 def test_openclipart_captions_from_metadata(tmp_path):
-    from modeling_lightclip.offline_data import openclipart_caption
+    from modeling_lightclip.training.offline_data import openclipart_caption
 
     _write(tmp_path, "animals/birds/rooster.svg",
            SVG.format(title="Red  Rooster", keywords="<rdf:li>rooster</rdf:li><rdf:li>unsorted</rdf:li>"
@@ -45,7 +45,7 @@ def test_openclipart_parquet_with_rasters_and_skips(tmp_path):
         pytest.skip("cairosvg (and libcairo) not available")
     from datasets import load_dataset
 
-    from modeling_lightclip.offline_data import write_openclipart
+    from modeling_lightclip.training.offline_data import write_openclipart
 
     for i in range(12):
         _write(tmp_path, f"objects/item_{i}.svg", SVG.format(title=f"Thing {i}", keywords="<rdf:li>box</rdf:li>"))
@@ -79,7 +79,7 @@ def test_fashion_mnist_splits_from_idx_files(tmp_path):
     import numpy as np
     from datasets import load_dataset
 
-    from modeling_lightclip.offline_data import FASHION_MNIST_CLASSES, write_fashion_mnist
+    from modeling_lightclip.training.offline_data import FASHION_MNIST_CLASSES, write_fashion_mnist
 
     folder = tmp_path / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
     folder.mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CAPTIONS, FIXTURES
-from modeling_lightclip.neighbours import (
+from modeling_lightclip.training.neighbours import (
     FrozenImageEncoder,
     FrozenTextEncoder,
     NeighbourTable,
@@ -240,7 +240,7 @@ def test_bank_negatives_do_not_reward_drift():
 def test_ping_in_the_model_and_its_start_up_errors(tiny_recipe, tokenizer):
     from conftest import make_batch
     from modeling_lightclip import LightCLIPModel
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     config = build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=0.5, ping_xnn_loss_weight=0.5,
                                 ping_bank_size=16)
@@ -273,7 +273,7 @@ def test_train_script_refuses_ping_without_neighbour_files(tmp_path):
 def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer):
     from conftest import make_batch
     from modeling_lightclip import LightCLIPModel
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.recipes import build_model_config
 
     batch = make_batch(tokenizer, batch_size=4)
     ids = dict(sample_ids=torch.tensor([0, 1, 2, 3]), image_neighbour_ids=torch.tensor([1, 0, 3, 2]),
@@ -297,3 +297,51 @@ def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer)
         torch.testing.assert_close(out.losses["ping_nn"], expected)
         terms[temperature] = out.losses["ping_nn"].item()
     assert terms[None] != pytest.approx(terms[0.5])
+
+
+def _fake_neighbours(folder, rows: int = 64, k: int = 4):
+    """A neighbour folder for `rows` training rows: k random neighbours each, never the row itself."""
+    from modeling_lightclip.training.neighbours import FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for modality in ("image", "text"):
+        table = np.stack([rng.permutation(np.delete(np.arange(rows), i))[:k] for i in range(rows)])
+        np.save(folder / FILES[f"{modality}_neighbours"], table)
+    return folder
+
+
+def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
+    """CLIP-PING is decided from the built config: a folder trained with CLIP-PING continues with CLIP-PING even
+    when no PING flag is given - asking for its neighbour files when they are missing, training with them (and a
+    bank sized to the new training set) when they are given, and training without PING when switched off."""
+    import json
+
+    import train_lightclip
+    from modeling_lightclip import LightCLIPConfig
+
+    neighbours = _fake_neighbours(tmp_path / "ping")
+    first = tmp_path / "first"
+    common = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8",
+              "--do_eval", "false", "--logging_steps", "1"]
+    train_lightclip.main(common + ["--max_steps", "2", "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight",
+                                   "0.5", "--ping_neighbours_dir", str(neighbours), "--output_dir", str(first)])
+    assert LightCLIPConfig.from_pretrained(first).uses_ping
+
+    with pytest.raises(ValueError, match="saved config.*--ping_neighbours_dir"):
+        train_lightclip.main(common + ["--max_steps", "2", "--model_name_or_path", str(first),
+                                       "--output_dir", str(tmp_path / "no_neighbours")])
+
+    second = tmp_path / "second"
+    trainer = train_lightclip.main(common + ["--max_steps", "4", "--model_name_or_path", str(first),
+                                             "--ping_neighbours_dir", str(neighbours), "--output_dir", str(second)])
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 4 and all("loss_ping_nn" in h and "loss_ping_xnn" in h for h in logged[1:])
+    assert trainer.model.config.ping_bank_size == 64
+    assert int(trainer.model.objectives.ping.bank.valid.sum()) == 32  # 4 steps x 8 samples, bank of this run
+    assert json.loads((second / "config.json").read_text())["ping_nn_loss_weight"] == 0.5
+
+    off = train_lightclip.main(common + ["--max_steps", "1", "--model_name_or_path", str(first),
+                                         "--ping_nn_loss_weight", "0", "--ping_xnn_loss_weight", "0",
+                                         "--output_dir", str(tmp_path / "off")])
+    assert off.model.objectives.ping is None

@@ -3,7 +3,7 @@ import torch
 
 from conftest import make_batch
 from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.recipes import build_model_config, check_tokenizer_fits, list_recipes, load_recipe
+from modeling_lightclip.training.recipes import build_model_config, check_tokenizer_fits, list_recipes, load_recipe
 
 
 EXPECTED = {"tiny", "resnet18", "mobilenetv2", "efficientnet_b0", "vit_xs"}
@@ -44,7 +44,7 @@ def test_overrides_beat_the_recipe(tokenizer):
 
 
 def test_tokenizer_that_does_not_fit_is_refused(tokenizer):
-    from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
+    from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
 
     config = build_model_config(load_recipe("tiny")["model"], tokenizer)
     bigger = train_wordpiece_tokenizer([f"word{i} token{i}" for i in range(400)], vocab_size=2000)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.preprocessing import build_processor
+from modeling_lightclip.training.preprocessing import build_processor
 
 
 CLIENT = textwrap.dedent('''
@@ -146,8 +146,8 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
     _check(_run_client(python, folder, photo_paths, tmp_path), expected)
 
     # the native export of a CLIP-shaped model: plain CLIPModel, no custom code, same pipeline
-    from modeling_lightclip.hub import export_clip
-    from modeling_lightclip.recipes import build_model_config
+    from modeling_lightclip.training.hub import export_clip
+    from modeling_lightclip.training.recipes import build_model_config
     from test_hub import CLIP_SHAPED
 
     torch.manual_seed(0)

@@ -110,7 +110,7 @@ def test_dirty_dataset_streaming(tmp_path, monkeypatch):
 
 def _saved_tokenizer(folder: Path) -> Path:
     from conftest import CAPTIONS
-    from modeling_lightclip.preprocessing import train_wordpiece_tokenizer
+    from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
 
     path = folder / "tokenizer"
     train_wordpiece_tokenizer(CAPTIONS * 4, vocab_size=300, model_max_length=32).save_pretrained(path)
@@ -118,10 +118,10 @@ def _saved_tokenizer(folder: Path) -> Path:
 
 
 def test_a_batch_of_only_bad_samples_is_a_zero_step(tiny_model, tokenizer):
-    from modeling_lightclip.data import ImageTextCollator
-    from modeling_lightclip.preprocessing import build_processor
-    from modeling_lightclip.trainer import LightCLIPTrainer
-    from modeling_lightclip.arguments import LightCLIPTrainingArguments
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.trainer import LightCLIPTrainer
+    from modeling_lightclip.training.arguments import LightCLIPTrainingArguments
 
     collator = ImageTextCollator(build_processor(32, tokenizer))
     batch = collator([{"image": b"not an image", "caption": "x"}, {"image": None, "caption": "y"}])
@@ -170,7 +170,7 @@ def test_sigkill_then_resume_reaches_the_same_end(tmp_path):
     half = out / "checkpoint-12"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"\x00" * 100)
-    from modeling_lightclip.trainer import latest_complete_checkpoint
+    from modeling_lightclip.training.trainer import latest_complete_checkpoint
 
     picked = latest_complete_checkpoint(out)
     assert picked is not None and Path(picked).name in ("checkpoint-4", "checkpoint-6", "checkpoint-8")
@@ -281,8 +281,8 @@ def test_ping_bank_is_checkpointed_and_restored(tmp_path):
     """The CLIP-PING bank is not in the weights: it travels in each checkpoint and comes back on resume."""
     import numpy as np
     import train_lightclip
-    from modeling_lightclip.neighbours import FILES
-    from modeling_lightclip.trainer import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
+    from modeling_lightclip.training.neighbours import FILES
+    from modeling_lightclip.training.trainer import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
     from modeling_lightclip import LightCLIPModel
 
     neighbours = tmp_path / "ping"

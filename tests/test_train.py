@@ -98,7 +98,7 @@ def test_recipe_then_flags(tmp_path):
     assert training_args.learning_rate == 0.5               # the flag beats the recipe
     assert training_args.dataloader_drop_last and not training_args.remove_unused_columns
     assert training_args.label_names == []
-    from modeling_lightclip.arguments import config_overrides
+    from modeling_lightclip.training.arguments import config_overrides
 
     assert config_overrides(model_args) == {"soft_label_mode": "none", "token_loss_weight": 0.0}
 
@@ -123,7 +123,7 @@ def test_two_process_cpu_training(tmp_path):
 
 
 def test_zero_shot_metric_by_hand():
-    from modeling_lightclip.evaluation import load_metric
+    from modeling_lightclip.training.evaluation import load_metric
 
     metric = load_metric("zero_shot_accuracy")
     predictions = [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [1, 0, 2, 3, 4, 5], [2, 3, 4, 5, 1, 0]]
@@ -134,7 +134,7 @@ def test_zero_shot_metric_by_hand():
 
 
 def test_retrieval_metrics_by_hand():
-    from modeling_lightclip.evaluation import retrieval_metrics
+    from modeling_lightclip.training.evaluation import retrieval_metrics
 
     # 3 pairs in 2-D; image 2 is closest to text 1, the others to their own text
     images = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])

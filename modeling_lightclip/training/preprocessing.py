@@ -8,10 +8,11 @@
 """
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from transformers import AutoTokenizer, BertTokenizerFast, CLIPImageProcessor, PreTrainedTokenizerBase
 
-from .processing_lightclip import LightCLIPProcessor
+from ..processing_lightclip import LightCLIPProcessor
 
 
 # ImageNet statistics: what the CNN towers (ResNet, MobileNetV2, EfficientNet) are pretrained with.
@@ -45,6 +46,42 @@ def train_wordpiece_tokenizer(
         unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
         model_input_names=["input_ids", "attention_mask"],
     )
+
+
+def _captions(dataset, column: str, limit: int = 200_000):
+    """The caption strings of a dataset (a list of captions per row yields each), without decoding images."""
+    if hasattr(dataset, "select_columns"):
+        dataset = dataset.select_columns([column])
+    for i, example in enumerate(dataset):
+        if i >= limit:
+            break
+        captions = example.get(column)
+        for caption in captions if isinstance(captions, list) else [captions]:
+            if isinstance(caption, bytes):
+                caption = caption.decode("utf-8", errors="ignore")
+            if isinstance(caption, str):
+                yield caption
+
+
+def training_tokenizer(recipe: dict, model_args, train_dataset, caption_column: str, training_args):
+    """The run's tokenizer: `--tokenizer_name`, or a WordPiece tokenizer trained on the training captions. WordPiece
+    training is not deterministic from run to run, so the main process trains it once and saves it under
+    `output_dir/_tokenizer`; the other processes load that copy."""
+    settings = recipe.get("tokenizer", {})
+    max_length = settings.get("model_max_length", 77)
+    if model_args.tokenizer_name:
+        return load_tokenizer(model_args.tokenizer_name, max_length)
+    if train_dataset is None:
+        raise ValueError("no training data to train a tokenizer on: pass --tokenizer_name or a train split.")
+    shared = Path(training_args.output_dir) / "_tokenizer"
+    with training_args.main_process_first(local=False, desc="training the tokenizer"):
+        if training_args.process_index == 0:
+            vocab = model_args.tokenizer_vocab_size or settings.get("vocab_size", 8192)
+            tokenizer = train_wordpiece_tokenizer(_captions(train_dataset, caption_column), vocab, max_length)
+            tokenizer.save_pretrained(shared)
+        else:
+            tokenizer = load_tokenizer(str(shared), max_length)
+    return tokenizer
 
 
 def load_tokenizer(name_or_path: str, model_max_length: int | None = None) -> PreTrainedTokenizerBase:
@@ -90,4 +127,5 @@ __all__ = [
     "load_tokenizer",
     "text_config_token_ids",
     "train_wordpiece_tokenizer",
+    "training_tokenizer",
 ]

@@ -1,8 +1,8 @@
 """Hub side of LightCLIP (training side; not remote code): model card, push, native `CLIPModel` export.
 
-    python -m modeling_lightclip.hub card   outputs/lightclip-fashion-mnist                 # (re)write README.md
-    python -m modeling_lightclip.hub push   outputs/lightclip-fashion-mnist --hub_model_id ORG/NAME
-    python -m modeling_lightclip.hub export outputs/vit-xs --out outputs/vit-xs-clip       # CLIP-shaped towers only
+    python -m modeling_lightclip.training.hub card   outputs/lightclip-fashion-mnist                 # (re)write README.md
+    python -m modeling_lightclip.training.hub push   outputs/lightclip-fashion-mnist --hub_model_id ORG/NAME
+    python -m modeling_lightclip.training.hub export outputs/vit-xs --out outputs/vit-xs-clip       # CLIP-shaped towers only
 
 The card is rendered from the repository's `model_card.md` template with `huggingface_hub.ModelCard` /
 `ModelCardData`, from real values read at save time: the saved config and weights, `eval_results.json`,
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 
-_TEMPLATE_CANDIDATES = (Path(__file__).resolve().parent.parent / "model_card.md",
+_TEMPLATE_CANDIDATES = (Path(__file__).resolve().parents[2] / "model_card.md",
                         Path(sys.prefix) / "share" / "lightclip" / "model_card.md")
 METRIC_NAMES = {
     "eval_zero_shot_top1": ("zero-shot top-1 accuracy", "accuracy", "zero-shot-image-classification"),
@@ -124,7 +124,7 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
     """A `huggingface_hub.ModelCard` for a saved LightCLIP folder, from the real values found there."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from . import LightCLIPModel, LightCLIPProcessor
+    from .. import LightCLIPModel, LightCLIPProcessor
 
     folder = Path(folder)
     model = model if model is not None else LightCLIPModel.from_pretrained(folder)
@@ -207,6 +207,30 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
     )
 
 
+def write_training_info(training_args, data_args, recipe: dict, train_dataset, model_args) -> Path:
+    """What the model card says about training, recorded beside the weights as `training_info.json`."""
+    embedded = data_args.train_file is None and data_args.dataset_name == "parquet"
+    dataset = data_args.dataset_name if data_args.dataset_name not in (None, "parquet", "csv", "json") else (
+        "Fashion-MNIST (embedded subset)" if embedded else data_args.train_file or data_args.dataset_name)
+    info = {
+        "recipe": recipe.get("name"),
+        "dataset": dataset,
+        "dataset_hub_id": data_args.dataset_name if data_args.dataset_name and "/" in data_args.dataset_name else None,
+        "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+        "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
+        * training_args.gradient_accumulation_steps,
+        "learning_rate": training_args.learning_rate,
+        "epochs": training_args.num_train_epochs,
+        "seed": training_args.seed,
+        "eval_split": data_args.validation_split,
+        "base_models": [m for m in (model_args.model_name_or_path, model_args.vision_model_name_or_path,
+                                    model_args.text_model_name_or_path) if m and "/" in m and not Path(m).exists()],
+    }
+    path = Path(training_args.output_dir) / "training_info.json"
+    path.write_text(json.dumps(info, indent=2))
+    return path
+
+
 def write_model_card(folder, **kwargs) -> Path:
     card = build_model_card(folder, **kwargs)
     path = Path(folder) / "README.md"
@@ -230,7 +254,7 @@ def push_folder(folder, repo_id: str, token: str | None = None, private: bool = 
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise HubUploadError(
             f"could not upload {folder} to the Hub repo {repo_id} ({reason}). The folder is complete and loads "
-            f"locally; push it later with: python -m modeling_lightclip.hub push {folder} --hub_model_id {repo_id}"
+            f"locally; push it later with: python -m modeling_lightclip.training.hub push {folder} --hub_model_id {repo_id}"
         ) from None
     return getattr(info, "commit_url", str(info))
 
@@ -286,7 +310,7 @@ def main(argv=None):
     if args.command == "card":
         print(write_model_card(args.folder, repo_id=args.hub_model_id))
     elif args.command == "export":
-        from . import LightCLIPModel, LightCLIPProcessor
+        from .. import LightCLIPModel, LightCLIPProcessor
 
         model = LightCLIPModel.from_pretrained(args.folder)
         out = export_clip(model, LightCLIPProcessor.from_pretrained(args.folder), args.out)
@@ -308,9 +332,9 @@ def main(argv=None):
             raise SystemExit(1) from None
 
 
+__all__ = ["HubUploadError", "build_model_card", "export_clip", "write_training_info", "measure_latency", "parameter_counts",
+           "push_folder", "write_model_card"]
+
+
 if __name__ == "__main__":
     main()
-
-
-__all__ = ["HubUploadError", "build_model_card", "export_clip", "measure_latency", "parameter_counts",
-           "push_folder", "write_model_card"]

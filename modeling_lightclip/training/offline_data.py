@@ -2,7 +2,7 @@
 
 Fashion-MNIST (`dataset-fashion-mnist`): zero-shot classification.
 
-    python -m modeling_lightclip.offline_data fashion-mnist --out data/fashion_mnist --train_per_class 1000 \
+    python -m modeling_lightclip.training.offline_data fashion-mnist --out data/fashion_mnist --train_per_class 1000 \
         --validation_per_class 200
 
 fetches the package with `apt-get download` + `dpkg -x` (no root needed for those two; an existing extraction can
@@ -13,7 +13,7 @@ The repository ships the output of the command above under `data/fashion_mnist/`
 
 OpenClipart (`openclipart-svg`, 8,121 public-domain SVGs with human-written metadata): image-caption retrieval.
 
-    python -m modeling_lightclip.offline_data openclipart --out data/openclipart --image_size 64
+    python -m modeling_lightclip.training.offline_data openclipart --out data/openclipart --image_size 64
 
 rasterises every SVG with `cairosvg` (pip) onto white, builds its caption from the work's own metadata (title,
 category path, keywords) and writes `train.parquet` / `validation.parquet` with a fixed split (a stable hash of the

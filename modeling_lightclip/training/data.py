@@ -22,12 +22,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from .objectives_lightclip import mask_tokens
+from ..objectives_lightclip import mask_for_mlm
 
 
 import sys
 
-_REPO_DATA = Path(__file__).resolve().parent.parent / "data" / "fashion_mnist"
+_REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "fashion_mnist"
 _INSTALLED_DATA = Path(sys.prefix) / "share" / "lightclip" / "data" / "fashion_mnist"
 EMBEDDED_DATA = _REPO_DATA if (_REPO_DATA / "train.parquet").is_file() else _INSTALLED_DATA
 PACKAGED_BUILDERS = ("imagefolder", "webdataset", "parquet", "csv", "json", "arrow", "text")
@@ -68,7 +68,7 @@ class DataArguments:
         "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
     ping_neighbours_dir: str | None = field(default=None, metadata={
-        "help": "CLIP-PING neighbour folder built by `python -m modeling_lightclip.neighbours build` for this "
+        "help": "CLIP-PING neighbour folder built by `python -m modeling_lightclip.training.neighbours build` for this "
                 "training set (needed when ping_nn_loss_weight or ping_xnn_loss_weight > 0)."})
     ping_top_k: int | None = field(default=None, metadata={
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
@@ -92,7 +92,7 @@ def load_image_text_datasets(args: DataArguments) -> dict:
     if args.dataset_name is None and args.train_file is None and args.validation_file is None:
         if not (EMBEDDED_DATA / "train.parquet").is_file():
             raise FileNotFoundError(f"the embedded dataset is missing from {EMBEDDED_DATA}; regenerate it with "
-                                    "`python -m modeling_lightclip.offline_data fashion-mnist`")
+                                    "`python -m modeling_lightclip.training.offline_data fashion-mnist`")
         args.dataset_name = "parquet"
         files = {"train": str(EMBEDDED_DATA / "train.parquet"), "validation": str(EMBEDDED_DATA / "validation.parquet")}
         raw = load_dataset("parquet", data_files=files, streaming=args.streaming)
@@ -185,6 +185,26 @@ def zero_shot_templates(args: DataArguments) -> list[str]:
     return templates
 
 
+def check_image_column(dataset, image_column: str, probe: int = 8) -> None:
+    """Stop at start-up, with one message, when the image column holds no images at all."""
+    rows = []
+    for i, row in enumerate(dataset):
+        rows.append(row)
+        if i + 1 >= probe:
+            break
+    decoded = 0
+    for row in rows:
+        try:
+            load_image(row[image_column])
+            decoded += 1
+        except Exception:  # noqa: BLE001 - any failure counts as "not an image" here
+            pass
+    if rows and decoded == 0:
+        example = repr(rows[0][image_column])[:80]
+        raise ValueError(f"the image column {image_column!r} holds no readable images (first value: "
+                         f"{example}); point --image_column at images (PIL, file paths or bytes).")
+
+
 # ------------------------------------------------------------------------------------------------------- images
 
 
@@ -268,7 +288,8 @@ class ImageTextCollator:
     """Examples -> a LightCLIP batch. Bad samples are skipped and counted in `skipped` by reason.
 
     train=True applies the augmentation (random resized crop, horizontal flip) before the image processor and,
-    when `mlm_probability` is set, adds `mlm_input_ids` / `mlm_labels`. Keys: pixel_values, input_ids,
+    when `model_config` has MLM on, adds `mlm_input_ids` / `mlm_labels` (masked by `mask_for_mlm`, the rule the
+    model itself uses). Keys: pixel_values, input_ids,
     attention_mask, return_loss (so the Trainer computes an eval loss); with `neighbours` (a `NeighbourTable`,
     CLIP-PING) sample_ids and one drawn image- and text-space neighbour id per sample; class_labels when
     `label_column` is set (evaluation only: the model takes no such input).
@@ -280,7 +301,7 @@ class ImageTextCollator:
     label_column: str | None = None
     train: bool = True
     max_length: int | None = None
-    mlm_probability: float | None = None
+    model_config: object = None
     random_resized_crop_scale: float = 0.8
     horizontal_flip: bool = True
     seed: int = 0
@@ -382,12 +403,9 @@ class ImageTextCollator:
                  "attention_mask": text["attention_mask"], "return_loss": True}
         if self._batch_skipped:
             batch["skipped"] = dict(self._batch_skipped)
-        if self.train and self.mlm_probability:
-            special = [self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id,
-                       self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.mask_token_id]
-            batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-                text["input_ids"], text["attention_mask"], self.tokenizer.mask_token_id, special,
-                len(self.tokenizer), self.mlm_probability, generator)
+        if self.train and self.model_config is not None and self.model_config.uses_mlm:
+            batch["mlm_input_ids"], batch["mlm_labels"] = mask_for_mlm(
+                self.model_config, text["input_ids"], text["attention_mask"], generator)
         if self.label_column is not None and self.label_column in examples[0]:
             batch["class_labels"] = torch.tensor([int(examples[i][self.label_column]) for i in keep], dtype=torch.long)
         if self.train and self.neighbours is not None:
@@ -403,6 +421,7 @@ class ImageTextCollator:
 __all__ = [
     "DataArguments",
     "ImageTextCollator",
+    "check_image_column",
     "class_names_for",
     "load_image",
     "load_image_text_datasets",

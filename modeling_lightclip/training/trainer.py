@@ -16,11 +16,14 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+
 
 def unwrap_model(model):
-    """The LightCLIPModel inside DDP/accelerate and peft wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
+    """The LightCLIPModel inside DDP/DeepSpeed/compile wrappers (accelerate's unwrapping) and a peft wrapper."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return model
@@ -30,18 +33,30 @@ PING_BANK_FILE = "ping_bank.pt"
 CHECKPOINT_REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
 
 
-def _checkpoint_complete(path: Path, require_bank: bool = False) -> bool:
-    """All files a resume needs are there and the trainer state (written last) parses."""
+def _checkpoint_uses_ping(path: Path) -> bool:
+    from ..configuration_lightclip import LightCLIPConfig
+
+    try:
+        return LightCLIPConfig.from_pretrained(path).uses_ping
+    except (OSError, ValueError):
+        return False
+
+
+def _checkpoint_complete(path: Path, require_bank: bool | None = None) -> bool:
+    """All files a resume needs are there and the trainer state (written last) parses. The CLIP-PING bank is
+    required when `require_bank`, or (None) when the checkpoint's own config has CLIP-PING on."""
     if not all((path / name).is_file() for name in CHECKPOINT_REQUIRED):
         return False
     try:
         json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
+    if require_bank is None:
+        require_bank = _checkpoint_uses_ping(path)
     return not require_bank or (path / PING_BANK_FILE).is_file()
 
 
-def latest_complete_checkpoint(output_dir, require_bank: bool = False) -> str | None:
+def latest_complete_checkpoint(output_dir, require_bank: bool | None = None) -> str | None:
     """The newest `checkpoint-N` in `output_dir` that was completely written. A run killed while saving leaves a
     checkpoint without its trainer state (the Trainer writes it last) or without the CLIP-PING bank (written right
     after): such a folder is skipped, never resumed from."""
@@ -54,6 +69,22 @@ def latest_complete_checkpoint(output_dir, require_bank: bool = False) -> str | 
         if path.is_dir() and suffix.isdigit() and _checkpoint_complete(path, require_bank):
             found.append((int(suffix), path))
     return str(max(found)[1]) if found else None
+
+
+def resolve_checkpoint(training_args) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `latest` for the newest complete checkpoint in --output_dir."""
+    value = training_args.resume_from_checkpoint
+    if value in (None, "", "false", "False"):
+        return None
+    if value in ("latest", "true", "True"):
+        found = latest_complete_checkpoint(training_args.output_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
+                                    f"{training_args.output_dir}")
+        return found
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value
 
 
 class LightCLIPCallback(TrainerCallback):
@@ -180,21 +211,20 @@ class LightCLIPTrainer(Trainer):
         """Zero-shot top-1/top-5 (when class names are known) and retrieval R@1/5/10 on the eval split."""
         from torch.utils.data import DataLoader
 
-        from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
-
         dataset = dataset if dataset is not None else self.eval_dataset
         loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
                             collate_fn=self.eval_collator, num_workers=self.args.dataloader_num_workers)
         loader = self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
         accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
         before = Counter(self.eval_collator.skipped)
-        images, texts, captions, labels = embed_pairs(self.model, loader, accelerator)
+        model = unwrap_model(self.model)
+        images, texts, captions, labels = embed_pairs(model, loader, accelerator)
         this_pass = Counter(self.eval_collator.skipped)
         this_pass.subtract(before)
         metrics = retrieval_metrics(images, texts, captions)
         if self.class_names and labels is not None:
             tokenizer = self.processing_class.tokenizer
-            class_embeds = class_text_embeddings(self.model, tokenizer, self.class_names,
+            class_embeds = class_text_embeddings(model, tokenizer, self.class_names,
                                                  self.zero_shot_templates or ["a photo of a {}."])
             metrics.update(zero_shot_metrics(images, labels, class_embeds))
         metrics["num_samples"] = images.shape[0]
@@ -231,4 +261,4 @@ def load_ping_bank(model, checkpoint) -> bool:
 
 
 __all__ = ["LightCLIPCallback", "LightCLIPTrainer", "decay_parameter_names", "latest_complete_checkpoint",
-           "load_ping_bank", "unwrap_model"]
+           "load_ping_bank", "resolve_checkpoint", "unwrap_model"]

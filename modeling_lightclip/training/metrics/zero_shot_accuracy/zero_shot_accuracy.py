@@ -18,7 +18,7 @@ Args:
 Returns:
     `top1`, `top5`, ...: fractions in [0, 1].
 Examples:
-    >>> metric = evaluate.load("modeling_lightclip/metrics/zero_shot_accuracy")
+    >>> metric = evaluate.load("modeling_lightclip/training/metrics/zero_shot_accuracy")
     >>> metric.compute(predictions=[[2, 0, 1], [1, 2, 0]], references=[0, 1], top_k=[1, 2])
     {'top1': 0.5, 'top2': 1.0}
 """

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from .configuration_lightclip import LightCLIPConfig
+from ..configuration_lightclip import LightCLIPConfig
 from .preprocessing import text_config_token_ids
 
 
-_REPO_RECIPES = Path(__file__).resolve().parent.parent / "configuration"
+_REPO_RECIPES = Path(__file__).resolve().parents[2] / "configuration"
 _INSTALLED_RECIPES = Path(sys.prefix) / "share" / "lightclip" / "configuration"
 RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
 

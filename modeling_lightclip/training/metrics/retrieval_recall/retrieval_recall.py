@@ -17,7 +17,7 @@ Args:
 Returns:
     `r1`, `r5`, `r10`: fractions in [0, 1].
 Examples:
-    >>> metric = evaluate.load("modeling_lightclip/metrics/retrieval_recall")
+    >>> metric = evaluate.load("modeling_lightclip/training/metrics/retrieval_recall")
     >>> metric.compute(predictions=[[3, 1, 0], [0, 2, 1]], references=[[1], [1, 4]], k=[1, 2, 3])
     {'r1': 0.0, 'r2': 0.5, 'r3': 1.0}
 """

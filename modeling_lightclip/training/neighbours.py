@@ -1,8 +1,8 @@
 """CLIP-PING neighbour files: frozen-encoder features and their nearest neighbours (training side).
 
-    python -m modeling_lightclip.neighbours build --out data/fashion_mnist/ping \
+    python -m modeling_lightclip.training.neighbours build --out data/fashion_mnist/ping \
         --image_encoder efficientnet-lite0 --text_encoder all-MiniLM-L6-v2 --k 8        # embedded dataset
-    accelerate launch -m modeling_lightclip.neighbours build --dataset_name ORG/data --out ping/ \
+    accelerate launch -m modeling_lightclip.training.neighbours build --dataset_name ORG/data --out ping/ \
         --image_encoder facebook/dinov2-small --text_encoder sentence-transformers/all-MiniLM-L6-v2
 
 `build` = `extract` (features of every training sample, L2-normalised, written into memory-mapped .npy files in
@@ -284,7 +284,7 @@ class NeighbourTable:
         missing = [FILES[key] for key in ("image_neighbours", "text_neighbours") if not (directory / FILES[key]).exists()]
         if missing:
             raise FileNotFoundError(f"{directory} lacks {missing}: build it with "
-                                    "`python -m modeling_lightclip.neighbours build --out DIR ...`")
+                                    "`python -m modeling_lightclip.training.neighbours build --out DIR ...`")
         self.image = np.load(directory / FILES["image_neighbours"], mmap_mode="r")
         self.text = np.load(directory / FILES["text_neighbours"], mmap_mode="r")
         if num_samples is not None and len(self.image) != num_samples:
@@ -365,9 +365,9 @@ def main(argv=None):
     state.wait_for_everyone()
 
 
-if __name__ == "__main__":
-    main()
-
-
 __all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourTable", "extract_features", "nearest_neighbours",
            "search"]
+
+
+if __name__ == "__main__":
+    main()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .configuration_lightclip import LightCLIPConfig
+from ..configuration_lightclip import LightCLIPConfig
 
 
 _NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs"}
@@ -49,8 +49,8 @@ CONFIG_FLAGS = [name for name, _, _ in _config_field_specs()]
 @dataclass
 class _ModelSource:
     recipe: str = field(default="default", metadata={
-        "help": "Recipe name in configuration/ (default, tiny, resnet18, mobilenetv2, efficientnet_b0, vit_xs) or "
-                "a path to a recipe JSON/YAML. Command-line flags override it."})
+        "help": "Recipe name in configuration/ (e.g. default, tiny, resnet18, mobilenetv2, efficientnet_b0, vit_xs) "
+                "or a path to a recipe JSON/YAML. Command-line flags override it."})
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Continue from a LightCLIP checkpoint (Hub id or folder) instead of building from the recipe."})
     vision_model_name_or_path: str | None = field(default=None, metadata={
@@ -66,8 +66,6 @@ class _ModelSource:
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "Comma-separated module names to adapt (e.g. query,value), or peft's all-linear."})
-    trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow custom code of third-party Hub repos (never set on your behalf)."})
 
 
 ModelArguments = dataclasses.make_dataclass(

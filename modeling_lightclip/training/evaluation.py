@@ -1,7 +1,7 @@
 """Zero-shot classification and image<->text retrieval for LightCLIP (training side; not remote code).
 
 Embeddings are computed batch by batch (sharded across processes and gathered under accelerate); the scores go
-through the local `evaluate` modules in `modeling_lightclip/metrics/`. Keys follow the Trainer's `eval_` prefix:
+through the local `evaluate` modules in `metrics/` beside this file. Keys follow the Trainer's `eval_` prefix:
 `zero_shot_top1`, `zero_shot_top5`, `image_to_text_r{1,5,10}`, `text_to_image_r{1,5,10}`.
 """
 
@@ -9,8 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-from .trainer import unwrap_model
 
 
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
@@ -25,8 +23,7 @@ def load_metric(name: str):
 @torch.no_grad()
 def embed_pairs(model, dataloader, accelerator=None):
     """(image embeddings, text embeddings, caption token ids, class labels or None) of every pair the collator
-    keeps; embeddings normalised, on CPU."""
-    model = unwrap_model(model)
+    keeps; embeddings normalised, on CPU. `model` is the `LightCLIPModel` itself (unwrapped by the caller)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -61,8 +58,8 @@ def embed_pairs(model, dataloader, accelerator=None):
 
 @torch.no_grad()
 def class_text_embeddings(model, tokenizer, class_names: list[str], templates: list[str]) -> torch.Tensor:
-    """CLIP's prompt ensemble: the normalised mean of each class's template embeddings. (C, D) on CPU."""
-    model = unwrap_model(model)
+    """CLIP's prompt ensemble: the normalised mean of each class's template embeddings. (C, D) on CPU. `model` is
+    the `LightCLIPModel` itself (unwrapped by the caller)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -1,0 +1,101 @@
+"""Assembling a run from the parsed arguments (training side; not remote code).
+
+`build_run` is the one set-up path of `train_lightclip.py`: it decides where the model comes from (a checkpoint
+to resume, a trained LightCLIP to continue, or a recipe), builds the `LightCLIPConfig` first, then sets up
+CLIP-PING *from that config* (so a saved CLIP-PING config behaves as if its flags were given), then the model,
+the processor and the LoRA adapters. Nothing here mutates the parsed arguments.
+"""
+
+from dataclasses import dataclass
+
+from ..configuration_lightclip import LightCLIPConfig
+from ..modeling_lightclip import LightCLIPModel
+from ..processing_lightclip import LightCLIPProcessor
+from .arguments import config_overrides
+from .lora import apply_lora
+from .neighbours import NeighbourTable
+from .preprocessing import build_processor, training_tokenizer
+from .recipes import build_model_config, check_tokenizer_fits
+from .trainer import load_ping_bank, resolve_checkpoint
+
+
+@dataclass
+class Run:
+    """What `train_lightclip.py` trains: the model, its processor, the training split (with `sample_id` when
+    CLIP-PING is on), CLIP-PING's neighbour table (or None) and the checkpoint to resume (or None)."""
+
+    model: object
+    processor: LightCLIPProcessor
+    train_dataset: object
+    neighbours: NeighbourTable | None
+    checkpoint: str | None
+
+
+def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
+    """The config of a saved LightCLIP with `overrides` applied; flags that would reshape its weights are refused."""
+    saved = LightCLIPConfig.from_pretrained(source)
+    for name in LightCLIPConfig.architecture_fields:
+        if name in overrides and overrides[name] != getattr(saved, name):
+            raise ValueError(f"--{name} {overrides[name]} does not match the checkpoint's {getattr(saved, name)}: "
+                             f"the weights in {source} have that shape. Drop the flag, or train from a recipe.")
+    return LightCLIPConfig.from_pretrained(source, **overrides)
+
+
+def setup_ping(config: LightCLIPConfig, train_dataset, data_args, training_args):
+    """CLIP-PING's set-up, decided from the built config: (training split, neighbour table or None).
+
+    When `config.uses_ping` and the run trains: the neighbour folder is required, each training row gets its
+    `sample_id` (the memory bank's index), and `config.ping_bank_size` is set to the training-set size (the bank is
+    not part of the weights, so a continued run re-sizes it to its own data)."""
+    if not (config.uses_ping and training_args.do_train and train_dataset is not None):
+        return train_dataset, None
+    if not data_args.ping_neighbours_dir:
+        raise ValueError("CLIP-PING is on (ping_nn_loss_weight / ping_xnn_loss_weight > 0, from the flags, the recipe "
+                         "or the saved config) but no neighbour files were given: build them with `python -m "
+                         "modeling_lightclip.training.neighbours build --out DIR` for this training set and pass "
+                         "--ping_neighbours_dir DIR (or switch CLIP-PING off with --ping_nn_loss_weight 0 "
+                         "--ping_xnn_loss_weight 0).")
+    if data_args.streaming:
+        raise ValueError("CLIP-PING needs row indices: it does not work with --streaming.")
+    neighbours = NeighbourTable(data_args.ping_neighbours_dir, len(train_dataset), data_args.ping_top_k,
+                                training_args.seed)
+    config.ping_bank_size = len(train_dataset)
+    return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
+
+
+def build_run(recipe: dict, model_args, data_args, training_args, train_dataset) -> Run:
+    """Config -> CLIP-PING -> model -> processor -> LoRA, for a checkpoint, a saved model or a recipe."""
+    overrides = config_overrides(model_args)
+    checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
+    source = checkpoint or model_args.model_name_or_path
+    if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
+        config = _config_from_saved(source, overrides)
+        processor = LightCLIPProcessor.from_pretrained(source)
+    else:
+        tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args)
+        config = build_model_config(recipe["model"], tokenizer, **overrides)
+        processor = build_processor(config.image_size, tokenizer)
+    train_dataset, neighbours = setup_ping(config, train_dataset, data_args, training_args)
+
+    if source:
+        model = LightCLIPModel.from_pretrained(source, config=config)
+    elif model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+        model = LightCLIPModel.from_vision_text_pretrained(
+            model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
+            **{k: v for k, v in config.to_dict().items() if k not in ("vision_config", "text_config")})
+    else:
+        model = LightCLIPModel(config)
+    check_tokenizer_fits(model.config, processor.tokenizer)
+    if checkpoint and neighbours is not None:
+        load_ping_bank(model, checkpoint)
+
+    if model_args.lora_r is not None:
+        if not model_args.model_name_or_path:
+            raise ValueError("--lora_r fine-tunes an existing LightCLIP: pass --model_name_or_path (Hub id or folder).")
+        model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                           model_args.lora_target_modules)
+    return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
+               checkpoint=checkpoint)
+
+
+__all__ = ["Run", "build_run", "setup_ping"]
