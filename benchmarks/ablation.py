@@ -111,6 +111,36 @@ def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_roo
     return {"train": train, "zero_shot": fm / "test.parquet", "retrieval": oc / "validation.parquet"}
 
 
+def prepare_selection_data(data_dir: Path, files: dict, fm_per_class: int = 200, oc_share: float = 0.12) -> dict:
+    """The selection split: hyperparameters are chosen on validation data carved from the *training* data, so the
+    reported test splits (Fashion-MNIST test, OpenClipart validation) are scored once per final arm and never
+    selected on. Carved with a fixed seed: `fm_per_class` Fashion-MNIST training images per class (zero-shot) and
+    `oc_share` of the OpenClipart training pairs (retrieval); the rest, shuffled, is the selection training set.
+    Writes `selection/{train,fm_val,oc_val}.parquet` and returns the same keys as `prepare_data`."""
+    import numpy as np
+    from datasets import concatenate_datasets, load_dataset
+
+    out = data_dir / "selection"
+    paths = {"train": out / "train.parquet", "zero_shot": out / "fm_val.parquet", "retrieval": out / "oc_val.parquet"}
+    if all(p.is_file() for p in paths.values()):
+        return paths
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    fm = load_dataset("parquet", data_files=str(data_dir / "fashion_mnist" / "train.parquet"), split="train")
+    labels = np.asarray(fm["label"])
+    fm_val = sorted(int(i) for c in np.unique(labels) for i in rng.permutation(np.flatnonzero(labels == c))[:fm_per_class])
+    oc = load_dataset("parquet", data_files=str(data_dir / "openclipart" / "train.parquet"), split="train")
+    oc_val = sorted(int(i) for i in rng.permutation(len(oc))[: int(round(oc_share * len(oc)))])
+    fm_fit = sorted(set(range(len(fm))) - set(fm_val))
+    oc_fit = sorted(set(range(len(oc))) - set(oc_val))
+    fm.select(fm_val).to_parquet(str(paths["zero_shot"]))
+    oc.select(oc_val).to_parquet(str(paths["retrieval"]))
+    parts = [fm.select(fm_fit).select_columns(["image", "caption"]), oc.select(oc_fit).select_columns(["image", "caption"])]
+    concatenate_datasets(parts).shuffle(seed=0).to_parquet(str(paths["train"]))
+    print(f"selection split: {len(fm_fit) + len(oc_fit)} training pairs, {len(fm_val)} FM / {len(oc_val)} OC validation")
+    return paths
+
+
 def prepare_tokenizer(data_dir: Path, train_file: Path, vocab_size: int, max_length: int) -> Path:
     from datasets import load_dataset
 
@@ -168,7 +198,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if arm_config(setting, overrides).uses_ping:
+    if arm_config(setting, overrides).uses_frozen_features:
         argv += ["--ping_neighbours_dir", str(neighbours)]
     return argv
 
@@ -376,6 +406,10 @@ def main(argv=None):
     parser.add_argument("--openclipart_root", help="an existing `dpkg -x` of openclipart-svg")
     parser.add_argument("--name", help="study folder and published file name (default: the setting's name); "
                                        "use one for investigations, so they do not mix with the ablation")
+    parser.add_argument("--eval_split", default="test", choices=("test", "val"),
+                        help="test: train on the whole training data, score Fashion-MNIST test and OpenClipart "
+                             "validation (the reported figures, once per final arm); val: train on the selection "
+                             "split and score the validation data carved from training (hyperparameter selection)")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -396,7 +430,7 @@ def main(argv=None):
         raise SystemExit(f"unknown arm(s) {unknown}: choose from {list(arms)} or add one with --arm")
 
     out = (ROOT / args.out) if not Path(args.out).is_absolute() else Path(args.out)
-    name = args.name or args.setting
+    name = (args.name or args.setting) + ("_val" if args.eval_split == "val" else "")
     data_dir, study_dir = out / "data", out / name
     study_dir.mkdir(parents=True, exist_ok=True)
     inference_file = study_dir / "inference.json"
@@ -405,10 +439,13 @@ def main(argv=None):
         from modeling_lightclip.training.recipes import load_recipe
 
         files = prepare_data(data_dir, args.fashion_mnist_root, args.openclipart_root)
+        files_dir = data_dir
+        if args.eval_split == "val":
+            files, files_dir = prepare_selection_data(data_dir, files), data_dir / "selection"
         max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
-        tokenizer = prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
-        needs_ping = any(arm_config(setting, arms[a]).uses_ping for a in selected)
-        neighbours = prepare_neighbours(data_dir, files["train"], setting["image_size"]) if needs_ping else None
+        tokenizer = prepare_tokenizer(files_dir, files["train"], setting["vocab_size"], max_length)
+        needs_frozen = any(arm_config(setting, arms[a]).uses_frozen_features for a in selected)
+        neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
         jobs = []
         for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds
             for arm in selected:

@@ -22,6 +22,7 @@ logger = logging.get_logger(__name__)
 
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
+SOFT_LABEL_SOURCES = ("student", "frozen")
 PING_NEGATIVES = ("bank", "batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
@@ -115,6 +116,12 @@ class LightCLIPConfig(PretrainedConfig):
             (0 for the first half, then the maximum) or `"constant"`.
         soft_label_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of the softmax over intra-modal similarities in `"similarity"` mode.
+        soft_label_source (`str`, *optional*, defaults to `"student"`):
+            Whose intra-modal similarity spreads the softened mass in `"similarity"` mode: `"student"` (the model's
+            own detached embeddings, the LightCLIP paper's reading) or `"frozen"` (the frozen pretrained unimodal
+            encoders of CLIP-PING, whose features the collator reads from `--ping_neighbours_dir`: their
+            neighbourhood structure is distilled into the student, and it is informative from the first step,
+            whereas a student trained from scratch knows nothing early on).
         token_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the relaxed bipartite token alignment loss; 0 switches it off.
         token_match_threshold (`float`, *optional*):
@@ -137,6 +144,14 @@ class LightCLIPConfig(PretrainedConfig):
             fused MLM pass. The MLM pass is a second text-tower pass plus fusion; on half the rows it costs about
             half, which keeps the full LightCLIP step within 1.2x of the CLIP step (benchmarks/objective_overhead.py).
             1.0 runs MLM on every row.
+        mlm_tie_head (`bool`, *optional*, defaults to `True`):
+            Decode MLM predictions with the text tower's word-embedding matrix (BERT's tied head) or with a matrix of
+            the MLM head's own (False), which keeps MLM's output-side gradient off the word embeddings.
+        mlm_fusion (`bool`, *optional*, defaults to `True`):
+            Inject the image's features into the masked pass (LightCLIP's fusion module); False is plain text MLM.
+        mlm_start (`float`, *optional*, defaults to 0.0):
+            Share of training after which MLM switches on (0: from the start). A delayed start lets the contrastive
+            objective shape the text tower first.
         fusion_text_layers (`list[int]`, *optional*):
             Text encoder layers after which image features are injected by cross-attention. Defaults to the
             middle and the last layer.
@@ -168,7 +183,8 @@ class LightCLIPConfig(PretrainedConfig):
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
     # Fields that shape the weights: continuing from a checkpoint cannot change them.
     architecture_fields = ("projection_dim", "token_projection_dim", "image_size", "vision_token_stage",
-                           "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads")
+                           "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads", "mlm_tie_head",
+                           "mlm_fusion")
 
     def __init__(
         self,
@@ -187,6 +203,7 @@ class LightCLIPConfig(PretrainedConfig):
         soft_label_max: float = 0.2,
         soft_label_schedule: str = "cosine",
         soft_label_temperature: float = 0.1,
+        soft_label_source: str = "student",
         token_loss_weight: float = 0.5,
         token_match_threshold: float | None = None,
         token_temperature: float = 0.1,
@@ -195,6 +212,9 @@ class LightCLIPConfig(PretrainedConfig):
         mlm_loss_weight: float = 0.5,
         mlm_probability: float = 0.15,
         mlm_batch_fraction: float = 0.5,
+        mlm_tie_head: bool = True,
+        mlm_fusion: bool = True,
+        mlm_start: float = 0.0,
         fusion_text_layers: list | None = None,
         fusion_vision_stages: list | None = None,
         fusion_num_heads: int = 4,
@@ -226,6 +246,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.soft_label_max = soft_label_max
         self.soft_label_schedule = soft_label_schedule
         self.soft_label_temperature = soft_label_temperature
+        self.soft_label_source = soft_label_source
         self.token_loss_weight = token_loss_weight
         self.token_match_threshold = token_match_threshold
         self.token_temperature = token_temperature
@@ -234,6 +255,9 @@ class LightCLIPConfig(PretrainedConfig):
         self.mlm_loss_weight = mlm_loss_weight
         self.mlm_probability = mlm_probability
         self.mlm_batch_fraction = mlm_batch_fraction
+        self.mlm_tie_head = mlm_tie_head
+        self.mlm_fusion = mlm_fusion
+        self.mlm_start = mlm_start
         num_text_layers = getattr(self.text_config, "num_hidden_layers", 2)
         if fusion_text_layers is None:
             fusion_text_layers = sorted({max(num_text_layers // 2 - 1, 0), num_text_layers - 1})
@@ -263,6 +287,8 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(
                 f"soft_label_schedule={self.soft_label_schedule!r}: choose one of {SOFT_LABEL_SCHEDULES}."
             )
+        if self.soft_label_source not in SOFT_LABEL_SOURCES:
+            raise ValueError(f"soft_label_source={self.soft_label_source!r}: choose one of {SOFT_LABEL_SOURCES}.")
         if not 0.0 <= self.soft_label_max < 1.0:
             raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
         if self.text_pooling not in TEXT_POOLING:
@@ -286,6 +312,8 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
         if self.ping_temperature is not None and self.ping_temperature <= 0:
             raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
+        if not 0.0 <= self.mlm_start < 1.0:
+            raise ValueError(f"mlm_start={self.mlm_start}: the share of training before MLM starts lies in [0, 1).")
         if not 0.0 < self.mlm_batch_fraction <= 1.0:
             raise ValueError(f"mlm_batch_fraction={self.mlm_batch_fraction}: must lie in (0, 1].")
         if len(self.fusion_text_layers) != len(self.fusion_vision_stages):
@@ -318,6 +346,14 @@ class LightCLIPConfig(PretrainedConfig):
     @property
     def uses_ping(self) -> bool:
         return self.ping_nn_loss_weight > 0 or self.ping_xnn_loss_weight > 0
+
+    @property
+    def uses_frozen_features(self) -> bool:
+        """Whether training reads the frozen encoders' folder (`--ping_neighbours_dir`): CLIP-PING's neighbours, or
+        soft labels spread by the frozen encoders' similarities."""
+        frozen_targets = (self.uses_soft_labels and self.soft_label_mode == "similarity"
+                          and self.soft_label_source == "frozen")
+        return self.uses_ping or frozen_targets
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""

@@ -355,7 +355,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
     # ---------------------------------------------------------------------------------------------- training
 
     def set_training_progress(self, progress: float) -> None:
-        """Fraction of training done, in [0, 1]; drives the progressive soft labels."""
+        """Fraction of training done, in [0, 1]; drives the progressive soft labels and MLM's delayed start."""
         self.training_progress = min(max(float(progress), 0.0), 1.0)
 
     @property
@@ -389,6 +389,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         sample_ids: torch.LongTensor | None = None,
         image_neighbour_ids: torch.LongTensor | None = None,
         text_neighbour_ids: torch.LongTensor | None = None,
+        frozen_image_features: torch.FloatTensor | None = None,
+        frozen_text_features: torch.FloatTensor | None = None,
         output_tokens: bool = False,
         return_dict: bool | None = None,
     ) -> LightCLIPOutput | tuple:
@@ -405,6 +407,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             sample_ids, image_neighbour_ids, text_neighbour_ids (`torch.LongTensor` of shape `(batch_size,)`,
                 *optional*): for CLIP-PING: each sample's training-set index and the index of one of its nearest
                 neighbours in the frozen image / text feature space (-1 for none), from the collator.
+            frozen_image_features, frozen_text_features (`torch.FloatTensor` of shape `(batch_size, dim)`,
+                *optional*): the frozen encoders' features of each sample, for `soft_label_source="frozen"`.
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
         if input_ids is None or pixel_values is None:
@@ -426,12 +430,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             token_on = self.objectives.token is not None
             losses = self.objectives(
                 image_embeds, text_embeds, logit_scale, soft_label_alpha=self.soft_label_alpha,
+                training_progress=self.training_progress,
                 image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
                 word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
                 image_stages=vision.stages, text_model=self.text_model, input_ids=input_ids,
                 attention_mask=attention_mask, text_kwargs=text_kwargs, mlm_input_ids=mlm_input_ids,
                 mlm_labels=mlm_labels, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
-                text_neighbour_ids=text_neighbour_ids)
+                text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
+                frozen_text_features=frozen_text_features)
             loss = losses.pop("loss")
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None

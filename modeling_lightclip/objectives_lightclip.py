@@ -189,17 +189,37 @@ class InstanceContrastiveLoss(nn.Module):
       image-image similarity). Negatives that look like the positive are the likeliest false negatives of web
       captions, so they receive most of the mass. The similarity is detached so the targets never pull the
       encoders toward making everything alike.
+
+    The similarity comes from the student's own embeddings (`source="student"`) or from frozen pretrained unimodal
+    encoders (`source="frozen"`, features passed in per batch): a student trained from scratch has no idea early in
+    training which negatives look alike, while the frozen encoders do from the first step; their neighbourhood
+    structure is distilled into the student through the targets.
     """
 
-    def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1):
+    def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1, source: str = "student"):
         super().__init__()
         self.soft_label_mode = soft_label_mode
         self.soft_label_temperature = soft_label_temperature
+        self.source = source
+
+    def _similarities(self, image_embeds, text_embeds, all_images, all_texts, frozen_image, frozen_text):
+        """(text-text, image-image) detached similarities of local rows to global columns, or (None, None)."""
+        if self.soft_label_mode != "similarity":
+            return None, None
+        if self.source == "frozen":
+            if frozen_image is None or frozen_text is None:
+                raise ValueError("soft_label_source='frozen' needs the frozen encoders' features in the batch "
+                                 "(frozen_image_features / frozen_text_features): train with --ping_neighbours_dir.")
+            frozen_image, frozen_text = frozen_image.float(), frozen_text.float()
+            return (frozen_text @ gather_no_grad(frozen_text).t(), frozen_image @ gather_no_grad(frozen_image).t())
+        return text_embeds.detach() @ all_texts.detach().t(), image_embeds.detach() @ all_images.detach().t()
 
     def forward(
-        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, alpha: float = 0.0
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, alpha: float = 0.0,
+        frozen_image_features: torch.Tensor | None = None, frozen_text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """`image_embeds`, `text_embeds`: (B, D) L2-normalised local embeddings; `logit_scale`: the exp'ed scale."""
+        """`image_embeds`, `text_embeds`: (B, D) L2-normalised local embeddings; `logit_scale`: the exp'ed scale;
+        `frozen_*_features`: (B, D') L2-normalised frozen-encoder features (`source="frozen"` only)."""
         rank, _ = _world()
         all_images = gather_with_grad(image_embeds)
         all_texts = gather_with_grad(text_embeds)
@@ -213,8 +233,8 @@ class InstanceContrastiveLoss(nn.Module):
             loss_t2i = F.cross_entropy(logits_t2i, positives)
         else:
             with torch.no_grad():
-                text_sim = text_embeds.detach() @ all_texts.detach().t() if self.soft_label_mode == "similarity" else None
-                image_sim = image_embeds.detach() @ all_images.detach().t() if self.soft_label_mode == "similarity" else None
+                text_sim, image_sim = self._similarities(image_embeds, text_embeds, all_images, all_texts,
+                                                         frozen_image_features, frozen_text_features)
                 targets_i2t = soft_targets(text_sim, positives, num_columns, alpha, self.soft_label_mode,
                                            self.soft_label_temperature)
                 targets_t2i = soft_targets(image_sim, positives, num_columns, alpha, self.soft_label_mode,
@@ -465,21 +485,33 @@ class MaskedLanguageModelling(nn.Module):
     The masked caption runs through the text tower; after each layer in `text_layers` a `FusionBlock` lets the
     text tokens cross-attend to the *unmasked* image's features from one stage of the image tower
     (`vision_stages`, indices into its hidden states), so low- and high-level image features both inform the
-    prediction. An MLM head (transform + decoder tied to the text tower's word embeddings) predicts the masked
-    tokens. Fusion and head run only inside this module's forward; the dual-encoder inference path never sees them.
+    prediction. An MLM head (transform + decoder) predicts the masked tokens. Fusion and head run only inside this
+    module's forward; the dual-encoder inference path never sees them.
+
+    Switches (config): `tie_head` - the decoder is the text tower's word-embedding matrix (BERT's choice, default)
+    or a matrix of its own, so MLM's gradient on the output side does not reach the word embeddings the retrieval
+    embedding is built from; `fusion` - False runs plain MLM on the text tower (no image features), the control that
+    tells whether the image helps at all.
     """
 
     def __init__(self, text_dim: int, vision_stage_dims: list, text_layers: list, vision_stages: list,
-                 num_heads: int, vocab_size: int, layer_norm_eps: float = 1e-12):
+                 num_heads: int, vocab_size: int, layer_norm_eps: float = 1e-12, tie_head: bool = True,
+                 fusion: bool = True):
         super().__init__()
-        self.text_layers = list(text_layers)
-        self.vision_stages = list(vision_stages)
+        self.text_layers = list(text_layers) if fusion else []
+        self.vision_stages = list(vision_stages) if fusion else []
         self.fusion = nn.ModuleList(
             FusionBlock(text_dim, vision_stage_dims[stage], num_heads) for stage in self.vision_stages
         )
         self.head_transform = nn.Sequential(nn.Linear(text_dim, text_dim), nn.GELU(),
                                             nn.LayerNorm(text_dim, eps=layer_norm_eps))
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
+        self.head_decoder = None if tie_head else nn.Parameter(torch.randn(vocab_size, text_dim) * 0.02)
+
+    def skipped(self, states_like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A zero term that still reaches every parameter of this module (DDP needs every gradient), for steps
+        where MLM is off (delayed start)."""
+        return {"mlm": 0.0 * (states_like.sum() + sum(p.sum() for p in self.parameters()))}
 
     def forward(self, text_model: nn.Module, text_layers: nn.ModuleList, word_embeddings: torch.Tensor,
                 mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_labels: torch.Tensor,
@@ -504,10 +536,10 @@ class MaskedLanguageModelling(nn.Module):
         asked = mlm_labels != -100
         normaliser = _global_mean_normaliser(asked.sum())
         hidden = self.head_transform(states[asked])
-        logits = F.linear(hidden, word_embeddings, self.head_bias)
+        decoder = word_embeddings if self.head_decoder is None else self.head_decoder
+        logits = F.linear(hidden, decoder, self.head_bias)
         if logits.shape[0] == 0:
-            zero = 0.0 * (states.sum() + self.head_bias.sum() + sum(p.sum() for p in self.head_transform.parameters()))
-            return {"mlm": zero}
+            return self.skipped(states)
         loss = F.cross_entropy(logits.float(), mlm_labels[asked], reduction="sum") * normaliser
         return {"mlm": loss}
 
@@ -664,7 +696,8 @@ class LightCLIPObjectives(nn.Module):
     def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
         super().__init__()
         self.config = config
-        self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature)
+        self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature,
+                                                config.soft_label_source)
         self.token = None
         if config.uses_token_loss:
             self.token = TokenAlignmentLoss(
@@ -677,7 +710,8 @@ class LightCLIPObjectives(nn.Module):
             self.mlm = MaskedLanguageModelling(
                 text_dim, vision_stage_dims, config.fusion_text_layers, config.fusion_vision_stages,
                 config.fusion_num_heads, config.text_config.vocab_size,
-                layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12),
+                layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12), tie_head=config.mlm_tie_head,
+                fusion=config.mlm_fusion,
             )
         self.ping = None
         if config.uses_ping:
@@ -698,6 +732,7 @@ class LightCLIPObjectives(nn.Module):
         logit_scale: torch.Tensor,
         *,
         soft_label_alpha: float = 0.0,
+        training_progress: float = 1.0,
         image_tokens: torch.Tensor | None = None,
         text_tokens: torch.Tensor | None = None,
         word_mask: torch.Tensor | None = None,
@@ -711,24 +746,33 @@ class LightCLIPObjectives(nn.Module):
         sample_ids: torch.Tensor | None = None,
         image_neighbour_ids: torch.Tensor | None = None,
         text_neighbour_ids: torch.Tensor | None = None,
+        frozen_image_features: torch.Tensor | None = None,
+        frozen_text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
             image_embeds, text_embeds: (B, D) L2-normalised projected embeddings; logit_scale: the exp'ed scale.
             soft_label_alpha: softening weight of the instance targets (applied in training only).
+            training_progress: share of training done, in [0, 1] (MLM's delayed start, `mlm_start`).
             image_tokens, text_tokens, word_mask: the token alignment's patch tokens (B, P, Cv), word states
                 (B, L, Ct) and real-word mask (B, L).
             image_stages: the image tower's hidden states, for the MLM fusion.
             text_model, input_ids, attention_mask, text_kwargs: the text tower and the caption, for the fused
                 masked pass; `mlm_input_ids` / `mlm_labels` from the collator, else masked here (`mask_for_mlm`).
             sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (training only).
+            frozen_image_features, frozen_text_features: the frozen encoders' features of the batch, for soft labels
+                spread by their similarities (`soft_label_source="frozen"`, training only).
         """
         config = self.config
         alpha = soft_label_alpha if self.training else 0.0
-        terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha))
+        terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
+                                   frozen_image_features=frozen_image_features,
+                                   frozen_text_features=frozen_text_features))
         if self.token is not None:
             terms.update(self.token(image_tokens, text_tokens, word_mask))
-        if self.mlm is not None:
+        if self.mlm is not None and self.training and training_progress < config.mlm_start:
+            terms.update(self.mlm.skipped(text_tokens))
+        elif self.mlm is not None:
             if mlm_input_ids is None or mlm_labels is None:
                 mlm_input_ids, mlm_labels = mask_for_mlm(config, input_ids, attention_mask)
             if attention_mask is None:

@@ -56,11 +56,14 @@ def test_alpha_schedules(schedule, expected):
     assert got == pytest.approx(expected)
 
 
-def _soft_clip_loss_reference(image, text, scale, alpha, mode, temperature):
+def _soft_clip_loss_reference(image, text, scale, alpha, mode, temperature, similar_image=None, similar_text=None):
     """A second implementation: explicit loops over rows, KL-style cross-entropy with soft targets."""
     n = image.shape[0]
     total = 0.0
-    for logits_fn, same in ((lambda i: scale * image[i] @ text.t(), text), (lambda i: scale * text[i] @ image.t(), image)):
+    similar_image = image if similar_image is None else similar_image  # whose similarity spreads the mass
+    similar_text = text if similar_text is None else similar_text
+    for logits_fn, same in ((lambda i: scale * image[i] @ text.t(), similar_text),
+                            (lambda i: scale * text[i] @ image.t(), similar_image)):
         for i in range(n):
             target = torch.zeros(n)
             target[i] = 1.0 - alpha
@@ -83,6 +86,23 @@ def test_soft_label_loss_equals_second_implementation(mode):
     text = F.normalize(torch.randn(5, 8), dim=-1)
     loss = InstanceContrastiveLoss(mode, 0.2)(image, text, torch.tensor(7.0), alpha=0.25)["instance"]
     torch.testing.assert_close(loss, _soft_clip_loss_reference(image, text, 7.0, 0.25, mode, 0.2))
+
+
+def test_frozen_feature_soft_labels_equal_second_implementation():
+    """soft_label_source="frozen": the mass is spread by the frozen encoders' similarities (other dimensions than
+    the student's), not by the student's own."""
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    frozen_image, frozen_text = F.normalize(torch.randn(6, 20), dim=-1), F.normalize(torch.randn(6, 12), dim=-1)
+    loss = InstanceContrastiveLoss("similarity", 0.2, source="frozen")(
+        image, text, torch.tensor(7.0), alpha=0.3, frozen_image_features=frozen_image,
+        frozen_text_features=frozen_text)["instance"]
+    expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, frozen_image, frozen_text)
+    torch.testing.assert_close(loss, expected)
+    student = InstanceContrastiveLoss("similarity", 0.2)(image, text, torch.tensor(7.0), alpha=0.3)["instance"]
+    assert abs(student.item() - loss.item()) > 1e-4
+    with pytest.raises(ValueError, match="frozen encoders' features"):
+        InstanceContrastiveLoss("similarity", 0.2, source="frozen")(image, text, torch.tensor(7.0), alpha=0.3)
 
 
 def test_alpha_follows_training_progress(tiny_recipe, tokenizer):
@@ -260,6 +280,47 @@ def test_loss_is_the_weighted_sum_of_the_named_terms(tiny_recipe, tokenizer):
                                              mlm_loss_weight=0.0, soft_label_mode="none")).train()
     out = clip(**batch, return_loss=True)
     assert set(out.losses) == {"instance"} and torch.equal(out.loss, out.losses["instance"])
+
+
+def test_mlm_switches_untied_head_no_fusion_delayed_start(tiny_recipe, tokenizer):
+    """mlm_tie_head=False decodes with a matrix of its own (word-embedding rows of tokens absent from the caption
+    stop mattering); mlm_fusion=False makes MLM blind to the image; mlm_start delays the term."""
+    batch = make_batch(tokenizer, batch_size=4)
+
+    def mlm_loss(model, batch, ids, labels):
+        return model(**batch, return_loss=True, mlm_input_ids=ids, mlm_labels=labels).losses["mlm"].item()
+
+    for tie, changes in ((True, True), (False, False)):
+        config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_batch_fraction=1.0,
+                                    mlm_probability=0.5, mlm_tie_head=tie)
+        torch.manual_seed(0)
+        model = LightCLIPModel(config).eval()
+        assert (model.objectives.mlm.head_decoder is None) == tie
+        ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+        absent = sorted(set(range(len(tokenizer))) - set(ids.flatten().tolist()))[5:40]  # never fed in
+        before = mlm_loss(model, batch, ids, labels)
+        with torch.no_grad():
+            model.text_model.get_input_embeddings().weight[absent] *= 3.0
+        assert (abs(mlm_loss(model, batch, ids, labels) - before) > 1e-5) == changes, tie
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_batch_fraction=1.0,
+                                mlm_fusion=False, mlm_probability=0.5)
+    model = LightCLIPModel(config).eval()
+    assert len(model.objectives.mlm.fusion) == 0
+    ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    assert mlm_loss(model, batch, ids, labels) == pytest.approx(mlm_loss(model, other, ids, labels), rel=1e-6)
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, soft_label_mode="none",
+                                mlm_start=0.5)
+    model = LightCLIPModel(config).train()
+    model.set_training_progress(0.2)
+    early = model(**batch, return_loss=True)
+    assert early.losses["mlm"].item() == 0.0 and torch.equal(early.loss, early.losses["instance"])
+    early.loss.backward()  # every MLM parameter still gets a (zero) gradient: DDP needs them all
+    assert all(p.grad is not None for p in model.objectives.mlm.parameters())
+    model.set_training_progress(0.6)
+    assert model(**batch, return_loss=True).losses["mlm"].item() > 0
 
 
 def test_mlm_head_is_tied_to_word_embeddings(tiny_model):

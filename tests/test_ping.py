@@ -345,3 +345,28 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
                                          "--ping_nn_loss_weight", "0", "--ping_xnn_loss_weight", "0",
                                          "--output_dir", str(tmp_path / "off")])
     assert off.model.objectives.ping is None
+
+
+def test_collator_reads_frozen_features_for_frozen_soft_labels(tmp_path, tiny_recipe, tokenizer, photo_paths):
+    """With soft_label_source="frozen" the collator adds each sample's rows of the folder's feature files (and no
+    neighbour ids unless CLIP-PING is on); the config says when the folder is needed."""
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.neighbours import FILES, NeighbourTable
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.recipes import build_model_config
+
+    folder = _fake_neighbours(tmp_path / "ping", rows=10, k=3)
+    rng = np.random.default_rng(1)
+    image_features, text_features = rng.normal(size=(10, 6)).astype("float32"), rng.normal(size=(10, 4)).astype("float32")
+    np.save(folder / FILES["image_features"], image_features)
+    np.save(folder / FILES["text_features"], text_features)
+    config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_source="frozen", mlm_loss_weight=0.0)
+    assert config.uses_frozen_features and not config.uses_ping
+    assert not build_model_config(tiny_recipe["model"], tokenizer).uses_frozen_features
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config,
+                                 neighbours=NeighbourTable(folder, 10))
+    ids = [7, 2, 9]
+    batch = collator([{"image": str(photo_paths[0]), "caption": "a cat", "sample_id": i} for i in ids])
+    assert torch.equal(batch["frozen_image_features"], torch.from_numpy(image_features[ids]))
+    assert torch.equal(batch["frozen_text_features"], torch.from_numpy(text_features[ids]))
+    assert "image_neighbour_ids" not in batch

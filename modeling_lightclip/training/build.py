@@ -42,19 +42,21 @@ def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
 
 
 def setup_ping(config: LightCLIPConfig, train_dataset, data_args, training_args):
-    """CLIP-PING's set-up, decided from the built config: (training split, neighbour table or None).
+    """The frozen encoders' folder (CLIP-PING's neighbours, frozen-feature soft labels), decided from the built
+    config: (training split, neighbour table or None).
 
-    When `config.uses_ping` and the run trains: the neighbour folder is required, each training row gets its
-    `sample_id` (the memory bank's index), and `config.ping_bank_size` is set to the training-set size (the bank is
-    not part of the weights, so a continued run re-sizes it to its own data)."""
-    if not (config.uses_ping and training_args.do_train and train_dataset is not None):
+    When `config.uses_frozen_features` and the run trains: the folder is required, each training row gets its
+    `sample_id` (the row of the folder's tables and of the memory bank), and `config.ping_bank_size` is set to the
+    training-set size (the bank is not part of the weights, so a continued run re-sizes it to its own data)."""
+    if not (config.uses_frozen_features and training_args.do_train and train_dataset is not None):
         return train_dataset, None
     if not data_args.ping_neighbours_dir:
-        raise ValueError("CLIP-PING is on (ping_nn_loss_weight / ping_xnn_loss_weight > 0, from the flags, the recipe "
-                         "or the saved config) but no neighbour files were given: build them with `python -m "
+        raise ValueError("CLIP-PING or frozen-encoder soft labels are on (ping_nn_loss_weight / ping_xnn_loss_weight > "
+                         "0 or soft_label_source='frozen', from the flags, the recipe or the saved config) but no "
+                         "neighbour files were given: build them with `python -m "
                          "modeling_lightclip.training.neighbours build --out DIR` for this training set and pass "
                          "--ping_neighbours_dir DIR (or switch CLIP-PING off with --ping_nn_loss_weight 0 "
-                         "--ping_xnn_loss_weight 0).")
+                         "--ping_xnn_loss_weight 0, and soft labels with --soft_label_source student).")
     if data_args.streaming:
         raise ValueError("CLIP-PING needs row indices: it does not work with --streaming.")
     neighbours = NeighbourTable(data_args.ping_neighbours_dir, len(train_dataset), data_args.ping_top_k,

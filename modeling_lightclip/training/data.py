@@ -291,7 +291,8 @@ class ImageTextCollator:
     when `model_config` has MLM on, adds `mlm_input_ids` / `mlm_labels` (masked by `mask_for_mlm`, the rule the
     model itself uses). Keys: pixel_values, input_ids,
     attention_mask, return_loss (so the Trainer computes an eval loss); with `neighbours` (a `NeighbourTable`,
-    CLIP-PING) sample_ids and one drawn image- and text-space neighbour id per sample; class_labels when
+    the frozen encoders' folder) sample_ids and, as `model_config` asks, one drawn image- and text-space neighbour
+    id per sample (CLIP-PING) and the samples' frozen-encoder features (`soft_label_source="frozen"`); class_labels when
     `label_column` is set (evaluation only: the model takes no such input).
     """
 
@@ -413,8 +414,12 @@ class ImageTextCollator:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
             ids = [int(examples[i]["sample_id"]) for i in keep]
             batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
-            batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
-                ids, np.random.default_rng(self._rng.getrandbits(63)))
+            config = self.model_config
+            if config is None or config.uses_ping:
+                batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
+                    ids, np.random.default_rng(self._rng.getrandbits(63)))
+            if config is not None and config.uses_frozen_features and config.soft_label_source == "frozen":
+                batch["frozen_image_features"], batch["frozen_text_features"] = self.neighbours.features(ids)
         return batch
 
 

@@ -277,10 +277,11 @@ def neighbour_label_agreement(out_dir, labels: np.ndarray) -> dict:
 
 
 class NeighbourTable:
-    """Read-only view of a neighbour folder for the collator: one random neighbour among the top-k per sample."""
+    """Read-only view of a neighbour folder for the collator: one random neighbour among the top-k per sample, and
+    each sample's frozen-encoder features (memory-mapped, read per batch)."""
 
     def __init__(self, directory: str | Path, num_samples: int | None = None, top_k: int | None = None, seed: int = 0):
-        directory = Path(directory)
+        directory = self.directory = Path(directory)
         missing = [FILES[key] for key in ("image_neighbours", "text_neighbours") if not (directory / FILES[key]).exists()]
         if missing:
             raise FileNotFoundError(f"{directory} lacks {missing}: build it with "
@@ -295,6 +296,19 @@ class NeighbourTable:
 
     def __len__(self) -> int:
         return len(self.image)
+
+    def features(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image features, text features) of samples `ids`: the frozen encoders' L2-normalised rows."""
+        if not hasattr(self, "_features"):
+            missing = [FILES[k] for k in ("image_features", "text_features") if not (self.directory / FILES[k]).exists()]
+            if missing:
+                raise FileNotFoundError(f"{self.directory} lacks {missing}: soft_label_source='frozen' reads the "
+                                        "frozen encoders' features; rebuild the folder with `neighbours build`.")
+            self._features = tuple(np.load(self.directory / FILES[k], mmap_mode="r")
+                                   for k in ("image_features", "text_features"))
+        order = np.asarray(ids, dtype=np.int64)
+        return tuple(torch.from_numpy(np.ascontiguousarray(table[order], dtype=np.float32))
+                     for table in self._features)
 
     def sample(self, ids: list[int], rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         choice = (rng or self.rng).integers(0, self.top_k, size=len(ids))
