@@ -144,9 +144,9 @@ def match_report(model, files: dict, processor, limit: int, device) -> dict:
     stage = model.config.vision_token_stage
     for start in range(0, limit, 64):
         rows = fm[start:start + 64]
-        images = [load_image(v) for v in rows["image"]]
+        images = [load_image(v) for v in list(rows["image"])]
         captions = [CAPTION_TEMPLATES[(start + i) % len(CAPTION_TEMPLATES)].format(FASHION_MNIST_CLASSES[label])
-                    for i, label in enumerate(rows["label"])]
+                    for i, label in enumerate(list(rows["label"]))]
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)
         enc = processor.tokenizer(captions, padding=True, return_tensors="pt")
         out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
@@ -238,10 +238,10 @@ def main(argv=None):
     eval_collator = ImageTextCollator(processor, train=False)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True, collate_fn=collator,
                         generator=torch.Generator().manual_seed(0))
-    counts = Counter(t for ids in tokenizer(train.select(range(5000))["caption"], add_special_tokens=False)["input_ids"]
+    counts = Counter(t for ids in tokenizer(list(train.select(range(5000))["caption"]), add_special_tokens=False)["input_ids"]
                      for t in ids)
     frequent = [t for t, _ in counts.most_common(500)]
-    probe_captions = load_dataset("parquet", data_files=str(files["retrieval"]), split="train")["caption"][:256]
+    probe_captions = list(load_dataset("parquet", data_files=str(files["retrieval"]), split="train")["caption"])[:256]
 
     history = []
     step = 0

@@ -23,7 +23,9 @@ logger = logging.get_logger(__name__)
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
 SOFT_LABEL_SOURCES = ("student", "frozen")
+SOFT_LABEL_MODALITIES = ("candidates", "both")
 PING_NEGATIVES = ("bank", "batch")
+PING_POSITIVES = ("bank", "in_batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
 # Each weighted loss term (its name in `LightCLIPOutput.losses`) and the config field holding its weight. The instance
@@ -122,6 +124,11 @@ class LightCLIPConfig(PretrainedConfig):
             encoders of CLIP-PING, whose features the collator reads from `--ping_neighbours_dir`: their
             neighbourhood structure is distilled into the student, and it is informative from the first step,
             whereas a student trained from scratch knows nothing early on).
+        soft_label_modality (`str`, *optional*, defaults to `"candidates"`):
+            Which intra-modal similarity spreads the mass in `"similarity"` mode: `"candidates"` (the candidates'
+            modality: text-text for image->text rows, image-image for text->image rows) or `"both"` (the mean of the
+            text-text and image-image similarities for both directions: a pair is a likely false negative when its
+            captions *or* its images are alike).
         token_loss_weight (`float`, *optional*, defaults to 0.5):
             Weight of the relaxed bipartite token alignment loss; 0 switches it off.
         token_match_threshold (`float`, *optional*):
@@ -173,6 +180,11 @@ class LightCLIPConfig(PretrainedConfig):
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
             `"batch"` lets the student lower the loss by drifting over time and collapsed training in the ablation
             (README); it is kept for comparison only.
+        ping_positives (`str`, *optional*, defaults to `"bank"`):
+            Where a CLIP-PING neighbour's embedding comes from: `"bank"`, the memory bank of the student's own past
+            embeddings (stale: written when the neighbour was last seen; `ping_negatives` says what it is contrasted
+            with), or `"in_batch"`, fresh: a neighbour-aware sampler places each anchor's drawn neighbour in the same
+            batch, so positive and negatives are all current embeddings of the global batch (no bank).
         ping_bank_size (`int`, *optional*, defaults to 0):
             Number of training samples the neighbour memory bank indexes (the dataset size); set by the trainer.
         mask_token_id, pad_token_id, cls_token_id, sep_token_id (`int`, *optional*):
@@ -204,6 +216,7 @@ class LightCLIPConfig(PretrainedConfig):
         soft_label_schedule: str = "cosine",
         soft_label_temperature: float = 0.1,
         soft_label_source: str = "student",
+        soft_label_modality: str = "candidates",
         token_loss_weight: float = 0.5,
         token_match_threshold: float | None = None,
         token_temperature: float = 0.1,
@@ -224,6 +237,7 @@ class LightCLIPConfig(PretrainedConfig):
         ping_bank_size: int = 0,
         ping_temperature: float | None = None,
         ping_negatives: str = "bank",
+        ping_positives: str = "bank",
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -247,6 +261,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.soft_label_schedule = soft_label_schedule
         self.soft_label_temperature = soft_label_temperature
         self.soft_label_source = soft_label_source
+        self.soft_label_modality = soft_label_modality
         self.token_loss_weight = token_loss_weight
         self.token_match_threshold = token_match_threshold
         self.token_temperature = token_temperature
@@ -272,6 +287,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.ping_bank_size = ping_bank_size
         self.ping_temperature = ping_temperature
         self.ping_negatives = ping_negatives
+        self.ping_positives = ping_positives
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -289,6 +305,8 @@ class LightCLIPConfig(PretrainedConfig):
             )
         if self.soft_label_source not in SOFT_LABEL_SOURCES:
             raise ValueError(f"soft_label_source={self.soft_label_source!r}: choose one of {SOFT_LABEL_SOURCES}.")
+        if self.soft_label_modality not in SOFT_LABEL_MODALITIES:
+            raise ValueError(f"soft_label_modality={self.soft_label_modality!r}: choose one of {SOFT_LABEL_MODALITIES}.")
         if not 0.0 <= self.soft_label_max < 1.0:
             raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
         if self.text_pooling not in TEXT_POOLING:
@@ -310,6 +328,8 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
         if self.ping_negatives not in PING_NEGATIVES:
             raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
+        if self.ping_positives not in PING_POSITIVES:
+            raise ValueError(f"ping_positives={self.ping_positives!r}: choose one of {PING_POSITIVES}.")
         if self.ping_temperature is not None and self.ping_temperature <= 0:
             raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 <= self.mlm_start < 1.0:
@@ -346,6 +366,11 @@ class LightCLIPConfig(PretrainedConfig):
     @property
     def uses_ping(self) -> bool:
         return self.ping_nn_loss_weight > 0 or self.ping_xnn_loss_weight > 0
+
+    @property
+    def uses_ping_bank(self) -> bool:
+        """CLIP-PING with neighbour embeddings from the memory bank (saved beside each checkpoint)."""
+        return self.uses_ping and self.ping_positives == "bank"
 
     @property
     def uses_frozen_features(self) -> bool:

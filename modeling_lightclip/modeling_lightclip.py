@@ -391,6 +391,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         text_neighbour_ids: torch.LongTensor | None = None,
         frozen_image_features: torch.FloatTensor | None = None,
         frozen_text_features: torch.FloatTensor | None = None,
+        ping_partner_rows: torch.LongTensor | None = None,
+        ping_partner_spaces: torch.LongTensor | None = None,
         output_tokens: bool = False,
         return_dict: bool | None = None,
     ) -> LightCLIPOutput | tuple:
@@ -409,6 +411,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 neighbours in the frozen image / text feature space (-1 for none), from the collator.
             frozen_image_features, frozen_text_features (`torch.FloatTensor` of shape `(batch_size, dim)`,
                 *optional*): the frozen encoders' features of each sample, for `soft_label_source="frozen"`.
+            ping_partner_rows, ping_partner_spaces (`torch.LongTensor` of shape `(batch_size,)`, *optional*): for
+                CLIP-PING with `ping_positives="in_batch"`: each row's neighbour's row in the batch (-1 for none) and
+                the space it was found in (0 image, 1 text), from the collator.
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
         if input_ids is None or pixel_values is None:
@@ -437,7 +442,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 attention_mask=attention_mask, text_kwargs=text_kwargs, mlm_input_ids=mlm_input_ids,
                 mlm_labels=mlm_labels, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
                 text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
-                frozen_text_features=frozen_text_features)
+                frozen_text_features=frozen_text_features, ping_partner_rows=ping_partner_rows,
+                ping_partner_spaces=ping_partner_spaces)
             loss = losses.pop("loss")
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None

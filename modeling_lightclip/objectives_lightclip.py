@@ -196,14 +196,17 @@ class InstanceContrastiveLoss(nn.Module):
     structure is distilled into the student through the targets.
     """
 
-    def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1, source: str = "student"):
+    def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1, source: str = "student",
+                 modality: str = "candidates"):
         super().__init__()
         self.soft_label_mode = soft_label_mode
         self.soft_label_temperature = soft_label_temperature
         self.source = source
+        self.modality = modality
 
     def _similarities(self, image_embeds, text_embeds, all_images, all_texts, frozen_image, frozen_text):
-        """(text-text, image-image) detached similarities of local rows to global columns, or (None, None)."""
+        """Detached similarities of local rows to global columns that spread the mass of (image->text rows,
+        text->image rows), or (None, None)."""
         if self.soft_label_mode != "similarity":
             return None, None
         if self.source == "frozen":
@@ -211,8 +214,15 @@ class InstanceContrastiveLoss(nn.Module):
                 raise ValueError("soft_label_source='frozen' needs the frozen encoders' features in the batch "
                                  "(frozen_image_features / frozen_text_features): train with --ping_neighbours_dir.")
             frozen_image, frozen_text = frozen_image.float(), frozen_text.float()
-            return (frozen_text @ gather_no_grad(frozen_text).t(), frozen_image @ gather_no_grad(frozen_image).t())
-        return text_embeds.detach() @ all_texts.detach().t(), image_embeds.detach() @ all_images.detach().t()
+            text_sim = frozen_text @ gather_no_grad(frozen_text).t()
+            image_sim = frozen_image @ gather_no_grad(frozen_image).t()
+        else:
+            text_sim = text_embeds.detach() @ all_texts.detach().t()
+            image_sim = image_embeds.detach() @ all_images.detach().t()
+        if self.modality == "both":
+            both = 0.5 * (text_sim + image_sim)
+            return both, both
+        return text_sim, image_sim
 
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, alpha: float = 0.0,
@@ -682,6 +692,54 @@ class NeighbourContrastiveLoss(nn.Module):
         return losses
 
 
+class InBatchNeighbourLoss(nn.Module):
+    """CLIP-PING with fresh neighbours: the neighbour is in the same global batch, so its embedding is current.
+
+    Why: with the memory bank the positive is a stale embedding, written up to an epoch earlier by an older student;
+    the diagnosis (README) found bank positives barely distinguishable from their negatives early in training and
+    the `"batch"`-negatives variant learning to separate stale from current embeddings instead of content. Here a
+    neighbour-aware sampler (`NeighbourPairSampler`) yields (anchor, neighbour) pairs and the collator passes, for
+    each row, the local row of its partner (`partner_rows`, -1 for none) and the feature space the pair was found
+    in (`partner_spaces`: 0 image, 1 text). Nothing is stale and nothing is stored.
+
+    For row r with partner m found in space s, over the global batch's current embeddings (r's own pair excluded:
+    it is the instance loss's positive, not a candidate here):
+
+    * image r -> text m, and text r -> image m, each InfoNCE with m as the positive;
+    * NN is the direction that stays in the space of the neighbour search (image -> text for image-space partners,
+      text -> image for text-space ones), XNN the crossing one, as in the bank version.
+    """
+
+    def __init__(self, nn_weight: float, xnn_weight: float):
+        super().__init__()
+        self.nn_weight, self.xnn_weight = nn_weight, xnn_weight
+
+    def forward(self, image_embeds, text_embeds, logit_scale, partner_rows, partner_spaces) -> dict[str, torch.Tensor]:
+        rank, _ = _world()
+        local = image_embeds.shape[0]
+        own = torch.arange(local, device=image_embeds.device) + rank * local
+        valid = partner_rows >= 0
+        partner = partner_rows.clamp(min=0) + rank * local
+        num_columns = local * _world()[1]
+        own_column = F.one_hot(own, num_columns).bool()
+
+        def _direction(queries, candidates):
+            logits = (logit_scale * queries @ candidates.t()).masked_fill(own_column, _MASKED_LOGIT)
+            return F.cross_entropy(logits, partner, reduction="none")
+
+        image_to_text = _direction(image_embeds, gather_with_grad(text_embeds))
+        text_to_image = _direction(text_embeds, gather_with_grad(image_embeds))
+        image_space = (valid & (partner_spaces == 0)).to(image_to_text.dtype)
+        text_space = (valid & (partner_spaces == 1)).to(image_to_text.dtype)
+        normaliser = _global_mean_normaliser(valid.sum())
+        losses = {}
+        if self.nn_weight > 0:
+            losses["ping_nn"] = ((image_to_text * image_space).sum() + (text_to_image * text_space).sum()) * normaliser
+        if self.xnn_weight > 0:
+            losses["ping_xnn"] = ((text_to_image * image_space).sum() + (image_to_text * text_space).sum()) * normaliser
+        return losses
+
+
 class LightCLIPObjectives(nn.Module):
     """Every training objective of a LightCLIP model, built from its config, and the one place their terms are
     computed and summed.
@@ -697,7 +755,7 @@ class LightCLIPObjectives(nn.Module):
         super().__init__()
         self.config = config
         self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature,
-                                                config.soft_label_source)
+                                                config.soft_label_source, config.soft_label_modality)
         self.token = None
         if config.uses_token_loss:
             self.token = TokenAlignmentLoss(
@@ -714,10 +772,12 @@ class LightCLIPObjectives(nn.Module):
                 fusion=config.mlm_fusion,
             )
         self.ping = None
-        if config.uses_ping:
+        if config.uses_ping_bank:
             self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
                                                  config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
                                                  config.ping_negatives)
+        elif config.uses_ping:
+            self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
 
     @property
     def needs_image_stages(self) -> bool:
@@ -748,6 +808,8 @@ class LightCLIPObjectives(nn.Module):
         text_neighbour_ids: torch.Tensor | None = None,
         frozen_image_features: torch.Tensor | None = None,
         frozen_text_features: torch.Tensor | None = None,
+        ping_partner_rows: torch.Tensor | None = None,
+        ping_partner_spaces: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -759,7 +821,8 @@ class LightCLIPObjectives(nn.Module):
             image_stages: the image tower's hidden states, for the MLM fusion.
             text_model, input_ids, attention_mask, text_kwargs: the text tower and the caption, for the fused
                 masked pass; `mlm_input_ids` / `mlm_labels` from the collator, else masked here (`mask_for_mlm`).
-            sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (training only).
+            sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (bank positives, training only).
+            ping_partner_rows, ping_partner_spaces: CLIP-PING's in-batch partners (`ping_positives="in_batch"`).
             frozen_image_features, frozen_text_features: the frozen encoders' features of the batch, for soft labels
                 spread by their similarities (`soft_label_source="frozen"`, training only).
         """
@@ -784,14 +847,21 @@ class LightCLIPObjectives(nn.Module):
                 mlm_labels[:rows], tuple(stage[:rows] for stage in image_stages),
                 {k: v[:rows] for k, v in (text_kwargs or {}).items()},
             ))
-        if self.ping is not None and self.training:  # the bank holds training samples only
-            if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
-                raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
-                                 "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
+        if self.ping is not None and self.training:  # neighbours are training samples only
             ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
                 1.0 / config.ping_temperature)
-            terms.update(self.ping(image_embeds, text_embeds, ping_scale, sample_ids, image_neighbour_ids,
-                                   text_neighbour_ids))
+            if isinstance(self.ping, InBatchNeighbourLoss):
+                if ping_partner_rows is None or ping_partner_spaces is None:
+                    raise ValueError("ping_positives='in_batch' but the batch has no ping_partner_rows / "
+                                     "ping_partner_spaces: train with --ping_neighbours_dir (the trainer then samples "
+                                     "neighbour pairs).")
+                terms.update(self.ping(image_embeds, text_embeds, ping_scale, ping_partner_rows, ping_partner_spaces))
+            else:
+                if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
+                    raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
+                                     "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
+                terms.update(self.ping(image_embeds, text_embeds, ping_scale, sample_ids, image_neighbour_ids,
+                                       text_neighbour_ids))
         loss = terms["instance"]
         for term, weight in config.loss_weights().items():
             if term in terms:
@@ -805,6 +875,7 @@ __all__ = [
     "NeighbourContrastiveLoss",
     "NeighbourEmbeddingBank",
     "FusionBlock",
+    "InBatchNeighbourLoss",
     "InstanceContrastiveLoss",
     "MaskedLanguageModelling",
     "TokenAlignmentLoss",

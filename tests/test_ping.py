@@ -370,3 +370,87 @@ def test_collator_reads_frozen_features_for_frozen_soft_labels(tmp_path, tiny_re
     assert torch.equal(batch["frozen_image_features"], torch.from_numpy(image_features[ids]))
     assert torch.equal(batch["frozen_text_features"], torch.from_numpy(text_features[ids]))
     assert "image_neighbour_ids" not in batch
+
+
+def _in_batch_reference(image, text, scale, partners, spaces):
+    """Loop implementation of in-batch CLIP-PING: per row, InfoNCE towards its partner over all other columns."""
+    n = image.shape[0]
+    nn_total, xnn_total, count = 0.0, 0.0, 0
+    for r in range(n):
+        m = int(partners[r])
+        if m < 0:
+            continue
+        count += 1
+        columns = [j for j in range(n) if j != r]
+        target = columns.index(m)
+        i2t = -torch.log_softmax(torch.stack([scale * image[r] @ text[j] for j in columns]), 0)[target]
+        t2i = -torch.log_softmax(torch.stack([scale * text[r] @ image[j] for j in columns]), 0)[target]
+        if int(spaces[r]) == 0:
+            nn_total, xnn_total = nn_total + i2t, xnn_total + t2i
+        else:
+            nn_total, xnn_total = nn_total + t2i, xnn_total + i2t
+    return nn_total / count, xnn_total / count
+
+
+def test_in_batch_neighbour_loss_equals_loop_implementation():
+    from modeling_lightclip.objectives_lightclip import InBatchNeighbourLoss
+
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    partners = torch.tensor([1, 0, 3, 2, -1, -1])  # the last pair lost a sample to bad data
+    spaces = torch.tensor([0, 0, 1, 1, 0, 0])
+    out = InBatchNeighbourLoss(1.0, 1.0)(image, text, torch.tensor(5.0), partners, spaces)
+    expected_nn, expected_xnn = _in_batch_reference(image, text, 5.0, partners, spaces)
+    torch.testing.assert_close(out["ping_nn"], expected_nn)
+    torch.testing.assert_close(out["ping_xnn"], expected_xnn)
+
+
+def test_neighbour_pair_sampler_and_collator_partners(tmp_path, tiny_recipe, tokenizer, photo_paths):
+    """The sampler yields (anchor, one of its top-k neighbours) pairs, alternating image and text space, the same
+    order for the same (seed, epoch); the collator turns a batch into partner rows, dropping pairs that lost a
+    sample."""
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.neighbours import NeighbourPairSampler, NeighbourTable
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.recipes import build_model_config
+
+    table = NeighbourTable(_fake_neighbours(tmp_path / "ping", rows=20, k=3), 20)
+    sampler = NeighbourPairSampler(table, 20, seed=1)
+    order = list(sampler)
+    assert len(order) == 20 and order == list(sampler)
+    anchors = order[::2]
+    assert len(set(anchors)) == 10
+    for j, (anchor, neighbour) in enumerate(zip(order[::2], order[1::2])):
+        space = table.image if j % 2 == 0 else table.text
+        assert neighbour in space[anchor].tolist()
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=0.5, ping_positives="in_batch",
+                                mlm_loss_weight=0.0)
+    assert config.uses_ping and not config.uses_ping_bank
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, neighbours=table)
+    examples = [{"image": str(photo_paths[0]), "caption": "a cat", "sample_id": i} for i in order[:6]]
+    examples[3]["image"] = str(tmp_path / "missing.jpg")  # the second pair loses its neighbour
+    batch = collator(examples)
+    assert batch["ping_partner_rows"].tolist() == [1, 0, -1, 4, 3]
+    first_space = 0 if order[1] in table.image[order[0]].tolist() else 1
+    assert int(batch["ping_partner_spaces"][0]) == first_space
+    assert "image_neighbour_ids" not in batch
+
+
+def test_train_with_in_batch_neighbours(tmp_path):
+    """End to end: the trainer samples pairs, the loss logs both CLIP-PING terms, no bank is saved."""
+    import train_lightclip
+    from modeling_lightclip.training.trainer import PING_BANK_FILE
+
+    neighbours = _fake_neighbours(tmp_path / "ping")
+    out = tmp_path / "run"
+    trainer = train_lightclip.main(["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size",
+                                    "8", "--do_eval", "false", "--logging_steps", "1", "--max_steps", "3",
+                                    "--save_strategy", "steps", "--save_steps", "3", "--ping_nn_loss_weight", "0.5",
+                                    "--ping_xnn_loss_weight", "0.5", "--ping_positives", "in_batch",
+                                    "--ping_neighbours_dir", str(neighbours), "--output_dir", str(out)])
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(h["loss_ping_nn"] > 0 and h["loss_ping_xnn"] > 0 for h in logged)
+    assert not (out / "checkpoint-3" / PING_BANK_FILE).exists()

@@ -415,9 +415,13 @@ class ImageTextCollator:
             ids = [int(examples[i]["sample_id"]) for i in keep]
             batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
             config = self.model_config
-            if config is None or config.uses_ping:
+            if config is None or config.uses_ping_bank:
                 batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
                     ids, np.random.default_rng(self._rng.getrandbits(63)))
+            elif config.uses_ping:  # in-batch neighbours: the sampler laid the batch out in (anchor, neighbour) pairs
+                kept = set(keep)
+                layout = [int(e["sample_id"]) if i in kept else None for i, e in enumerate(examples)]
+                batch["ping_partner_rows"], batch["ping_partner_spaces"] = self.neighbours.pair_partners(layout)
             if config is not None and config.uses_frozen_features and config.soft_label_source == "frozen":
                 batch["frozen_image_features"], batch["frozen_text_features"] = self.neighbours.features(ids)
         return batch

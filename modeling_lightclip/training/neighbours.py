@@ -310,11 +310,59 @@ class NeighbourTable:
         return tuple(torch.from_numpy(np.ascontiguousarray(table[order], dtype=np.float32))
                      for table in self._features)
 
+    def pair_partners(self, ids: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a batch laid out in (anchor, neighbour) pairs by `NeighbourPairSampler` (None where a sample was
+        skipped): each kept row's partner row among the kept rows (-1 if its partner was skipped) and the space the
+        pair was found in (0 image, 1 text: the anchor's top-k image neighbours hold the partner, else text)."""
+        kept = [i for i in ids if i is not None]
+        row_of = {}
+        for position, sample in enumerate(ids):
+            if sample is not None:
+                row_of[position] = len(row_of)
+        partners = torch.full((len(kept),), -1, dtype=torch.long)
+        spaces = torch.zeros(len(kept), dtype=torch.long)
+        for first in range(0, len(ids) - 1, 2):
+            anchor, neighbour = ids[first], ids[first + 1]
+            if anchor is None or neighbour is None:
+                continue
+            space = 0 if neighbour in self.image[anchor, : self.top_k] else 1
+            a, b = row_of[first], row_of[first + 1]
+            partners[a], partners[b] = b, a
+            spaces[a] = spaces[b] = space
+        return partners, spaces
+
     def sample(self, ids: list[int], rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         choice = (rng or self.rng).integers(0, self.top_k, size=len(ids))
         image = np.array([self.image[i, c] for i, c in zip(ids, choice)], dtype=np.int64)
         text = np.array([self.text[i, c] for i, c in zip(ids, choice)], dtype=np.int64)
         return torch.from_numpy(image), torch.from_numpy(text)
+
+
+class NeighbourPairSampler(torch.utils.data.Sampler):
+    """Training indices in (anchor, neighbour) pairs, for CLIP-PING with fresh neighbours
+    (`ping_positives="in_batch"`): each epoch a random half of the samples are anchors, each followed by one of its
+    top-k neighbours, drawn in the image space for every other anchor and in the text space for the rest. With an
+    even per-device batch size every pair lands in one batch (accelerate gives each process whole batches), so the
+    neighbour is encoded in the same step as its anchor. Deterministic in (seed, epoch): a resumed run sees the
+    same order."""
+
+    def __init__(self, table: "NeighbourTable", num_samples: int, seed: int = 0):
+        self.table, self.num_samples, self.seed, self.epoch = table, num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return 2 * (self.num_samples // 2)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        anchors = rng.permutation(self.num_samples)[: self.num_samples // 2]
+        choices = rng.integers(0, self.table.top_k, size=len(anchors))
+        for j, (anchor, choice) in enumerate(zip(anchors.tolist(), choices.tolist())):
+            space = self.table.image if j % 2 == 0 else self.table.text
+            yield anchor
+            yield int(space[anchor, choice])
 
 
 # ------------------------------------------------------------------------------------------------------ command
@@ -379,7 +427,7 @@ def main(argv=None):
     state.wait_for_everyone()
 
 
-__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourTable", "extract_features", "nearest_neighbours",
+__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourPairSampler", "NeighbourTable", "extract_features", "nearest_neighbours",
            "search"]
 
 

@@ -37,7 +37,7 @@ def _checkpoint_uses_ping(path: Path) -> bool:
     from ..configuration_lightclip import LightCLIPConfig
 
     try:
-        return LightCLIPConfig.from_pretrained(path).uses_ping
+        return LightCLIPConfig.from_pretrained(path).uses_ping_bank
     except (OSError, ValueError):
         return False
 
@@ -94,7 +94,7 @@ class LightCLIPCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         model = unwrap_model(model) if model is not None else None
         ping = getattr(getattr(model, "objectives", None), "ping", None)
-        if ping is None or not args.should_save:
+        if getattr(ping, "bank", None) is None or not args.should_save:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if folder.is_dir():
@@ -164,6 +164,20 @@ class LightCLIPTrainer(Trainer):
                                "clean the data (see the skipped_* counts) or use a larger batch.")
         loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         return (loss, {"loss": loss}) if return_outputs else loss
+
+    def _get_train_sampler(self, train_dataset=None):
+        """CLIP-PING with in-batch neighbours trains on (anchor, neighbour) pairs; otherwise the Trainer's sampler."""
+        from .neighbours import NeighbourPairSampler
+
+        config = getattr(self.data_collator, "model_config", None)
+        neighbours = getattr(self.data_collator, "neighbours", None)
+        if config is None or neighbours is None or not config.uses_ping or config.uses_ping_bank:
+            return super()._get_train_sampler(train_dataset)
+        if self.args.per_device_train_batch_size % 2:
+            raise ValueError("ping_positives='in_batch' lays batches out in (anchor, neighbour) pairs: use an even "
+                             "--per_device_train_batch_size.")
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return NeighbourPairSampler(neighbours, len(dataset), self.args.seed)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
@@ -254,7 +268,7 @@ def load_ping_bank(model, checkpoint) -> bool:
     """Restore the CLIP-PING bank saved with a checkpoint; False when there is none to restore."""
     ping = getattr(getattr(unwrap_model(model), "objectives", None), "ping", None)
     path = Path(checkpoint) / PING_BANK_FILE
-    if ping is None or not path.is_file():
+    if getattr(ping, "bank", None) is None or not path.is_file():
         return False
     ping.bank.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return True
