@@ -24,10 +24,15 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
     torch.manual_seed(0)
     model = LightCLIPModel.from_pretrained(model_dir).train()
     model.set_training_progress(1.0)
-    model.objectives.ping.bank.load_state_dict(torch.load(Path(batch_path).with_name("bank.pt"), weights_only=True))
+    bank = getattr(model.objectives.ping, "bank", None)
+    if bank is not None:
+        bank.load_state_dict(torch.load(Path(batch_path).with_name("bank.pt"), weights_only=True))
     batch = torch.load(batch_path, weights_only=True)
     size = batch["input_ids"].shape[0] // world
     local = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}  # sample ids travel with the rows
+    if "ping_partner_rows" in local:  # in-batch partners are local row indices
+        rows = local["ping_partner_rows"]
+        local["ping_partner_rows"] = torch.where(rows >= 0, rows - rank * size, rows)
     length = int(local["attention_mask"].sum(1).max())
     for key in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         local[key] = local[key][:, :length]
@@ -37,15 +42,16 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
     terms = torch.stack([out.loss.detach()] + [out.losses[k].detach() for k in sorted(out.losses)])
     dist.all_reduce(terms)
     terms /= world
-    bank = model.objectives.ping.bank
-    mine = torch.cat([bank.image.flatten(), bank.text.flatten(), bank.valid.float()])
-    theirs = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(theirs, mine)
+    if bank is not None:
+        mine = torch.cat([bank.image.flatten(), bank.text.flatten(), bank.valid.float()])
+        theirs = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(theirs, mine)
     if rank == 0:
         tensors = {f"grad.{n}": p.grad.contiguous() for n, p in model.named_parameters() if p.grad is not None}
-        tensors["bank_equal_across_ranks"] = torch.tensor(int(all(torch.equal(t, mine) for t in theirs)))
-        tensors["bank_valid"] = bank.valid.clone()
-        tensors["bank_text"] = bank.text.clone()
+        if bank is not None:
+            tensors["bank_equal_across_ranks"] = torch.tensor(int(all(torch.equal(t, mine) for t in theirs)))
+            tensors["bank_valid"] = bank.valid.clone()
+            tensors["bank_text"] = bank.text.clone()
         tensors["loss"] = terms[0]
         for i, k in enumerate(sorted(out.losses)):
             tensors[f"term.{k}"] = terms[i + 1]

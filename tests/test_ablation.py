@@ -104,3 +104,31 @@ def test_report_files(ablation, tmp_path, monkeypatch):
     assert "1,234,567" in table and "1.50 / 0.50" in table
     png = (tmp_path / "benchmarks" / "results" / "ablation_cpu.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+def test_selection_split_is_carved_from_training_data(ablation, tmp_path):
+    """Hyperparameters are selected on data carved from the training split: the carved rows are disjoint from the
+    selection training set, Fashion-MNIST is carved per class, the test files are never touched, and the carve is
+    the same every time."""
+    from datasets import Dataset
+
+    fm, oc = tmp_path / "fashion_mnist", tmp_path / "openclipart"
+    fm.mkdir()
+    oc.mkdir()
+    Dataset.from_dict({"image": [f"fm{i}" for i in range(60)], "caption": [f"fm caption {i}" for i in range(60)],
+                       "label": [i % 3 for i in range(60)]}).to_parquet(str(fm / "train.parquet"))
+    Dataset.from_dict({"image": [f"oc{i}" for i in range(50)],
+                       "caption": [f"oc caption {i}" for i in range(50)]}).to_parquet(str(oc / "train.parquet"))
+    files = ablation.prepare_selection_data(tmp_path, {}, fm_per_class=4, oc_share=0.2)
+    read = {k: Dataset.from_parquet(str(v)) for k, v in files.items()}
+    train, fm_val, oc_val = (set(read[k]["image"]) for k in ("train", "zero_shot", "retrieval"))
+    assert len(fm_val) == 12 and len(oc_val) == 10 and len(train) == 110 - 22
+    assert not (train & fm_val) and not (train & oc_val)
+    assert sorted(read["zero_shot"]["label"]) == [0] * 4 + [1] * 4 + [2] * 4
+    again = tmp_path / "again"
+    for name in ("fashion_mnist", "openclipart"):
+        (again / name).mkdir(parents=True)
+        for f in (tmp_path / name).iterdir():
+            (again / name / f.name).write_bytes(f.read_bytes())
+    repeat = ablation.prepare_selection_data(again, {}, fm_per_class=4, oc_share=0.2)
+    assert set(Dataset.from_parquet(str(repeat["zero_shot"]))["image"]) == fm_val

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -17,11 +18,15 @@ from modeling_lightclip.training.recipes import build_model_config
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-def _model_and_batch(tokenizer):
+REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch"}
+
+
+def _model_and_batch(tokenizer, variant: str = "paper"):
     """CLIP-vision + BERT (no BatchNorm, no dropout: both would make 1 vs 2 processes differ by design), all
     objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
-    every parameter gets a gradient."""
-    config = build_model_config({
+    every parameter gets a gradient. `variant="redesign"`: soft labels from frozen-encoder features (gathered across
+    ranks) and CLIP-PING with in-batch neighbours instead of the bank."""
+    config = build_model_config({**(REDESIGN if variant == "redesign" else {}),
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",
         "token_loss_weight": 0.5, "token_negatives": "batch", "mlm_loss_weight": 0.5, "mlm_probability": 0.3,
@@ -54,15 +59,25 @@ def _model_and_batch(tokenizer):
             "text": F.normalize(torch.randn(16, 16, generator=generator), dim=-1),
             "valid": torch.arange(16) >= 10}
     bank["valid"][[0, 2, 3, 5]] = True
+    if variant == "redesign":
+        for key in ("sample_ids", "image_neighbour_ids", "text_neighbour_ids"):
+            batch.pop(key)
+        batch["frozen_image_features"] = F.normalize(torch.randn(8, 12, generator=generator), dim=-1)
+        batch["frozen_text_features"] = F.normalize(torch.randn(8, 6, generator=generator), dim=-1)
+        batch["ping_partner_rows"] = torch.tensor([1, 0, 3, 2, 5, 4, -1, -1])  # pairs never straddle two ranks
+        batch["ping_partner_spaces"] = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])
+        return model, batch, None
     model.objectives.ping.bank.load_state_dict({k: v.clone() for k, v in bank.items()})
     return model, batch, bank
 
 
-def test_two_processes_equal_one_process(tokenizer, tmp_path):
-    model, batch, bank = _model_and_batch(tokenizer)
+@pytest.mark.parametrize("variant", ["paper", "redesign"])
+def test_two_processes_equal_one_process(tokenizer, tmp_path, variant):
+    model, batch, bank = _model_and_batch(tokenizer, variant)
     model.save_pretrained(tmp_path / "model")
     torch.save(batch, tmp_path / "batch.pt")
-    torch.save(bank, tmp_path / "bank.pt")
+    if bank is not None:
+        torch.save(bank, tmp_path / "bank.pt")
 
     # reference: one process, the whole batch
     model.train()
@@ -87,6 +102,8 @@ def test_two_processes_equal_one_process(tokenizer, tmp_path):
     assert {k[len("grad."):] for k in result if k.startswith("grad.")} == set(reference)
     for name, grad in reference.items():
         torch.testing.assert_close(result[f"grad.{name}"], grad, atol=1e-5, rtol=1e-4, msg=name)
+    if bank is None:
+        return
     # every rank's bank now holds the whole global batch, identically
     assert result["bank_equal_across_ranks"].item() == 1
     assert torch.equal(result["bank_valid"], model.objectives.ping.bank.valid)
