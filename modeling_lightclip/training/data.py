@@ -68,8 +68,10 @@ class DataArguments:
         "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
     ping_neighbours_dir: str | None = field(default=None, metadata={
-        "help": "CLIP-PING neighbour folder built by `python -m modeling_lightclip.training.neighbours build` for this "
-                "training set (needed when ping_nn_loss_weight or ping_xnn_loss_weight > 0)."})
+        "help": "The frozen encoders' folder (features + neighbours) built by `python -m "
+                "modeling_lightclip.training.neighbours build` for this training set, needed by CLIP-PING "
+                "(ping_*_loss_weight > 0) and by soft_label_source=frozen; `auto` builds it once with the packaged "
+                "encoders (EfficientNet-Lite0, all-MiniLM-L6-v2) into OUTPUT_DIR/_frozen_encoders."})
     ping_top_k: int | None = field(default=None, metadata={
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 

@@ -368,6 +368,39 @@ class NeighbourPairSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------------------ command
 
 
+def build_folder(dataset, out: str | Path, image_column: str = "image", caption_column: str = "caption",
+                 image_encoder: str = "efficientnet-lite0", text_encoder: str = "all-MiniLM-L6-v2",
+                 image_size: int = 224, k: int = 8, batch_size: int = 256, backend: str = "auto", ivf_lists: int = 0,
+                 use_gpu: bool = False, label_column: str | None = None) -> dict:
+    """`build` for an already loaded training split: frozen-encoder features (resumable, sharded across processes)
+    then the top-k neighbours (main process). A folder already complete for this many samples is kept as it is.
+    Returns the search summary (or the stored meta when nothing had to be done)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    out = Path(out)
+    meta_path = out / FILES["meta"]
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    complete = all((out / FILES[key]).exists() for key in ("image_neighbours", "text_neighbours"))
+    if complete and meta.get("num_samples") == len(dataset) and meta.get("k") == k:
+        return meta
+    device = str(state.device)
+    extract_features(dataset, out, FrozenImageEncoder(image_encoder, device, image_size),
+                     FrozenTextEncoder(text_encoder, device), image_column, caption_column, batch_size,
+                     state.process_index, state.num_processes, state.wait_for_everyone,
+                     progress=state.is_local_main_process)
+    summary = {}
+    if state.is_main_process:
+        _atomic_json(meta_path, {"image_encoder": image_encoder, "text_encoder": text_encoder,
+                                 "num_samples": len(dataset), "image_size": image_size})
+        summary = search(out, k, backend, ivf_lists, use_gpu)
+        if label_column:
+            summary.update(neighbour_label_agreement(out, np.asarray(dataset[label_column])))
+        _atomic_json(meta_path, {**json.loads(meta_path.read_text()), **summary})
+    state.wait_for_everyone()
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["extract", "search", "build"])
@@ -403,23 +436,28 @@ def main(argv=None):
                                   max_train_samples=args.max_train_samples)
         return load_image_text_datasets(data_args)["train"]  # images stay undecoded: bad ones are marked
 
+    if args.command == "build":
+        summary = build_folder(_dataset(), out, args.image_column, args.caption_column, args.image_encoder,
+                               args.text_encoder, args.image_size, args.k, args.batch_size, args.backend,
+                               args.ivf_lists, args.faiss_gpu, args.label_column)
+        if state.is_main_process:
+            print(json.dumps(summary))
+        return
     dataset = None
-    if args.command in ("extract", "build"):
+    if args.command == "extract":
         dataset = _dataset()
         device = str(state.device)
-        image_encoder = FrozenImageEncoder(args.image_encoder, device, args.image_size)
-        text_encoder = FrozenTextEncoder(args.text_encoder, device)
-        extract_features(dataset, out, image_encoder, text_encoder, args.image_column, args.caption_column,
+        extract_features(dataset, out, FrozenImageEncoder(args.image_encoder, device, args.image_size),
+                         FrozenTextEncoder(args.text_encoder, device), args.image_column, args.caption_column,
                          args.batch_size, state.process_index, state.num_processes, state.wait_for_everyone,
                          progress=state.is_local_main_process)
         if state.is_main_process:
             _atomic_json(out / FILES["meta"], {"image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
                                                 "num_samples": len(dataset), "image_size": args.image_size})
-    if args.command in ("search", "build") and state.is_main_process:
+    if args.command == "search" and state.is_main_process:
         summary = search(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu)
         if args.label_column:
-            dataset = dataset if dataset is not None else _dataset()
-            summary.update(neighbour_label_agreement(out, np.asarray(dataset[args.label_column])))
+            summary.update(neighbour_label_agreement(out, np.asarray(_dataset()[args.label_column])))
         meta_path = out / FILES["meta"]
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         _atomic_json(meta_path, {**meta, **summary})
@@ -427,7 +465,7 @@ def main(argv=None):
     state.wait_for_everyone()
 
 
-__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourPairSampler", "NeighbourTable", "extract_features", "nearest_neighbours",
+__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourPairSampler", "NeighbourTable", "build_folder", "extract_features", "nearest_neighbours",
            "search"]
 
 
