@@ -50,18 +50,26 @@ sys.path.insert(0, str(ROOT))
 # Every objective switch spelled out per arm (weights are LightCLIPConfig fields).
 _OFF = {"soft_label_mode": "none", "token_loss_weight": 0.0, "mlm_loss_weight": 0.0,
         "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0}
-_LIGHTCLIP = {"soft_label_mode": "similarity", "token_loss_weight": 0.5, "mlm_loss_weight": 0.5}
+# the papers' readings, every field that differs from the redesign spelled out
+_PAPER_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "student", "soft_label_modality": "candidates",
+                      "soft_label_max": 0.2, "soft_label_schedule": "cosine"}
+_LIGHTCLIP = {**_PAPER_SOFT_LABELS, "token_loss_weight": 0.5, "mlm_loss_weight": 0.5}
+_PAPER_PING = {"ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_positives": "bank"}
+# the redesign (issue #12), chosen on the selection split (`--eval_split val`, README)
+_FROZEN_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "frozen", "soft_label_modality": "candidates",
+                       "soft_label_max": 0.3, "soft_label_schedule": "constant"}
 ARMS = {
     "clip": dict(_OFF),
-    "+soft_labels": {**_OFF, "soft_label_mode": "similarity"},
+    "+soft_labels": {**_OFF, **_PAPER_SOFT_LABELS},
     "+token": {**_OFF, "token_loss_weight": 0.5},
     "+mlm_fusion": {**_OFF, "mlm_loss_weight": 0.5},
     "lightclip": {**_OFF, **_LIGHTCLIP},
-    "lightclip+ping": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5,
-                       "ping_negatives": "bank"},
+    "lightclip+ping": {**_OFF, **_LIGHTCLIP, **_PAPER_PING, "ping_negatives": "bank"},
     # the first CLIP-PING design, kept in the study because it fails instructively (see README)
-    "lightclip+ping_batch_negatives": {**_OFF, **_LIGHTCLIP, "ping_nn_loss_weight": 0.5,
-                                       "ping_xnn_loss_weight": 0.5, "ping_negatives": "batch"},
+    "lightclip+ping_batch_negatives": {**_OFF, **_LIGHTCLIP, **_PAPER_PING, "ping_negatives": "batch"},
+    # the redesigned candidates
+    "+frozen_soft_labels": {**_OFF, **_FROZEN_SOFT_LABELS},
+    "+ping_in_batch": {**_OFF, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_positives": "in_batch"},
 }
 BASELINE = "clip"
 

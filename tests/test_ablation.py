@@ -28,7 +28,8 @@ def _run(arm, seed, top1, r1, step=1.0):
 
 def test_every_arm_parses_as_training_flags(ablation, tmp_path):
     """Each arm's switches reach the config fields under their own names (a typo would fail the parser or
-    leave a field at its default); CLIP-PING arms, and only they, get the neighbour folder."""
+    leave a field at its default); the arms that read the frozen encoders' folder (CLIP-PING, frozen-encoder soft
+    labels), and only they, get it."""
     import train_lightclip
     from modeling_lightclip.training.arguments import config_overrides
     from modeling_lightclip.training.recipes import build_model_config
@@ -42,9 +43,10 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         for key, value in overrides.items():
             assert given[key] == (value if isinstance(value, str) else float(value)), (name, key)
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
-        uses_ping = build_model_config(recipe["model"], **given).uses_ping
-        assert uses_ping == (name in ("lightclip+ping", "lightclip+ping_batch_negatives")), name
-        assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == uses_ping
+        needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
+        assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
+                                         "+frozen_soft_labels")), name
+        assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == needs_folder
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]
     changed = {name: {k for k in base if arm[k] != base[k]} for name, arm in ablation.ARMS.items()}
@@ -53,6 +55,13 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
     assert changed["+mlm_fusion"] == {"mlm_loss_weight"}
     assert changed["lightclip"] == {"soft_label_mode", "token_loss_weight", "mlm_loss_weight"}
     assert changed["lightclip+ping"] == changed["lightclip"] | {"ping_nn_loss_weight", "ping_xnn_loss_weight"}
+    assert changed["+frozen_soft_labels"] == {"soft_label_mode"}
+    assert changed["+ping_in_batch"] == {"ping_nn_loss_weight", "ping_xnn_loss_weight"}
+    # the paper arms spell out the paper's soft labels: a change of the library's defaults cannot change them
+    for name in ("+soft_labels", "lightclip", "lightclip+ping"):
+        arm = ablation.ARMS[name]
+        assert (arm["soft_label_source"], arm["soft_label_max"], arm["soft_label_schedule"]) == ("student", 0.2, "cosine")
+    assert ablation.ARMS["+frozen_soft_labels"]["soft_label_source"] == "frozen"
 
 
 def test_parse_arm(ablation):
