@@ -18,6 +18,7 @@ from modeling_lightclip.training.recipes import build_model_config
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
+PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
 REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch"}
 
 
@@ -26,7 +27,7 @@ def _model_and_batch(tokenizer, variant: str = "paper"):
     objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
     every parameter gets a gradient. `variant="redesign"`: soft labels from frozen-encoder features (gathered across
     ranks) and CLIP-PING with in-batch neighbours instead of the bank."""
-    config = build_model_config({**(REDESIGN if variant == "redesign" else {}),
+    config = build_model_config({**(REDESIGN if variant == "redesign" else PAPER),
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",
         "token_loss_weight": 0.5, "token_negatives": "batch", "mlm_loss_weight": 0.5, "mlm_probability": 0.3,
