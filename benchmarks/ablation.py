@@ -56,7 +56,7 @@ _PAPER_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "stu
 _LIGHTCLIP = {**_PAPER_SOFT_LABELS, "token_loss_weight": 0.5, "mlm_loss_weight": 0.5}
 _PAPER_PING = {"ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_positives": "bank"}
 # the redesign (issue #12), chosen on the selection split (`--eval_split val`, README)
-_FROZEN_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "frozen", "soft_label_modality": "both",
+_FROZEN_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "frozen", "soft_label_modality": "candidates",
                        "soft_label_max": 0.3, "soft_label_schedule": "constant"}
 ARMS = {
     "clip": dict(_OFF),

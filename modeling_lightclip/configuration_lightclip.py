@@ -75,7 +75,7 @@ class LightCLIPConfig(PretrainedConfig):
 
     Defaults follow the measured study (README, "Does it help?"): every extra objective is off, so a bare config is
     plain CLIP and trains on any batch; the soft-label fields default to the variant that measured best (similarity
-    of the frozen encoders, both modalities, alpha 0.3 from the start), so `soft_label_mode="similarity"` turns on
+    of the frozen encoders in the candidates' modality, alpha 0.3 from the start), so `soft_label_mode="similarity"` turns on
     the recommended objective. The `default` recipe does exactly that; `lightclip_paper` spells out the papers'
     configuration.
 
@@ -130,7 +130,7 @@ class LightCLIPConfig(PretrainedConfig):
             encoders of CLIP-PING, whose features the collator reads from `--ping_neighbours_dir`: their
             neighbourhood structure is distilled into the student, and it is informative from the first step,
             whereas a student trained from scratch knows nothing early on).
-        soft_label_modality (`str`, *optional*, defaults to `"both"`):
+        soft_label_modality (`str`, *optional*, defaults to `"candidates"`):
             Which intra-modal similarity spreads the mass in `"similarity"` mode: `"candidates"` (the candidates'
             modality: text-text for image->text rows, image-image for text->image rows) or `"both"` (the mean of the
             text-text and image-image similarities for both directions: a pair is a likely false negative when its
@@ -222,7 +222,7 @@ class LightCLIPConfig(PretrainedConfig):
         soft_label_schedule: str = "constant",
         soft_label_temperature: float = 0.1,
         soft_label_source: str = "frozen",
-        soft_label_modality: str = "both",
+        soft_label_modality: str = "candidates",
         token_loss_weight: float = 0.0,
         token_match_threshold: float | None = None,
         token_temperature: float = 0.1,
