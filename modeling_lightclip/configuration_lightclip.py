@@ -144,6 +144,14 @@ class LightCLIPConfig(PretrainedConfig):
         token_negatives (`str`, *optional*, defaults to `"batch"`):
             Candidates a matched word (patch) must pick its patch (word) from: `"batch"` - every patch (word) of
             the global batch, so the term also says which image a word belongs to; `"image"` - the pair's own.
+        token_objective (`str`, *optional*, defaults to `"word_patch"`):
+            What the matching feeds: `"word_patch"` (each matched word must pick its patch among the candidates and
+            vice versa, InfoNCE) or `"filip"` (a fine-grained score for every image-caption pair of the global batch,
+            the mean similarity of its matched word-patch pairs, contrasted like the instance loss, as FILIP).
+        token_matching (`str`, *optional*, defaults to `"hungarian"`):
+            How `"filip"` matches words to patches: `"hungarian"` (exact one-to-one assignment per pair) or
+            `"sinkhorn"` (its entropic LP relaxation, differentiable; the LP of bipartite matching is integral, so
+            this is the natural smooth reading of "relaxed bipartite matching").
         token_solver (`str`, *optional*, defaults to `"auto"`):
             Assignment solver: `"scipy"` (Hungarian on CPU, one transfer per batch), `"batched"`
             (torch-linear-assignment, Triton on CUDA) or `"auto"` (batched on CUDA when installed, else scipy).
@@ -228,6 +236,8 @@ class LightCLIPConfig(PretrainedConfig):
         token_temperature: float = 0.1,
         token_negatives: str = "batch",
         token_solver: str = "auto",
+        token_objective: str = "word_patch",
+        token_matching: str = "hungarian",
         mlm_loss_weight: float = 0.0,
         mlm_probability: float = 0.15,
         mlm_batch_fraction: float = 0.5,
@@ -273,6 +283,8 @@ class LightCLIPConfig(PretrainedConfig):
         self.token_temperature = token_temperature
         self.token_negatives = token_negatives
         self.token_solver = token_solver
+        self.token_objective = token_objective
+        self.token_matching = token_matching
         self.mlm_loss_weight = mlm_loss_weight
         self.mlm_probability = mlm_probability
         self.mlm_batch_fraction = mlm_batch_fraction
@@ -319,6 +331,13 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"text_pooling={self.text_pooling!r}: choose one of {TEXT_POOLING}.")
         if self.token_negatives not in ("batch", "image"):
             raise ValueError(f"token_negatives={self.token_negatives!r}: choose 'batch' or 'image'.")
+        if self.token_objective not in ("word_patch", "filip"):
+            raise ValueError(f"token_objective={self.token_objective!r}: choose 'word_patch' or 'filip'.")
+        if self.token_matching not in ("hungarian", "sinkhorn"):
+            raise ValueError(f"token_matching={self.token_matching!r}: choose 'hungarian' or 'sinkhorn'.")
+        if self.token_matching == "sinkhorn" and self.token_objective != "filip":
+            raise ValueError("token_matching='sinkhorn' relaxes the matching of the fine-grained score: use it with "
+                             "token_objective='filip' (word_patch contrasts hard matches).")
         if self.token_solver not in ("auto", "scipy", "batched"):
             raise ValueError(f"token_solver={self.token_solver!r}: choose 'auto', 'scipy' or 'batched'.")
         if self.cnn_init not in ("kaiming", "transformers"):

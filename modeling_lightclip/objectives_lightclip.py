@@ -320,6 +320,58 @@ def solve_word_patch_assignment(similarity: torch.Tensor, word_mask: torch.Tenso
     return matches.to(device, non_blocking=True)
 
 
+def sinkhorn_partial_matching(similarity: torch.Tensor, word_mask: torch.Tensor, epsilon: float = 0.05,
+                              iterations: int = 50) -> torch.Tensor:
+    """Entropic relaxation of the partial bipartite matching: the plan T (..., L, P) maximising
+    sum(T * similarity) + epsilon * H(T), each real word sending at most 1 and each patch receiving at most 1, with
+    min(words, patches) units matched in all.
+
+    The LP relaxation of bipartite matching is integral (its optimum is the Hungarian assignment); the entropy term
+    makes it smooth and differentiable, and epsilon -> 0 recovers the assignment. The inequalities become equalities
+    with a dummy word that takes the patches no real word needs (mass max(P - W, 0)) and a dummy patch that takes the
+    words no patch is left for (mass max(W - P, 0)), both at similarity 0: the standard construction for partial
+    transport. Padding/special tokens (`word_mask` False) send nothing. Log-domain Sinkhorn iterations.
+    """
+    *batch, num_words, num_patches = similarity.shape
+    mask = word_mask.to(similarity.dtype)
+    words = mask.sum(-1, keepdim=True)  # (..., 1)
+    row_mass = torch.cat([mask, (num_patches - words).clamp(min=0.0)], dim=-1)  # (..., L + 1)
+    col_mass = torch.cat([similarity.new_ones(*batch, num_patches), (words - num_patches).clamp(min=0.0)], dim=-1)
+    scores = F.pad(similarity, (0, 1, 0, 1)) / epsilon  # dummy row and column at similarity 0
+
+    def _log(mass):
+        return torch.log(mass.clamp(min=1e-30)).masked_fill(mass <= 0, -1e9)
+
+    log_rows, log_cols = _log(row_mass), _log(col_mass)
+    f, g = torch.zeros_like(row_mass), torch.zeros_like(col_mass)
+    for _ in range(iterations):
+        f = log_rows - torch.logsumexp(scores + g.unsqueeze(-2), dim=-1)
+        g = log_cols - torch.logsumexp(scores + f.unsqueeze(-1), dim=-2)
+    plan = torch.exp(scores + f.unsqueeze(-1) + g.unsqueeze(-2))
+    return plan[..., :num_words, :num_patches] * mask.unsqueeze(-1)
+
+
+def fine_grained_scores(words: torch.Tensor, word_mask: torch.Tensor, patches: torch.Tensor, matching: str,
+                        solver: str = "auto", epsilon: float = 0.05) -> torch.Tensor:
+    """FILIP-style image-caption score from the word-patch matching: for every caption a (rows of `words`) and image
+    b (rows of `patches`), the mean similarity of the caption's real words to the patches they are matched to.
+    words (A, L, d), word_mask (A, L), patches (B, P, d), all L2-normalised -> scores (A, B).
+
+    `matching="hungarian"`: the exact one-to-one assignment per (caption, image) pair (a discrete choice on
+    detached similarities; gradients flow through the matched similarities). `"sinkhorn"`: its entropic LP
+    relaxation (`sinkhorn_partial_matching`), differentiable end to end."""
+    similarity = torch.einsum("ald,bpd->ablp", words, patches)  # (A, B, L, P)
+    mask = word_mask.bool().unsqueeze(1).expand(-1, patches.shape[0], -1)  # (A, B, L)
+    counts = mask.sum(-1).clamp(min=1)
+    if matching == "sinkhorn":
+        plan = sinkhorn_partial_matching(similarity, mask, epsilon)
+        return (plan * similarity).sum((-1, -2)) / counts
+    flat = similarity.flatten(0, 1)
+    matches = solve_word_patch_assignment(flat, mask.flatten(0, 1), solver).view(mask.shape)  # (A, B, L)
+    matched = flat.gather(2, matches.clamp(min=0).flatten(0, 1).unsqueeze(-1)).squeeze(-1).view(mask.shape)
+    return (matched * (matches >= 0)).sum(-1) / counts
+
+
 class TokenAlignmentLoss(nn.Module):
     """Relaxed bipartite token alignment (LightCLIP, token level).
 
@@ -341,7 +393,8 @@ class TokenAlignmentLoss(nn.Module):
     """
 
     def __init__(self, vision_dim: int, text_dim: int, token_dim: int, temperature: float = 0.1,
-                 match_threshold: float | None = None, negatives: str = "batch", solver: str = "auto"):
+                 match_threshold: float | None = None, negatives: str = "batch", solver: str = "auto",
+                 objective: str = "word_patch", matching: str = "hungarian", sinkhorn_epsilon: float = 0.05):
         super().__init__()
         self.image_token_projection = nn.Linear(vision_dim, token_dim)
         self.text_token_projection = nn.Linear(text_dim, token_dim)
@@ -351,6 +404,28 @@ class TokenAlignmentLoss(nn.Module):
             raise ValueError(f"token negatives {negatives!r}: choose 'batch' or 'image'.")
         self.negatives = negatives
         self.solver = solver
+        self.objective, self.matching, self.sinkhorn_epsilon = objective, matching, sinkhorn_epsilon
+
+    def _fine_grained(self, patches: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> dict:
+        """`objective="filip"`: the fine-grained score of every image-caption pair of the global batch (mean
+        similarity of matched word-patch pairs), contrasted like the instance loss: each image must pick its caption
+        and each caption its image by that score (symmetric InfoNCE at `temperature`). Why: the word<->patch InfoNCE
+        asks each word to find *its* patch among thousands, which the diagnosis found satisfiable through patches
+        that only encode image identity (matches fell on the background); scoring whole pairs keeps the target the
+        retrieval task itself, as FILIP does."""
+        rank, _ = _world()
+        local = patches.shape[0]
+        own = torch.arange(local, device=patches.device) + rank * local
+        all_patches = gather_with_grad(patches)
+        padded_words = _pad_to_global_length(words, 1, 0.0)
+        padded_mask = _pad_to_global_length(word_mask, 1, False)
+        all_words = gather_with_grad(padded_words)
+        all_mask = gather_no_grad(padded_mask.to(torch.uint8)).bool()
+        text_to_image = fine_grained_scores(words, word_mask, all_patches, self.matching, self.solver,
+                                            self.sinkhorn_epsilon) / self.temperature  # (B, B_g)
+        image_to_text = fine_grained_scores(all_words, all_mask, patches, self.matching, self.solver,
+                                            self.sinkhorn_epsilon).t() / self.temperature  # (B, B_g)
+        return {"token": 0.5 * (F.cross_entropy(image_to_text, own) + F.cross_entropy(text_to_image, own))}
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, word_mask: torch.Tensor,
                 return_matches: bool = False) -> dict[str, torch.Tensor]:
@@ -358,6 +433,8 @@ class TokenAlignmentLoss(nn.Module):
         patches = F.normalize(self.image_token_projection(image_tokens), dim=-1)
         words = F.normalize(self.text_token_projection(text_tokens), dim=-1)
         word_mask = word_mask.bool()
+        if self.objective == "filip":
+            return self._fine_grained(patches, words, word_mask)
         similarity = torch.einsum("bld,bpd->blp", words, patches)
         matches = solve_word_patch_assignment(similarity, word_mask, self.solver)
         if self.match_threshold is not None:
@@ -761,7 +838,7 @@ class LightCLIPObjectives(nn.Module):
             self.token = TokenAlignmentLoss(
                 vision_token_dim, text_dim, config.token_projection_dim, temperature=config.token_temperature,
                 match_threshold=config.token_match_threshold, negatives=config.token_negatives,
-                solver=config.token_solver,
+                solver=config.token_solver, objective=config.token_objective, matching=config.token_matching,
             )
         self.mlm = None
         if config.uses_mlm:
@@ -880,12 +957,14 @@ __all__ = [
     "MaskedLanguageModelling",
     "TokenAlignmentLoss",
     "feature_map_tokens",
+    "fine_grained_scores",
     "find_text_layers",
     "gather_no_grad",
     "gather_with_grad",
     "mask_for_mlm",
     "mask_tokens",
     "soft_label_alpha",
+    "sinkhorn_partial_matching",
     "soft_targets",
     "solve_word_patch_assignment",
 ]

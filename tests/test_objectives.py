@@ -492,3 +492,76 @@ def test_weight_decay_groups_and_callback(tiny_model):
         tiny_model.logit_scale.fill_(9.0)
     callback.on_step_end(None, state, None, model=tiny_model)
     assert tiny_model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+# ---------------------------------------------------------------------------------------------- fine-grained score
+
+
+@pytest.mark.parametrize("num_words,num_patches", [(4, 7), (6, 3)])
+def test_sinkhorn_relaxation_approaches_the_hungarian_optimum(num_words, num_patches):
+    """The entropic plan respects the partial-matching marginals and, at a small epsilon, reaches the exact
+    assignment's total similarity (the LP of bipartite matching is integral)."""
+    from scipy.optimize import linear_sum_assignment
+
+    from modeling_lightclip.objectives_lightclip import sinkhorn_partial_matching
+
+    torch.manual_seed(0)
+    similarity = torch.rand(3, num_words, num_patches, dtype=torch.float64) * 2 - 1
+    mask = torch.ones(3, num_words, dtype=torch.bool)
+    mask[1, -1] = False  # a padding token sends nothing
+    plan = sinkhorn_partial_matching(similarity, mask, epsilon=0.003, iterations=3000)
+    for b in range(3):
+        rows = mask[b].nonzero().flatten().numpy()
+        r, c = linear_sum_assignment(similarity[b, rows].numpy(), maximize=True)
+        optimum = similarity[b, rows][r, c].sum().item()
+        assert (plan[b] * similarity[b]).sum().item() == pytest.approx(optimum, abs=0.02)
+        assert (plan[b].sum(-1) <= 1 + 1e-3).all() and (plan[b].sum(-2) <= 1 + 1e-3).all()
+        assert plan[b].sum().item() == pytest.approx(min(len(rows), num_patches), abs=1e-3)
+        assert plan[b, ~mask[b]].abs().sum() < 1e-9
+
+
+def test_fine_grained_scores_equal_brute_force():
+    """FILIP-style score with Hungarian matching: for every (caption, image) pair, the mean similarity of the
+    caption's real words to their assigned patches, from a brute force over assignments."""
+    from modeling_lightclip.objectives_lightclip import fine_grained_scores
+
+    torch.manual_seed(1)
+    words = F.normalize(torch.randn(3, 3, 6), dim=-1)
+    patches = F.normalize(torch.randn(2, 4, 6), dim=-1)
+    mask = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    scores = fine_grained_scores(words, mask, patches, "hungarian", solver="scipy")
+    for a in range(3):
+        real = mask[a].nonzero().flatten().tolist()
+        for b in range(2):
+            sim = words[a] @ patches[b].t()
+            best = max(sum(sim[w, p] for w, p in zip(real, perm)) for perm in itertools.permutations(range(4), len(real)))
+            assert scores[a, b].item() == pytest.approx(best.item() / len(real), abs=1e-5)
+    relaxed = fine_grained_scores(words, mask, patches, "sinkhorn", epsilon=0.05)
+    assert relaxed.shape == scores.shape and (relaxed <= scores + 1e-4).all()  # a relaxation cannot beat the optimum
+
+
+@pytest.mark.parametrize("matching", ["hungarian", "sinkhorn"])
+def test_filip_token_objective_trains(tiny_recipe, tokenizer, matching):
+    """The fine-grained objective is a contrast over image-caption pairs: its loss equals InfoNCE over the pair
+    scores, it reaches the token projections, and it is refused with Sinkhorn unless FILIP is on."""
+    from modeling_lightclip.objectives_lightclip import fine_grained_scores
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_objective="filip", token_matching=matching,
+                                mlm_loss_weight=0.0, soft_label_mode="none")
+    torch.manual_seed(0)
+    model = LightCLIPModel(config).train()
+    batch = make_batch(tokenizer, batch_size=4)
+    out = model(**batch, return_loss=True, output_tokens=True)
+    token = model.objectives.token
+    patches = F.normalize(token.image_token_projection(model._token_alignment_tokens(
+        model._encode_image(batch["pixel_values"], output_stages=True))), dim=-1)
+    words = F.normalize(token.text_token_projection(out.text_tokens), dim=-1)
+    scores = fine_grained_scores(words, out.text_word_mask, patches, matching, "scipy", token.sinkhorn_epsilon)
+    target = torch.arange(4)
+    expected = 0.5 * (F.cross_entropy(scores.t() / token.temperature, target)
+                      + F.cross_entropy(scores / token.temperature, target))
+    torch.testing.assert_close(out.losses["token"], expected, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    assert token.image_token_projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sinkhorn"):
+        build_model_config(tiny_recipe["model"], tokenizer, token_matching="sinkhorn")
