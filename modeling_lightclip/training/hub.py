@@ -105,16 +105,21 @@ def _tower_name(config) -> str:
 
 
 def _objectives_table(config) -> str:
+    soft = (f"soft labels: {config.soft_label_mode}"
+            + (f" from the {config.soft_label_source} similarity ({config.soft_label_modality}), max α "
+               f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))
+    ping = ("frozen-encoder neighbours, " + ("in the same batch (fresh)" if config.ping_positives == "in_batch"
+                                             else f"memory bank, {config.ping_negatives} negatives"))
     rows = [
-        ("instance contrastive (global batch)", "1.0",
-         f"soft labels: {config.soft_label_mode}, max α {config.soft_label_max}, {config.soft_label_schedule} schedule"),
+        ("instance contrastive (global batch)", "1.0", soft),
         ("token alignment (relaxed bipartite matching)", str(config.token_loss_weight),
-         f"negatives: {config.token_negatives}, temperature {config.token_temperature}"),
-        ("masked language modelling + fusion", str(config.mlm_loss_weight),
+         f"{config.token_objective} objective, {config.token_matching} matching, negatives: {config.token_negatives}, "
+         f"temperature {config.token_temperature}"),
+        ("masked language modelling" + (" + fusion" if config.mlm_fusion else ""), str(config.mlm_loss_weight),
          f"mask {config.mlm_probability}, fusion after text layers {config.fusion_text_layers} from image stages "
          f"{config.fusion_vision_stages}, on {config.mlm_batch_fraction:g} of each batch"),
-        ("CLIP-PING nearest neighbours (NN)", str(config.ping_nn_loss_weight), "frozen-encoder neighbours"),
-        ("CLIP-PING cross nearest neighbours (XNN)", str(config.ping_xnn_loss_weight), "frozen-encoder neighbours"),
+        ("CLIP-PING nearest neighbours (NN)", str(config.ping_nn_loss_weight), ping),
+        ("CLIP-PING cross nearest neighbours (XNN)", str(config.ping_xnn_loss_weight), ping),
     ]
     return "\n".join(f"| {a} | {b} | {c if float(b) > 0 else 'off'} |" for a, b, c in rows)
 
