@@ -20,8 +20,6 @@ from modeling_lightclip.training.arguments import LightCLIPTrainingArguments, Mo
 from modeling_lightclip.training.build import build_run
 from modeling_lightclip.training.data import (
     DataArguments,
-    ImageTextCollator,
-    check_image_column,
     class_names_for,
     load_image_text_datasets,
     zero_shot_templates,
@@ -55,23 +53,15 @@ def main(argv=None):
 
     splits = load_image_text_datasets(data_args)
     eval_dataset = splits.get("validation")
-    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"))
+    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"), eval_dataset)
     model, processor, train_dataset = run.model, run.processor, run.train_dataset
-    check_image_column(train_dataset if train_dataset is not None else eval_dataset, data_args.image_column)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, at the end, with our card
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME.")
 
-    common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
-                  max_length=data_args.max_caption_length)
-    train_collator = ImageTextCollator(
-        **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
-        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=run.neighbours,
-        model_config=unwrap_model(model).config)
-    eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
-
+    train_collator = run.train_collator
     trainer = LightCLIPTrainer(
         model=model,
         args=training_args,
@@ -79,7 +69,7 @@ def main(argv=None):
         eval_dataset=eval_dataset,
         data_collator=train_collator,
         processing_class=processor,
-        eval_collator=eval_collator if eval_dataset is not None else None,
+        eval_collator=run.eval_collator if eval_dataset is not None else None,
         class_names=class_names_for(eval_dataset, data_args) if eval_dataset is not None else None,
         zero_shot_templates=zero_shot_templates(data_args),
     )

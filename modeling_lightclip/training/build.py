@@ -13,6 +13,7 @@ from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides
+from .data import ImageTextCollator, check_image_column
 from .lora import apply_lora
 from .neighbours import NeighbourTable, build_folder
 from .preprocessing import build_processor, training_tokenizer
@@ -25,14 +26,17 @@ FROZEN_FOLDER = "_frozen_encoders"  # `--ping_neighbours_dir auto` builds here (
 
 @dataclass
 class Run:
-    """What `train_lightclip.py` trains: the model, its processor, the training split (with `sample_id` when
-    CLIP-PING is on), CLIP-PING's neighbour table (or None) and the checkpoint to resume (or None)."""
+    """What `train_lightclip.py` trains: the model, its processor, the training split (with `sample_id` when the
+    frozen encoders' folder is used), that folder's table (or None), the checkpoint to resume (or None), and the
+    training / evaluation collators."""
 
     model: object
     processor: LightCLIPProcessor
     train_dataset: object
     neighbours: NeighbourTable | None
     checkpoint: str | None
+    train_collator: ImageTextCollator
+    eval_collator: ImageTextCollator
 
 
 def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
@@ -80,8 +84,8 @@ def setup_ping(config: LightCLIPConfig, train_dataset, data_args, training_args)
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
 
 
-def build_run(recipe: dict, model_args, data_args, training_args, train_dataset) -> Run:
-    """Config -> CLIP-PING -> model -> processor -> LoRA, for a checkpoint, a saved model or a recipe."""
+def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
+    """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe."""
     overrides = config_overrides(model_args)
     checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
     source = checkpoint or model_args.model_name_or_path
@@ -106,13 +110,21 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset)
     if checkpoint and neighbours is not None:
         load_ping_bank(model, checkpoint)
 
+    check_image_column(train_dataset if train_dataset is not None else eval_dataset, data_args.image_column)
+    config = model.config
     if model_args.lora_r is not None:
         if not model_args.model_name_or_path:
             raise ValueError("--lora_r fine-tunes an existing LightCLIP: pass --model_name_or_path (Hub id or folder).")
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                            model_args.lora_target_modules)
+    common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
+                  max_length=data_args.max_caption_length)
+    train_collator = ImageTextCollator(
+        **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
+        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config)
+    eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
-               checkpoint=checkpoint)
+               checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator)
 
 
 __all__ = ["Run", "build_run", "setup_ping"]
