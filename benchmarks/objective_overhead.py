@@ -124,9 +124,9 @@ def main():
         config, extra = model.config, {}
         if config.uses_ping_bank:
             extra.update(ping_inputs)
-        elif config.uses_ping:
+        elif config.uses_ping_in_batch:
             extra.update(extra_inputs["in_batch"])
-        if config.uses_frozen_features and config.soft_label_source == "frozen":
+        if config.uses_frozen_soft_labels:
             extra.update(extra_inputs["frozen"])
         return extra
 

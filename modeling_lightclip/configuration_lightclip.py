@@ -398,12 +398,20 @@ class LightCLIPConfig(PretrainedConfig):
         return self.uses_ping and self.ping_positives == "bank"
 
     @property
+    def uses_ping_in_batch(self) -> bool:
+        """CLIP-PING with fresh neighbours placed in the same batch by the pair sampler."""
+        return self.uses_ping and self.ping_positives == "in_batch"
+
+    @property
+    def uses_frozen_soft_labels(self) -> bool:
+        """Soft labels spread by the frozen encoders' similarities: the batch must carry their features."""
+        return self.uses_soft_labels and self.soft_label_mode == "similarity" and self.soft_label_source == "frozen"
+
+    @property
     def uses_frozen_features(self) -> bool:
         """Whether training reads the frozen encoders' folder (`--ping_neighbours_dir`): CLIP-PING's neighbours, or
         soft labels spread by the frozen encoders' similarities."""
-        frozen_targets = (self.uses_soft_labels and self.soft_label_mode == "similarity"
-                          and self.soft_label_source == "frozen")
-        return self.uses_ping or frozen_targets
+        return self.uses_ping or self.uses_frozen_soft_labels
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""

@@ -125,6 +125,14 @@ def _pad_to_global_length(tensor: torch.Tensor, dim: int, value) -> torch.Tensor
     return F.pad(tensor, pad, value=value)
 
 
+def _gather_words(words: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word states (B, L, d) and their mask (B, L) of the whole global batch: padded to the longest caption over
+    ranks (each rank pads to its own), gathered - the states with autograd, the mask without. (B_g, L_max, ...)."""
+    all_words = gather_with_grad(_pad_to_global_length(words, 1, 0.0))
+    all_mask = gather_no_grad(_pad_to_global_length(word_mask, 1, False).to(torch.uint8)).bool()
+    return all_words, all_mask
+
+
 # --------------------------------------------------------------------------------------------------------------
 # instance level
 # --------------------------------------------------------------------------------------------------------------
@@ -417,10 +425,7 @@ class TokenAlignmentLoss(nn.Module):
         local = patches.shape[0]
         own = torch.arange(local, device=patches.device) + rank * local
         all_patches = gather_with_grad(patches)
-        padded_words = _pad_to_global_length(words, 1, 0.0)
-        padded_mask = _pad_to_global_length(word_mask, 1, False)
-        all_words = gather_with_grad(padded_words)
-        all_mask = gather_no_grad(padded_mask.to(torch.uint8)).bool()
+        all_words, all_mask = _gather_words(words, word_mask)
         text_to_image = fine_grained_scores(words, word_mask, all_patches, self.matching, self.solver,
                                             self.sinkhorn_epsilon) / self.temperature  # (B, B_g)
         image_to_text = fine_grained_scores(all_words, all_mask, patches, self.matching, self.solver,
@@ -455,11 +460,9 @@ class TokenAlignmentLoss(nn.Module):
             rank, _ = _world()
             local = patches.shape[0]
             all_patches = gather_with_grad(patches).flatten(0, 1)  # (B_g * P, d)
-            padded_words = _pad_to_global_length(words, 1, 0.0)
-            padded_mask = _pad_to_global_length(word_mask, 1, False)
-            length = padded_words.shape[1]
-            all_words = gather_with_grad(padded_words).flatten(0, 1)  # (B_g * L, d)
-            all_word_mask = gather_no_grad(padded_mask.to(torch.uint8)).flatten().bool()
+            all_words, all_word_mask = _gather_words(words, word_mask)
+            length = all_words.shape[1]
+            all_words, all_word_mask = all_words.flatten(0, 1), all_word_mask.flatten()  # (B_g * L, ...)
             global_b = b_idx + rank * local
             w2p_logits = words[b_idx, l_idx] @ all_patches.t() / self.temperature
             w2p_target = global_b * num_patches + p_idx
@@ -853,7 +856,7 @@ class LightCLIPObjectives(nn.Module):
             self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
                                                  config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
                                                  config.ping_negatives)
-        elif config.uses_ping:
+        elif config.uses_ping_in_batch:
             self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
 
     @property

@@ -1,8 +1,8 @@
 """Assembling a run from the parsed arguments (training side; not remote code).
 
 `build_run` is the one set-up path of `train_lightclip.py`: it decides where the model comes from (a checkpoint
-to resume, a trained LightCLIP to continue, or a recipe), builds the `LightCLIPConfig` first, then sets up
-CLIP-PING *from that config* (so a saved CLIP-PING config behaves as if its flags were given), then the model,
+to resume, a trained LightCLIP to continue, or a recipe), builds the `LightCLIPConfig` first, then sets up the
+frozen encoders' folder (CLIP-PING, frozen-feature soft labels) *from that config* (so a saved CLIP-PING config behaves as if its flags were given), then the model,
 the processor and the LoRA adapters. Nothing here mutates the parsed arguments.
 """
 
@@ -49,7 +49,7 @@ def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
     return LightCLIPConfig.from_pretrained(source, **overrides)
 
 
-def setup_ping(config: LightCLIPConfig, train_dataset, data_args, training_args):
+def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, training_args):
     """The frozen encoders' folder (CLIP-PING's neighbours, frozen-feature soft labels), decided from the built
     config: (training split, neighbour table or None).
 
@@ -96,7 +96,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args)
         config = build_model_config(recipe["model"], tokenizer, **overrides)
         processor = build_processor(config.image_size, tokenizer)
-    train_dataset, neighbours = setup_ping(config, train_dataset, data_args, training_args)
+    train_dataset, neighbours = setup_frozen_encoders(config, train_dataset, data_args, training_args)
 
     if source:
         model = LightCLIPModel.from_pretrained(source, config=config)
@@ -127,4 +127,4 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator)
 
 
-__all__ = ["Run", "build_run", "setup_ping"]
+__all__ = ["Run", "build_run", "setup_frozen_encoders"]

@@ -420,11 +420,11 @@ class ImageTextCollator:
             if config is None or config.uses_ping_bank:
                 batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
                     ids, np.random.default_rng(self._rng.getrandbits(63)))
-            elif config.uses_ping:  # in-batch neighbours: the sampler laid the batch out in (anchor, neighbour) pairs
+            elif config.uses_ping_in_batch:  # the sampler laid the batch out in (anchor, neighbour) pairs
                 kept = set(keep)
                 layout = [int(e["sample_id"]) if i in kept else None for i, e in enumerate(examples)]
                 batch["ping_partner_rows"], batch["ping_partner_spaces"] = self.neighbours.pair_partners(layout)
-            if config is not None and config.uses_frozen_features and config.soft_label_source == "frozen":
+            if config is not None and config.uses_frozen_soft_labels:
                 batch["frozen_image_features"], batch["frozen_text_features"] = self.neighbours.features(ids)
         return batch
 

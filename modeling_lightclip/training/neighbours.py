@@ -368,6 +368,30 @@ class NeighbourPairSampler(torch.utils.data.Sampler):
 # ------------------------------------------------------------------------------------------------------ command
 
 
+def _extract_folder(dataset, out: Path, image_column: str, caption_column: str, image_encoder: str,
+                    text_encoder: str, image_size: int, batch_size: int, state) -> None:
+    """Frozen-encoder features of every row into `out` (resumable, sharded across processes), then the meta file."""
+    device = str(state.device)
+    extract_features(dataset, out, FrozenImageEncoder(image_encoder, device, image_size),
+                     FrozenTextEncoder(text_encoder, device), image_column, caption_column, batch_size,
+                     state.process_index, state.num_processes, state.wait_for_everyone,
+                     progress=state.is_local_main_process)
+    if state.is_main_process:
+        _atomic_json(out / FILES["meta"], {"image_encoder": image_encoder, "text_encoder": text_encoder,
+                                            "num_samples": len(dataset), "image_size": image_size})
+
+
+def _search_folder(out: Path, k: int, backend: str, ivf_lists: int, use_gpu: bool, labels=None) -> dict:
+    """Top-k neighbours of the extracted features (main process), their summary merged into the meta file."""
+    summary = search(out, k, backend, ivf_lists, use_gpu)
+    if labels is not None:
+        summary.update(neighbour_label_agreement(out, np.asarray(labels)))
+    meta_path = out / FILES["meta"]
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    _atomic_json(meta_path, {**meta, **summary})
+    return summary
+
+
 def build_folder(dataset, out: str | Path, image_column: str = "image", caption_column: str = "caption",
                  image_encoder: str = "efficientnet-lite0", text_encoder: str = "all-MiniLM-L6-v2",
                  image_size: int = 224, k: int = 8, batch_size: int = 256, backend: str = "auto", ivf_lists: int = 0,
@@ -384,19 +408,12 @@ def build_folder(dataset, out: str | Path, image_column: str = "image", caption_
     complete = all((out / FILES[key]).exists() for key in ("image_neighbours", "text_neighbours"))
     if complete and meta.get("num_samples") == len(dataset) and meta.get("k") == k:
         return meta
-    device = str(state.device)
-    extract_features(dataset, out, FrozenImageEncoder(image_encoder, device, image_size),
-                     FrozenTextEncoder(text_encoder, device), image_column, caption_column, batch_size,
-                     state.process_index, state.num_processes, state.wait_for_everyone,
-                     progress=state.is_local_main_process)
+    _extract_folder(dataset, out, image_column, caption_column, image_encoder, text_encoder, image_size, batch_size,
+                    state)
     summary = {}
     if state.is_main_process:
-        _atomic_json(meta_path, {"image_encoder": image_encoder, "text_encoder": text_encoder,
-                                 "num_samples": len(dataset), "image_size": image_size})
-        summary = search(out, k, backend, ivf_lists, use_gpu)
-        if label_column:
-            summary.update(neighbour_label_agreement(out, np.asarray(dataset[label_column])))
-        _atomic_json(meta_path, {**json.loads(meta_path.read_text()), **summary})
+        summary = _search_folder(out, k, backend, ivf_lists, use_gpu,
+                                 dataset[label_column] if label_column else None)
     state.wait_for_everyone()
     return summary
 
@@ -443,25 +460,12 @@ def main(argv=None):
         if state.is_main_process:
             print(json.dumps(summary))
         return
-    dataset = None
     if args.command == "extract":
-        dataset = _dataset()
-        device = str(state.device)
-        extract_features(dataset, out, FrozenImageEncoder(args.image_encoder, device, args.image_size),
-                         FrozenTextEncoder(args.text_encoder, device), args.image_column, args.caption_column,
-                         args.batch_size, state.process_index, state.num_processes, state.wait_for_everyone,
-                         progress=state.is_local_main_process)
-        if state.is_main_process:
-            _atomic_json(out / FILES["meta"], {"image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
-                                                "num_samples": len(dataset), "image_size": args.image_size})
+        _extract_folder(_dataset(), out, args.image_column, args.caption_column, args.image_encoder,
+                        args.text_encoder, args.image_size, args.batch_size, state)
     if args.command == "search" and state.is_main_process:
-        summary = search(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu)
-        if args.label_column:
-            summary.update(neighbour_label_agreement(out, np.asarray(_dataset()[args.label_column])))
-        meta_path = out / FILES["meta"]
-        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        _atomic_json(meta_path, {**meta, **summary})
-        print(json.dumps(summary))
+        labels = _dataset()[args.label_column] if args.label_column else None
+        print(json.dumps(_search_folder(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu, labels)))
     state.wait_for_everyone()
 
 

@@ -33,7 +33,7 @@ PING_BANK_FILE = "ping_bank.pt"
 CHECKPOINT_REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
 
 
-def _checkpoint_uses_ping(path: Path) -> bool:
+def _checkpoint_needs_bank(path: Path) -> bool:
     from ..configuration_lightclip import LightCLIPConfig
 
     try:
@@ -44,7 +44,7 @@ def _checkpoint_uses_ping(path: Path) -> bool:
 
 def _checkpoint_complete(path: Path, require_bank: bool | None = None) -> bool:
     """All files a resume needs are there and the trainer state (written last) parses. The CLIP-PING bank is
-    required when `require_bank`, or (None) when the checkpoint's own config has CLIP-PING on."""
+    required when `require_bank`, or (None) when the checkpoint's own config has CLIP-PING with the bank on."""
     if not all((path / name).is_file() for name in CHECKPOINT_REQUIRED):
         return False
     try:
@@ -52,7 +52,7 @@ def _checkpoint_complete(path: Path, require_bank: bool | None = None) -> bool:
     except (OSError, ValueError):
         return False
     if require_bank is None:
-        require_bank = _checkpoint_uses_ping(path)
+        require_bank = _checkpoint_needs_bank(path)
     return not require_bank or (path / PING_BANK_FILE).is_file()
 
 
@@ -171,7 +171,7 @@ class LightCLIPTrainer(Trainer):
 
         config = getattr(self.data_collator, "model_config", None)
         neighbours = getattr(self.data_collator, "neighbours", None)
-        if config is None or neighbours is None or not config.uses_ping or config.uses_ping_bank:
+        if config is None or neighbours is None or not config.uses_ping_in_batch:
             return super()._get_train_sampler(train_dataset)
         if self.args.per_device_train_batch_size % 2:
             raise ValueError("ping_positives='in_batch' lays batches out in (anchor, neighbour) pairs: use an even "
