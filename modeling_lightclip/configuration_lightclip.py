@@ -23,7 +23,7 @@ logger = logging.get_logger(__name__)
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
 SOFT_LABEL_SOURCES = ("student", "frozen")
-SOFT_LABEL_MODALITIES = ("candidates", "both")
+SOFT_LABEL_MODALITIES = ("candidates", "both", "text")
 PING_NEGATIVES = ("bank", "batch")
 PING_POSITIVES = ("bank", "in_batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
@@ -134,7 +134,9 @@ class LightCLIPConfig(PretrainedConfig):
             Which intra-modal similarity spreads the mass in `"similarity"` mode: `"candidates"` (the candidates'
             modality: text-text for image->text rows, image-image for text->image rows) or `"both"` (the mean of the
             text-text and image-image similarities for both directions: a pair is a likely false negative when its
-            captions *or* its images are alike).
+            captions *or* its images are alike) or `"text"` (the text-text similarity for both directions: captions
+            are what a pair means, so image j is a likely false negative of caption i when caption j says the same;
+            a sentence encoder judges that better than an ImageNet encoder judges pictures of another domain).
         token_loss_weight (`float`, *optional*, defaults to 0):
             Weight of the relaxed bipartite token alignment loss; 0 switches it off.
         token_match_threshold (`float`, *optional*):

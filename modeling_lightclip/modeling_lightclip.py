@@ -268,11 +268,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             find_text_layers(self.text_model, config.text_config.num_hidden_layers)  # fail now, not mid-training
         # Training progress in [0, 1] for the progressive soft labels; set by a TrainerCallback or by hand.
         self.training_progress = 0.0
+        self._channels_last = False  # see `set_channels_last`; a runtime choice, not saved
         self.post_init()
 
     # ---------------------------------------------------------------------------------------------- towers
 
     def _encode_image(self, pixel_values: torch.Tensor, output_stages: bool = False) -> _VisionEncoding:
+        if self._channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         with _batchnorm_running_stats_if(self.training and pixel_values.shape[0] == 1, self.vision_model):
             out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
         last = out.last_hidden_state
@@ -351,6 +354,20 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         enc = self._encode_text(input_ids, attention_mask, token_type_ids=token_type_ids, position_ids=position_ids)
         return BaseModelOutputWithPooling(last_hidden_state=enc.tokens,
                                           pooler_output=self.text_projection(enc.pooled))
+
+    @property
+    def is_convolutional(self) -> bool:
+        """Whether the image tower is a CNN (its last hidden state is a feature map): the towers channels-last
+        memory format speeds up."""
+        return self.vision_shapes.is_feature_map
+
+    def set_channels_last(self, enabled: bool = True) -> "LightCLIPModel":
+        """Keep the image tower's weights, and the images given to it, in channels-last memory format (NHWC
+        strides), the layout cuDNN's fast convolution kernels want. Only strides change: outputs equal the NCHW
+        ones within float tolerance and the saved weights are the same bytes. A runtime choice, not saved."""
+        self.vision_model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._channels_last = bool(enabled)
+        return self
 
     # ---------------------------------------------------------------------------------------------- training
 

@@ -230,6 +230,8 @@ class InstanceContrastiveLoss(nn.Module):
         if self.modality == "both":
             both = 0.5 * (text_sim + image_sim)
             return both, both
+        if self.modality == "text":
+            return text_sim, text_sim
         return text_sim, image_sim
 
     def forward(
@@ -597,31 +599,42 @@ class MaskedLanguageModelling(nn.Module):
                                             nn.LayerNorm(text_dim, eps=layer_norm_eps))
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
         self.head_decoder = None if tie_head else nn.Parameter(torch.randn(vocab_size, text_dim) * 0.02)
+        self._fusion_inputs = None  # the image stages during a fused pass (read by the hooks), else None
 
     def skipped(self, states_like: torch.Tensor) -> dict[str, torch.Tensor]:
         """A zero term that still reaches every parameter of this module (DDP needs every gradient), for steps
         where MLM is off (delayed start)."""
         return {"mlm": 0.0 * (states_like.sum() + sum(p.sum() for p in self.parameters()))}
 
+    def _install_fusion_hooks(self, text_layers: nn.ModuleList) -> None:
+        """Hook each fusion block behind its text layer, once per text tower, for good. A hook does nothing unless
+        a fused pass is running (`self._fusion_inputs` set), so the plain text pass is untouched; and since the
+        hooks never change, a compiled text tower (`torch.compile`) is not recompiled on every step."""
+        if getattr(self, "_hooked_layers_id", None) == id(text_layers):
+            return
+        for block, layer_index, stage in zip(self.fusion, self.text_layers, self.vision_stages):
+
+            def _inject(module, args, output, block=block, stage=stage, owner=self):
+                image_stages = owner._fusion_inputs
+                if image_stages is None:
+                    return output
+                if isinstance(output, tuple):
+                    return (block(output[0], image_stages[stage]),) + tuple(output[1:])
+                return block(output, image_stages[stage])
+
+            text_layers[layer_index].register_forward_hook(_inject)
+        self._hooked_layers_id = id(text_layers)
+
     def forward(self, text_model: nn.Module, text_layers: nn.ModuleList, word_embeddings: torch.Tensor,
                 mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_labels: torch.Tensor,
                 image_stages: tuple, text_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
-        handles = []
-        for block, layer_index, stage in zip(self.fusion, self.text_layers, self.vision_stages):
-            image_features = image_stages[stage]
-
-            def _inject(module, args, output, block=block, image_features=image_features):
-                if isinstance(output, tuple):
-                    return (block(output[0], image_features),) + tuple(output[1:])
-                return block(output, image_features)
-
-            handles.append(text_layers[layer_index].register_forward_hook(_inject))
+        self._install_fusion_hooks(text_layers)
+        self._fusion_inputs = tuple(image_stages) if self.fusion else None
         try:
             out = text_model(input_ids=mlm_input_ids, attention_mask=attention_mask, return_dict=True,
                              **(text_kwargs or {}))
         finally:
-            for handle in handles:
-                handle.remove()
+            self._fusion_inputs = None
         states = out.last_hidden_state
         asked = mlm_labels != -100
         normaliser = _global_mean_normaliser(asked.sum())

@@ -107,6 +107,11 @@ def test_frozen_feature_soft_labels_equal_second_implementation():
     joint = torch.cat([frozen_image, frozen_text], dim=1) / 2 ** 0.5  # joint_i . joint_j = mean of the two similarities
     expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, joint, joint)
     torch.testing.assert_close(both, expected)
+    text_only = InstanceContrastiveLoss("similarity", 0.2, source="frozen", modality="text")(
+        image, text, torch.tensor(7.0), alpha=0.3, frozen_image_features=frozen_image,
+        frozen_text_features=frozen_text)["instance"]
+    expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, frozen_text, frozen_text)
+    torch.testing.assert_close(text_only, expected)
     with pytest.raises(ValueError, match="frozen encoders' features"):
         InstanceContrastiveLoss("similarity", 0.2, source="frozen")(image, text, torch.tensor(7.0), alpha=0.3)
 

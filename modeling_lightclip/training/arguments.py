@@ -7,6 +7,7 @@ recipe says". `LightCLIPTrainingArguments` is `TrainingArguments` with defaults 
 
 import dataclasses
 import inspect
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,53 @@ class LightCLIPTrainingArguments(TrainingArguments):
     eval_strategy: str = field(default="no")
     do_train: bool = field(default=True)
     do_eval: bool = field(default=True)
+    dataloader_num_workers: int = field(default=-1, metadata={
+        "help": "Data-loading processes; -1 (default) = auto: on a GPU machine one per CPU core up to 16 (minus "
+                "one for the training process), with persistent workers and a prefetch factor of 4; on CPU 0 "
+                "(workers would take cores from the training step itself)."})
+    channels_last: str = field(default="auto", metadata={
+        "help": "Channels-last memory format for a convolutional image tower and its inputs: auto (on with CUDA "
+                "and a CNN tower), true, false. Strides only: the saved weights are the same."})
+
+    torch_compile_scope: str = field(default="towers", metadata={
+        "help": "With --torch_compile: compile the two towers in place (`towers`, default: the objectives' "
+                "data-dependent parts - matching, masking, gathers - stay eager, so nothing recompiles) or the whole "
+                "model (`model`, the Trainer's own way)."})
+
+    def __post_init__(self):
+        if self.torch_compile_scope not in ("towers", "model"):
+            raise ValueError(f"--torch_compile_scope {self.torch_compile_scope!r}: choose towers or model.")
+        if self.channels_last not in ("auto", "true", "false"):
+            raise ValueError(f"--channels_last {self.channels_last!r}: choose auto, true or false.")
+        if self.dataloader_num_workers < -1:
+            raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers}: -1 (auto) or >= 0.")
+        if self.dataloader_num_workers == -1:
+            self.dataloader_num_workers = auto_num_workers()
+            if self.dataloader_num_workers > 0:
+                self.dataloader_persistent_workers = True
+                if self.dataloader_prefetch_factor is None:
+                    self.dataloader_prefetch_factor = 4
+        super().__post_init__()
+
+    def use_channels_last(self, model) -> bool:
+        """The resolved `--channels_last` for this model (auto: CUDA and a convolutional image tower)."""
+        if self.channels_last == "auto":
+            import torch
+
+            return bool(torch.cuda.is_available() and not self.use_cpu and model.is_convolutional)
+        return self.channels_last == "true"
+
+
+def auto_num_workers() -> int:
+    """Data-loading processes for `--dataloader_num_workers -1`: with a GPU, one per usable CPU core (one left for
+    the training process) up to 16; without, 0."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(torch.cuda.device_count(), 1) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else cores
+    return max(0, min(16, per_process - 1))
 
 
 def config_overrides(model_args) -> dict:
@@ -102,4 +150,4 @@ def config_overrides(model_args) -> dict:
     return {name: getattr(model_args, name) for name in CONFIG_FLAGS if getattr(model_args, name) is not None}
 
 
-__all__ = ["CONFIG_FLAGS", "LightCLIPTrainingArguments", "ModelArguments", "config_overrides"]
+__all__ = ["CONFIG_FLAGS", "LightCLIPTrainingArguments", "ModelArguments", "auto_num_workers", "config_overrides"]

@@ -84,6 +84,19 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
 
 
+def _on_cuda(training_args) -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available() and not training_args.use_cpu)
+
+
+def _resolve_switch(flag: str, value: str, auto: bool, on: str = "true", off: str = "false") -> bool:
+    """An `auto | ON | OFF` flag -> bool, `auto` meaning `auto`; any other value is refused naming the flag."""
+    if value not in ("auto", on, off):
+        raise ValueError(f"--{flag} {value!r}: choose auto, {on} or {off}.")
+    return auto if value == "auto" else value == on
+
+
 def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
     """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe."""
     overrides = config_overrides(model_args)
@@ -112,16 +125,21 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
 
     check_image_column(train_dataset if train_dataset is not None else eval_dataset, data_args.image_column)
     config = model.config
+    if training_args.use_channels_last(model):
+        model.set_channels_last(True)
     if model_args.lora_r is not None:
         if not model_args.model_name_or_path:
             raise ValueError("--lora_r fine-tunes an existing LightCLIP: pass --model_name_or_path (Hub id or folder).")
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                            model_args.lora_target_modules)
     common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
-                  max_length=data_args.max_caption_length)
+                  max_length=data_args.max_caption_length,
+                  pad_to_max_length=_resolve_switch("caption_padding", data_args.caption_padding,
+                                                    bool(training_args.torch_compile), on="max_length", off="longest"))
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
-        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config)
+        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
+        uint8_images=_resolve_switch("images_on_device", data_args.images_on_device, _on_cuda(training_args)))
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator)

@@ -127,6 +127,15 @@ class LightCLIPCallback(TrainerCallback):
             model.set_training_progress(state.global_step / state.max_steps)
 
 
+def compile_towers(model, backend: str | None = None, mode: str | None = None) -> None:
+    """`torch.compile` the image and text towers in place (`nn.Module.compile`: parameter names, saving and
+    loading unchanged). The objectives stay eager: the bipartite matching (scipy), the masking and the cross-rank
+    gathers have data-dependent shapes that would break graphs and recompile."""
+    options = {k: v for k, v in (("backend", backend), ("mode", mode)) if v is not None}
+    model.vision_model.compile(**options)
+    model.text_model.compile(**options)
+
+
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     """Weight decay on matrices and kernels only (ndim >= 2): biases, LayerNorm/BatchNorm/GroupNorm weights,
     scalar gates and the logit scale are all 1-D or 0-D and stay undecayed."""
@@ -147,6 +156,10 @@ class LightCLIPTrainer(Trainer):
         self.eval_collator = eval_collator
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
+        training_args = kwargs.get("args")
+        if training_args is not None and self._compiles_towers(training_args):
+            compile_towers(unwrap_model(kwargs["model"]), training_args.torch_compile_backend,
+                           training_args.torch_compile_mode)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
             callbacks.append(LightCLIPCallback(kwargs.get("data_collator")))
@@ -154,6 +167,17 @@ class LightCLIPTrainer(Trainer):
         self._term_sums = defaultdict(float)
         self._term_count = 0
         self._skipped = Counter()
+
+    @staticmethod
+    def _compiles_towers(training_args) -> bool:
+        return bool(training_args.torch_compile and getattr(training_args, "torch_compile_scope", "model") == "towers")
+
+    def _build_accelerator_args(self, **kwargs):
+        """With `torch_compile_scope="towers"` the towers are compiled already: no dynamo plugin for the whole model."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self._compiles_towers(self.args):
+            accelerator_args.pop("dynamo_plugin", None)
+        return accelerator_args
 
     def _empty_batch_loss(self, model, return_outputs):
         """Every sample of this batch was bad (and skipped): a zero loss that still reaches every parameter, so
@@ -181,6 +205,16 @@ class LightCLIPTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
+
+    def _prepare_inputs(self, inputs):
+        """On the device: uint8 training images (`--images_on_device`) are scaled and normalised here."""
+        from .data import normalize_on_device
+
+        inputs = super()._prepare_inputs(inputs)
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None and pixel_values.dtype == torch.uint8:
+            inputs["pixel_values"] = normalize_on_device(pixel_values, self.processing_class.image_processor)
+        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.get("skipped") or {}
@@ -274,5 +308,5 @@ def load_ping_bank(model, checkpoint) -> bool:
     return True
 
 
-__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "decay_parameter_names", "latest_complete_checkpoint",
+__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "compile_towers", "decay_parameter_names", "latest_complete_checkpoint",
            "load_ping_bank", "resolve_checkpoint", "unwrap_model"]
