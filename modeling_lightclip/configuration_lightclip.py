@@ -35,6 +35,7 @@ LOSS_WEIGHT_FIELDS = {
     "mlm": "mlm_loss_weight",
     "ping_nn": "ping_nn_loss_weight",
     "ping_xnn": "ping_xnn_loss_weight",
+    "relation": "relation_loss_weight",
 }
 
 _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
@@ -191,6 +192,14 @@ class LightCLIPConfig(PretrainedConfig):
         ping_temperature (`float`, *optional*):
             Fixed temperature of the CLIP-PING terms; None uses the model's learned logit scale, as the instance
             loss does.
+        relation_loss_weight (`float`, *optional*, defaults to 0):
+            Weight of the frozen-relation distillation term: within each modality, the student's similarity
+            distribution of every sample over the other samples of the global batch is pulled toward the frozen
+            pretrained encoder's (KL, `relation_temperature` on both sides). It passes the frozen encoders' notion
+            of which images / which captions are alike into each tower directly, rather than only through the
+            contrastive targets. Needs the frozen encoders' folder (`--ping_neighbours_dir`). 0 switches it off.
+        relation_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of both similarity softmaxes of the relation term.
         ping_negatives (`str`, *optional*, defaults to `"bank"`):
             What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
@@ -256,6 +265,8 @@ class LightCLIPConfig(PretrainedConfig):
         ping_temperature: float | None = None,
         ping_negatives: str = "bank",
         ping_positives: str = "bank",
+        relation_loss_weight: float = 0.0,
+        relation_temperature: float = 0.1,
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -308,6 +319,8 @@ class LightCLIPConfig(PretrainedConfig):
         self.ping_temperature = ping_temperature
         self.ping_negatives = ping_negatives
         self.ping_positives = ping_positives
+        self.relation_loss_weight = relation_loss_weight
+        self.relation_temperature = relation_temperature
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -357,6 +370,8 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
         if self.ping_positives not in PING_POSITIVES:
             raise ValueError(f"ping_positives={self.ping_positives!r}: choose one of {PING_POSITIVES}.")
+        if not (self.relation_temperature > 0 and math.isfinite(self.relation_temperature)):
+            raise ValueError(f"relation_temperature={self.relation_temperature}: must be positive and finite.")
         if self.ping_temperature is not None and self.ping_temperature <= 0:
             raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 <= self.mlm_start < 1.0:
@@ -410,10 +425,20 @@ class LightCLIPConfig(PretrainedConfig):
         return self.uses_soft_labels and self.soft_label_mode == "similarity" and self.soft_label_source == "frozen"
 
     @property
+    def uses_relation_distillation(self) -> bool:
+        return self.relation_loss_weight > 0
+
+    @property
+    def uses_frozen_feature_batches(self) -> bool:
+        """Whether each training batch carries the frozen encoders' features of its samples (soft labels spread by
+        their similarities, relation distillation)."""
+        return self.uses_frozen_soft_labels or self.uses_relation_distillation
+
+    @property
     def uses_frozen_features(self) -> bool:
         """Whether training reads the frozen encoders' folder (`--ping_neighbours_dir`): CLIP-PING's neighbours, or
-        soft labels spread by the frozen encoders' similarities."""
-        return self.uses_ping or self.uses_frozen_soft_labels
+        the frozen encoders' features in each batch."""
+        return self.uses_ping or self.uses_frozen_feature_batches
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""

@@ -264,6 +264,40 @@ class InstanceContrastiveLoss(nn.Module):
         return {"instance": 0.5 * (loss_i2t + loss_t2i)}
 
 
+class FrozenRelationLoss(nn.Module):
+    """Relation distillation from the frozen pretrained unimodal encoders (training only).
+
+    Within each modality, every local sample's similarity distribution over the *other* samples of the global
+    batch, softmax(sim / temperature), is pulled toward the frozen encoder's distribution (KL(teacher || student)):
+    the image tower learns which pictures the frozen image encoder finds alike, the text tower which captions the
+    frozen sentence encoder finds alike. Soft labels use the same frozen similarities only to reweight the
+    contrastive targets; this term shapes each tower's own geometry, which retrieval in either direction reads.
+    The student's columns are gathered with gradient (as the instance loss's are), the teacher's without.
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        self.temperature = temperature
+
+    def _kl(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        rank, _ = _world()
+        local = student.shape[0]
+        all_student, all_teacher = gather_with_grad(student), gather_no_grad(teacher)
+        rows = torch.arange(local, device=student.device)
+        self_column = F.one_hot(rows + rank * local, all_student.shape[0]).bool()
+        student_logits = (student @ all_student.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
+        teacher_logits = (teacher @ all_teacher.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
+        target = teacher_logits.softmax(-1)
+        return (target * (target.clamp_min(1e-12).log() - student_logits.log_softmax(-1))).sum(-1).mean()
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, frozen_image_features: torch.Tensor,
+                frozen_text_features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All inputs (B, D) and L2-normalised; the frozen features may have other widths than the embeddings."""
+        image = self._kl(image_embeds.float(), frozen_image_features.float())
+        text = self._kl(text_embeds.float(), frozen_text_features.float())
+        return {"relation": 0.5 * (image + text)}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # token level
 # --------------------------------------------------------------------------------------------------------------
@@ -871,6 +905,7 @@ class LightCLIPObjectives(nn.Module):
                                                  config.ping_negatives)
         elif config.uses_ping_in_batch:
             self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
+        self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
 
     @property
     def needs_image_stages(self) -> bool:
@@ -955,6 +990,11 @@ class LightCLIPObjectives(nn.Module):
                                      "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
                 terms.update(self.ping(image_embeds, text_embeds, ping_scale, sample_ids, image_neighbour_ids,
                                        text_neighbour_ids))
+        if self.relation is not None and self.training:  # the frozen features exist for training samples only
+            if frozen_image_features is None or frozen_text_features is None:
+                raise ValueError("relation_loss_weight > 0 needs the frozen encoders' features in the batch "
+                                 "(frozen_image_features / frozen_text_features): train with --ping_neighbours_dir.")
+            terms.update(self.relation(image_embeds, text_embeds, frozen_image_features, frozen_text_features))
         loss = terms["instance"]
         for term, weight in config.loss_weights().items():
             if term in terms:
@@ -967,6 +1007,7 @@ __all__ = [
     "LightCLIPObjectives",
     "NeighbourContrastiveLoss",
     "NeighbourEmbeddingBank",
+    "FrozenRelationLoss",
     "FusionBlock",
     "InBatchNeighbourLoss",
     "InstanceContrastiveLoss",

@@ -19,14 +19,15 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
 PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
-REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch"}
+REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch",
+            "relation_loss_weight": 0.5}
 
 
 def _model_and_batch(tokenizer, variant: str = "paper"):
     """CLIP-vision + BERT (no BatchNorm, no dropout: both would make 1 vs 2 processes differ by design), all
     objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
     every parameter gets a gradient. `variant="redesign"`: soft labels from frozen-encoder features (gathered across
-    ranks) and CLIP-PING with in-batch neighbours instead of the bank."""
+    ranks), relation distillation and CLIP-PING with in-batch neighbours instead of the bank."""
     config = build_model_config({**(REDESIGN if variant == "redesign" else PAPER),
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",

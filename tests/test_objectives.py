@@ -570,3 +570,28 @@ def test_filip_token_objective_trains(tiny_recipe, tokenizer, matching):
     assert token.image_token_projection.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="sinkhorn"):
         build_model_config(tiny_recipe["model"], tokenizer, token_matching="sinkhorn")
+
+
+def test_frozen_relation_loss_equals_second_implementation():
+    """KL(teacher || student) of each sample's softmax over the *other* samples, per modality, averaged."""
+    from modeling_lightclip.objectives_lightclip import FrozenRelationLoss
+
+    torch.manual_seed(0)
+    image, text = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    frozen_image, frozen_text = F.normalize(torch.randn(5, 20), dim=-1), F.normalize(torch.randn(5, 12), dim=-1)
+    loss = FrozenRelationLoss(0.2)(image, text, frozen_image, frozen_text)["relation"]
+
+    def kl(student, teacher):
+        total = 0.0
+        for i in range(5):
+            others = [j for j in range(5) if j != i]
+            s = torch.stack([student[i] @ student[j] for j in others]) / 0.2
+            t = torch.stack([teacher[i] @ teacher[j] for j in others]) / 0.2
+            p, q = t.softmax(0), s.log_softmax(0)
+            total = total + sum(p[k] * (p[k].log() - q[k]) for k in range(4))
+        return total / 5
+
+    torch.testing.assert_close(loss, 0.5 * (kl(image, frozen_image) + kl(text, frozen_text)))
+    # the student that already has the teacher's geometry has (close to) zero loss
+    same = FrozenRelationLoss(0.2)(frozen_image, frozen_text, frozen_image, frozen_text)["relation"]
+    assert same.abs() < 1e-6 < loss

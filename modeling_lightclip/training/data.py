@@ -449,7 +449,7 @@ class ImageTextCollator:
                 kept = set(keep)
                 layout = [int(e["sample_id"]) if i in kept else None for i, e in enumerate(examples)]
                 batch["ping_partner_rows"], batch["ping_partner_spaces"] = self.neighbours.pair_partners(layout)
-            if config is not None and config.uses_frozen_soft_labels:
+            if config is not None and config.uses_frozen_feature_batches:
                 batch["frozen_image_features"], batch["frozen_text_features"] = self.neighbours.features(ids)
         return batch
 

@@ -120,6 +120,9 @@ def _objectives_table(config) -> str:
          f"{config.fusion_vision_stages}, on {config.mlm_batch_fraction:g} of each batch"),
         ("CLIP-PING nearest neighbours (NN)", str(config.ping_nn_loss_weight), ping),
         ("CLIP-PING cross nearest neighbours (XNN)", str(config.ping_xnn_loss_weight), ping),
+        ("frozen-relation distillation", str(config.relation_loss_weight),
+         f"per-modality similarity distributions toward the frozen encoders', temperature "
+         f"{config.relation_temperature}"),
     ]
     return "\n".join(f"| {a} | {b} | {c if float(b) > 0 else 'off'} |" for a, b, c in rows)
 
