@@ -325,6 +325,27 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             pooled = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return _TextEncoding(pooled=pooled, tokens=tokens, raw=out)
 
+    def _encode_text_and_masked_copy(self, input_ids, attention_mask, text_kwargs: dict, masked: tuple,
+                                     image_stages: tuple) -> tuple[_TextEncoding, torch.Tensor]:
+        """One text-tower call for the captions and their masked copies (MLM): the copies are appended as extra
+        rows, and the fusion blocks inject the unmasked images' features into those rows only. Returns the plain
+        captions' encoding and the masked rows' states."""
+        masked_ids, masked_attention, _, masked_kwargs = masked
+        rows, batch = masked_ids.shape[0], input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        joint_kwargs = {k: torch.cat([v, masked_kwargs[k]]) for k, v in text_kwargs.items()}
+        layers = find_text_layers(self.text_model, self.config.text_config.num_hidden_layers)
+        with self.objectives.mlm.fusing(layers, tuple(stage[:rows] for stage in image_stages), start_row=batch):
+            joint = self._encode_text(torch.cat([input_ids, masked_ids]), torch.cat([attention_mask, masked_attention]),
+                                      **joint_kwargs)
+        raw = joint.raw
+        pooler = getattr(raw, "pooler_output", None)
+        plain_raw = BaseModelOutputWithPooling(last_hidden_state=raw.last_hidden_state[:batch],
+                                               pooler_output=pooler[:batch] if pooler is not None else None)
+        return _TextEncoding(pooled=joint.pooled[:batch], tokens=joint.tokens[:batch], raw=plain_raw), \
+            joint.tokens[batch:]
+
     def _token_alignment_tokens(self, vision: _VisionEncoding) -> torch.Tensor:
         """Patch tokens of the stage the token alignment reads (`config.vision_token_stage`; None = last)."""
         stage = self.config.vision_token_stage
@@ -440,7 +461,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                        if v is not None and k in self._text_tower_inputs}
 
         vision = self._encode_image(pixel_values, output_stages=bool(return_loss) and self.objectives.needs_image_stages)
-        text = self._encode_text(input_ids, attention_mask, **text_kwargs)
+        masked = None
+        if return_loss:
+            masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, mlm_input_ids, mlm_labels,
+                                                self.training_progress)
+        if masked is None:
+            text, masked_states, mlm_labels = self._encode_text(input_ids, attention_mask, **text_kwargs), None, None
+        else:
+            text, masked_states = self._encode_text_and_masked_copy(input_ids, attention_mask, text_kwargs, masked,
+                                                                    vision.stages)
+            mlm_labels = masked[2]
         image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
         text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
         logit_scale = self.logit_scale.exp()
@@ -455,9 +485,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 training_progress=self.training_progress,
                 image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
                 word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
-                image_stages=vision.stages, text_model=self.text_model, input_ids=input_ids,
-                attention_mask=attention_mask, text_kwargs=text_kwargs, mlm_input_ids=mlm_input_ids,
-                mlm_labels=mlm_labels, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
+                masked_states=masked_states, mlm_labels=mlm_labels,
+                word_embeddings=self.text_model.get_input_embeddings().weight, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
                 text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
                 frozen_text_features=frozen_text_features, ping_partner_rows=ping_partner_rows,
                 ping_partner_spaces=ping_partner_spaces)

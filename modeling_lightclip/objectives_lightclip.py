@@ -21,6 +21,7 @@ Every term is normalised over the *global* batch (counts are all-reduced), so th
 the loss and gradients of N processes equal those of one process holding the whole batch.
 """
 
+import contextlib
 import math
 
 import torch
@@ -611,8 +612,10 @@ class MaskedLanguageModelling(nn.Module):
     The masked caption runs through the text tower; after each layer in `text_layers` a `FusionBlock` lets the
     text tokens cross-attend to the *unmasked* image's features from one stage of the image tower
     (`vision_stages`, indices into its hidden states), so low- and high-level image features both inform the
-    prediction. An MLM head (transform + decoder) predicts the masked tokens. Fusion and head run only inside this
-    module's forward; the dual-encoder inference path never sees them.
+    prediction. An MLM head (transform + decoder) predicts the masked tokens. The masked copies ride in the same
+    text-tower call as the plain captions (rows appended behind them; `fusing` applies the fusion blocks to those
+    rows only), so MLM costs no second pass of launches: the same computation as a separate fused pass, in one.
+    Fusion and head run only in training; the dual-encoder inference path never sees them.
 
     Switches (config): `tie_head` - the decoder is the text tower's word-embedding matrix (BERT's choice, default)
     or a matrix of its own, so MLM's gradient on the output side does not reach the word embeddings the retrieval
@@ -633,7 +636,7 @@ class MaskedLanguageModelling(nn.Module):
                                             nn.LayerNorm(text_dim, eps=layer_norm_eps))
         self.head_bias = nn.Parameter(torch.zeros(vocab_size))
         self.head_decoder = None if tie_head else nn.Parameter(torch.randn(vocab_size, text_dim) * 0.02)
-        self._fusion_inputs = None  # the image stages during a fused pass (read by the hooks), else None
+        self._fusion_inputs = None  # (image stages, first masked row) during a fused call (read by the hooks)
 
     def skipped(self, states_like: torch.Tensor) -> dict[str, torch.Tensor]:
         """A zero term that still reaches every parameter of this module (DDP needs every gradient), for steps
@@ -642,34 +645,44 @@ class MaskedLanguageModelling(nn.Module):
 
     def _install_fusion_hooks(self, text_layers: nn.ModuleList) -> None:
         """Hook each fusion block behind its text layer, once per text tower, for good. A hook does nothing unless
-        a fused pass is running (`self._fusion_inputs` set), so the plain text pass is untouched; and since the
-        hooks never change, a compiled text tower (`torch.compile`) is not recompiled on every step."""
+        a fused pass is running (`self._fusion_inputs` set), so inference and the plain text pass are untouched;
+        and since the hooks never change, a compiled text tower (`torch.compile`) is not recompiled every step."""
         if getattr(self, "_hooked_layers_id", None) == id(text_layers):
             return
         for block, layer_index, stage in zip(self.fusion, self.text_layers, self.vision_stages):
 
             def _inject(module, args, output, block=block, stage=stage, owner=self):
-                image_stages = owner._fusion_inputs
-                if image_stages is None:
+                if owner._fusion_inputs is None:
                     return output
-                if isinstance(output, tuple):
-                    return (block(output[0], image_stages[stage]),) + tuple(output[1:])
-                return block(output, image_stages[stage])
+                image_stages, start = owner._fusion_inputs
+                states = output[0] if isinstance(output, tuple) else output
+                fused = block(states[start:], image_stages[stage])
+                states = torch.cat([states[:start], fused]) if start else fused
+                return (states,) + tuple(output[1:]) if isinstance(output, tuple) else states
 
             text_layers[layer_index].register_forward_hook(_inject)
         self._hooked_layers_id = id(text_layers)
 
-    def forward(self, text_model: nn.Module, text_layers: nn.ModuleList, word_embeddings: torch.Tensor,
-                mlm_input_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_labels: torch.Tensor,
-                image_stages: tuple, text_kwargs: dict | None = None) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def fusing(self, text_layers: nn.ModuleList, image_stages: tuple, start_row: int = 0):
+        """Within this context, text-tower rows `start_row:` are the masked captions: after each fusion layer they
+        cross-attend to `image_stages` (the unmasked images of those rows). Rows before `start_row` pass through
+        untouched, so the plain captions and their masked copies share one text-tower call."""
+        if not self.fusion:
+            yield
+            return
         self._install_fusion_hooks(text_layers)
-        self._fusion_inputs = tuple(image_stages) if self.fusion else None
+        self._fusion_inputs = (tuple(image_stages), int(start_row))
         try:
-            out = text_model(input_ids=mlm_input_ids, attention_mask=attention_mask, return_dict=True,
-                             **(text_kwargs or {}))
+            yield
         finally:
             self._fusion_inputs = None
-        states = out.last_hidden_state
+
+    def forward(self, masked_states: torch.Tensor, mlm_labels: torch.Tensor,
+                word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`masked_states` (R, L, D): the text tower's states of the masked captions (fused with their images);
+        `mlm_labels` (R, L): targets, -100 where nothing is predicted; `word_embeddings`: the tied decoder."""
+        states = masked_states
         asked = mlm_labels != -100
         normaliser = _global_mean_normaliser(asked.sum())
         hidden = self.head_transform(states[asked])
@@ -907,6 +920,26 @@ class LightCLIPObjectives(nn.Module):
             self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
         self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
 
+    def mlm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text_kwargs: dict,
+                   mlm_input_ids: torch.Tensor | None, mlm_labels: torch.Tensor | None,
+                   training_progress: float) -> tuple | None:
+        """The masked captions of this step: (ids, attention mask, labels, text kwargs) of the first
+        `mlm_batch_fraction` of the rows, masked here by `mask_for_mlm` unless the collator did; None when MLM is
+        off or has not started yet (`mlm_start`)."""
+        config = self.config
+        if self.mlm is None or (self.training and training_progress < config.mlm_start):
+            return None
+        if mlm_input_ids is None or mlm_labels is None:
+            mlm_input_ids, mlm_labels = mask_for_mlm(config, input_ids, attention_mask)
+        if mlm_input_ids.shape != input_ids.shape:
+            raise ValueError(f"mlm_input_ids {tuple(mlm_input_ids.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}: mask a copy of the padded captions.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        rows = max(1, math.ceil(config.mlm_batch_fraction * input_ids.shape[0]))
+        return (mlm_input_ids[:rows], attention_mask[:rows], mlm_labels[:rows],
+                {k: v[:rows] for k, v in (text_kwargs or {}).items()})
+
     @property
     def needs_image_stages(self) -> bool:
         """Whether `forward` reads the image tower's per-stage features (MLM fusion, or token alignment at an
@@ -924,13 +957,9 @@ class LightCLIPObjectives(nn.Module):
         image_tokens: torch.Tensor | None = None,
         text_tokens: torch.Tensor | None = None,
         word_mask: torch.Tensor | None = None,
-        image_stages: tuple | None = None,
-        text_model: nn.Module | None = None,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        text_kwargs: dict | None = None,
-        mlm_input_ids: torch.Tensor | None = None,
+        masked_states: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
+        word_embeddings: torch.Tensor | None = None,
         sample_ids: torch.Tensor | None = None,
         image_neighbour_ids: torch.Tensor | None = None,
         text_neighbour_ids: torch.Tensor | None = None,
@@ -946,9 +975,9 @@ class LightCLIPObjectives(nn.Module):
             training_progress: share of training done, in [0, 1] (MLM's delayed start, `mlm_start`).
             image_tokens, text_tokens, word_mask: the token alignment's patch tokens (B, P, Cv), word states
                 (B, L, Ct) and real-word mask (B, L).
-            image_stages: the image tower's hidden states, for the MLM fusion.
-            text_model, input_ids, attention_mask, text_kwargs: the text tower and the caption, for the fused
-                masked pass; `mlm_input_ids` / `mlm_labels` from the collator, else masked here (`mask_for_mlm`).
+            masked_states, mlm_labels: the text tower's states of the masked captions (fused with their images, from
+                the same call as the plain captions: `mlm_inputs` + `MaskedLanguageModelling.fusing`) and their MLM
+                targets; None while MLM has not started (`mlm_start`). word_embeddings: the tied MLM decoder.
             sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (bank positives, training only).
             ping_partner_rows, ping_partner_spaces: CLIP-PING's in-batch partners (`ping_positives="in_batch"`).
             frozen_image_features, frozen_text_features: the frozen encoders' features of the batch, for soft labels
@@ -961,20 +990,10 @@ class LightCLIPObjectives(nn.Module):
                                    frozen_text_features=frozen_text_features))
         if self.token is not None:
             terms.update(self.token(image_tokens, text_tokens, word_mask))
-        if self.mlm is not None and self.training and training_progress < config.mlm_start:
+        if self.mlm is not None and masked_states is None:  # MLM not started yet (mlm_start)
             terms.update(self.mlm.skipped(text_tokens))
         elif self.mlm is not None:
-            if mlm_input_ids is None or mlm_labels is None:
-                mlm_input_ids, mlm_labels = mask_for_mlm(config, input_ids, attention_mask)
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            rows = max(1, math.ceil(config.mlm_batch_fraction * input_ids.shape[0]))
-            terms.update(self.mlm(
-                text_model, find_text_layers(text_model, config.text_config.num_hidden_layers),
-                text_model.get_input_embeddings().weight, mlm_input_ids[:rows], attention_mask[:rows],
-                mlm_labels[:rows], tuple(stage[:rows] for stage in image_stages),
-                {k: v[:rows] for k, v in (text_kwargs or {}).items()},
-            ))
+            terms.update(self.mlm(masked_states, mlm_labels, word_embeddings))
         if self.ping is not None and self.training:  # neighbours are training samples only
             ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
                 1.0 / config.ping_temperature)

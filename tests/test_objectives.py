@@ -323,7 +323,7 @@ def test_mlm_switches_untied_head_no_fusion_delayed_start(tiny_recipe, tokenizer
     assert mlm_loss(model, batch, ids, labels) == pytest.approx(mlm_loss(model, other, ids, labels), rel=1e-6)
 
     config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, soft_label_mode="none",
-                                mlm_start=0.5)
+                                mlm_start=0.5, mlm_probability=0.5)
     model = LightCLIPModel(config).train()
     model.set_training_progress(0.2)
     early = model(**batch, return_loss=True)
@@ -595,3 +595,50 @@ def test_frozen_relation_loss_equals_second_implementation():
     # the student that already has the teacher's geometry has (close to) zero loss
     same = FrozenRelationLoss(0.2)(frozen_image, frozen_text, frozen_image, frozen_text)["relation"]
     assert same.abs() < 1e-6 < loss
+
+
+def test_one_text_call_for_captions_and_masked_copies_equals_two_passes(tiny_recipe, tokenizer):
+    """The masked copies ride in the plain captions' text-tower call (#13). Oracle: a separate masked pass with the
+    test's own hooks applying each fusion block after its layer, the MLM head written out, and the plain
+    captions' embeddings from the inference path."""
+    import torch.nn.functional as F
+
+    from modeling_lightclip.objectives_lightclip import find_text_layers
+
+    text = {**tiny_recipe["model"]["text_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, soft_label_mode="none",
+                                mlm_batch_fraction=0.5, mlm_probability=0.5, text_config=text)
+    torch.manual_seed(0)
+    model = LightCLIPModel(config).eval()
+    with torch.no_grad():
+        for block in model.objectives.mlm.fusion:
+            block.attention_gate.fill_(0.8)
+    batch = make_batch(tokenizer, batch_size=4)
+    ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+    out = model(**batch, return_loss=True, mlm_input_ids=ids, mlm_labels=labels)
+
+    with torch.no_grad():
+        plain = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
+        torch.testing.assert_close(out.text_embeds, F.normalize(plain, dim=-1))
+        image_stages = model.vision_model(pixel_values=batch["pixel_values"][:2], output_hidden_states=True).hidden_states
+        mlm = model.objectives.mlm
+        layers = find_text_layers(model.text_model, config.text_config.num_hidden_layers)
+        handles = []
+        for block, layer, stage in zip(mlm.fusion, mlm.text_layers, mlm.vision_stages):
+            def hook(module, args, output, block=block, stage=stage):
+                if isinstance(output, tuple):
+                    return (block(output[0], image_stages[stage]),) + tuple(output[1:])
+                return block(output, image_stages[stage])
+            handles.append(layers[layer].register_forward_hook(hook, prepend=True))
+        mlm._hooked_layers_id = id(layers)  # keep the model's own hooks out of the oracle's pass
+        try:
+            states = model.text_model(input_ids=ids[:2], attention_mask=batch["attention_mask"][:2]).last_hidden_state
+        finally:
+            for handle in handles:
+                handle.remove()
+        asked = labels[:2] != -100
+        logits = F.linear(mlm.head_transform(states[asked]), model.text_model.get_input_embeddings().weight,
+                          mlm.head_bias)
+        expected = F.cross_entropy(logits, labels[:2][asked])
+    assert asked.sum() > 0
+    torch.testing.assert_close(out.losses["mlm"], expected, rtol=1e-5, atol=1e-6)
