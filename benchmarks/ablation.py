@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 # Every objective switch spelled out per arm (weights are LightCLIPConfig fields).
 _OFF = {"soft_label_mode": "none", "token_loss_weight": 0.0, "mlm_loss_weight": 0.0,
-        "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0}
+        "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0, "relation_loss_weight": 0.0}
 # the papers' readings, every field that differs from the redesign spelled out
 _PAPER_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "student", "soft_label_modality": "candidates",
                       "soft_label_max": 0.2, "soft_label_schedule": "cosine"}
@@ -70,6 +70,8 @@ ARMS = {
     # the redesigned candidates
     "+frozen_soft_labels": {**_OFF, **_FROZEN_SOFT_LABELS},
     "+ping_in_batch": {**_OFF, "ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_positives": "in_batch"},
+    # round 3: frozen soft labels + frozen-relation distillation (weight chosen on the selection split: select2)
+    "+frozen_relation": {**_OFF, **_FROZEN_SOFT_LABELS, "relation_loss_weight": 2.0},
 }
 BASELINE = "clip"
 

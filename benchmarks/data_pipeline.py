@@ -1,4 +1,4 @@
-"""Data-pipeline throughput: images/s for decode + augment + image processor + tokenise + MLM masking + collate.
+"""Data-pipeline throughput: images/s for decode + augment + image processor + tokenise + collate.
 
     python benchmarks/data_pipeline.py --workers 0 1 2 --batches 40
 
@@ -26,14 +26,16 @@ def main():
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--uint8", action="store_true", help="uint8 images (normalised on the device in training)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     data = load_image_text_datasets(DataArguments(train_file=args.train_file, max_train_samples=args.batch_size
                                                   * args.batches))["train"]
     tokenizer = train_wordpiece_tokenizer(data.select_columns(["caption"])["caption"], 1000, 32)
-    collator = ImageTextCollator(build_processor(args.image_size, tokenizer), train=True, mlm_probability=0.15)
-    print(f"{len(data)} samples, batch {args.batch_size}, {args.image_size}px, augmentation + MLM masking on")
+    collator = ImageTextCollator(build_processor(args.image_size, tokenizer), train=True, uint8_images=args.uint8)
+    print(f"{len(data)} samples, batch {args.batch_size}, {args.image_size}px, augmentation on, "
+          f"{'uint8' if args.uint8 else 'float'} images")
     for workers in args.workers:
         rates = []
         for _ in range(args.repeats):
