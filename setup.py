@@ -48,8 +48,11 @@ setup(
         "data": ["cairosvg>=2.7"],
         # the ablation study's plot (benchmarks/ablation.py)
         "bench": ["matplotlib>=3.7"],
+        # ONNX export of the encoders and its onnxruntime check (python -m modeling_lightclip.training.onnx_export)
+        "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },
-    entry_points={"console_scripts": ["lightclip-train=train_lightclip:main"]},
+    entry_points={"console_scripts": ["lightclip-train=train_lightclip:main",
+                                      "lightclip-export-onnx=modeling_lightclip.training.onnx_export:main"]},
 )
