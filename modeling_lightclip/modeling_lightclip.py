@@ -512,25 +512,37 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+        cls, vision_model_name_or_path: str | None, text_model_name_or_path: str | None, **kwargs
     ) -> "LightCLIPModel":
         """Build a LightCLIP model whose towers start from pretrained checkpoints (Hub ids or local folders).
 
-        Keyword arguments prefixed `vision_` / `text_` go to the towers' `from_pretrained`; the rest go to
-        `LightCLIPConfig` (e.g. `projection_dim`, objective weights). Projections start fresh.
+        Either path may be None: that tower is then built from scratch from `vision_config` / `text_config` (a
+        config or dict; required in that case, ignored otherwise). Other keyword arguments prefixed `vision_` /
+        `text_` go to the towers' `from_pretrained`; the rest go to `LightCLIPConfig` (e.g. `projection_dim`,
+        objective weights). Projections start fresh.
         """
-        vision_kwargs = {k[len("vision_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")}
-        text_kwargs = {k[len("text_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_")}
-        towers = []
-        for name, extra in ((vision_model_name_or_path, vision_kwargs), (text_model_name_or_path, text_kwargs)):
+        scratch = {"vision": kwargs.pop("vision_config", None), "text": kwargs.pop("text_config", None)}
+        own = set(inspect.signature(LightCLIPConfig.__init__).parameters)  # vision_pooling etc. stay config fields
+        vision_kwargs = {k[len("vision_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")
+                         and k not in own}
+        text_kwargs = {k[len("text_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_") and k not in own}
+        towers, tower_configs = [], []
+        for side, name, extra in (("vision", vision_model_name_or_path, vision_kwargs),
+                                  ("text", text_model_name_or_path, text_kwargs)):
+            if name is None:
+                if scratch[side] is None:
+                    raise ValueError(f"no {side} tower: give {side}_model_name_or_path or {side}_config.")
+                config = scratch[side]
+                towers.append(None)
+                tower_configs.append(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+                continue
             model = AutoModel.from_pretrained(name, **extra)
             if hasattr(model, "vision_model") and getattr(model.config, "model_type", "") == "clip":
                 raise ValueError(f"{name} is a full CLIP model; pass its vision or text tower checkpoint instead.")
             towers.append(model)
-        vision_model, text_model = towers
-        config = LightCLIPConfig(vision_config=vision_model.config.to_dict(), text_config=text_model.config.to_dict(),
-                                 **kwargs)
-        return cls(config, vision_model=vision_model, text_model=text_model)
+            tower_configs.append(model.config.to_dict())
+        config = LightCLIPConfig(vision_config=tower_configs[0], text_config=tower_configs[1], **kwargs)
+        return cls(config, vision_model=towers[0], text_model=towers[1])
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus: the custom-code `auto_map` for AutoConfig, AutoModel and

@@ -166,6 +166,19 @@ def test_from_vision_text_pretrained(tmp_path, tokenizer):
     out = model(**make_batch(tokenizer, batch_size=2, image_size=32))
     assert out.image_embeds.shape == (2, 8)
 
+    # one tower pretrained, the other from scratch from its config; LightCLIPConfig fields named vision_*/text_*
+    # (pooling, token stage) stay config fields instead of going to the tower's from_pretrained
+    scratch = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic")
+    model = LightCLIPModel.from_vision_text_pretrained(None, str(tmp_path / "t"), vision_config=scratch,
+                                                       projection_dim=8, image_size=32, vision_pooling="mean",
+                                                       text_pooling="cls", vision_token_stage=-2)
+    assert (model.config.vision_pooling, model.config.text_pooling, model.config.vision_token_stage) == ("mean", "cls", -2)
+    assert model.config.vision_config.hidden_sizes == [8, 16]
+    for name, param in text.state_dict().items():
+        assert torch.equal(model.text_model.state_dict()[name], param)
+    with pytest.raises(ValueError, match="no vision tower"):
+        LightCLIPModel.from_vision_text_pretrained(None, str(tmp_path / "t"))
+
 
 def test_overlong_caption_fails_with_a_clear_message(tiny_model, tokenizer):
     ids = torch.full((1, 100), tokenizer.cls_token_id)

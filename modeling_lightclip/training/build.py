@@ -114,9 +114,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     if source:
         model = LightCLIPModel.from_pretrained(source, config=config)
     elif model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
-        model = LightCLIPModel.from_vision_text_pretrained(
-            model_args.vision_model_name_or_path, model_args.text_model_name_or_path,
-            **{k: v for k, v in config.to_dict().items() if k not in ("vision_config", "text_config")})
+        model = LightCLIPModel.from_vision_text_pretrained(  # the other tower from the recipe, from scratch
+            model_args.vision_model_name_or_path, model_args.text_model_name_or_path, **config.to_dict())
     else:
         model = LightCLIPModel(config)
     check_tokenizer_fits(model.config, processor.tokenizer)
