@@ -10,10 +10,8 @@ validation images and captions (max |Δ| of the normalised embeddings), then tim
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_lightclip import LightCLIPModel  # noqa: E402
+from modeling_lightclip.training.hub import median_ms  # noqa: E402
 from modeling_lightclip.training.onnx_export import (  # noqa: E402
     IMAGE_FILE, TEXT_FILE, ImageEncoder, TextEncoder, check_with_onnxruntime, export_encoders)
 from modeling_lightclip.training.preprocessing import build_processor, train_wordpiece_tokenizer  # noqa: E402
@@ -30,15 +29,8 @@ from modeling_lightclip.training.recipes import build_model_config, load_recipe 
 RECIPES = ["default", "resnet18", "mobilenetv2", "efficientnet_b0", "vit_xs"]  # each at its own image size
 
 
-def _median_ms(fn, runs: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def _median_ms(fn, runs: int) -> float:
+    return median_ms(fn, runs, warmup=5)
 
 
 def main():

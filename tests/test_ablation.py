@@ -45,7 +45,7 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
-                                         "+frozen_soft_labels")), name
+                                         "+frozen_soft_labels", "+frozen_relation")), name
         assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == needs_folder
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]
