@@ -37,6 +37,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_lightclip import LightCLIPModel  # noqa: E402
+from modeling_lightclip.training.hub import median_ms  # noqa: E402
 from modeling_lightclip.training.preprocessing import build_processor, train_wordpiece_tokenizer  # noqa: E402
 from modeling_lightclip.training.recipes import build_model_config, load_recipe  # noqa: E402
 from modeling_lightclip.training.trainer import compile_towers  # noqa: E402
@@ -77,18 +78,6 @@ def write_dataset(folder: Path, n: int, image_size: int, seed: int = 0) -> Path:
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def _median_step_seconds(step, device, warmup: int, steps: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 class _PlainCLIP(nn.Module):
@@ -230,8 +219,7 @@ def collator_cost(train_file: Path, tokenizer, args) -> dict:
     figures = {}
     for name, uint8 in (("float", False), ("uint8", True)):
         collator = ImageTextCollator(processor, train=True, uint8_images=uint8, max_length=args.max_length)
-        seconds = _median_step_seconds(lambda: collator(rows), torch.device("cpu"), 1, 5)
-        figures[f"collator_{name}_ms_per_image"] = 1000 * seconds / len(rows)
+        figures[f"collator_{name}_ms_per_image"] = median_ms(lambda: collator(rows), 5) / len(rows)
     return figures
 
 

@@ -486,8 +486,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
                 word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
                 masked_states=masked_states, mlm_labels=mlm_labels,
-                word_embeddings=self.text_model.get_input_embeddings().weight, sample_ids=sample_ids, image_neighbour_ids=image_neighbour_ids,
-                text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
+                word_embeddings=self.text_model.get_input_embeddings().weight, sample_ids=sample_ids,
+                image_neighbour_ids=image_neighbour_ids, text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
                 frozen_text_features=frozen_text_features, ping_partner_rows=ping_partner_rows,
                 ping_partner_spaces=ping_partner_spaces)
             loss = losses.pop("loss")

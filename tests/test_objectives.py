@@ -442,18 +442,24 @@ def test_robust_to_degenerate_batches(tiny_recipe, tokenizer):
     _check_step(model, batch)
 
 
-def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, tokenizer):
-    """The fusion hooks sit on checkpointed text layers: recomputation must reproduce them exactly."""
+def _fused_mlm_model(tiny_recipe, tokenizer, gate: float, **overrides):
+    """A tiny MLM model without dropout, fusion gates opened to `gate`, a batch and its masked copy (seeded)."""
     text = {**tiny_recipe["model"]["text_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_batch_fraction=1.0,
-                                text_config=text)
+    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, text_config=text, **overrides)
     torch.manual_seed(0)
-    model = LightCLIPModel(config).train()
+    model = LightCLIPModel(config)
     with torch.no_grad():
         for block in model.objectives.mlm.fusion:
-            block.attention_gate.fill_(0.7)
+            block.attention_gate.fill_(gate)
     batch = make_batch(tokenizer, batch_size=4)
     ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+    return model, batch, ids, labels
+
+
+def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, tokenizer):
+    """The fusion hooks sit on checkpointed text layers: recomputation must reproduce them exactly."""
+    model, batch, ids, labels = _fused_mlm_model(tiny_recipe, tokenizer, 0.7, mlm_batch_fraction=1.0)
+    model.train()
 
     def gradients():
         model.zero_grad()
@@ -601,20 +607,12 @@ def test_one_text_call_for_captions_and_masked_copies_equals_two_passes(tiny_rec
     """The masked copies ride in the plain captions' text-tower call (#13). Oracle: a separate masked pass with the
     test's own hooks applying each fusion block after its layer, the MLM head written out, and the plain
     captions' embeddings from the inference path."""
-    import torch.nn.functional as F
-
     from modeling_lightclip.objectives_lightclip import find_text_layers
 
-    text = {**tiny_recipe["model"]["text_config"], "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, soft_label_mode="none",
-                                mlm_batch_fraction=0.5, mlm_probability=0.5, text_config=text)
-    torch.manual_seed(0)
-    model = LightCLIPModel(config).eval()
-    with torch.no_grad():
-        for block in model.objectives.mlm.fusion:
-            block.attention_gate.fill_(0.8)
-    batch = make_batch(tokenizer, batch_size=4)
-    ids, labels = model.mask_for_mlm(batch["input_ids"], batch["attention_mask"], torch.Generator().manual_seed(0))
+    model, batch, ids, labels = _fused_mlm_model(tiny_recipe, tokenizer, 0.8, soft_label_mode="none",
+                                                 mlm_batch_fraction=0.5, mlm_probability=0.5)
+    config = model.config
+    model.eval()
     out = model(**batch, return_loss=True, mlm_input_ids=ids, mlm_labels=labels)
 
     with torch.no_grad():

@@ -112,8 +112,7 @@ class LightCLIPTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.torch_compile_scope not in ("towers", "model"):
             raise ValueError(f"--torch_compile_scope {self.torch_compile_scope!r}: choose towers or model.")
-        if self.channels_last not in ("auto", "true", "false"):
-            raise ValueError(f"--channels_last {self.channels_last!r}: choose auto, true or false.")
+        resolve_switch("channels_last", self.channels_last, False)  # refuse a bad value at start-up
         if self.dataloader_num_workers < -1:
             raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers}: -1 (auto) or >= 0.")
         if self.dataloader_num_workers == -1:
@@ -124,13 +123,23 @@ class LightCLIPTrainingArguments(TrainingArguments):
                     self.dataloader_prefetch_factor = 4
         super().__post_init__()
 
+    @property
+    def on_cuda(self) -> bool:
+        """Whether this run trains on a CUDA device (what the `auto` switches key on)."""
+        import torch
+
+        return bool(torch.cuda.is_available() and not self.use_cpu)
+
     def use_channels_last(self, model) -> bool:
         """The resolved `--channels_last` for this model (auto: CUDA and a convolutional image tower)."""
-        if self.channels_last == "auto":
-            import torch
+        return resolve_switch("channels_last", self.channels_last, self.on_cuda and model.is_convolutional)
 
-            return bool(torch.cuda.is_available() and not self.use_cpu and model.is_convolutional)
-        return self.channels_last == "true"
+
+def resolve_switch(flag: str, value: str, auto: bool, on: str = "true", off: str = "false") -> bool:
+    """An `auto | ON | OFF` flag -> bool, `auto` taking the value `auto`; any other value is refused naming the flag."""
+    if value not in ("auto", on, off):
+        raise ValueError(f"--{flag} {value!r}: choose auto, {on} or {off}.")
+    return auto if value == "auto" else value == on
 
 
 def auto_num_workers() -> int:
@@ -150,4 +159,5 @@ def config_overrides(model_args) -> dict:
     return {name: getattr(model_args, name) for name in CONFIG_FLAGS if getattr(model_args, name) is not None}
 
 
-__all__ = ["CONFIG_FLAGS", "LightCLIPTrainingArguments", "ModelArguments", "auto_num_workers", "config_overrides"]
+__all__ = ["CONFIG_FLAGS", "LightCLIPTrainingArguments", "ModelArguments", "auto_num_workers", "config_overrides",
+           "resolve_switch"]

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
-from .arguments import config_overrides
+from .arguments import config_overrides, resolve_switch
 from .data import ImageTextCollator, check_image_column
 from .lora import apply_lora
 from .neighbours import NeighbourTable, build_folder
@@ -84,19 +84,6 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
 
 
-def _on_cuda(training_args) -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available() and not training_args.use_cpu)
-
-
-def _resolve_switch(flag: str, value: str, auto: bool, on: str = "true", off: str = "false") -> bool:
-    """An `auto | ON | OFF` flag -> bool, `auto` meaning `auto`; any other value is refused naming the flag."""
-    if value not in ("auto", on, off):
-        raise ValueError(f"--{flag} {value!r}: choose auto, {on} or {off}.")
-    return auto if value == "auto" else value == on
-
-
 def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
     """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe."""
     overrides = config_overrides(model_args)
@@ -133,12 +120,12 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                            model_args.lora_target_modules)
     common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
                   max_length=data_args.max_caption_length,
-                  pad_to_max_length=_resolve_switch("caption_padding", data_args.caption_padding,
+                  pad_to_max_length=resolve_switch("caption_padding", data_args.caption_padding,
                                                     bool(training_args.torch_compile), on="max_length", off="longest"))
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
-        uint8_images=_resolve_switch("images_on_device", data_args.images_on_device, _on_cuda(training_args)))
+        uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda))
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator)
