@@ -53,6 +53,6 @@ setup(
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },
-    entry_points={"console_scripts": ["lightclip-train=train_lightclip:main",
+    entry_points={"console_scripts": ["lightclip-train=train_lightclip:cli",
                                       "lightclip-export-onnx=modeling_lightclip.training.onnx_export:main"]},
 )

@@ -11,6 +11,7 @@ parses arguments and wires the pieces in `modeling_lightclip/` together.
 """
 
 import argparse
+from collections import Counter
 import logging
 import sys
 
@@ -18,16 +19,11 @@ from transformers import HfArgumentParser, set_seed
 
 from modeling_lightclip.training.arguments import LightCLIPTrainingArguments, ModelArguments
 from modeling_lightclip.training.build import build_run
-from modeling_lightclip.training.data import (
-    DataArguments,
-    class_names_for,
-    load_image_text_datasets,
-    zero_shot_templates,
-)
+from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
 from modeling_lightclip.training.hub import HubUploadError, push_folder, write_model_card, write_training_info
 from modeling_lightclip.training.lora import merge_lora
 from modeling_lightclip.training.recipes import load_recipe
-from modeling_lightclip.training.trainer import LightCLIPTrainer, unwrap_model
+from modeling_lightclip.training.trainer import LightCLIPTrainer, TrainingStopped, unwrap_model, writing_to
 
 
 logger = logging.getLogger("train_lightclip")
@@ -52,9 +48,8 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     splits = load_image_text_datasets(data_args)
-    eval_dataset = splits.get("validation")
-    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"), eval_dataset)
-    model, processor, train_dataset = run.model, run.processor, run.train_dataset
+    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"), splits.get("validation"))
+    model, processor, train_dataset, eval_dataset = run.model, run.processor, run.train_dataset, run.eval_dataset
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, at the end, with our card
@@ -70,30 +65,36 @@ def main(argv=None):
         data_collator=train_collator,
         processing_class=processor,
         eval_collator=run.eval_collator if eval_dataset is not None else None,
-        class_names=class_names_for(eval_dataset, data_args) if eval_dataset is not None else None,
-        zero_shot_templates=zero_shot_templates(data_args),
+        class_names=run.class_names,
+        zero_shot_templates=run.zero_shot_templates,
     )
-    if training_args.do_train and train_dataset is not None:
+    if training_args.do_train:
         if run.checkpoint:
             logger.info("resuming from %s", run.checkpoint)
-        result = trainer.train(resume_from_checkpoint=run.checkpoint)
+        with writing_to(training_args.output_dir):
+            result = trainer.train(resume_from_checkpoint=run.checkpoint)
         metrics = dict(result.metrics)
+        counts = Counter(splits.file_skips.get("train", {})) + trainer.training_skip_counts()
         metrics.update({(f"train_{k}" if k.startswith("repaired_") else f"train_skipped_{k}"): v
-                        for k, v in train_collator.skipped.items()})
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        if model_args.lora_r is not None:  # fold the adapters in: the saved model is a plain LightCLIP without peft
-            trainer.model = model = merge_lora(model)
-        trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
-        trainer.save_state()
+                        for k, v in counts.items()})
+        with writing_to(training_args.output_dir):
+            trainer.log_metrics("train", metrics)
+            trainer.save_metrics("train", metrics)
+            if model_args.lora_r is not None:  # fold the adapters in: the saved model is plain LightCLIP, no peft
+                trainer.model = model = merge_lora(model)
+            trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
+            trainer.save_state()
     if training_args.do_eval and eval_dataset is not None:
         metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        metrics.update({f"eval_skipped_{k}": v for k, v in splits.file_skips.get("validation", {}).items()})
+        with writing_to(training_args.output_dir):
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
     if trainer.is_world_process_zero() and training_args.do_train:
-        write_training_info(training_args, data_args, recipe, train_dataset, model_args)
-        write_model_card(training_args.output_dir, model=unwrap_model(trainer.model).to("cpu"), processor=processor,
-                         repo_id=training_args.hub_model_id)
+        with writing_to(training_args.output_dir):
+            write_training_info(training_args, data_args, recipe, train_dataset, model_args)
+            write_model_card(training_args.output_dir, model=unwrap_model(trainer.model).to("cpu"),
+                             processor=processor, repo_id=training_args.hub_model_id)
         if push:
             try:
                 url = push_folder(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
@@ -105,5 +106,20 @@ def main(argv=None):
     return trainer
 
 
+def cli(argv=None) -> int:
+    """`main` for the command line: a run refused at start-up or stopped on purpose ends with its one message and
+    exit status 2, not a traceback (LIGHTCLIP_TRACEBACK=1 shows it)."""
+    import os
+
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, TrainingStopped) as err:
+        if os.environ.get("LIGHTCLIP_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

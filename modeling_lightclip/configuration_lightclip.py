@@ -69,6 +69,16 @@ def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
         ) from err
 
 
+def _require(name: str, value, test, what: str) -> None:
+    """One message naming the field and its flag when `value` is not a finite number passing `test`."""
+    try:
+        ok = math.isfinite(float(value)) and test(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} (--{name}): {what}.")
+
+
 class LightCLIPConfig(PretrainedConfig):
     r"""
     Configuration of a [`LightCLIPModel`]: a lightweight dual encoder plus the multi-level training objectives of
@@ -329,7 +339,31 @@ class LightCLIPConfig(PretrainedConfig):
         self.validate_lightclip()
 
     def validate_lightclip(self):
-        """Check the fields against each other; each failure names the field and the fix."""
+        """Check the fields alone and against each other; each failure names the field (the training script's flag
+        of the same name) and the fix."""
+        for name in ("soft_label_temperature", "token_temperature", "relation_temperature"):
+            _require(name, getattr(self, name), lambda v: v > 0, "must be positive and finite")
+        if self.ping_temperature is not None:
+            _require("ping_temperature", self.ping_temperature, lambda v: v > 0,
+                     "must be positive and finite (or None for the learned logit scale)")
+        _require("logit_scale_max", self.logit_scale_max, lambda v: v > 0,
+                 "is the log of the largest logit scale: positive and finite (CLIP: ln 100 = 4.605)")
+        _require("logit_scale_init_value", self.logit_scale_init_value, lambda v: v <= self.logit_scale_max,
+                 f"is the log of the initial logit scale: finite and at most logit_scale_max "
+                 f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")
+        _require("image_size", self.image_size, lambda v: v >= 1 and float(v).is_integer(),
+                 "must be a positive number of pixels")
+        tower_size = getattr(self.vision_config, "image_size", None)
+        if isinstance(tower_size, int) and getattr(self.vision_config, "patch_size", None) and tower_size != self.image_size:
+            raise ValueError(f"image_size={self.image_size} (--image_size) differs from the image tower's "
+                             f"vision_config.image_size={tower_size}, which its position embeddings are built for: "
+                             "use that size, or set both.")
+        patch = getattr(self.vision_config, "patch_size", None)
+        if isinstance(patch, int) and self.image_size < patch:
+            raise ValueError(f"image_size={self.image_size} (--image_size) is smaller than one {patch}-pixel patch of "
+                             "the image tower.")
+        for name in ("soft_label_max", "mlm_probability", "mlm_start", "mlm_batch_fraction", *LOSS_WEIGHT_FIELDS.values()):
+            _require(name, getattr(self, name), lambda v: True, "must be a finite number")
         if self.soft_label_mode not in SOFT_LABEL_MODES:
             raise ValueError(f"soft_label_mode={self.soft_label_mode!r}: choose one of {SOFT_LABEL_MODES}.")
         if self.soft_label_schedule not in SOFT_LABEL_SCHEDULES:

@@ -153,6 +153,26 @@ class VisionTowerShapes:
     num_tokens: int
 
 
+def _probe_or_explain(config) -> VisionTowerShapes:
+    """The tower's shapes at `config.image_size`, with the stage indices the config reads checked against them;
+    a size the tower cannot take, or a stage it does not have, is one message naming the field."""
+    try:
+        shapes = probe_vision_tower(config.vision_config, config.image_size)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(f"image_size={config.image_size} (--image_size) does not fit the "
+                         f"{config.vision_config.model_type} image tower ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0][:200]}): use a larger size.") from None
+    stages = len(shapes.stage_dims)
+    fields = {"vision_token_stage": [config.vision_token_stage] if config.vision_token_stage is not None else [],
+              "fusion_vision_stages": list(config.fusion_vision_stages) if config.uses_mlm and config.mlm_fusion else []}
+    for name, values in fields.items():
+        bad = [v for v in values if not -stages <= v < stages]
+        if bad:
+            raise ValueError(f"{name}={getattr(config, name)} (--{name}): the image tower has {stages} stages "
+                             f"(hidden_states), so a stage index lies in [-{stages}, {stages - 1}].")
+    return shapes
+
+
 def probe_vision_tower(vision_config, image_size: int) -> VisionTowerShapes:
     """Run the tower once on the meta device to read its output shapes; works for any transformers backbone."""
     config = copy.deepcopy(vision_config)
@@ -248,7 +268,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         self.vision_model.config = self.config.vision_config
         self.text_model.config = self.config.text_config
 
-        self.vision_shapes = probe_vision_tower(config.vision_config, config.image_size)
+        self.vision_shapes = _probe_or_explain(config)
         self.vision_embed_dim = self.vision_shapes.pooled_dim
         self.text_embed_dim = config.text_config.hidden_size
         self._text_tower_inputs = set(inspect.signature(self.text_model.forward).parameters)

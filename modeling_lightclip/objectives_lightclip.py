@@ -355,6 +355,9 @@ def solve_word_patch_assignment(similarity: torch.Tensor, word_mask: torch.Tenso
     "auto" (batched on CUDA when the package is installed, else scipy). Returns matches on `similarity`'s device.
     """
     device = similarity.device
+    # a diverged step (NaN/Inf similarities) still gets a matching: its loss stays non-finite and the trainer's
+    # non-finite check reports it, instead of the solver failing on the matrix
+    similarity = torch.nan_to_num(similarity.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     if solver == "batched" or (solver == "auto" and similarity.is_cuda):
         try:
             return _solve_assignments_batched(similarity.detach(), word_mask).to(device)

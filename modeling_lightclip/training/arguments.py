@@ -104,6 +104,12 @@ class LightCLIPTrainingArguments(TrainingArguments):
         "help": "Channels-last memory format for a convolutional image tower and its inputs: auto (on with CUDA "
                 "and a CNN tower), true, false. Strides only: the saved weights are the same."})
 
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "The Trainer's filter that logs a NaN/Inf loss as the running average; off here, so divergence "
+                "shows in the logs as nan/inf."})
+    stop_after_bad_steps: int = field(default=5, metadata={
+        "help": "Stop with an error after this many consecutive training steps whose loss was NaN/Inf, or whose "
+                "batch held no usable sample (0: never)."})
     torch_compile_scope: str = field(default="towers", metadata={
         "help": "With --torch_compile: compile the two towers in place (`towers`, default: the objectives' "
                 "data-dependent parts - matching, masking, gathers - stay eager, so nothing recompiles) or the whole "
@@ -113,6 +119,8 @@ class LightCLIPTrainingArguments(TrainingArguments):
         if self.torch_compile_scope not in ("towers", "model"):
             raise ValueError(f"--torch_compile_scope {self.torch_compile_scope!r}: choose towers or model.")
         resolve_switch("channels_last", self.channels_last, False)  # refuse a bad value at start-up
+        if self.stop_after_bad_steps < 0:
+            raise ValueError(f"--stop_after_bad_steps {self.stop_after_bad_steps}: >= 0 (0 never stops).")
         if self.dataloader_num_workers < -1:
             raise ValueError(f"--dataloader_num_workers {self.dataloader_num_workers}: -1 (auto) or >= 0.")
         if self.dataloader_num_workers == -1:

@@ -13,7 +13,7 @@ from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides, resolve_switch
-from .data import ImageTextCollator, check_image_column
+from .data import ImageTextCollator, check_usable_samples, prepare_zero_shot_labels, zero_shot_templates
 from .lora import apply_lora
 from .neighbours import NeighbourTable, build_folder
 from .preprocessing import build_processor, training_tokenizer
@@ -37,6 +37,9 @@ class Run:
     checkpoint: str | None
     train_collator: ImageTextCollator
     eval_collator: ImageTextCollator
+    eval_dataset: object = None
+    class_names: list | None = None
+    zero_shot_templates: list | None = None
 
 
 def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
@@ -85,7 +88,17 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
 
 
 def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
-    """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe."""
+    """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe.
+    Everything a run would otherwise find out late (after training, or at its first step) is checked here."""
+    if not training_args.do_train and not model_args.model_name_or_path:
+        raise ValueError("--do_train false evaluates an existing model: pass it with --model_name_or_path (a trained "
+                         "LightCLIP folder or Hub id); without one the model would be randomly initialised.")
+    if training_args.do_train and train_dataset is None:
+        raise ValueError("--do_train needs training data: --train_file, --dataset_name with a "
+                         f"'{data_args.train_split}' split (--train_split), or nothing for the embedded default.")
+    eval_dataset, class_names = (prepare_zero_shot_labels(eval_dataset, data_args) if eval_dataset is not None
+                                 else (None, None))
+    templates = zero_shot_templates(data_args)
     overrides = config_overrides(model_args)
     checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
     source = checkpoint or model_args.model_name_or_path
@@ -105,11 +118,19 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
             model_args.vision_model_name_or_path, model_args.text_model_name_or_path, **config.to_dict())
     else:
         model = LightCLIPModel(config)
-    check_tokenizer_fits(model.config, processor.tokenizer)
+    max_caption_length = check_tokenizer_fits(model.config, processor.tokenizer, data_args.max_caption_length)
     if checkpoint and neighbours is not None:
         load_ping_bank(model, checkpoint)
 
-    check_image_column(train_dataset if train_dataset is not None else eval_dataset, data_args.image_column)
+    special_tokens = frozenset(processor.tokenizer.all_special_tokens)
+    if training_args.do_train:
+        global_batch = (training_args.per_device_train_batch_size * training_args.world_size
+                        if training_args.dataloader_drop_last else 1)
+        check_usable_samples(train_dataset, data_args.image_column, data_args.caption_column, special_tokens,
+                             min_samples=global_batch, what="training")
+    if eval_dataset is not None and training_args.do_eval:
+        check_usable_samples(eval_dataset, data_args.image_column, data_args.caption_column, special_tokens,
+                             what="evaluation")
     config = model.config
     if training_args.use_channels_last(model):
         model.set_channels_last(True)
@@ -119,7 +140,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         model = apply_lora(model, model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
                            model_args.lora_target_modules)
     common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
-                  max_length=data_args.max_caption_length,
+                  max_length=max_caption_length, max_image_aspect_ratio=data_args.max_image_aspect_ratio,
                   pad_to_max_length=resolve_switch("caption_padding", data_args.caption_padding,
                                                     bool(training_args.torch_compile), on="max_length", off="longest"))
     train_collator = ImageTextCollator(
@@ -128,7 +149,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda))
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
-               checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator)
+               checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,
+               eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates)
 
 
 __all__ = ["Run", "build_run", "setup_frozen_encoders"]

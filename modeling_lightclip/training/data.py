@@ -10,23 +10,26 @@
 """
 
 import io
+import logging
 import math
-import zlib
 import random
+import sys
+import unicodedata
 import warnings
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..objectives_lightclip import mask_for_mlm
+from .tables import read_table, table_kind
 
 
-import sys
-
+logger = logging.getLogger(__name__)
 _REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "fashion_mnist"
 _INSTALLED_DATA = Path(sys.prefix) / "share" / "lightclip" / "data" / "fashion_mnist"
 EMBEDDED_DATA = _REPO_DATA if (_REPO_DATA / "train.parquet").is_file() else _INSTALLED_DATA
@@ -34,6 +37,18 @@ PACKAGED_BUILDERS = ("imagefolder", "webdataset", "parquet", "csv", "json", "arr
 # PIL's own decompression-bomb guard: images above this many pixels raise instead of exhausting memory.
 Image.MAX_IMAGE_PIXELS = 89_478_485
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+MAX_IMAGE_SIDE = 32_768            # pixels on either side, checked from the header before decoding
+MAX_IMAGE_ASPECT_RATIO = 20.0      # long side / short side, likewise (panoramas are ~10:1)
+_EXIF_ORIENTATION = 0x0112
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})  # control, format (zero-width), surrogate, private
+
+
+class ImageRejected(ValueError):
+    """An image refused before or after decoding; `reason` is the name it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass
@@ -59,6 +74,14 @@ class DataArguments:
     zero_shot_templates: str | None = field(default=None, metadata={
         "help": "Prompt templates with {} for zero-shot, '|'-separated or a file with one per line. "
                 "Default: the Fashion-MNIST caption templates."})
+    file_encoding: str = field(default="utf-8", metadata={
+        "help": "Text encoding of --train_file / --validation_file (csv, tsv, json): e.g. cp1252 or latin-1 for a "
+                "spreadsheet exported on Windows. Rows with bytes it cannot decode are skipped and counted; a "
+                "byte-order mark (utf-8, utf-16) is honoured whatever this says."})
+    max_image_aspect_ratio: float = field(default=20.0, metadata={
+        "help": "Images whose long side exceeds this many times the short side are skipped (`extreme_aspect_ratio`), "
+                "read from the file's header before decoding: a 1 x 300,000 strip has few pixels but resizing its "
+                "short side to the model's needs gigabytes."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (IterableDataset)."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
@@ -84,18 +107,39 @@ class DataArguments:
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
 
-def _file_builder(path: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        return "csv"
-    if suffix in (".json", ".jsonl"):
-        return "json"
-    if suffix == ".parquet":
-        return "parquet"
-    raise ValueError(f"{path}: use a .csv, .json/.jsonl or .parquet file")
+class Splits(dict):
+    """{"train": ..., "validation": ...} (either may be missing), plus `file_skips`: per split, the rows of a csv /
+    tsv / json file that could not be read, by reason (`tables.read_table`), and images an imagefolder dropped."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file_skips = {}
 
 
-def load_image_text_datasets(args: DataArguments) -> dict:
+def _from_files(args: "DataArguments", files: dict) -> "Splits":
+    """--train_file / --validation_file: csv/tsv/json read row by row (`tables.read_table`: bad rows skipped and
+    counted), parquet/arrow through `datasets`; image paths taken relative to each file's folder."""
+    from datasets import Dataset, load_dataset
+
+    raw = Splits()
+    for split, path in files.items():
+        if table_kind(path) is not None:
+            columns, report = read_table(path, args.file_encoding, text_columns=(args.image_column,
+                                                                                args.caption_column))
+            dataset = Dataset.from_dict(columns)
+            raw.file_skips[split] = Counter(report.skipped)
+        elif Path(path).suffix.lower() in (".parquet", ".arrow"):
+            builder = "parquet" if Path(path).suffix.lower() == ".parquet" else "arrow"
+            dataset = load_dataset(builder, data_files={split: path})[split]
+        else:
+            raise ValueError(f"{path}: use a .csv, .tsv, .json/.jsonl or .parquet file")
+        dataset = _resolve_relative_paths(_defer_image_decoding(dataset, args.image_column), args.image_column,
+                                          Path(path).parent)
+        raw[split] = dataset.to_iterable_dataset() if args.streaming else dataset
+    return raw
+
+
+def load_image_text_datasets(args: DataArguments) -> "Splits":
     """{"train": ..., "validation": ...} (either may be missing) as `datasets` (Iterable)Datasets."""
     from datasets import load_dataset
 
@@ -105,25 +149,25 @@ def load_image_text_datasets(args: DataArguments) -> dict:
                                     "`python -m modeling_lightclip.training.offline_data fashion-mnist`")
         args.dataset_name = "parquet"
         files = {"train": str(EMBEDDED_DATA / "train.parquet"), "validation": str(EMBEDDED_DATA / "validation.parquet")}
-        raw = load_dataset("parquet", data_files=files, streaming=args.streaming)
+        raw = Splits(load_dataset("parquet", data_files=files, streaming=args.streaming))
     elif args.train_file or args.validation_file:
         files = {}
         if args.train_file:
-            files["train"] = args.train_file
+            files[args.train_split] = args.train_file
         if args.validation_file:
-            files["validation"] = args.validation_file
-        builder = _file_builder(next(iter(files.values())))
-        raw = load_dataset(builder, data_files=files, streaming=args.streaming)
-        raw = {split: _resolve_relative_paths(_defer_image_decoding(ds, args.image_column), args.image_column,
-                                              Path(files[split]).parent)
-               for split, ds in raw.items()}
+            files[args.validation_split] = args.validation_file
+        raw = _from_files(args, files)
     else:
-        raw = load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
-                           streaming=args.streaming)
-    out = {}
+        raw = Splits(load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
+                                  streaming=args.streaming))
+        if args.dataset_name == "imagefolder" and args.data_dir and not args.streaming:
+            raw.file_skips = _images_without_metadata(raw, args)
+    out = Splits()
     for name, split in (("train", args.train_split), ("validation", args.validation_split)):
         if split in raw:
             out[name] = raw[split]
+            if split in raw.file_skips:
+                out.file_skips[name] = raw.file_skips[split]
     if "train" not in out and "validation" not in out:
         raise ValueError(f"no '{args.train_split}' or '{args.validation_split}' split in the dataset "
                          f"(found {list(raw)}); set --train_split / --validation_split.")
@@ -141,6 +185,29 @@ def load_image_text_datasets(args: DataArguments) -> dict:
             ds = out[name]
             out[name] = ds.take(limit) if args.streaming else ds.select(range(min(limit, len(ds))))
     return out
+
+
+def _images_without_metadata(raw, args) -> dict:
+    """`imagefolder` with a metadata file drops every image that has no metadata row, silently: count them (under
+    the training split) and say which, so a half-written metadata file is noticed."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    root = Path(args.data_dir)
+    if not any(root.rglob("metadata.*")):
+        return {}
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    on_disk = {str(p.resolve()) for p in root.rglob("*") if p.suffix.lower() in extensions and p.is_file()}
+    listed = set()
+    for dataset in raw.values():
+        values = _defer_image_decoding(dataset, args.image_column)[args.image_column] \
+            if args.image_column in dataset.column_names else []
+        listed.update(str(Path(v["path"]).resolve()) for v in values if isinstance(v, dict) and v.get("path"))
+    missing = sorted(on_disk - listed)
+    if not missing:
+        return {}
+    logger.warning("%d image(s) under %s have no row in the metadata file and are not used (e.g. %s)", len(missing),
+                   root, ", ".join(missing[:3]))
+    return {args.train_split: Counter(image_without_metadata=len(missing))}
 
 
 def _defer_image_decoding(dataset, column: str):
@@ -170,38 +237,157 @@ def _resolve_relative_paths(dataset, column: str, root: Path):
     return dataset.map(_absolute)
 
 
-def class_names_for(dataset, args: DataArguments) -> list[str] | None:
-    """Class names for zero-shot: from --class_names, else from the label column's ClassLabel feature."""
-    if args.class_names:
-        path = Path(args.class_names)
-        if path.is_file():
-            return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        return [name.strip() for name in args.class_names.split(",") if name.strip()]
-    features = getattr(dataset, "features", None) or {}
-    feature = features.get(args.label_column) if args.label_column else None
-    return list(feature.names) if hasattr(feature, "names") else None
+def _given_class_names(args: DataArguments) -> list[str] | None:
+    if not args.class_names:
+        return None
+    path = Path(args.class_names)
+    lines = path.read_text(encoding="utf-8-sig").splitlines() if path.is_file() else args.class_names.split(",")
+    names = [name.strip() for name in lines if name.strip()]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--class_names repeats a name: {names}")
+    return names or None
+
+
+def _label_id(value, names: list[str] | None, lookup: dict, unknown: set) -> int:
+    """One label cell -> class id; -1 for a missing one (None, NaN, datasets' -1 convention)."""
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return -1
+        if float(value).is_integer():
+            value = int(value)
+    if value is None:
+        return -1
+    if isinstance(value, str):
+        key = value.strip().casefold()
+        if not key:
+            return -1
+        if key not in lookup:
+            unknown.add(value)
+            return -1
+        return lookup[key]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    unknown.add(repr(value))
+    return -1
+
+
+def prepare_zero_shot_labels(dataset, args: DataArguments):
+    """(dataset, class names or None) for zero-shot classification of the evaluation split, validated at start-up.
+
+    Class names come from --class_names, else the label column's `ClassLabel`, else (labels written as strings)
+    the sorted distinct strings. String labels are mapped to their class ids (case-insensitively) or refused when
+    they name no class; ids outside the class names are refused; missing labels (empty cells, None, NaN, -1) stay
+    in retrieval, are left out of zero-shot and counted (`eval_zero_shot_unlabelled`)."""
+    column = args.label_column
+    columns = getattr(dataset, "column_names", None) or list(getattr(dataset, "features", None) or {})
+    if not column or column not in columns:
+        return dataset, _given_class_names(args)
+    feature = (dataset.features or {}).get(column) if dataset.features is not None else None
+    names = _given_class_names(args) or (list(feature.names) if hasattr(feature, "names") else None)
+    try:
+        values = list(dataset[column])
+    except TypeError:  # a stream: checked batch by batch instead (bad labels are left out of zero-shot)
+        return dataset, names
+    strings = {}
+    for v in values:  # distinct label strings, case-insensitively, in their first spelling
+        if isinstance(v, str) and v.strip():
+            strings.setdefault(v.strip().casefold(), v.strip())
+    if strings and names is None:
+        names = [strings[key] for key in sorted(strings)]
+        logger.info("zero-shot class names from the %r column's values: %s", column, names)
+    lookup = {name.strip().casefold(): i for i, name in enumerate(names or [])}
+    unknown = set()
+    ids = [_label_id(v, names, lookup, unknown) for v in values]
+    if unknown:
+        shown = ", ".join(sorted(map(str, unknown))[:5])
+        raise ValueError(f"the {column!r} column holds labels that name no class ({shown}); class names: {names}. "
+                         "Fix the labels or --class_names.")
+    bad = sorted({i for i in ids if i < -1 or (names is not None and i >= len(names))})
+    if bad:
+        raise ValueError(f"the {column!r} column holds class ids {bad[:5]} outside the {len(names or [])} class names"
+                         f"{' (none given: pass --class_names)' if names is None else ''}; ids run from 0 to "
+                         "len(class names) - 1 (-1 or an empty cell = no label).")
+    missing = sum(i == -1 for i in ids)
+    if missing:
+        logger.warning("%d evaluation rows have no label: scored for retrieval, left out of zero-shot", missing)
+    if ids != values:
+        dataset = dataset.remove_columns(column).add_column(column, ids)
+    return dataset, names
 
 
 def zero_shot_templates(args: DataArguments) -> list[str]:
+    """The prompt templates, each checked by formatting it once with a class name."""
     from .offline_data import CAPTION_TEMPLATES
 
     if not args.zero_shot_templates:
         return list(CAPTION_TEMPLATES)
     path = Path(args.zero_shot_templates)
-    templates = path.read_text().splitlines() if path.is_file() else args.zero_shot_templates.split("|")
+    templates = (path.read_text(encoding="utf-8-sig").splitlines() if path.is_file()
+                 else args.zero_shot_templates.split("|"))
     templates = [t.strip() for t in templates if t.strip()]
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("every zero-shot template needs a {} for the class name")
+    if not templates:
+        raise ValueError("--zero_shot_templates holds no template: give '|'-separated templates with {} for the "
+                         "class name, or a file with one per line.")
+    for template in templates:
+        try:
+            formatted = template.format("\x00")
+        except (IndexError, KeyError, ValueError) as err:
+            raise ValueError(f"zero-shot template {template!r} does not format with one class name "
+                             f"({type(err).__name__}: {err}): write {{}} once where the class name goes and {{{{ }}}} "
+                             "for a literal brace.") from None
+        if "\x00" not in formatted:
+            raise ValueError(f"zero-shot template {template!r} has no {{}} for the class name.")
     return templates
 
 
-def check_image_column(dataset, image_column: str, probe: int = 8) -> None:
-    """Stop at start-up, with one message, when the image column holds no images at all."""
-    rows = []
-    for i, row in enumerate(dataset):
-        rows.append(row)
-        if i + 1 >= probe:
-            break
+def _probe_rows(dataset, probe: int, seed: int = 0) -> list:
+    """Up to `probe` rows spread over the whole dataset (seeded), or a stream's first rows."""
+    try:
+        n = len(dataset)
+    except TypeError:  # a stream
+        return [row for _, row in zip(range(probe), dataset)]
+    indices = sorted(random.Random(seed).sample(range(n), min(probe, n)))
+    return [dataset[i] for i in indices]
+
+
+def _caption_values(dataset, caption_column: str, limit: int = 2_000_000) -> list | None:
+    """The whole caption column (one column read, no images) of a map-style dataset; None for a stream."""
+    try:
+        n = len(dataset)
+    except TypeError:
+        return None
+    if n > limit:
+        return list(dataset.select(range(limit))[caption_column])
+    return list(dataset[caption_column])
+
+
+def check_usable_samples(dataset, image_column: str, caption_column: str, special_tokens=frozenset(),
+                         min_samples: int = 1, what: str = "training", probe: int = 32) -> None:
+    """Refuse, at start-up and with one message, data that cannot train: an image column with no readable image
+    among `probe` rows drawn across the dataset, no caption left after `clean_caption`, or fewer usable captions
+    than `min_samples` (one global batch when the last partial batch is dropped)."""
+    captions = _caption_values(dataset, caption_column)
+    if captions is None:
+        captions = [row.get(caption_column) for row in _probe_rows(dataset, probe)]
+    reasons = Counter()
+    usable = 0
+    for value in captions:
+        options = value if isinstance(value, (list, tuple)) else [value]
+        results = [clean_caption(v, special_tokens) for v in options] or [(None, "missing_caption")]
+        if any(caption is not None for caption, _ in results):
+            usable += 1
+        else:
+            reasons[results[0][1]] += 1
+    if usable == 0:
+        counts = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        raise ValueError(f"no usable caption in the {what} data ({counts}) in column {caption_column!r}: captions "
+                         "that are empty after dropping control and zero-width characters, or made only of "
+                         "special-token strings, cannot train. Point --caption_column at the captions.")
+    if usable < min_samples:
+        raise ValueError(f"the {what} data has {usable} usable samples, fewer than one global batch "
+                         f"({min_samples} = --per_device_train_batch_size x processes): the run would take no "
+                         "step. Lower --per_device_train_batch_size, add data, or set --dataloader_drop_last false.")
+    rows = _probe_rows(dataset, probe)
     decoded = 0
     for row in rows:
         try:
@@ -211,8 +397,8 @@ def check_image_column(dataset, image_column: str, probe: int = 8) -> None:
             pass
     if rows and decoded == 0:
         example = repr(rows[0][image_column])[:80]
-        raise ValueError(f"the image column {image_column!r} holds no readable images (first value: "
-                         f"{example}); point --image_column at images (PIL, file paths or bytes).")
+        raise ValueError(f"the image column {image_column!r} holds no readable images ({len(rows)} rows tried across "
+                         f"the data, e.g. {example}); point --image_column at images (PIL, file paths or bytes).")
 
 
 # ------------------------------------------------------------------------------------------------------- images
@@ -223,6 +409,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     converted (the honest repair: the pixels are kept, only their encoding changes)."""
     if image.mode.startswith("I") or image.mode == "F":
         array = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(array).all():  # a float TIFF with NaN/Inf: no honest 8-bit picture of it
+            raise ImageRejected("undecodable_image", "the image holds NaN or infinite pixel values")
         lo, hi = float(array.min()), float(array.max())
         image = Image.fromarray(((array - lo) / max(hi - lo, 1e-12) * 255.0).round().astype(np.uint8), mode="L")
     if image.mode == "P" and "transparency" in image.info:
@@ -244,9 +432,23 @@ def repair_kind(image: Image.Image) -> str | None:
     return None
 
 
-def load_image(value, repairs: Counter | None = None) -> Image.Image:
-    """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict, converted to RGB.
-    Non-trivial conversions are counted in `repairs` (by kind) when given."""
+def _check_shape(image: Image.Image, max_side: int, max_aspect_ratio: float) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageRejected("empty_image", f"the image is {width} x {height} pixels")
+    if max(width, height) > max_aspect_ratio * min(width, height):
+        raise ImageRejected("extreme_aspect_ratio", f"the image is {width} x {height} pixels (aspect ratio above "
+                                                    f"{max_aspect_ratio:g})")
+    if max(width, height) > max_side:
+        raise ImageRejected("too_large", f"the image is {width} x {height} pixels (more than {max_side} on a side)")
+
+
+def load_image(value, repairs: Counter | None = None, max_side: int = MAX_IMAGE_SIDE,
+               max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO) -> Image.Image:
+    """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict, converted to RGB and
+    turned upright by its EXIF orientation. Its size is checked from the header before decoding (pixels by PIL,
+    each side and the aspect ratio here: `ImageRejected`). Non-trivial conversions are counted in `repairs` (by kind)
+    when given."""
     with warnings.catch_warnings():
         # between MAX_IMAGE_PIXELS and twice that PIL only warns (at open): treat it as the bomb it may be
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -265,11 +467,38 @@ def load_image(value, repairs: Counter | None = None) -> Image.Image:
             image = Image.open(value)
         else:
             raise TypeError(f"not an image: {type(value).__name__}")
+        _check_shape(image, max_side, max_aspect_ratio)
         image.load()
+        if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone photo taken sideways: turn it upright
+            image = ImageOps.exif_transpose(image)
     kind = repair_kind(image)
     if kind is not None and repairs is not None:
         repairs[f"repaired_{kind}"] += 1
     return to_rgb(image)
+
+
+def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | None]:
+    """(caption, None) for a usable caption, (None, reason) for one to skip and count.
+
+    Bytes are decoded as utf-8 (`non_utf8_caption` when they are not); numbers are text ("1984"); control and
+    invisible format characters (zero-width spaces, a stray byte-order mark) are dropped and whitespace collapsed;
+    what is left empty, or made only of the tokenizer's special-token strings ("[PAD] [PAD]": an export artefact),
+    is `empty_caption`."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "non_utf8_caption"
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        value = str(value) if math.isfinite(value) else None  # NaN: pandas' empty cell
+    if not isinstance(value, str):
+        return None, "missing_caption"
+    value = "".join(" " if ch.isspace() else ch for ch in value
+                    if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
+    value = " ".join(value.split())
+    if not value or all(piece in special_tokens for piece in value.split()):
+        return None, "empty_caption"
+    return value, None
 
 
 def normalize_on_device(pixel_values: torch.Tensor, image_processor, dtype=torch.float32) -> torch.Tensor:
@@ -329,10 +558,12 @@ class ImageTextCollator:
     neighbours: object = None
     pad_to_max_length: bool = False
     uint8_images: bool = False
+    max_image_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self._batch_skipped = Counter()
+        self._special_tokens = frozenset(getattr(self.tokenizer, "all_special_tokens", None) or ())
 
     def _skip(self, reason: str) -> None:
         self.skipped[reason] += 1
@@ -353,24 +584,24 @@ class ImageTextCollator:
             return None
         try:
             repairs = Counter()
-            image = load_image(value, repairs)
+            image = load_image(value, repairs, max_aspect_ratio=self.max_image_aspect_ratio)
             for reason, count in repairs.items():
                 self.skipped[reason] += count
                 self._batch_skipped[reason] += count
+        except ImageRejected as err:
+            self._skip(err.reason)
+            return None
         except FileNotFoundError:
             self._skip("missing_file")
             return None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             self._skip("too_large")
             return None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError):
             self._skip("undecodable_image")
             return None
         except TypeError:
             self._skip("not_an_image")
-            return None
-        if image.width < 1 or image.height < 1:
-            self._skip("empty_image")
             return None
         if self.train:
             image = random_resized_crop(image, self.random_resized_crop_scale, self._rng)
@@ -382,20 +613,17 @@ class ImageTextCollator:
         caption = example.get(self.caption_column)
         if isinstance(caption, (list, tuple)):  # several captions per image: draw one
             caption = self._rng.choice(caption) if caption else None
-        if isinstance(caption, bytes):
-            try:
-                caption = caption.decode("utf-8")
-            except UnicodeDecodeError:
-                self._skip("non_utf8_caption")
-                return None
-        if not isinstance(caption, str):
-            self._skip("missing_caption")
-            return None
-        caption = " ".join(caption.split())
-        if not caption:
-            self._skip("empty_caption")
-            return None
+        caption, reason = clean_caption(caption, self._special_tokens)
+        if reason is not None:
+            self._skip(reason)
         return caption
+
+    @staticmethod
+    def _class_label(value) -> int:
+        """The class id of an evaluation row; -1 (left out of zero-shot, counted there) for a missing label."""
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            return -1
+        return int(value)
 
     def __call__(self, examples: list[dict]) -> dict:
         # This batch's randomness (augmentation, MLM masking) is derived from (seed, epoch, the batch's captions),
@@ -417,10 +645,13 @@ class ImageTextCollator:
             keep.append(i)
         if not images:
             self._skip("empty_batch")
-            return {"skipped": dict(self._batch_skipped), "return_loss": True}
+            # an empty tensor first: loaders that measure a batch (accelerate's, for streams) find size 0
+            return {"empty_batch": torch.zeros(0, dtype=torch.long), "skipped": dict(self._batch_skipped),
+                    "return_loss": True}
         max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
+        # split_special_tokens: a caption that says "[MASK]" or "<|endoftext|>" is text, never that token's id
         text = self.tokenizer(captions, padding="max_length" if self.pad_to_max_length else True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
+                              max_length=max_length, return_tensors="pt", split_special_tokens=True)
         if self.uint8_images:  # resized and cropped here; scaled and normalised on the device (`normalize_on_device`)
             pixel_values = self.processor.image_processor(images, return_tensors="pt", do_rescale=False,
                                                           do_normalize=False)["pixel_values"]
@@ -435,7 +666,8 @@ class ImageTextCollator:
             batch["mlm_input_ids"], batch["mlm_labels"] = mask_for_mlm(
                 self.model_config, text["input_ids"], text["attention_mask"], generator)
         if self.label_column is not None and self.label_column in examples[0]:
-            batch["class_labels"] = torch.tensor([int(examples[i][self.label_column]) for i in keep], dtype=torch.long)
+            batch["class_labels"] = torch.tensor([self._class_label(examples[i][self.label_column]) for i in keep],
+                                                 dtype=torch.long)
         if self.train and self.neighbours is not None:
             if "sample_id" not in examples[0]:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
@@ -457,11 +689,14 @@ class ImageTextCollator:
 __all__ = [
     "DataArguments",
     "ImageTextCollator",
-    "check_image_column",
-    "class_names_for",
+    "ImageRejected",
+    "Splits",
+    "check_usable_samples",
+    "clean_caption",
     "load_image",
     "load_image_text_datasets",
     "normalize_on_device",
+    "prepare_zero_shot_labels",
     "random_resized_crop",
     "to_rgb",
     "zero_shot_templates",

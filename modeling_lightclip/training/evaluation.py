@@ -5,6 +5,7 @@ through the local `evaluate` modules in `metrics/` beside this file. Keys follow
 `zero_shot_top1`, `zero_shot_top5`, `image_to_text_r{1,5,10}`, `text_to_image_r{1,5,10}`.
 """
 
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -21,14 +22,18 @@ def load_metric(name: str):
 
 
 @torch.no_grad()
-def embed_pairs(model, dataloader, accelerator=None):
+def embed_pairs(model, dataloader, accelerator=None, skipped: Counter | None = None):
     """(image embeddings, text embeddings, caption token ids, class labels or None) of every pair the collator
-    keeps; embeddings normalised, on CPU. `model` is the `LightCLIPModel` itself (unwrapped by the caller)."""
+    keeps; embeddings normalised, on CPU. `model` is the `LightCLIPModel` itself (unwrapped by the caller).
+    `skipped`, when given, receives the collator's counts of the samples it dropped, read from the batches (so they
+    are right with loader workers) and summed over processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     images, texts, ids, labels = [], [], [], []
+    local_skips = Counter()
     for batch in dataloader:
+        local_skips.update(batch.get("skipped") or {})
         if "pixel_values" not in batch:  # every sample of this batch was bad (counted by the collator)
             continue
         pixel_values = batch["pixel_values"].to(device)
@@ -51,9 +56,22 @@ def embed_pairs(model, dataloader, accelerator=None):
         if class_labels is not None:
             labels.append(class_labels.cpu())
     model.train(was_training)
+    if skipped is not None:
+        skipped.update(_sum_over_processes(local_skips, accelerator))
     if not images:
         raise ValueError("no valid image-caption pair in the evaluation data")
     return torch.cat(images), torch.cat(texts), ids, (torch.cat(labels) if labels else None)
+
+
+def _sum_over_processes(counts: Counter, accelerator=None) -> Counter:
+    if accelerator is None or accelerator.num_processes == 1:
+        return Counter(counts)
+    from accelerate.utils import gather_object
+
+    total = Counter()
+    for part in gather_object([dict(counts)]):
+        total.update(part)
+    return total
 
 
 @torch.no_grad()
@@ -74,10 +92,15 @@ def class_text_embeddings(model, tokenizer, class_names: list[str], templates: l
 
 
 def zero_shot_metrics(image_embeds: torch.Tensor, labels: torch.Tensor, class_embeds: torch.Tensor) -> dict:
-    ranked = (image_embeds @ class_embeds.t()).argsort(dim=1, descending=True)[:, :5]
-    result = load_metric("zero_shot_accuracy").compute(predictions=ranked.tolist(), references=labels.tolist(),
-                                                       top_k=[1, 5])
-    return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"]}
+    """Top-1/top-5 over the labelled images; images labelled -1 (no label) are left out and counted."""
+    labelled = labels >= 0
+    out = {"zero_shot_unlabelled": int((~labelled).sum())} if not bool(labelled.all()) else {}
+    if not bool(labelled.any()):
+        return out
+    ranked = (image_embeds[labelled] @ class_embeds.t()).argsort(dim=1, descending=True)[:, :5]
+    result = load_metric("zero_shot_accuracy").compute(predictions=ranked.tolist(),
+                                                       references=labels[labelled].tolist(), top_k=[1, 5])
+    return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"], **out}
 
 
 def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None = None,

@@ -69,6 +69,10 @@ def build_model_config(model_section: dict, tokenizer: PreTrainedTokenizerBase |
     token ids), with `overrides` (any config field) applied last."""
     fields = copy.deepcopy(model_section)
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    vision_config = fields.get("vision_config")
+    if overrides.get("image_size") is not None and isinstance(vision_config, dict) and "image_size" in vision_config:
+        # a tower built for one input size (ViT position embeddings): from scratch, build it for the asked size
+        fields["vision_config"] = {**vision_config, "image_size": overrides["image_size"]}
     text_config = dict(fields.get("text_config") or {})
     if tokenizer is not None:
         ids = text_config_token_ids(tokenizer)
@@ -88,8 +92,12 @@ def build_model_config(model_section: dict, tokenizer: PreTrainedTokenizerBase |
     return LightCLIPConfig(**fields)
 
 
-def check_tokenizer_fits(config: LightCLIPConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Stop with one clear message when the tokenizer can emit ids the text tower has no embedding for."""
+def check_tokenizer_fits(config: LightCLIPConfig, tokenizer: PreTrainedTokenizerBase,
+                         max_caption_length: int | None = None) -> int:
+    """Stop with one clear message when the tokenizer cannot feed the text tower: ids it has no embedding for, no
+    pad token (batches are padded), or a caption length the tower has no positions for / that leaves no room for a
+    word. Returns the caption length to truncate to (`max_caption_length`, else the tokenizer's, capped at the
+    tower's positions)."""
     vocab = config.text_config.vocab_size
     if len(tokenizer) > vocab:
         raise ValueError(
@@ -97,6 +105,22 @@ def check_tokenizer_fits(config: LightCLIPConfig, tokenizer: PreTrainedTokenizer
             "model was trained with (it is saved beside the weights), or start from a recipe so the text tower is "
             "sized to the tokenizer."
         )
+    if tokenizer.pad_token is None:
+        raise ValueError(f"the tokenizer ({tokenizer.name_or_path or type(tokenizer).__name__}) has no pad token, "
+                         "and captions are padded into batches: give --tokenizer_name a tokenizer with one, or add "
+                         "one to it (`tokenizer.add_special_tokens({'pad_token': '[PAD]'})`, then save it) and pass "
+                         "that folder.")
+    positions = getattr(config.text_config, "max_position_embeddings", None)
+    default = min(getattr(tokenizer, "model_max_length", 77) or 77, 512, positions or 512)
+    length = default if max_caption_length is None else int(max_caption_length)
+    minimum = tokenizer.num_special_tokens_to_add() + 1
+    if length < minimum:
+        raise ValueError(f"--max_caption_length {length}: a caption needs at least {minimum} tokens (its "
+                         f"{minimum - 1} special tokens and one word).")
+    if positions is not None and length > positions:
+        raise ValueError(f"--max_caption_length {length} exceeds the text tower's {positions} positions "
+                         "(text_config.max_position_embeddings): use at most that.")
+    return length
 
 
 __all__ = ["build_model_config", "check_tokenizer_fits", "list_recipes", "load_recipe", "resolve_recipe_path"]

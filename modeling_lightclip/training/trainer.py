@@ -7,9 +7,13 @@
   the total loss.
 """
 
+import contextlib
 import dataclasses
+import errno
 import json
+import logging
 import os
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -17,6 +21,13 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (it could not train); the message says why and what to do."""
 
 
 def unwrap_model(model):
@@ -30,7 +41,10 @@ def unwrap_model(model):
 
 
 PING_BANK_FILE = "ping_bank.pt"
-CHECKPOINT_REQUIRED = ("config.json", "model.safetensors", "trainer_state.json")
+# What a resume needs besides the weights: the Trainer writes these, trainer_state.json last.
+CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")
+_NO_SPACE_MARKERS = ("no space left", "code: 28", "iostream error", "file write failed", "pytorchstreamwriter",
+                     "disk quota")
 
 
 def _checkpoint_needs_bank(path: Path) -> bool:
@@ -42,37 +56,92 @@ def _checkpoint_needs_bank(path: Path) -> bool:
         return False
 
 
-def _checkpoint_complete(path: Path, require_bank: bool | None = None) -> bool:
-    """All files a resume needs are there and the trainer state (written last) parses. The CLIP-PING bank is
-    required when `require_bank`, or (None) when the checkpoint's own config has CLIP-PING with the bank on."""
-    if not all((path / name).is_file() for name in CHECKPOINT_REQUIRED):
-        return False
+def _safetensors_problem(path: Path) -> str | None:
+    """None when `path` is a whole safetensors file: its header parses and its data reaches the file's end."""
     try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or 8 + length > size:
+                return "truncated (header)"
+            header = json.loads(f.read(length))
+        ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        if 8 + length + max(ends, default=0) > size:
+            return f"truncated ({size} of {8 + length + max(ends)} bytes)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
+        return f"unreadable ({type(err).__name__})"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """None when `path` is a whole `torch.save` archive (a zip whose members all pass their CRC check)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        return None if bad is None else f"corrupt member {bad}"
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as err:
+        return f"truncated or unreadable ({type(err).__name__})"
+
+
+def checkpoint_problem(path, require_bank: bool | None = None) -> str | None:
+    """Why checkpoint folder `path` cannot be resumed from, or None when it is complete: config and weights whole
+    (safetensors header and length), optimizer, scheduler and RNG state present and readable, the trainer state
+    (written last) parsing, and the CLIP-PING bank when `require_bank` (None: when the checkpoint's config uses it)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "no such folder"
+    for name in ("config.json", "model.safetensors", *CHECKPOINT_STATE, "trainer_state.json"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    rng = sorted(path.glob("rng_state*.pth"))
+    if not rng:
+        return "rng_state.pth is missing"
+    for name in ("trainer_state.json", "config.json"):
+        try:
+            json.loads((path / name).read_text())
+        except (OSError, ValueError) as err:
+            return f"{name} is truncated or unreadable ({type(err).__name__})"
+    problem = _safetensors_problem(path / "model.safetensors")
+    if problem:
+        return f"model.safetensors is {problem}"
+    for file in [path / name for name in CHECKPOINT_STATE] + rng:
+        problem = _torch_file_problem(file)
+        if problem:
+            return f"{file.name} is {problem}"
     if require_bank is None:
         require_bank = _checkpoint_needs_bank(path)
-    return not require_bank or (path / PING_BANK_FILE).is_file()
+    if require_bank:
+        if not (path / PING_BANK_FILE).is_file():
+            return f"{PING_BANK_FILE} (the CLIP-PING bank) is missing"
+        problem = _torch_file_problem(path / PING_BANK_FILE)
+        if problem:
+            return f"{PING_BANK_FILE} is {problem}"
+    return None
 
 
 def latest_complete_checkpoint(output_dir, require_bank: bool | None = None) -> str | None:
-    """The newest `checkpoint-N` in `output_dir` that was completely written. A run killed while saving leaves a
-    checkpoint without its trainer state (the Trainer writes it last) or without the CLIP-PING bank (written right
-    after): such a folder is skipped, never resumed from."""
+    """The newest `checkpoint-N` in `output_dir` that `checkpoint_problem` finds complete. A run killed (or out of
+    disk) while saving leaves files missing or truncated: such a folder is skipped, with a warning saying why."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
     found = []
     for path in output_dir.glob("checkpoint-*"):
         suffix = path.name.split("-")[-1]
-        if path.is_dir() and suffix.isdigit() and _checkpoint_complete(path, require_bank):
+        if path.is_dir() and suffix.isdigit():
             found.append((int(suffix), path))
-    return str(max(found)[1]) if found else None
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path, require_bank)
+        if problem is None:
+            return str(path)
+        logger.warning("skipping %s: %s", path, problem)
+    return None
 
 
 def resolve_checkpoint(training_args) -> str | None:
-    """`--resume_from_checkpoint PATH`, or `latest` for the newest complete checkpoint in --output_dir."""
+    """`--resume_from_checkpoint PATH` (verified), or `latest` for the newest complete checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
     if value in (None, "", "false", "False"):
         return None
@@ -82,9 +151,35 @@ def resolve_checkpoint(training_args) -> str | None:
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
                                     f"{training_args.output_dir}")
         return found
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    problem = checkpoint_problem(value)
+    if problem:
+        raise ValueError(f"--resume_from_checkpoint {value}: cannot resume, {problem}. Pass another checkpoint, or "
+                         "`latest` for the newest complete one.")
     return value
+
+
+@contextlib.contextmanager
+def writing_to(folder):
+    """Turn a full disk while saving (torch's `basic_ios::clear: iostream error`, safetensors' `code: 28`, an
+    OSError ENOSPC) into one message naming the folder and the space left; any other error passes unchanged."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        text = str(err).lower()
+        if not (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                or any(marker in text for marker in _NO_SPACE_MARKERS)):
+            raise
+        try:
+            free = shutil.disk_usage(Path(folder).resolve()).free
+        except OSError:
+            free = None
+        if free is not None and free > 256 * 2**20 and getattr(err, "errno", None) not in (errno.ENOSPC,
+                                                                                               errno.EDQUOT):
+            raise  # a write failed for another reason: keep the original error
+        left = f"{free / 2**20:.0f} MiB free" if free is not None else "free space unknown"
+        raise TrainingStopped(f"no space left on device while writing to {folder} ({left}): free some space or "
+                              f"point --output_dir at a larger disk, then resume with --resume_from_checkpoint "
+                              f"latest.") from err
 
 
 class LightCLIPCallback(TrainerCallback):
@@ -166,7 +261,9 @@ class LightCLIPTrainer(Trainer):
         super().__init__(*args, callbacks=callbacks, **kwargs)
         self._term_sums = defaultdict(float)
         self._term_count = 0
-        self._skipped = Counter()
+        self._skipped = Counter()       # bad samples of the batches trained on, by reason
+        self._trained_samples = 0
+        self._bad_steps = Counter()     # consecutive steps with no usable sample / a non-finite loss
 
     @staticmethod
     def _compiles_towers(training_args) -> bool:
@@ -220,9 +317,12 @@ class LightCLIPTrainer(Trainer):
         skipped = inputs.get("skipped") or {}
         if model.training:
             self._skipped.update({k: int(v) for k, v in skipped.items()})
-        inputs = {k: v for k, v in inputs.items() if k not in ("return_loss", "skipped")}
+            self._count_bad_step("empty", "pixel_values" not in inputs)
+        inputs = {k: v for k, v in inputs.items() if k not in ("return_loss", "skipped", "empty_batch")}
         if "pixel_values" not in inputs:
             return self._empty_batch_loss(model, return_outputs)
+        if model.training:
+            self._trained_samples += int(inputs["pixel_values"].shape[0])
         outputs = model(**inputs, return_loss=True)
         loss = outputs["loss"]
         if model.training and outputs.get("losses"):
@@ -232,16 +332,63 @@ class LightCLIPTrainer(Trainer):
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self._count_bad_step("non_finite", not bool(torch.isfinite(loss)))
+        return loss
+
+    def _count_bad_step(self, kind: str, bad: bool) -> None:
+        """Stop (`TrainingStopped`) after `--stop_after_bad_steps` consecutive steps of one kind: no usable sample in
+        the batch, or a NaN/Inf loss (logged as such: `logging_nan_inf_filter` is off)."""
+        self._bad_steps[kind] = self._bad_steps[kind] + 1 if bad else 0
+        limit = getattr(self.args, "stop_after_bad_steps", 0)
+        if not limit or self._bad_steps[kind] < limit:
+            return
+        step = self.state.global_step
+        if kind == "empty":
+            counts = ", ".join(f"{n} {reason}" for reason, n in self._skipped.most_common(4))
+            raise TrainingStopped(f"stopped at step {step}: {limit} batches in a row held no usable sample "
+                                  f"(skipped so far: {counts}). Clean the data or check --image_column / "
+                                  "--caption_column.")
+        raise TrainingStopped(f"stopped at step {step}: the loss was NaN or infinite for {limit} steps in a row. "
+                              "Lower --learning_rate, keep --max_grad_norm on, train in bf16 rather than fp16, or "
+                              "check the data; the last good checkpoint (if any) is in --output_dir.")
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        trained = self._sum_over_processes(Counter(samples=self._trained_samples))["samples"]
+        if trained == 0 and self.state.global_step > 0:
+            raise TrainingStopped(f"{self.state.global_step} steps ran but no sample was trained on: every batch was "
+                                  f"skipped as bad data ({dict(self.training_skip_counts())}).")
+        return result
+
+    def _sum_over_processes(self, counts: Counter) -> Counter:
+        from .evaluation import _sum_over_processes
+
+        return _sum_over_processes(counts, self.accelerator)
+
+    def training_skip_counts(self) -> Counter:
+        """The bad samples of the batches trained on (not those the loader prefetched), by reason, summed over
+        processes; they travel with each batch, so loader workers do not hide them."""
+        return self._sum_over_processes(self._skipped)
+
     def get_eval_dataloader(self, eval_dataset=None):
-        """The eval loss sees evaluation inputs: no augmentation, no neighbour ids, no class labels."""
-        if self.eval_collator is None:
-            return super().get_eval_dataloader(eval_dataset)
-        original = self.data_collator
-        self.data_collator = dataclasses.replace(self.eval_collator, label_column=None, skipped=Counter())
+        """The eval loss sees evaluation inputs (no augmentation, no neighbour ids, no class labels) and every sample:
+        the last partial batch is kept, whatever --dataloader_drop_last says for training."""
+        original, drop_last = self.data_collator, self.args.dataloader_drop_last
+        if self.eval_collator is not None:
+            self.data_collator = dataclasses.replace(self.eval_collator, label_column=None, skipped=Counter())
+        self.args.dataloader_drop_last = False
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
-            self.data_collator = original
+            self.data_collator, self.args.dataloader_drop_last = original, drop_last
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """A batch whose samples were all bad has no loss: left out of `eval_loss` rather than counted as 0."""
+        if "pixel_values" not in inputs:
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def evaluate(self, eval_dataset=None, *args, **kwargs):
         self._current_eval_dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -264,11 +411,9 @@ class LightCLIPTrainer(Trainer):
                             collate_fn=self.eval_collator, num_workers=self.args.dataloader_num_workers)
         loader = self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
         accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
-        before = Counter(self.eval_collator.skipped)
+        this_pass = Counter()
         model = unwrap_model(self.model)
-        images, texts, captions, labels = embed_pairs(model, loader, accelerator)
-        this_pass = Counter(self.eval_collator.skipped)
-        this_pass.subtract(before)
+        images, texts, captions, labels = embed_pairs(model, loader, accelerator, skipped=this_pass)
         metrics = retrieval_metrics(images, texts, captions)
         if self.class_names and labels is not None:
             tokenizer = self.processing_class.tokenizer
@@ -279,6 +424,8 @@ class LightCLIPTrainer(Trainer):
         skipped = sum(v for k, v in this_pass.items() if k != "empty_batch" and not k.startswith("repaired_"))
         if skipped:
             metrics["skipped_samples"] = skipped
+            metrics.update({f"skipped_{k}": v for k, v in this_pass.items()
+                            if k != "empty_batch" and not k.startswith("repaired_")})
         return metrics
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -308,5 +455,5 @@ def load_ping_bank(model, checkpoint) -> bool:
     return True
 
 
-__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "compile_towers", "decay_parameter_names", "latest_complete_checkpoint",
-           "load_ping_bank", "resolve_checkpoint", "unwrap_model"]
+__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers", "decay_parameter_names", "latest_complete_checkpoint",
+           "load_ping_bank", "resolve_checkpoint", "unwrap_model", "writing_to"]

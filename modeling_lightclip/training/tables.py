@@ -1,0 +1,211 @@
+"""Reading the csv / tsv / json(-lines) files people export from spreadsheets and scripts (training side).
+
+`datasets`' own csv/json builders go through pandas / pyarrow, where one undecodable byte, one ragged row or one
+broken json line fails the whole load ("An error occurred while generating the dataset"). These files are small
+(paths and captions), so they are read here row by row instead: a row that cannot be read is skipped and counted
+by reason, with its line number, and the rest becomes a `datasets.Dataset` as before.
+
+* Delimiter by extension: `.tsv` / `.tab` tab-separated, `.csv` comma-separated; `.json` holding one array is read
+  whole, otherwise (and `.jsonl`) one object per line.
+* Encoding: `--file_encoding` (default utf-8). A byte-order mark wins (utf-8-sig, and the utf-16 of Excel's
+  "Unicode text" export). Undecodable bytes skip their row (`undecodable_text`), and the warning names the fix.
+* Cells stay text; other columns (labels) become integers when every filled cell is one. Empty cells are None.
+"""
+
+import codecs
+import csv
+import io
+import json
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+
+TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl"}
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what `errors="surrogateescape"` leaves for a byte it could not decode
+_INTEGER = re.compile(r"[+-]?\d+")
+_SHOWN_LINES = 5
+
+
+class TableFileError(ValueError):
+    """A file that cannot be read at all; the message names the file, the line where known, and the fix."""
+
+
+@dataclass
+class TableReport:
+    """What reading one file kept and skipped: `skipped[reason]` rows, the first line numbers of each reason."""
+
+    path: str
+    rows: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    lines: dict = field(default_factory=dict)
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] += 1
+        self.lines.setdefault(reason, [])
+        if len(self.lines[reason]) < _SHOWN_LINES:
+            self.lines[reason].append(line)
+
+    def summary(self) -> str:
+        parts = [f"{count} {reason.replace('_', ' ')} (line {', '.join(map(str, self.lines[reason]))}"
+                 f"{', ...' if count > len(self.lines[reason]) else ''})" for reason, count in self.skipped.items()]
+        return f"{self.path}: kept {self.rows} rows, skipped " + "; ".join(parts)
+
+
+def table_kind(path) -> str | None:
+    """'csv', 'tsv', 'json' or 'jsonl' by extension; None for anything else (parquet, arrow: `datasets` reads it)."""
+    return TABLE_SUFFIXES.get(Path(path).suffix.lower())
+
+
+def _sniff_encoding(raw: bytes, encoding: str) -> str:
+    if raw.startswith(codecs.BOM_UTF8):
+        return "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return encoding
+
+
+def _decode(raw: bytes, encoding: str, path) -> str:
+    try:
+        return raw.decode(encoding, errors="surrogateescape")
+    except LookupError:
+        raise TableFileError(f"--file_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp1252, "
+                             "latin-1, utf-16).") from None
+    except UnicodeError as err:  # utf-16 cannot escape an odd byte count
+        raise TableFileError(f"{path} cannot be decoded as {encoding} ({err}); pass the file's encoding with "
+                             "--file_encoding.") from None
+
+
+def _csv_rows(text: str, delimiter: str, report: TableReport):
+    lines = io.StringIO(text, newline="")
+    reader = csv.reader(lines, delimiter=delimiter)
+    header, previous_line = None, 0
+    while True:
+        start = previous_line + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:
+            report.skip("malformed_row", start)
+            previous_line = reader.line_num
+            continue
+        previous_line = reader.line_num
+        if not cells or all(not c.strip() for c in cells):
+            continue  # blank line
+        if header is None:
+            header = [c.strip() for c in cells]
+            duplicated = sorted({c for c in header if header.count(c) > 1})
+            if duplicated or not all(header):
+                raise TableFileError(f"{report.path}, line {start}: the header needs distinct, non-empty column "
+                                     f"names (got {header}).")
+            continue
+        if len(cells) != len(header):
+            report.skip("malformed_row", start)  # ragged, or an unquoted delimiter inside a caption
+            continue
+        yield start, dict(zip(header, cells))
+    if header is None:
+        raise TableFileError(f"{report.path} has no header row; the first line names the columns, e.g. "
+                             "`image,caption`.")
+
+
+def _json_rows(text: str, kind: str, report: TableReport):
+    stripped = text.lstrip()
+    if kind == "json" and stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TableFileError(f"{report.path}, line {err.lineno}: not valid JSON ({err.msg}); a file of one "
+                                 "object per line (.jsonl) lets a broken row be skipped instead.") from None
+        for i, row in enumerate(rows):
+            if isinstance(row, dict):
+                yield i + 1, row
+            else:
+                report.skip("malformed_json", i + 1)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            report.skip("malformed_json", number)
+            continue
+        if not isinstance(row, dict):
+            report.skip("malformed_json", number)
+            continue
+        yield number, row
+
+
+def _has_undecodable(value) -> bool:
+    if isinstance(value, str):
+        return bool(_UNDECODABLE.search(value))
+    if isinstance(value, dict):
+        return any(_has_undecodable(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_undecodable(v) for v in value)
+    return False
+
+
+def _column_values(rows: list[dict], name: str, text_columns) -> list:
+    values = [row.get(name) for row in rows]
+    values = [None if (isinstance(v, str) and not v.strip()) else v for v in values]
+    filled = [v for v in values if v is not None]
+    if name not in text_columns and filled and all(isinstance(v, str) and _INTEGER.fullmatch(v.strip())
+                                                   for v in filled):
+        return [int(v) if v is not None else None for v in values]  # a label column written as text
+    kinds = {type(v) for v in filled}
+    if name in text_columns and kinds - {str, dict, list} or len(kinds) > 1:
+        # numbers where text is expected (a caption "2024"), or mixed types in json: everything as text
+        return [v if v is None else (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list))
+                                     else str(v)) for v in values]
+    return values
+
+
+def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, TableReport]:
+    """The rows of a csv / tsv / json(-lines) file as columns ({name: [values]}), and what was skipped.
+
+    Raises `TableFileError` (one message naming the file and the fix) for a file that is missing, empty, has only
+    a header, or is a JSON array that does not parse; every other problem skips one row and is counted."""
+    path = Path(path)
+    report = TableReport(str(path))
+    kind = table_kind(path)
+    if kind is None:
+        raise TableFileError(f"{path}: use a .csv, .tsv, .json/.jsonl or .parquet file")
+    if not path.is_file():
+        raise TableFileError(f"{path}: no such file")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise TableFileError(f"{path} is empty.")
+    text = _decode(raw, _sniff_encoding(raw, encoding), path)
+    if kind in ("csv", "tsv"):
+        rows_iter = _csv_rows(text, "\t" if kind == "tsv" else ",", report)
+    else:
+        rows_iter = _json_rows(text, kind, report)
+    rows = []
+    for line, row in rows_iter:
+        if _has_undecodable(row):
+            report.skip("undecodable_text", line)
+            continue
+        rows.append(row)
+    report.rows = len(rows)
+    if not rows:
+        if report.skipped:
+            hint = (f" Most likely the file is not {encoding}: pass its encoding with --file_encoding (e.g. cp1252 "
+                    "for a spreadsheet exported on Windows)." if "undecodable_text" in report.skipped else "")
+            raise TableFileError(f"no readable row in {report.summary()}.{hint}")
+        raise TableFileError(f"{path} has a header but no rows.")
+    names = list(dict.fromkeys(name for row in rows for name in row))
+    columns = {name: _column_values(rows, name, set(text_columns)) for name in names}
+    if report.skipped:
+        hint = (f" (rows that are not {encoding}: pass the file's encoding with --file_encoding, e.g. cp1252)"
+                if "undecodable_text" in report.skipped else "")
+        logger.warning("%s%s", report.summary(), hint)
+    return columns, report
+
+
+__all__ = ["TABLE_SUFFIXES", "TableFileError", "TableReport", "read_table", "table_kind"]
