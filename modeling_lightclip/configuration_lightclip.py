@@ -353,11 +353,6 @@ class LightCLIPConfig(PretrainedConfig):
                  f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")
         _require("image_size", self.image_size, lambda v: v >= 1 and float(v).is_integer(),
                  "must be a positive number of pixels")
-        tower_size = getattr(self.vision_config, "image_size", None)
-        if isinstance(tower_size, int) and getattr(self.vision_config, "patch_size", None) and tower_size != self.image_size:
-            raise ValueError(f"image_size={self.image_size} (--image_size) differs from the image tower's "
-                             f"vision_config.image_size={tower_size}, which its position embeddings are built for: "
-                             "use that size, or set both.")
         patch = getattr(self.vision_config, "patch_size", None)
         if isinstance(patch, int) and self.image_size < patch:
             raise ValueError(f"image_size={self.image_size} (--image_size) is smaller than one {patch}-pixel patch of "

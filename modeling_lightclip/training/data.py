@@ -350,8 +350,9 @@ def _probe_rows(dataset, probe: int, seed: int = 0) -> list:
     return [dataset[i] for i in indices]
 
 
-def _caption_values(dataset, caption_column: str, limit: int = 2_000_000) -> list | None:
-    """The whole caption column (one column read, no images) of a map-style dataset; None for a stream."""
+def _caption_values(dataset, caption_column: str, limit: int = 200_000) -> list | None:
+    """The caption column (one column read, no images; the first `limit` rows) of a map-style dataset; None for a
+    stream."""
     try:
         n = len(dataset)
     except TypeError:
@@ -493,8 +494,9 @@ def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | 
         value = str(value) if math.isfinite(value) else None  # NaN: pandas' empty cell
     if not isinstance(value, str):
         return None, "missing_caption"
-    value = "".join(" " if ch.isspace() else ch for ch in value
-                    if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
+    if not value.isprintable():  # the slow path only for text with controls, format characters or line breaks
+        value = "".join(" " if ch.isspace() else ch for ch in value
+                        if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
     value = " ".join(value.split())
     if not value or all(piece in special_tokens for piece in value.split()):
         return None, "empty_caption"

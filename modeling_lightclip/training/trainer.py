@@ -344,7 +344,7 @@ class LightCLIPTrainer(Trainer):
         limit = getattr(self.args, "stop_after_bad_steps", 0)
         if not limit or self._bad_steps[kind] < limit:
             return
-        step = self.state.global_step
+        step = self.state.global_step + 1  # the step under way
         if kind == "empty":
             counts = ", ".join(f"{n} {reason}" for reason, n in self._skipped.most_common(4))
             raise TrainingStopped(f"stopped at step {step}: {limit} batches in a row held no usable sample "
