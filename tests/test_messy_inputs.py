@@ -456,3 +456,16 @@ def test_a_size_a_vit_tower_was_not_built_for_is_one_message(tokenizer):
     fields = dict(load_recipe("vit_xs")["model"], image_size=64)   # tower config still says 224
     with pytest.raises(ValueError, match="image_size=64 \\(--image_size\\) does not fit the clip_vision_model"):
         LightCLIPModel(LightCLIPConfig(**fields))
+
+
+def test_the_csv_builder_with_a_data_dir_reads_row_by_row_too(tmp_path):
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+
+    names = _image_files(tmp_path, 4)
+    (tmp_path / "train.csv").write_text("image,caption\n" + "".join(f"{n},photo {i}\n" for i, n in enumerate(names))
+                                        + "img0.png,one,field too many\n")
+    (tmp_path / "validation.csv").write_bytes(b"image,caption\nimg1.png,caf\xe9\nimg2.png,ok\n")
+    splits = load_image_text_datasets(DataArguments(dataset_name="csv", data_dir=str(tmp_path)))
+    assert len(splits["train"]) == 4 and len(splits["validation"]) == 1
+    assert splits.file_skips == {"train": {"malformed_row": 1}, "validation": {"undecodable_text": 1}}
+    assert splits["train"][0]["image"] == str(tmp_path / "img0.png")   # relative to the file's folder

@@ -116,27 +116,60 @@ class Splits(dict):
         self.file_skips = {}
 
 
+def _table_dataset(paths: list, args: "DataArguments"):
+    """csv/tsv/json files of one split read row by row (`tables.read_table`) into one `datasets.Dataset`, image paths
+    taken relative to each file's folder; (dataset, skipped rows by reason)."""
+    from datasets import Dataset
+
+    merged, skipped = {}, Counter()
+    total = 0
+    for path in paths:
+        columns, report = read_table(path, args.file_encoding, text_columns=(args.image_column, args.caption_column))
+        skipped.update(report.skipped)
+        images = columns.get(args.image_column)
+        if images is not None:
+            root = Path(path).parent
+            columns[args.image_column] = [str(root / v) if isinstance(v, str) and v and not Path(v).is_absolute()
+                                          and "://" not in v else v for v in images]
+        for name in set(merged) | set(columns):  # union of the files' columns, None where one lacks it
+            merged.setdefault(name, [None] * total).extend(columns.get(name, [None] * report.rows))
+        total += report.rows
+    return Dataset.from_dict(merged), skipped
+
+
 def _from_files(args: "DataArguments", files: dict) -> "Splits":
-    """--train_file / --validation_file: csv/tsv/json read row by row (`tables.read_table`: bad rows skipped and
-    counted), parquet/arrow through `datasets`; image paths taken relative to each file's folder."""
-    from datasets import Dataset, load_dataset
+    """Split -> file(s): csv/tsv/json read row by row (bad rows skipped and counted), parquet/arrow through
+    `datasets`; image paths taken relative to each file's folder."""
+    from datasets import concatenate_datasets, load_dataset
 
     raw = Splits()
-    for split, path in files.items():
-        if table_kind(path) is not None:
-            columns, report = read_table(path, args.file_encoding, text_columns=(args.image_column,
-                                                                                args.caption_column))
-            dataset = Dataset.from_dict(columns)
-            raw.file_skips[split] = Counter(report.skipped)
-        elif Path(path).suffix.lower() in (".parquet", ".arrow"):
-            builder = "parquet" if Path(path).suffix.lower() == ".parquet" else "arrow"
-            dataset = load_dataset(builder, data_files={split: path})[split]
+    for split, paths in files.items():
+        paths = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+        if all(table_kind(path) is not None for path in paths):
+            dataset, raw.file_skips[split] = _table_dataset(paths, args)
+        elif all(Path(path).suffix.lower() in (".parquet", ".arrow") for path in paths):
+            parts = []
+            for path in paths:
+                builder = "parquet" if Path(path).suffix.lower() == ".parquet" else "arrow"
+                part = _defer_image_decoding(load_dataset(builder, data_files={split: path})[split], args.image_column)
+                parts.append(_resolve_relative_paths(part, args.image_column, Path(path).parent))
+            dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         else:
-            raise ValueError(f"{path}: use a .csv, .tsv, .json/.jsonl or .parquet file")
-        dataset = _resolve_relative_paths(_defer_image_decoding(dataset, args.image_column), args.image_column,
-                                          Path(path).parent)
+            raise ValueError(f"{', '.join(paths)}: use .csv, .tsv, .json/.jsonl or .parquet files (one kind per split)")
         raw[split] = dataset.to_iterable_dataset() if args.streaming else dataset
     return raw
+
+
+def _builder_files(args: "DataArguments") -> dict | None:
+    """`--dataset_name csv|json --data_dir DIR`: the split -> files `datasets` would pick (train*, validation*, ...),
+    to be read row by row like --train_file; None when `datasets` should load it."""
+    if args.dataset_name not in ("csv", "json") or not args.data_dir:
+        return None
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    found = DataFilesDict.from_patterns(get_data_patterns(args.data_dir), base_path=args.data_dir)
+    files = {str(split): [f for f in paths if table_kind(f) is not None] for split, paths in found.items()}
+    return {split: paths for split, paths in files.items() if paths} or None
 
 
 def load_image_text_datasets(args: DataArguments) -> "Splits":
@@ -157,6 +190,8 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
         if args.validation_file:
             files[args.validation_split] = args.validation_file
         raw = _from_files(args, files)
+    elif _builder_files(args):
+        raw = _from_files(args, _builder_files(args))
     else:
         raw = Splits(load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
                                   streaming=args.streaming))
