@@ -50,6 +50,9 @@ setup(
         "bench": ["matplotlib>=3.7"],
         # ONNX export of the encoders and its onnxruntime check (python -m modeling_lightclip.training.onnx_export)
         "onnx": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        # timm backbones as image towers (transformers' TimmWrapper): recipes mobilenetv4, fastvit; timm needs
+        # torchvision, which must match torch (on a CPU-only torch build PyPI's torchvision does not import)
+        "timm": ["timm>=1.0.15"],
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },

@@ -9,6 +9,7 @@ validation images and captions (max |Δ| of the normalised embeddings), then tim
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import tempfile
@@ -27,6 +28,8 @@ from modeling_lightclip.training.recipes import build_model_config, load_recipe 
 
 
 RECIPES = ["default", "resnet18", "mobilenetv2", "efficientnet_b0", "vit_xs"]  # each at its own image size
+if importlib.util.find_spec("timm") is not None:
+    RECIPES += ["mobilenetv4", "fastvit"]  # timm towers through TimmWrapper
 
 
 def _median_ms(fn, runs: int) -> float:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
@@ -151,6 +151,19 @@ class VisionTowerShapes:
     stage_num_tokens: list
     num_prefix_tokens: int
     num_tokens: int
+
+
+def _timm_wrapper_config(name: str, extra: dict) -> dict:
+    """`from_pretrained` kwargs for a tower checkpoint. A timm Hub repo written by timm's `save_for_hf` repeats
+    `num_classes` in `model_args`, which `TimmWrapperModel` (built headless, num_classes=0) then receives twice: drop
+    it there (the wrapper keeps no classifier either way)."""
+    if "config" in extra:
+        return extra
+    config = AutoConfig.from_pretrained(name, **{k: v for k, v in extra.items() if k in ("revision", "token")})
+    if getattr(config, "model_type", None) == "timm_wrapper" and "num_classes" in (config.model_args or {}):
+        config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
+        return {**extra, "config": config}
+    return extra
 
 
 def _probe_or_explain(config) -> VisionTowerShapes:
@@ -556,7 +569,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 towers.append(None)
                 tower_configs.append(config.to_dict() if hasattr(config, "to_dict") else dict(config))
                 continue
-            model = AutoModel.from_pretrained(name, **extra)
+            model = AutoModel.from_pretrained(name, **_timm_wrapper_config(name, extra))
             if hasattr(model, "vision_model") and getattr(model.config, "model_type", "") == "clip":
                 raise ValueError(f"{name} is a full CLIP model; pass its vision or text tower checkpoint instead.")
             towers.append(model)

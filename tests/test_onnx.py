@@ -12,7 +12,19 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.mark.parametrize("recipe,image_size", [("tiny", 32), ("mobilenetv2", 64)])
+def _has_timm() -> bool:
+    import importlib.util
+    import os
+
+    return os.environ.get("LIGHTCLIP_REQUIRE_TIMM") == "1" or importlib.util.find_spec("timm") is not None
+
+
+_needs_timm = pytest.mark.skipif(not _has_timm(), reason="timm not installed (pip install '.[timm]')")
+
+
+@pytest.mark.parametrize("recipe,image_size", [("tiny", 32), ("mobilenetv2", 64), ("vit_xs", 64),
+                                               pytest.param("mobilenetv4", 64, marks=_needs_timm),
+                                               pytest.param("fastvit", 64, marks=_needs_timm)])
 def test_onnx_encoders_match_pytorch_with_dynamic_batch_and_length(tmp_path, tokenizer, photo_paths, recipe,
                                                                     image_size):
     import onnxruntime

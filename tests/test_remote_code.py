@@ -1,5 +1,6 @@
 """The saved folder runs as remote code where this project is not importable (the Hub user's situation)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,11 +56,17 @@ def _save_tiny_folder(model, tokenizer, folder: Path):
     build_processor(model.config.image_size, tokenizer).save_pretrained(folder)
 
 
-def _expected(model, tokenizer, photo_paths, folder: Path) -> dict:
+def _expected(model, tokenizer, photo_paths, folder: Path, pil_backend: bool = False) -> dict:
+    """The logits the client must print. transformers resizes with torchvision when it is installed and with PIL
+    otherwise (pixels differ in the last bits): `pil_backend` computes them as a client without torchvision will."""
     from PIL import Image
 
     texts = ["a photo of an astronaut", "a tabby cat"]
     processor = build_processor(model.config.image_size, tokenizer)
+    if pil_backend:
+        from transformers import CLIPImageProcessorPil
+
+        processor.image_processor = CLIPImageProcessorPil(**processor.image_processor.to_dict())
     inputs = processor(text=texts, images=[Image.open(p) for p in photo_paths], padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits_per_image
@@ -124,12 +131,13 @@ def test_remote_code_and_pipeline_without_the_package(tiny_model, tokenizer, pho
 
 @pytest.mark.skipif(os.environ.get("LIGHTCLIP_SKIP_CLEAN_VENV") == "1", reason="LIGHTCLIP_SKIP_CLEAN_VENV=1")
 def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
-    """A fresh virtualenv with only torch, transformers and pillow: what a Hub user has."""
+    """A fresh virtualenv with only torch, transformers and pillow: what a Hub user has (then + timm, for a timm
+    image tower)."""
     import transformers
 
     folder = tmp_path / "model"
     _save_tiny_folder(tiny_model, tokenizer, folder)
-    expected = _expected(tiny_model, tokenizer, photo_paths, folder)
+    expected = _expected(tiny_model, tokenizer, photo_paths, folder, pil_backend=True)  # no torchvision there
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
@@ -166,6 +174,28 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
     got = {r["label"]: r["score"] for r in result["pipeline"]}
     for label, p in probs.items():
         assert got[label] == pytest.approx(p, abs=1e-4)
+
+    # a timm image tower (TimmWrapper): the same client once timm is added, and nothing else of ours
+    if importlib.util.find_spec("timm") is None and os.environ.get("LIGHTCLIP_REQUIRE_TIMM") != "1":
+        return
+    import timm
+
+    install = subprocess.run([python, "-m", "pip", "install", "-q", f"timm=={timm.__version__}"],
+                             capture_output=True, text=True, timeout=900)
+    assert install.returncode == 0, install.stderr[-4000:]
+    installed = {p["name"].lower() for p in json.loads(subprocess.run(
+        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True).stdout)}
+    assert "timm" in installed and not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
+    from modeling_lightclip.training.recipes import load_recipe
+
+    fields = dict(load_recipe("tiny")["model"], vision_config={"model_type": "timm_wrapper",
+                                                               "architecture": "mobilenetv4_conv_small"})
+    torch.manual_seed(0)
+    timm_model = LightCLIPModel(build_model_config(fields, tokenizer, soft_label_source="student")).eval()
+    folder = tmp_path / "timm_model"
+    _save_tiny_folder(timm_model, tokenizer, folder)
+    expected = _expected(timm_model, tokenizer, photo_paths, folder)  # timm brought torchvision
+    _check(_run_client(python, folder, photo_paths, tmp_path), expected)
 
 
 NATIVE_CLIENT = textwrap.dedent('''

@@ -56,6 +56,11 @@ class _ModelSource:
         "help": "Continue from a LightCLIP checkpoint (Hub id or folder) instead of building from the recipe."})
     vision_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Start the image tower from this pretrained checkpoint (Hub id or folder)."})
+    timm_architecture: str | None = field(default=None, metadata={
+        "help": "Build the image tower from scratch as this timm architecture (any name `timm.list_models()` knows, "
+                "e.g. mobilenetv4_conv_small, fastvit_t8, repvit_m0_9), through transformers' TimmWrapper; it "
+                "replaces the recipe's image tower. For timm's pretrained weights use --vision_model_name_or_path "
+                "timm/NAME.TAG instead. Needs timm (pip install '.[timm]')."})
     text_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Start the text tower from this pretrained checkpoint (Hub id or folder)."})
     tokenizer_name: str | None = field(default=None, metadata={

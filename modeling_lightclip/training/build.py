@@ -87,6 +87,26 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
 
 
+def _model_section(recipe: dict, model_args) -> dict:
+    """The recipe's `model` section, with the image tower replaced by `--timm_architecture` when given."""
+    name = model_args.timm_architecture
+    if not name:
+        return recipe["model"]
+    if model_args.vision_model_name_or_path or model_args.model_name_or_path:
+        raise ValueError("--timm_architecture builds the image tower from scratch: drop it, or drop "
+                         "--vision_model_name_or_path / --model_name_or_path.")
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("--timm_architecture needs timm: pip install '.[timm]' (timm needs a torchvision that "
+                         "matches your torch).") from None
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise ValueError(f"--timm_architecture {name!r}: timm has no such architecture"
+                         f"{f' (close: {close})' if close else ''}.")
+    return {**recipe["model"], "vision_config": {"model_type": "timm_wrapper", "architecture": name}}
+
+
 def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
     """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe.
     Everything a run would otherwise find out late (after training, or at its first step) is checked here."""
@@ -107,7 +127,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         processor = LightCLIPProcessor.from_pretrained(source)
     else:
         tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args)
-        config = build_model_config(recipe["model"], tokenizer, **overrides)
+        config = build_model_config(_model_section(recipe, model_args), tokenizer, **overrides)
         processor = build_processor(config.image_size, tokenizer)
     train_dataset, neighbours = setup_frozen_encoders(config, train_dataset, data_args, training_args)
 

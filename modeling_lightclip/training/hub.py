@@ -97,6 +97,8 @@ def _tower_name(config) -> str:
     names = {"resnet": "ResNet", "mobilenet_v2": "MobileNetV2", "efficientnet": "EfficientNet",
              "clip_vision_model": "ViT (CLIP vision)", "vit": "ViT", "bert": "BERT", "clip_text_model": "CLIP text",
              "convnext": "ConvNeXt", "mobilevit": "MobileViT"}
+    if config.model_type == "timm_wrapper":
+        return f"timm {config.architecture}"
     layers = getattr(config, "num_hidden_layers", None)
     width = getattr(config, "hidden_size", None) or (getattr(config, "hidden_sizes", None) or [None])[-1]
     detail = ", ".join(x for x in (f"{layers} layers" if layers else "", f"{width}-d" if width else "") if x)
