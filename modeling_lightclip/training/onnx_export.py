@@ -68,10 +68,10 @@ def export_encoders(model: LightCLIPModel, processor: LightCLIPProcessor, out_di
     text = processor.tokenizer(["a photo of a cat", "a small red car parked on a street"], padding=True,
                                return_tensors="pt")
     with torch.no_grad():
-        torch.onnx.export(ImageEncoder(model), (pixel_values,), str(out_dir / IMAGE_FILE), dynamo=True,
+        torch.onnx.export(ImageEncoder(model).eval(), (pixel_values,), str(out_dir / IMAGE_FILE), dynamo=True,
                           input_names=["pixel_values"], output_names=["image_embeds"],
                           dynamic_shapes={"pixel_values": {0: batch}}, verbose=False)
-        torch.onnx.export(TextEncoder(model), (text["input_ids"], text["attention_mask"]), str(out_dir / TEXT_FILE),
+        torch.onnx.export(TextEncoder(model).eval(), (text["input_ids"], text["attention_mask"]), str(out_dir / TEXT_FILE),
                           dynamo=True, input_names=["input_ids", "attention_mask"], output_names=["text_embeds"],
                           dynamic_shapes={"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}},
                           verbose=False)
