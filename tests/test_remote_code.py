@@ -186,16 +186,19 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
     installed = {p["name"].lower() for p in json.loads(subprocess.run(
         [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True).stdout)}
     assert "timm" in installed and not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
-    from modeling_lightclip.training.recipes import load_recipe
+    import train_lightclip
+    from modeling_lightclip import LightCLIPProcessor
 
-    fields = dict(load_recipe("tiny")["model"], vision_config={"model_type": "timm_wrapper",
-                                                               "architecture": "mobilenetv4_conv_small"})
-    torch.manual_seed(0)
-    timm_model = LightCLIPModel(build_model_config(fields, tokenizer, soft_label_source="student")).eval()
-    folder = tmp_path / "timm_model"
-    _save_tiny_folder(timm_model, tokenizer, folder)
-    expected = _expected(timm_model, tokenizer, photo_paths, folder)  # timm brought torchvision
-    _check(_run_client(python, folder, photo_paths, tmp_path), expected)
+    folder = tmp_path / "timm_run"  # the `mobilenetv4` recipe trained with every objective on (issue #14's acceptance)
+    train_lightclip.main([
+        "--recipe", "mobilenetv4", "--image_size", "64", "--max_train_samples", "32", "--per_device_train_batch_size",
+        "8", "--max_steps", "1", "--do_eval", "false", "--dataloader_num_workers", "0", "--soft_label_mode",
+        "similarity", "--token_loss_weight", "0.5", "--vision_token_stage", "-2", "--mlm_loss_weight", "0.5",
+        "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight", "0.5", "--relation_loss_weight", "1.0",
+        "--ping_neighbours_dir", "auto", "--output_dir", str(folder)])
+    trained = LightCLIPModel.from_pretrained(folder).eval()
+    expected = _expected(trained, LightCLIPProcessor.from_pretrained(folder).tokenizer, photo_paths, folder)
+    _check(_run_client(python, folder, photo_paths, tmp_path), expected)  # timm brought torchvision there
 
 
 NATIVE_CLIENT = textwrap.dedent('''
