@@ -159,7 +159,7 @@ def _column_values(rows: list[dict], name: str, text_columns) -> list:
                                                    for v in filled):
         return [int(v) if v is not None else None for v in values]  # a label column written as text
     kinds = {type(v) for v in filled}
-    if name in text_columns and kinds - {str, dict, list} or len(kinds) > 1:
+    if (name in text_columns and kinds - {str, dict, list}) or len(kinds) > 1:
         # numbers where text is expected (a caption "2024"), or mixed types in json: everything as text
         return [v if v is None else (v if isinstance(v, str) else json.dumps(v) if isinstance(v, (dict, list))
                                      else str(v)) for v in values]
