@@ -65,6 +65,9 @@ def test_csv_with_a_latin1_row_a_ragged_row_and_an_unquoted_comma(tmp_path):
 def test_tsv_by_extension_utf16_excel_export_and_json_lines(tmp_path):
     from modeling_lightclip.training.tables import read_table
 
+    semicolons = tmp_path / "excel_de.csv"   # Excel in a locale with a decimal comma
+    semicolons.write_text("image;caption\na.png;ein Foto, mit Komma\n", encoding="utf-8")
+    assert read_table(semicolons)[0] == {"image": ["a.png"], "caption": ["ein Foto, mit Komma"]}
     tsv = tmp_path / "pairs.tsv"
     tsv.write_text("image\tcaption\na.png\ta caption, with a comma\n", encoding="utf-8")
     columns, _ = read_table(tsv)

@@ -5,8 +5,9 @@ broken json line fails the whole load ("An error occurred while generating the d
 (paths and captions), so they are read here row by row instead: a row that cannot be read is skipped and counted
 by reason, with its line number, and the rest becomes a `datasets.Dataset` as before.
 
-* Delimiter by extension: `.tsv` / `.tab` tab-separated, `.csv` comma-separated; `.json` holding one array is read
-  whole, otherwise (and `.jsonl`) one object per line.
+* Delimiter by extension: `.tsv` / `.tab` tab-separated, `.csv` comma-separated (or, when the header line has no
+  comma, the `;`, tab or `|` it has: Excel writes `;` in locales with a decimal comma); `.json` holding one array is
+  read whole, otherwise (and `.jsonl`) one object per line.
 * Encoding: `--file_encoding` (default utf-8). A byte-order mark wins (utf-8-sig, and the utf-16 of Excel's
   "Unicode text" export). Undecodable bytes skip their row (`undecodable_text`), and the warning names the fix.
 * Cells stay text; other columns (labels) become integers when every filled cell is one. Empty cells are None.
@@ -78,6 +79,17 @@ def _decode(raw: bytes, encoding: str, path) -> str:
     except UnicodeError as err:  # utf-16 cannot escape an odd byte count
         raise TableFileError(f"{path} cannot be decoded as {encoding} ({err}); pass the file's encoding with "
                              "--file_encoding.") from None
+
+
+def _csv_delimiter(text: str) -> str:
+    """`,` unless the header line holds none and another separator a spreadsheet uses: `;` (Excel in locales with
+    a decimal comma), a tab, or `|`."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    if "," in header:
+        return ","
+    counts = {d: header.count(d) for d in (";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
 
 
 def _csv_rows(text: str, delimiter: str, report: TableReport):
@@ -183,7 +195,7 @@ def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, Ta
         raise TableFileError(f"{path} is empty.")
     text = _decode(raw, _sniff_encoding(raw, encoding), path)
     if kind in ("csv", "tsv"):
-        rows_iter = _csv_rows(text, "\t" if kind == "tsv" else ",", report)
+        rows_iter = _csv_rows(text, "\t" if kind == "tsv" else _csv_delimiter(text), report)
     else:
         rows_iter = _json_rows(text, kind, report)
     rows = []
