@@ -472,3 +472,14 @@ def test_the_csv_builder_with_a_data_dir_reads_row_by_row_too(tmp_path):
     assert len(splits["train"]) == 4 and len(splits["validation"]) == 1
     assert splits.file_skips == {"train": {"malformed_row": 1}, "validation": {"undecodable_text": 1}}
     assert splits["train"][0]["image"] == str(tmp_path / "img0.png")   # relative to the file's folder
+
+
+def test_windows_relative_paths_resolve(tmp_path):
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+
+    (tmp_path / "images").mkdir()
+    names = _image_files(tmp_path / "images", 2)
+    path = tmp_path / "train.csv"
+    path.write_text("image,caption\n" + "".join(f"images\\{n},photo {i}\n" for i, n in enumerate(names)))
+    dataset = load_image_text_datasets(DataArguments(train_file=str(path)))["train"]
+    assert dataset["image"] == [str(tmp_path / "images" / n) for n in names]

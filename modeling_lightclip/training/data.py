@@ -116,6 +116,17 @@ class Splits(dict):
         self.file_skips = {}
 
 
+def _relative_image_path(value, root: Path):
+    """An image path from a table file, taken relative to the file's folder; a Windows export's `images\\cat.jpg`
+    is read as `images/cat.jpg` when only that exists."""
+    if not isinstance(value, str) or not value or "://" in value or Path(value).is_absolute():
+        return value
+    path = root / value
+    if "\\" in value and not path.exists() and (root / value.replace("\\", "/")).exists():
+        path = root / value.replace("\\", "/")
+    return str(path)
+
+
 def _table_dataset(paths: list, args: "DataArguments"):
     """csv/tsv/json files of one split read row by row (`tables.read_table`) into one `datasets.Dataset`, image paths
     taken relative to each file's folder; (dataset, skipped rows by reason)."""
@@ -129,8 +140,7 @@ def _table_dataset(paths: list, args: "DataArguments"):
         images = columns.get(args.image_column)
         if images is not None:
             root = Path(path).parent
-            columns[args.image_column] = [str(root / v) if isinstance(v, str) and v and not Path(v).is_absolute()
-                                          and "://" not in v else v for v in images]
+            columns[args.image_column] = [_relative_image_path(v, root) for v in images]
         for name in set(merged) | set(columns):  # union of the files' columns, None where one lacks it
             merged.setdefault(name, [None] * total).extend(columns.get(name, [None] * report.rows))
         total += report.rows
