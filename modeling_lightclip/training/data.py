@@ -200,8 +200,8 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
         if args.validation_file:
             files[args.validation_split] = args.validation_file
         raw = _from_files(args, files)
-    elif _builder_files(args):
-        raw = _from_files(args, _builder_files(args))
+    elif builder_files := _builder_files(args):
+        raw = _from_files(args, builder_files)
     else:
         raw = Splits(load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
                                   streaming=args.streaming))
