@@ -427,6 +427,11 @@ def test_latest_skips_incomplete_checkpoints_and_says_why(tmp_path, caplog):
         with caplog.at_level("WARNING"):
             assert latest_complete_checkpoint(broken.parent) == str(broken.parent / "checkpoint-1")
         assert f"skipping {broken}: {reason}" in caplog.text
+    only_model = tmp_path / "only_model"
+    shutil.copytree(newest, only_model / "checkpoint-2")
+    (only_model / "checkpoint-2" / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint-2: optimizer.pt is missing.*--save_only_model"):
+        train_lightclip.main(_tiny(only_model, "--resume_from_checkpoint", "latest"))
     with pytest.raises(ValueError, match="cannot resume, trainer_state.json is truncated"):
         train_lightclip.main(_tiny(tmp_path / "again", "--resume_from_checkpoint",
                                    str(tmp_path / "broken-trainer_state.json" / "checkpoint-3")))

@@ -148,8 +148,12 @@ def resolve_checkpoint(training_args) -> str | None:
     if value in ("latest", "true", "True"):
         found = latest_complete_checkpoint(training_args.output_dir)
         if found is None:
+            folders = sorted(Path(training_args.output_dir).glob("checkpoint-*"), reverse=True)[:3]
+            why = "; ".join(f"{f.name}: {checkpoint_problem(f)}" for f in folders)
+            hint = (" (--save_only_model writes no optimizer or scheduler state: such a checkpoint cannot be "
+                    "resumed, only loaded with --model_name_or_path)" if "optimizer.pt is missing" in why else "")
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
-                                    f"{training_args.output_dir}")
+                                    f"{training_args.output_dir}" + (f" ({why}){hint}" if why else ""))
         return found
     problem = checkpoint_problem(value)
     if problem:
