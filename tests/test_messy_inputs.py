@@ -488,3 +488,23 @@ def test_windows_relative_paths_resolve(tmp_path):
     path.write_text("image,caption\n" + "".join(f"images\\{n},photo {i}\n" for i, n in enumerate(names)))
     dataset = load_image_text_datasets(DataArguments(train_file=str(path)))["train"]
     assert dataset["image"] == [str(tmp_path / "images" / n) for n in names]
+
+
+def test_a_full_disk_during_a_checkpoint_stops_the_run_with_the_message(tmp_path, monkeypatch):
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    import train_lightclip
+    from modeling_lightclip.training.trainer import TrainingStopped
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 832 vs 640: "
+                           "basic_ios::clear: iostream error")
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full)          # the Trainer writes optimizer.pt / rng_state.pth with it
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(2**30, 2**30, 0))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=f"no space left on device while writing to {out}"):
+        train_lightclip.main(_tiny(out, "--max_train_samples", "32", "--save_strategy", "steps", "--save_steps", "1",
+                                   "--do_eval", "false"))
