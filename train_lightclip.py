@@ -23,7 +23,13 @@ from modeling_lightclip.training.data import DataArguments, load_image_text_data
 from modeling_lightclip.training.hub import HubUploadError, push_folder, write_model_card, write_training_info
 from modeling_lightclip.training.lora import merge_lora
 from modeling_lightclip.training.recipes import load_recipe
-from modeling_lightclip.training.trainer import LightCLIPTrainer, TrainingStopped, unwrap_model, writing_to
+from modeling_lightclip.training.trainer import (
+    LightCLIPTrainer,
+    TrainingStopped,
+    skip_metric_name,
+    unwrap_model,
+    writing_to,
+)
 
 
 logger = logging.getLogger("train_lightclip")
@@ -68,41 +74,38 @@ def main(argv=None):
         class_names=run.class_names,
         zero_shot_templates=run.zero_shot_templates,
     )
-    if training_args.do_train:
-        if run.checkpoint:
-            logger.info("resuming from %s", run.checkpoint)
-        with writing_to(training_args.output_dir):
+    with writing_to(training_args.output_dir):  # a full disk anywhere below: one message naming the folder
+        if training_args.do_train:
+            if run.checkpoint:
+                logger.info("resuming from %s", run.checkpoint)
             result = trainer.train(resume_from_checkpoint=run.checkpoint)
-        metrics = dict(result.metrics)
-        counts = Counter(splits.file_skips.get("train", {})) + trainer.training_skip_counts()
-        metrics.update({(f"train_{k}" if k.startswith("repaired_") else f"train_skipped_{k}"): v
-                        for k, v in counts.items()})
-        with writing_to(training_args.output_dir):
+            metrics = dict(result.metrics)
+            counts = Counter(splits.file_skips.get("train", {})) + trainer.training_skip_counts()
+            metrics.update({f"train_{skip_metric_name(k)}": v for k, v in counts.items()})
             trainer.log_metrics("train", metrics)
             trainer.save_metrics("train", metrics)
             if model_args.lora_r is not None:  # fold the adapters in: the saved model is plain LightCLIP, no peft
                 trainer.model = model = merge_lora(model)
             trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
             trainer.save_state()
-    if training_args.do_eval and eval_dataset is not None:
-        metrics = trainer.evaluate()
-        metrics.update({f"eval_skipped_{k}": v for k, v in splits.file_skips.get("validation", {}).items()})
-        with writing_to(training_args.output_dir):
+        if training_args.do_eval and eval_dataset is not None:
+            metrics = trainer.evaluate()
+            file_skips = splits.file_skips.get("validation", {})
+            metrics.update({f"eval_{skip_metric_name(k)}": v for k, v in file_skips.items()})
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
-    if trainer.is_world_process_zero() and training_args.do_train:
-        with writing_to(training_args.output_dir):
+        if trainer.is_world_process_zero() and training_args.do_train:
             write_training_info(training_args, data_args, recipe, train_dataset, model_args)
             write_model_card(training_args.output_dir, model=unwrap_model(trainer.model).to("cpu"),
                              processor=processor, repo_id=training_args.hub_model_id)
-        if push:
-            try:
-                url = push_folder(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
-                                  bool(training_args.hub_private_repo))
-                logger.info("pushed to %s", url)
-            except HubUploadError as err:
-                logger.error("%s", err)
-                raise SystemExit(f"error: {err}") from None
+    if push and trainer.is_world_process_zero() and training_args.do_train:
+        try:
+            url = push_folder(training_args.output_dir, training_args.hub_model_id, training_args.hub_token,
+                              bool(training_args.hub_private_repo))
+            logger.info("pushed to %s", url)
+        except HubUploadError as err:
+            logger.error("%s", err)
+            raise SystemExit(f"error: {err}") from None
     return trainer
 
 

@@ -399,10 +399,6 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
         if self.ping_positives not in PING_POSITIVES:
             raise ValueError(f"ping_positives={self.ping_positives!r}: choose one of {PING_POSITIVES}.")
-        if not (self.relation_temperature > 0 and math.isfinite(self.relation_temperature)):
-            raise ValueError(f"relation_temperature={self.relation_temperature}: must be positive and finite.")
-        if self.ping_temperature is not None and self.ping_temperature <= 0:
-            raise ValueError(f"ping_temperature={self.ping_temperature}: must be positive (or None for the logit scale).")
         if not 0.0 <= self.mlm_start < 1.0:
             raise ValueError(f"mlm_start={self.mlm_start}: the share of training before MLM starts lies in [0, 1).")
         if not 0.0 < self.mlm_batch_fraction <= 1.0:

@@ -360,11 +360,11 @@ def solve_word_patch_assignment(similarity: torch.Tensor, word_mask: torch.Tenso
     similarity = torch.nan_to_num(similarity.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     if solver == "batched" or (solver == "auto" and similarity.is_cuda):
         try:
-            return _solve_assignments_batched(similarity.detach(), word_mask).to(device)
+            return _solve_assignments_batched(similarity, word_mask).to(device)
         except ImportError:
             if solver == "batched":
                 raise
-    matches = _solve_assignments_scipy(similarity.detach().float().cpu(), word_mask.cpu())
+    matches = _solve_assignments_scipy(similarity.float().cpu(), word_mask.cpu())
     return matches.to(device, non_blocking=True)
 
 

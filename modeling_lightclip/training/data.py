@@ -267,16 +267,16 @@ def _defer_image_decoding(dataset, column: str):
 
 
 def _resolve_relative_paths(dataset, column: str, root: Path):
-    """Image paths in csv/json files are taken relative to the file's folder."""
+    """Image paths in a parquet/arrow file are taken relative to the file's folder (`_relative_image_path`, the rule
+    the csv/json files follow)."""
     from datasets import Value
 
     feature = (dataset.features or {}).get(column) if dataset.features is not None else None
     if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
         return dataset  # images stored in the file itself (bytes), nothing to resolve
+
     def _absolute(example):
-        value = example[column]
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            example[column] = str(root / value)
+        example[column] = _relative_image_path(example[column], root)
         return example
 
     return dataset.map(_absolute)
@@ -293,8 +293,9 @@ def _given_class_names(args: DataArguments) -> list[str] | None:
     return names or None
 
 
-def _label_id(value, names: list[str] | None, lookup: dict, unknown: set) -> int:
-    """One label cell -> class id; -1 for a missing one (None, NaN, datasets' -1 convention)."""
+def _label_id(value, lookup: dict, unknown: set) -> int:
+    """One label cell -> class id (strings through `lookup`, casefolded; `unknown` collects those it lacks); -1 for a
+    missing one (None, NaN, datasets' -1 convention)."""
     if isinstance(value, (float, np.floating)):
         if not math.isfinite(value):
             return -1
@@ -342,7 +343,7 @@ def prepare_zero_shot_labels(dataset, args: DataArguments):
         logger.info("zero-shot class names from the %r column's values: %s", column, names)
     lookup = {name.strip().casefold(): i for i, name in enumerate(names or [])}
     unknown = set()
-    ids = [_label_id(v, names, lookup, unknown) for v in values]
+    ids = [_label_id(v, lookup, unknown) for v in values]
     if unknown:
         shown = ", ".join(sorted(map(str, unknown))[:5])
         raise ValueError(f"the {column!r} column holds labels that name no class ({shown}); class names: {names}. "
@@ -412,9 +413,10 @@ def check_usable_samples(dataset, image_column: str, caption_column: str, specia
     """Refuse, at start-up and with one message, data that cannot train: an image column with no readable image
     among `probe` rows drawn across the dataset, no caption left after `clean_caption`, or fewer usable captions
     than `min_samples` (one global batch when the last partial batch is dropped)."""
+    rows = _probe_rows(dataset, probe)
     captions = _caption_values(dataset, caption_column)
-    if captions is None:
-        captions = [row.get(caption_column) for row in _probe_rows(dataset, probe)]
+    if captions is None:  # a stream: the probed rows, read once for both checks
+        captions = [row.get(caption_column) for row in rows]
     reasons = Counter()
     usable = 0
     for value in captions:
@@ -433,7 +435,6 @@ def check_usable_samples(dataset, image_column: str, caption_column: str, specia
         raise ValueError(f"the {what} data has {usable} usable samples, fewer than one global batch "
                          f"({min_samples} = --per_device_train_batch_size x processes): the run would take no "
                          "step. Lower --per_device_train_batch_size, add data, or set --dataloader_drop_last false.")
-    rows = _probe_rows(dataset, probe)
     decoded = 0
     for row in rows:
         try:

@@ -57,13 +57,14 @@ def embed_pairs(model, dataloader, accelerator=None, skipped: Counter | None = N
             labels.append(class_labels.cpu())
     model.train(was_training)
     if skipped is not None:
-        skipped.update(_sum_over_processes(local_skips, accelerator))
+        skipped.update(sum_over_processes(local_skips, accelerator))
     if not images:
         raise ValueError("no valid image-caption pair in the evaluation data")
     return torch.cat(images), torch.cat(texts), ids, (torch.cat(labels) if labels else None)
 
 
-def _sum_over_processes(counts: Counter, accelerator=None) -> Counter:
+def sum_over_processes(counts: Counter, accelerator=None) -> Counter:
+    """Counts summed over the processes of `accelerator` (every process gets the total); a copy with one process."""
     if accelerator is None or accelerator.num_processes == 1:
         return Counter(counts)
     from accelerate.utils import gather_object
@@ -138,4 +139,5 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, cap
     return out
 
 
-__all__ = ["class_text_embeddings", "embed_pairs", "load_metric", "retrieval_metrics", "zero_shot_metrics"]
+__all__ = ["class_text_embeddings", "embed_pairs", "load_metric", "retrieval_metrics", "sum_over_processes",
+           "zero_shot_metrics"]

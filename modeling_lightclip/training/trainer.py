@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, sum_over_processes, zero_shot_metrics
 
 
 logger = logging.getLogger(__name__)
@@ -121,9 +121,11 @@ def checkpoint_problem(path, require_bank: bool | None = None) -> str | None:
     return None
 
 
-def latest_complete_checkpoint(output_dir, require_bank: bool | None = None) -> str | None:
+def latest_complete_checkpoint(output_dir, require_bank: bool | None = None,
+                               skipped: list | None = None) -> str | None:
     """The newest `checkpoint-N` in `output_dir` that `checkpoint_problem` finds complete. A run killed (or out of
-    disk) while saving leaves files missing or truncated: such a folder is skipped, with a warning saying why."""
+    disk) while saving leaves files missing or truncated: such a folder is skipped, with a warning saying why (and,
+    when `skipped` is given, appended to it as (folder, problem))."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
@@ -137,6 +139,8 @@ def latest_complete_checkpoint(output_dir, require_bank: bool | None = None) -> 
         if problem is None:
             return str(path)
         logger.warning("skipping %s: %s", path, problem)
+        if skipped is not None:
+            skipped.append((path, problem))
     return None
 
 
@@ -146,10 +150,10 @@ def resolve_checkpoint(training_args) -> str | None:
     if value in (None, "", "false", "False"):
         return None
     if value in ("latest", "true", "True"):
-        found = latest_complete_checkpoint(training_args.output_dir)
+        skipped = []
+        found = latest_complete_checkpoint(training_args.output_dir, skipped=skipped)
         if found is None:
-            folders = sorted(Path(training_args.output_dir).glob("checkpoint-*"), reverse=True)[:3]
-            why = "; ".join(f"{f.name}: {checkpoint_problem(f)}" for f in folders)
+            why = "; ".join(f"{path.name}: {problem}" for path, problem in skipped[:3])  # the newest three
             hint = (" (--save_only_model writes no optimizer or scheduler state: such a checkpoint cannot be "
                     "resumed, only loaded with --model_name_or_path)" if "optimizer.pt is missing" in why else "")
             raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint in "
@@ -224,6 +228,11 @@ class LightCLIPCallback(TrainerCallback):
         model = unwrap_model(model) if model is not None else None
         if model is not None and hasattr(model, "set_training_progress") and state.max_steps:
             model.set_training_progress(state.global_step / state.max_steps)
+
+
+def skip_metric_name(reason: str) -> str:
+    """The logged / saved name of a collator count: repairs keep their `repaired_*` name, skips get `skipped_`."""
+    return reason if reason.startswith("repaired_") else f"skipped_{reason}"
 
 
 def compile_towers(model, backend: str | None = None, mode: str | None = None) -> None:
@@ -360,21 +369,16 @@ class LightCLIPTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        trained = self._sum_over_processes(Counter(samples=self._trained_samples))["samples"]
+        trained = sum_over_processes(Counter(samples=self._trained_samples), self.accelerator)["samples"]
         if trained == 0 and self.state.global_step > 0:
             raise TrainingStopped(f"{self.state.global_step} steps ran but no sample was trained on: every batch was "
                                   f"skipped as bad data ({dict(self.training_skip_counts())}).")
         return result
 
-    def _sum_over_processes(self, counts: Counter) -> Counter:
-        from .evaluation import _sum_over_processes
-
-        return _sum_over_processes(counts, self.accelerator)
-
     def training_skip_counts(self) -> Counter:
         """The bad samples of the batches trained on (not those the loader prefetched), by reason, summed over
         processes; they travel with each batch, so loader workers do not hide them."""
-        return self._sum_over_processes(self._skipped)
+        return sum_over_processes(self._skipped, self.accelerator)
 
     def get_eval_dataloader(self, eval_dataset=None):
         """The eval loss sees evaluation inputs (no augmentation, no neighbour ids, no class labels) and every sample:
@@ -425,11 +429,10 @@ class LightCLIPTrainer(Trainer):
                                                  self.zero_shot_templates or ["a photo of a {}."])
             metrics.update(zero_shot_metrics(images, labels, class_embeds))
         metrics["num_samples"] = images.shape[0]
-        skipped = sum(v for k, v in this_pass.items() if k != "empty_batch" and not k.startswith("repaired_"))
-        if skipped:
-            metrics["skipped_samples"] = skipped
-            metrics.update({f"skipped_{k}": v for k, v in this_pass.items()
-                            if k != "empty_batch" and not k.startswith("repaired_")})
+        dropped = {k: v for k, v in this_pass.items() if k != "empty_batch" and not k.startswith("repaired_")}
+        if dropped:
+            metrics["skipped_samples"] = sum(dropped.values())
+            metrics.update({skip_metric_name(k): v for k, v in dropped.items()})
         return metrics
 
     def log(self, logs: dict, *args, **kwargs) -> None:
@@ -445,7 +448,7 @@ class LightCLIPTrainer(Trainer):
             self._term_count = 0
         if "loss" in logs and self._skipped:  # cumulative counts of bad training samples, by reason
             for reason, count in self._skipped.items():
-                logs[reason if reason.startswith("repaired_") else f"skipped_{reason}"] = count
+                logs[skip_metric_name(reason)] = count
         super().log(logs, *args, **kwargs)
 
 
@@ -460,4 +463,4 @@ def load_ping_bank(model, checkpoint) -> bool:
 
 
 __all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers", "decay_parameter_names", "latest_complete_checkpoint",
-           "load_ping_bank", "resolve_checkpoint", "unwrap_model", "writing_to"]
+           "load_ping_bank", "resolve_checkpoint", "skip_metric_name", "unwrap_model", "writing_to"]
