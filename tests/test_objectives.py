@@ -640,3 +640,37 @@ def test_one_text_call_for_captions_and_masked_copies_equals_two_passes(tiny_rec
         expected = F.cross_entropy(logits, labels[:2][asked])
     assert asked.sum() > 0
     torch.testing.assert_close(out.losses["mlm"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_default_mlm_asks_as_many_predictions_as_half_the_rows_at_15_percent_from_half_the_masked_rows(tiny_recipe,
+                                                                                                      tokenizer):
+    """The default MLM (issue #13): masked copies of a quarter of the rows at 30%. Oracle: the studies' setting
+    (half the rows at 15%) run through the same code - the text tower gets half as many extra rows, and the steps
+    ask for the same number of predictions on average."""
+    from conftest import CAPTIONS
+
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(32)]
+    batch = make_batch(tokenizer, batch_size=32, captions=captions)
+    models = {}
+    for name, fields in (("default", {}), ("studies", {"mlm_batch_fraction": 0.5, "mlm_probability": 0.15})):
+        config = build_model_config(tiny_recipe["model"], tokenizer, token_loss_weight=0.0, mlm_loss_weight=0.5,
+                                    **fields)
+        torch.manual_seed(0)
+        models[name] = LightCLIPModel(config).train()
+    text_rows, predictions = {}, {}
+    for name, model in models.items():
+        seen = []
+        handle = model.text_model.register_forward_pre_hook(lambda m, a, k: seen.append(k["input_ids"].shape[0]),
+                                                            with_kwargs=True)
+        try:
+            model(**batch, return_loss=True)
+        finally:
+            handle.remove()
+        text_rows[name] = seen
+        torch.manual_seed(1)
+        asked = [int((model.objectives.mlm_inputs(batch["input_ids"], batch["attention_mask"], {}, None, None,
+                                                  1.0)[2] != -100).sum()) for _ in range(400)]
+        predictions[name] = sum(asked) / len(asked)
+    assert text_rows == {"default": [32 + 8], "studies": [32 + 16]}  # one text-tower call each
+    assert predictions["default"] == pytest.approx(predictions["studies"], rel=0.1)
+    assert predictions["default"] > 5  # real words were masked, not an empty comparison
