@@ -185,3 +185,67 @@ def test_compiled_towers_never_recompile_after_the_first_step(tmp_path, monkeypa
     assert all(not key.startswith("_orig_mod") for key in model.state_dict())
     control, _, _ = frames_per_step("longest")
     assert len(set(control)) > 1, control
+
+
+def _large_jpeg(size=(2400, 1800)) -> bytes:
+    """A photo-sized JPEG (the cat photo scaled up: real content, a phone camera's pixel count)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(FIXTURES / "chelsea_cat.jpg").convert("RGB").resize(size, Image.Resampling.BICUBIC).save(
+        buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def test_large_jpegs_decode_reduced_but_never_below_the_size_the_crop_needs():
+    """Oracle: the full decode, downscaled by PIL to the same size, and the crop geometry worked out by hand."""
+    import io
+    import math
+
+    from PIL import Image
+
+    from modeling_lightclip.training.data import _decode_short_side, load_image
+    from modeling_lightclip.training.preprocessing import build_image_processor
+
+    data = _large_jpeg()
+    # smallest crop of a 224-px run: 80% of the area at aspect 3/4 -> short side sqrt(0.8 * 3/4) of the image's
+    needed = _decode_short_side(build_image_processor(224), 0.8)
+    assert needed == math.ceil(224 / math.sqrt(0.8 * 0.75))
+    reduced = load_image(data, min_short_side=needed)
+    assert reduced.size == (600, 450)  # 1/4: 1800 / 4 = 450 >= 290; 1/8 would give 225 < 290
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    reference = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(reduced, dtype=np.float32) - reference).mean() < 2.0  # of 255: the same picture
+    # nothing to gain (short side < twice the need), other formats, or no need given: decoded in full
+    assert load_image(data, min_short_side=1000).size == (2400, 1800)
+    assert load_image(data).size == (2400, 1800)
+    png = io.BytesIO()
+    full.save(png, format="PNG")
+    assert load_image(png.getvalue(), min_short_side=needed).size == (2400, 1800)
+
+
+def test_training_collator_decodes_large_jpegs_reduced_and_evaluation_in_full(tokenizer):
+    """Training batches from the reduced decode match the full decode's within a few levels of 255 (no crop, no flip,
+    so the two differ only by the decoding); evaluation batches equal the processor on the fully decoded image, as at
+    inference."""
+    import io
+
+    from PIL import Image
+
+    from modeling_lightclip.training.data import ImageTextCollator
+    from modeling_lightclip.training.preprocessing import build_processor
+
+    processor = build_processor(224, tokenizer)
+    examples = [{"image": {"bytes": _large_jpeg(), "path": None}, "caption": CAPTIONS[0]}]
+    options = dict(train=True, random_resized_crop_scale=1.0, horizontal_flip=False, uint8_images=True)
+    reduced = ImageTextCollator(processor, **options)
+    full = ImageTextCollator(processor, **options, jpeg_draft_decoding=False)
+    assert reduced._decode_short_side == 224 and full._decode_short_side is None
+    difference = (reduced(examples)["pixel_values"].float() - full(examples)["pixel_values"].float()).abs()
+    assert difference.mean() < 2.0
+    evaluation = ImageTextCollator(processor, train=False)(examples)["pixel_values"]
+    expected = processor.image_processor(Image.open(io.BytesIO(examples[0]["image"]["bytes"])).convert("RGB"),
+                                         return_tensors="pt")["pixel_values"]
+    assert torch.equal(evaluation, expected)

@@ -166,7 +166,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
-        uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda))
+        uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),
+        jpeg_draft_decoding=data_args.jpeg_draft_decoding)
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,

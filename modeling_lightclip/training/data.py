@@ -98,6 +98,11 @@ class DataArguments:
     random_resized_crop_scale: float = field(default=0.8, metadata={
         "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
+    jpeg_draft_decoding: bool = field(default=True, metadata={
+        "help": "Training images: let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling, a fraction "
+                "of the decoding work) when the smallest random crop still has at least the model's input size; a "
+                "12-megapixel phone photo trained at 224 px then decodes at 1/8. Evaluation always decodes in full, "
+                "as the processor does at inference."})
     ping_neighbours_dir: str | None = field(default=None, metadata={
         "help": "The frozen encoders' folder (features + neighbours) built by `python -m "
                 "modeling_lightclip.training.neighbours build` for this training set, needed by CLIP-PING "
@@ -490,12 +495,26 @@ def _check_shape(image: Image.Image, max_side: int, max_aspect_ratio: float) -> 
         raise ImageRejected("too_large", f"the image is {width} x {height} pixels (more than {max_side} on a side)")
 
 
+def _draft_jpeg(image: Image.Image, min_short_side: int) -> None:
+    """Ask libjpeg to decode at the smallest of 1/2, 1/4, 1/8 scale whose short side is still >= `min_short_side`
+    (PIL's `draft`: the scaling happens in the inverse DCT, so most of the decoding work is skipped). Nothing for
+    other formats or JPEGs too small to halve (PIL ignores it for an image already decoded)."""
+    if getattr(image, "format", None) != "JPEG":
+        return
+    width, height = image.size
+    if min(width, height) < 2 * min_short_side:
+        return
+    scale = min_short_side / min(width, height)
+    image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
+
+
 def load_image(value, repairs: Counter | None = None, max_side: int = MAX_IMAGE_SIDE,
-               max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO) -> Image.Image:
+               max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO, min_short_side: int | None = None) -> Image.Image:
     """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict, converted to RGB and
     turned upright by its EXIF orientation. Its size is checked from the header before decoding (pixels by PIL,
     each side and the aspect ratio here: `ImageRejected`). Non-trivial conversions are counted in `repairs` (by kind)
-    when given."""
+    when given. With `min_short_side`, a JPEG at least twice that size on its short side is decoded reduced
+    (`_draft_jpeg`), keeping the short side >= `min_short_side`."""
     with warnings.catch_warnings():
         # between MAX_IMAGE_PIXELS and twice that PIL only warns (at open): treat it as the bomb it may be
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -515,6 +534,8 @@ def load_image(value, repairs: Counter | None = None, max_side: int = MAX_IMAGE_
         else:
             raise TypeError(f"not an image: {type(value).__name__}")
         _check_shape(image, max_side, max_aspect_ratio)
+        if min_short_side:
+            _draft_jpeg(image, min_short_side)
         image.load()
         if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # a phone photo taken sideways: turn it upright
             image = ImageOps.exif_transpose(image)
@@ -576,6 +597,25 @@ def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random
     return image
 
 
+def _decode_short_side(image_processor, min_crop_scale: float) -> int | None:
+    """The short side a training image must keep for `_draft_jpeg` so that the smallest random crop (area share
+    `min_crop_scale`, aspect 3/4) still covers the processor's input size without upsampling; None when the
+    processor's size cannot be read."""
+
+    def _side(size) -> int:
+        if size is None:
+            return 0
+        read = size.get if isinstance(size, dict) else (lambda key: getattr(size, key, None))
+        return read("shortest_edge") or max(read("height") or 0, read("width") or 0)
+
+    side = _side(getattr(image_processor, "size", None)) or _side(getattr(image_processor, "crop_size", None))
+    if not side:
+        return None
+    if min_crop_scale < 1.0:
+        side = side / math.sqrt(min_crop_scale * 3 / 4)
+    return math.ceil(side)
+
+
 # ------------------------------------------------------------------------------------------------------- collator
 
 
@@ -583,7 +623,8 @@ def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random
 class ImageTextCollator:
     """Examples -> a LightCLIP batch. Bad samples are skipped and counted in `skipped` by reason.
 
-    train=True applies the augmentation (random resized crop, horizontal flip) before the image processor and,
+    train=True decodes large JPEGs reduced (`jpeg_draft_decoding`, never below what the smallest crop needs),
+    applies the augmentation (random resized crop, horizontal flip) before the image processor and,
     when `model_config` has MLM on, adds `mlm_input_ids` / `mlm_labels` (masked by `mask_for_mlm`, the rule the
     model itself uses). Keys: pixel_values, input_ids,
     attention_mask, return_loss (so the Trainer computes an eval loss); with `neighbours` (a `NeighbourTable`,
@@ -607,10 +648,14 @@ class ImageTextCollator:
     pad_to_max_length: bool = False
     uint8_images: bool = False
     max_image_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
+    jpeg_draft_decoding: bool = True
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self._batch_skipped = Counter()
+        # training only: evaluation decodes in full, as the processor does at inference
+        self._decode_short_side = (_decode_short_side(self.processor.image_processor, self.random_resized_crop_scale)
+                                   if self.train and self.jpeg_draft_decoding else None)
         self._special_tokens = frozenset(getattr(self.tokenizer, "all_special_tokens", None) or ())
 
     def _skip(self, reason: str) -> None:
@@ -632,7 +677,8 @@ class ImageTextCollator:
             return None
         try:
             repairs = Counter()
-            image = load_image(value, repairs, max_aspect_ratio=self.max_image_aspect_ratio)
+            image = load_image(value, repairs, max_aspect_ratio=self.max_image_aspect_ratio,
+                               min_short_side=self._decode_short_side)
             for reason, count in repairs.items():
                 self.skipped[reason] += count
                 self._batch_skipped[reason] += count
