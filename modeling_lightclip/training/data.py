@@ -40,6 +40,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_IMAGE_SIDE = 32_768            # pixels on either side, checked from the header before decoding
 MAX_IMAGE_ASPECT_RATIO = 20.0      # long side / short side, likewise (panoramas are ~10:1)
 _EXIF_ORIENTATION = 0x0112
+_CROP_ASPECTS = (3 / 4, 4 / 3)     # width / height range of the random resized crop
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})  # control, format (zero-width), surrogate, private
 
 
@@ -587,7 +588,7 @@ def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(min_scale, 1.0)
-        aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        aspect = math.exp(rng.uniform(*(math.log(a) for a in _CROP_ASPECTS)))
         w = int(round(math.sqrt(target * aspect)))
         h = int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -599,8 +600,8 @@ def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random
 
 def _decode_short_side(image_processor, min_crop_scale: float) -> int | None:
     """The short side a training image must keep for `_draft_jpeg` so that the smallest random crop (area share
-    `min_crop_scale`, aspect 3/4) still covers the processor's input size without upsampling; None when the
-    processor's size cannot be read."""
+    `min_crop_scale`, at the most elongated of `_CROP_ASPECTS`) still covers the processor's input size without
+    upsampling; None when the processor's size cannot be read."""
 
     def _side(size) -> int:
         if size is None:
@@ -612,7 +613,7 @@ def _decode_short_side(image_processor, min_crop_scale: float) -> int | None:
     if not side:
         return None
     if min_crop_scale < 1.0:
-        side = side / math.sqrt(min_crop_scale * 3 / 4)
+        side = side / math.sqrt(min_crop_scale * min(min(_CROP_ASPECTS), 1 / max(_CROP_ASPECTS)))
     return math.ceil(side)
 
 
