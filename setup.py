@@ -27,7 +27,9 @@ setup(
     install_requires=[
         # torch: `pip install torch==2.13.0` first on CPU machines; an unpinned torch pulls a CUDA build.
         "torch>=2.4",
-        "transformers>=5.0,<6",
+        # LightCLIPTrainer extends the Trainer through public methods; tested on this range (a test checks their
+        # signatures against the installed Trainer's)
+        "transformers>=5.23,<5.25",
         "accelerate>=1.0",
         "datasets>=4.0",
         "evaluate>=0.4",

@@ -6,8 +6,9 @@
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train_lightclip.py --recipe tiny
 
 `--recipe` loads configuration/NAME.json; every flag overrides it, including each LightCLIPConfig field by its
-name (`--soft_label_mode none --token_loss_weight 0 --mlm_loss_weight 0` is the CLIP baseline). This file only
-parses arguments and wires the pieces in `modeling_lightclip/` together.
+name (`--soft_label_mode none --relation_loss_weight 0` turns the default recipe's objective into plain CLIP;
+the tower recipes such as `resnet18` train plain CLIP as they are). This file only parses arguments and wires the
+pieces in `modeling_lightclip/` together.
 """
 
 import argparse
@@ -33,6 +34,16 @@ from modeling_lightclip.training.trainer import (
 
 
 logger = logging.getLogger("train_lightclip")
+OWN_LOGGERS = ("train_lightclip", "modeling_lightclip")
+
+
+def configure_logging() -> None:
+    """Our own progress and results at INFO; every other library only from WARNING up (faiss's loader, for one, logs
+    each SIMD variant it tries at INFO, which is no news to a user)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def parse_args(argv):
@@ -50,7 +61,7 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     recipe, model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()
     set_seed(training_args.seed)
 
     splits = load_image_text_datasets(data_args)
@@ -80,6 +91,7 @@ def main(argv=None):
                 logger.info("resuming from %s", run.checkpoint)
             result = trainer.train(resume_from_checkpoint=run.checkpoint)
             metrics = dict(result.metrics)
+            train_metrics = dict(metrics)
             counts = Counter(splits.file_skips.get("train", {})) + trainer.training_skip_counts()
             metrics.update({f"train_{skip_metric_name(k)}": v for k, v in counts.items()})
             trainer.log_metrics("train", metrics)
@@ -95,7 +107,8 @@ def main(argv=None):
             trainer.log_metrics("eval", metrics)
             trainer.save_metrics("eval", metrics)
         if trainer.is_world_process_zero() and training_args.do_train:
-            write_training_info(training_args, data_args, recipe, train_dataset, model_args)
+            write_training_info(training_args, data_args, recipe, train_dataset, model_args, source=splits.source,
+                                teachers=run.teachers, train_metrics=train_metrics, license=model_args.license)
             write_model_card(training_args.output_dir, model=unwrap_model(trainer.model).to("cpu"),
                              processor=processor, repo_id=training_args.hub_model_id)
     if push and trainer.is_world_process_zero() and training_args.do_train:

@@ -224,7 +224,14 @@ def evaluate_run(run_dir: Path, files: dict, batch_size: int = 256) -> dict:
 
     from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
     from modeling_lightclip.training.data import ImageTextCollator
-    from modeling_lightclip.training.evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, zero_shot_metrics
+    from modeling_lightclip.training.evaluation import (
+        class_text_embeddings,
+        embed_pairs,
+        retrieval_hits,
+        retrieval_metrics,
+        zero_shot_hits,
+        zero_shot_metrics,
+    )
     from modeling_lightclip.training.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
 
     model = LightCLIPModel.from_pretrained(run_dir).eval()
@@ -238,11 +245,14 @@ def evaluate_run(run_dir: Path, files: dict, batch_size: int = 256) -> dict:
     classes = class_text_embeddings(model, processor.tokenizer, FASHION_MNIST_CLASSES, CAPTION_TEMPLATES)
     metrics.update(zero_shot_metrics(images, labels, classes))
     metrics["zero_shot_images"] = len(labels)
+    items = {"zero_shot_top1": zero_shot_hits(images, labels, classes)}
     oc = load_dataset("parquet", data_files=str(files["retrieval"]), split="train")
     collate = ImageTextCollator(processor=processor, train=False)
     images, texts, ids, _ = embed_pairs(model, DataLoader(oc, batch_size=batch_size, collate_fn=collate))
     metrics.update(retrieval_metrics(images, texts, captions=ids))
     metrics["retrieval_pairs"] = len(ids)
+    items.update(retrieval_hits(images, texts, captions=ids))
+    metrics["items"] = items  # per test item, 1/0: what the paired bootstrap resamples
     return metrics
 
 
@@ -300,9 +310,41 @@ def _welch_p(a: list[float], b: list[float]) -> float | None:
     return None if math.isnan(p) else p
 
 
+def paired_bootstrap(arm_items: list[list[int]], base_items: list[list[int]], resamples: int = 2000,
+                     seed: int = 0) -> dict:
+    """Paired bootstrap over test items of the difference arm - baseline. Each argument holds one 0/1 list per
+    seed over the same test items; an item's score is its mean over seeds, and the items are resampled with
+    replacement (the same draw for both arms: paired). Returns the observed difference, its 95% percentile interval
+    and a two-sided p-value (twice the smaller tail share of resampled differences at or beyond 0)."""
+    import numpy as np
+
+    a = np.asarray(arm_items, dtype=np.float64).mean(axis=0)
+    b = np.asarray(base_items, dtype=np.float64).mean(axis=0)
+    if a.shape != b.shape:
+        raise ValueError(f"paired bootstrap needs the same test items: {a.shape} vs {b.shape}")
+    diff = a - b
+    draws = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[draws].mean(axis=1)
+    p = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"delta": float(diff.mean()), "ci95": [float(low), float(high)], "p": p, "items": int(len(diff)),
+            "resamples": resamples}
+
+
+def holm(pvalues: dict) -> dict:
+    """Holm's step-down correction of a family of p-values (one claim's metrics): adjusted p per key."""
+    order = sorted(pvalues, key=pvalues.get)
+    adjusted, running = {}, 0.0
+    for rank, key in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * pvalues[key]))
+        adjusted[key] = running
+    return adjusted
+
+
 def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
     """Per arm: mean, std (n-1) and per-seed values of every metric; difference to the baseline's mean with a
-    Welch t-test p-value; mean step time; inference figures."""
+    Welch t-test p-value over seeds and, where the runs recorded per-item results, a paired bootstrap over test
+    items with Holm's correction across the table's metrics; mean step time; inference figures."""
     by_arm: dict[str, list[dict]] = {}
     for run in runs:
         by_arm.setdefault(run["arm"], []).append(run)
@@ -322,6 +364,13 @@ def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
                 key: {"delta": entry["metrics"][key]["mean"] - statistics.fmean(base[key]),
                       "welch_p": _welch_p(entry["metrics"][key]["values"], base[key])}
                 for key, _ in METRICS}
+            base_runs = sorted(by_arm[BASELINE], key=lambda r: r["seed"])
+            if all("items" in r for r in rows + base_runs):
+                boot = {key: paired_bootstrap([r["items"][key] for r in rows], [r["items"][key] for r in base_runs])
+                        for key, _ in METRICS}
+                for key, adjusted in holm({key: b["p"] for key, b in boot.items()}).items():
+                    boot[key]["p_holm"] = adjusted
+                    entry["vs_" + BASELINE][key]["bootstrap"] = boot[key]
         entry["inference"] = inference.get(arm)
         summary[arm] = entry
     return summary
@@ -343,6 +392,10 @@ def markdown_table(summary: dict, setting_name: str, setting: dict) -> str:
             if versus is not None:
                 p = versus["welch_p"]
                 cell += f" ({100 * versus['delta']:+.1f}" + (f", p={p:.2f})" if p is not None else ")")
+                boot = versus.get("bootstrap")
+                if boot is not None:
+                    low, high = (100 * x for x in boot["ci95"])
+                    cell += f" [{low:+.1f}, {high:+.1f}; p_Holm={boot['p_holm']:.3f}]"
             cells.append(cell)
         cells.append(f"{entry['metrics']['step_seconds']['mean']:.2f}")
         inference = entry.get("inference") or {}
@@ -353,7 +406,9 @@ def markdown_table(summary: dict, setting_name: str, setting: dict) -> str:
     note = (f"\n{setting_name} setting: recipe `{setting['recipe']}` at {setting['image_size']} px, batch "
             f"{setting['batch_size']}, {setting['max_steps']} steps, lr {setting['learning_rate']}, {n} seeds; "
             f"mean ± std over seeds (%), in brackets the difference to `{BASELINE}` in points and a Welch t-test "
-            f"p-value. Step time: run wall clock / steps, {setting['parallel']} run(s) side by side with "
+            f"p-value over seeds; in square brackets, where per-item results were recorded, the 95% interval of the "
+            f"difference from a paired bootstrap over test items (2,000 resamples, items averaged over seeds) and its "
+            f"p-value after Holm's correction across the {len(METRICS)} metrics. Step time: run wall clock / steps, {setting['parallel']} run(s) side by side with "
             f"{setting['threads'] or 'all'} thread(s) each. Latency: one input, one thread, median of 30.\n")
     return "\n".join(lines) + "\n" + note
 
@@ -375,10 +430,8 @@ def plot(summary: dict, path: Path, title: str) -> None:
         for i, a in enumerate(arms):
             values = [100 * v for v in summary[a]["metrics"][key]["values"]]
             ax.scatter([i] * len(values), values, s=10, color="black", zorder=3)
-        low = min(100 * min(summary[a]["metrics"][key]["values"]) for a in arms)
         high = max(100 * max(summary[a]["metrics"][key]["values"]) for a in arms)
-        margin = max(1.0, 0.25 * (high - low))
-        ax.set_ylim(max(0.0, low - margin), high + margin)
+        ax.set_ylim(0.0, high * 1.1 + 1.0)  # bars start at 0
         ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
         ax.set_title(titles[key], fontsize=10)
         ax.set_ylabel("%")
@@ -392,8 +445,15 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     if not runs:
         raise SystemExit(f"no finished runs under {study_dir}/runs")
     summary = summarise(runs, inference, arm_order)
-    result = {"setting": setting_name, "settings": setting, "summary": summary, "runs": runs}
+    from modeling_lightclip.training.provenance import stamp
+
+    command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    result = {"setting": setting_name, "settings": setting, "command": command, "provenance": stamp(),
+              "summary": summary, "runs": runs}
+    items = {f"{r['arm']}/seed{r['seed']}": r.pop("items") for r in runs if "items" in r}
     (study_dir / "results.json").write_text(json.dumps(result, indent=2))
+    if items:  # per-item results, compact: what the bootstrap in results.json resampled
+        (study_dir / "results_items.json").write_text(json.dumps(items))
     (study_dir / "results.md").write_text(markdown_table(summary, setting_name, setting))
     plot(summary, study_dir / "results.png",
          f"LightCLIP ablation ({setting_name}): mean ± std over seeds, dots = seeds")
@@ -401,6 +461,8 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     published.mkdir(parents=True, exist_ok=True)
     for suffix in ("json", "md", "png"):
         shutil.copyfile(study_dir / f"results.{suffix}", published / f"ablation_{setting_name}.{suffix}")
+    if items:
+        shutil.copyfile(study_dir / "results_items.json", published / f"ablation_{setting_name}_items.json")
     return result
 
 

@@ -35,28 +35,46 @@ def trained_folder(tmp_path_factory):
 
 
 def test_model_card_has_real_values_and_valid_metadata(trained_folder):
+    from importlib.metadata import version
+
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(trained_folder / "README.md")
     data = card.data
     assert data.pipeline_tag == "zero-shot-image-classification"
     assert data.library_name == "transformers" and data.license == "apache-2.0"
-    assert "custom_code" in data.tags and data.widget and data.widget[0]["candidate_labels"]
+    assert "custom_code" in data.tags
+    assert getattr(data, "widget", None) is None          # the Hub runs no custom code: no widget promised
+    assert data.datasets == ["zalando-datasets/fashion_mnist"]   # the embedded data, named
     metrics = json.loads((trained_folder / "eval_results.json").read_text())
-    reported = {(r.task_type, r.metric_type): r.metric_value for r in data.eval_results}
-    assert reported[("zero-shot-image-classification", "accuracy")] == round(metrics["eval_zero_shot_top1"], 4)
-    assert reported[("image-to-text", "recall_at_5")] == round(metrics["eval_image_to_text_r5"], 4)
-    assert reported[("text-to-image", "recall_at_10")] == round(metrics["eval_text_to_image_r10"], 4)
+    reported = {(r.task_type, r.metric_type, r.metric_name): r.metric_value for r in data.eval_results}
+    assert reported[("zero-shot-image-classification", "accuracy", "zero-shot top-1 accuracy")] == \
+        round(metrics["eval_zero_shot_top1"], 4)
+    assert reported[("image-feature-extraction", "recall_at_5", "image→text R@5")] == \
+        round(metrics["eval_image_to_text_r5"], 4)
+    assert reported[("image-feature-extraction", "recall_at_10", "text→image R@10")] == \
+        round(metrics["eval_text_to_image_r10"], 4)
+    assert not {r.task_type for r in data.eval_results} & {"image-to-text", "text-to-image"}   # generation tasks
     text = card.text
     assert "{{" not in text and "}}" not in text
     assert 'AutoModel.from_pretrained("someone/tiny-lightclip", trust_remote_code=True)' in text
+    assert "no hosted inference widget" in text
     assert re.search(r"image encoder \*\*[0-9.]+ ms\*\*, text encoder \*\*[0-9.]+ ms\*\*", text)
     model = LightCLIPModel.from_pretrained(trained_folder)
     inference = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("objectives."))
     assert f"{inference / 1e3:.1f}k parameters on the inference path" in text
     state = json.loads((trained_folder / "trainer_state.json").read_text())
     assert f"for {state['global_step']} steps" in text
+    # the tiny recipe trains the papers' objectives: the card says so, row by row, and names the teachers
     assert "| token alignment (relaxed bipartite matching) | 0.5 |" in text
+    assert ("the CLIP contrastive loss plus soft labels (similarity, from the student's own similarities), token "
+            "alignment (LightCLIP), masked language modelling with image fusion (LightCLIP)") in text
+    assert "No teacher" in text                 # none of the tiny recipe's objectives reads frozen encoders
+    assert "arXiv:2312.00674" in text and "arXiv:2412.03871" in text   # both papers cited
+    assert f"torch {version('torch')}" in text and f"transformers {version('transformers')}" in text
+    runtime = json.loads((trained_folder / "train_results.json").read_text())["train_runtime"]
+    assert f"training time: {runtime / 60:.1f} minutes" in text
+    assert "closed-set classification" in text   # what zero-shot on the embedded data measures
 
 
 def test_push_goes_up_to_the_upload_call(trained_folder, monkeypatch):

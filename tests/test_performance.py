@@ -114,12 +114,15 @@ def test_trainer_normalises_uint8_batches(tokenizer, tiny_model):
                                                                                  report_to=[]),
                                processing_class=processor)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    prepared = trainer._prepare_inputs({"pixel_values": images, "input_ids": torch.ones(2, 4, dtype=torch.long)})
-    assert prepared["pixel_values"].dtype == torch.float32
+    seen = {}
+    tiny_model.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    text = tokenizer(CAPTIONS[:2], padding=True, return_tensors="pt")
+    trainer.compute_loss(tiny_model, {"pixel_values": images, **text, "return_loss": True})
+    assert seen["pixel_values"].dtype == torch.float32
     expected = (images.float() / 255 - torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)) \
         / torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
-    torch.testing.assert_close(prepared["pixel_values"], expected)
-    assert torch.equal(normalize_on_device(images, processor.image_processor), prepared["pixel_values"])
+    torch.testing.assert_close(seen["pixel_values"], expected)
+    assert torch.equal(normalize_on_device(images, processor.image_processor), seen["pixel_values"])
 
 
 def test_fixed_length_padding_gives_one_text_shape(tokenizer):

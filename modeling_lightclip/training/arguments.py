@@ -66,6 +66,9 @@ class _ModelSource:
     tokenizer_name: str | None = field(default=None, metadata={
         "help": "Tokenizer (Hub id or folder). Default: train a WordPiece tokenizer on the training captions."})
     tokenizer_vocab_size: int | None = field(default=None, metadata={"help": "Vocabulary size when training one."})
+    license: str = field(default="apache-2.0", metadata={
+        "help": "Licence the model card declares (a Hub licence id: apache-2.0, mit, cc-by-4.0, other, ...): choose "
+                "one your training data and the towers' weights allow."})
     lora_r: int | None = field(default=None, metadata={
         "help": "Fine-tune --model_name_or_path with LoRA adapters of this rank (peft); the saved model is merged."})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 * lora_r)."})
@@ -134,7 +137,21 @@ class LightCLIPTrainingArguments(TrainingArguments):
                 self.dataloader_persistent_workers = True
                 if self.dataloader_prefetch_factor is None:
                     self.dataloader_prefetch_factor = 4
+        if not _accelerator_available():
+            self.dataloader_pin_memory = False  # pinning needs an accelerator to copy to (torch warns otherwise)
         super().__post_init__()
+        # `towers` scope: LightCLIPTrainer compiles the two towers in place; the Trainer must not wrap the whole model
+        # in a dynamo plugin as well, so its own switch is turned off once TrainingArguments has set up for compiling
+        self.compile_towers = bool(self.torch_compile and self.torch_compile_scope == "towers")
+        self.tower_compile_options = {}
+        if self.compile_towers:
+            self.tower_compile_options = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
+            self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
+
+    @property
+    def compiles(self) -> bool:
+        """Whether this run compiles (the towers, or the whole model through the Trainer)."""
+        return bool(self.torch_compile or getattr(self, "compile_towers", False))
 
     @property
     def on_cuda(self) -> bool:
@@ -153,6 +170,16 @@ def resolve_switch(flag: str, value: str, auto: bool, on: str = "true", off: str
     if value not in ("auto", on, off):
         raise ValueError(f"--{flag} {value!r}: choose auto, {on} or {off}.")
     return auto if value == "auto" else value == on
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU, ...) that pinned memory would be copied to."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return bool(torch.cuda.is_available())
 
 
 def auto_num_workers() -> int:

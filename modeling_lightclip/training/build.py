@@ -41,6 +41,11 @@ class Run:
     class_names: list | None = None
     zero_shot_templates: list | None = None
 
+    @property
+    def teachers(self) -> dict | None:
+        """The frozen encoders whose features training reads ({"image_encoder": ..., "text_encoder": ...}), or None."""
+        return self.neighbours.encoders() if self.neighbours is not None else None
+
 
 def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
     """The config of a saved LightCLIP with `overrides` applied; flags that would reshape its weights are refused."""
@@ -61,6 +66,13 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
     training-set size (the bank is not part of the weights, so a continued run re-sizes it to its own data)."""
     if not (config.uses_frozen_features and training_args.do_train and train_dataset is not None):
         return train_dataset, None
+    if data_args.streaming:
+        raise ValueError(f"--streaming: {frozen_feature_objectives(config)} read(s) the frozen encoders' features of "
+                         "each training sample by its row number in --ping_neighbours_dir, and a stream has no row "
+                         "numbers. Train without --streaming (the folder is built once), or switch "
+                         f"{'it' if len(_frozen_feature_switches(config)) == 1 else 'them'} off: "
+                         f"{' '.join(_frozen_feature_switches(config))} (a recipe that sets no objective, e.g. "
+                         "--recipe resnet18, trains plain CLIP).")
     if not data_args.ping_neighbours_dir:
         raise ValueError("CLIP-PING or frozen-encoder soft labels are on (ping_nn_loss_weight / ping_xnn_loss_weight > "
                          "0 or soft_label_source='frozen', from the flags, the recipe or the saved config) but no "
@@ -68,8 +80,6 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
                          "modeling_lightclip.training.neighbours build --out DIR` for this training set and pass "
                          "--ping_neighbours_dir DIR (or switch CLIP-PING off with --ping_nn_loss_weight 0 "
                          "--ping_xnn_loss_weight 0, and soft labels with --soft_label_source student).")
-    if data_args.streaming:
-        raise ValueError("CLIP-PING needs row indices: it does not work with --streaming.")
     directory = data_args.ping_neighbours_dir
     if directory == "auto":  # build once with the packaged frozen encoders, cached beside the run
         directory = Path(training_args.output_dir) / FROZEN_FOLDER
@@ -85,6 +95,28 @@ def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, tra
     neighbours = NeighbourTable(directory, len(train_dataset), data_args.ping_top_k, training_args.seed)
     config.ping_bank_size = len(train_dataset)
     return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
+
+
+def _frozen_feature_uses(config: LightCLIPConfig) -> list[tuple[str, str]]:
+    """(what, the flags that switch it off) for each objective of `config` that reads the frozen encoders' folder."""
+    uses = []
+    if config.uses_frozen_soft_labels:
+        uses.append(("soft labels from the frozen encoders (soft_label_source=frozen)", "--soft_label_mode none"))
+    if config.uses_relation_distillation:
+        uses.append(("frozen-relation distillation (relation_loss_weight)", "--relation_loss_weight 0"))
+    if config.uses_ping:
+        uses.append(("CLIP-PING (ping_nn_loss_weight / ping_xnn_loss_weight)",
+                     "--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0"))
+    return uses
+
+
+def frozen_feature_objectives(config: LightCLIPConfig) -> str:
+    """The objectives of `config` that need the frozen encoders' folder, named for a message."""
+    return " and ".join(what for what, _ in _frozen_feature_uses(config))
+
+
+def _frozen_feature_switches(config: LightCLIPConfig) -> list[str]:
+    return [flags for _, flags in _frozen_feature_uses(config)]
 
 
 def _model_section(recipe: dict, model_args) -> dict:
@@ -162,7 +194,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     common = dict(processor=processor, image_column=data_args.image_column, caption_column=data_args.caption_column,
                   max_length=max_caption_length, max_image_aspect_ratio=data_args.max_image_aspect_ratio,
                   pad_to_max_length=resolve_switch("caption_padding", data_args.caption_padding,
-                                                    bool(training_args.torch_compile), on="max_length", off="longest"))
+                                                    training_args.compiles, on="max_length", off="longest"))
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,

@@ -113,13 +113,33 @@ class DataArguments:
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
 
+EMBEDDED_SOURCE = {"name": "the embedded Fashion-MNIST subset (10,000 images, captions from prompt templates)",
+                   "hub_id": "zalando-datasets/fashion_mnist"}
+
+
 class Splits(dict):
     """{"train": ..., "validation": ...} (either may be missing), plus `file_skips`: per split, the rows of a csv /
-    tsv / json file that could not be read, by reason (`tables.read_table`), and images an imagefolder dropped."""
+    tsv / json file that could not be read, by reason (`tables.read_table`), and images an imagefolder dropped; and
+    `source`: what the data is, for the model card ({"name": ..., "hub_id": Hub dataset id or None})."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.file_skips = {}
+        self.source = {"name": "custom image-text data", "hub_id": None}
+
+
+def data_source(args: "DataArguments") -> dict:
+    """What the flags point at, named for a model card: the embedded Fashion-MNIST subset, the training file, a
+    builder's folder or a Hub dataset id."""
+    if args.dataset_name is None and args.train_file is None and args.validation_file is None:
+        return dict(EMBEDDED_SOURCE)
+    if args.train_file:
+        return {"name": f"`{Path(args.train_file).name}`", "hub_id": None}
+    if args.dataset_name in PACKAGED_BUILDERS:
+        where = f" in `{Path(args.data_dir).name}`" if args.data_dir else ""
+        return {"name": f"{args.dataset_name} files{where}", "hub_id": None}
+    name = args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
+    return {"name": name, "hub_id": args.dataset_name}
 
 
 def _relative_image_path(value, root: Path):
@@ -196,7 +216,6 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
         if not (EMBEDDED_DATA / "train.parquet").is_file():
             raise FileNotFoundError(f"the embedded dataset is missing from {EMBEDDED_DATA}; regenerate it with "
                                     "`python -m modeling_lightclip.training.offline_data fashion-mnist`")
-        args.dataset_name = "parquet"
         files = {"train": str(EMBEDDED_DATA / "train.parquet"), "validation": str(EMBEDDED_DATA / "validation.parquet")}
         raw = Splits(load_dataset("parquet", data_files=files, streaming=args.streaming))
     elif args.train_file or args.validation_file:
@@ -214,6 +233,7 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
         if args.dataset_name == "imagefolder" and args.data_dir and not args.streaming:
             raw.file_skips = _images_without_metadata(raw, args)
     out = Splits()
+    out.source = data_source(args)
     for name, split in (("train", args.train_split), ("validation", args.validation_split)):
         if split in raw:
             out[name] = raw[split]
@@ -788,6 +808,7 @@ __all__ = [
     "Splits",
     "check_usable_samples",
     "clean_caption",
+    "data_source",
     "load_image",
     "load_image_text_datasets",
     "normalize_on_device",

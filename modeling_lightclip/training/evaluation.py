@@ -104,15 +104,10 @@ def zero_shot_metrics(image_embeds: torch.Tensor, labels: torch.Tensor, class_em
     return {"zero_shot_top1": result["top1"], "zero_shot_top5": result["top5"], **out}
 
 
-def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None = None,
-                      ks=(1, 5, 10)) -> dict:
-    """R@k both ways for paired embeddings (row i of each is one pair).
-
-    Identical captions (same token ids) are one gallery entry: image->text ranks the *distinct* captions and
-    text->image queries each distinct caption once, relevant to every image it describes. With all captions
-    distinct this is the usual pairwise recall; with repeated captions (class-name templates) the score no longer
-    depends on how ties between copies of one caption happen to be broken.
-    """
+def _rankings(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None, top: int):
+    """The ranked candidates and relevant sets of both directions. Identical captions (same token ids) are one
+    gallery entry: image->text ranks the *distinct* captions, text->image queries each distinct caption once,
+    relevant to every image it describes. Returns (i2t ranked, i2t relevant, t2i ranked, t2i relevant)."""
     n = image_embeds.shape[0]
     keys = captions if captions is not None else list(range(n))
     index: dict = {}
@@ -128,16 +123,47 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, cap
     for i, u in enumerate(caption_of):
         images_of[u].append(i)
     similarity = image_embeds @ gallery.t()                            # (N, U)
-    top = max(ks)
     i2t = similarity.topk(min(top, len(first)), dim=1).indices.tolist()
     t2i = similarity.t().topk(min(top, n), dim=1).indices.tolist()
+    return i2t, [[u] for u in caption_of], t2i, images_of
+
+
+def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None = None,
+                      ks=(1, 5, 10)) -> dict:
+    """R@k both ways for paired embeddings (row i of each is one pair).
+
+    Identical captions (same token ids) are one gallery entry (`_rankings`), so data with repeated captions
+    (class-name templates) is not scored on how ties between copies of one caption happen to be broken; with
+    distinct captions this is the usual pairwise recall.
+    """
+    i2t, i2t_relevant, t2i, t2i_relevant = _rankings(image_embeds, text_embeds, captions, max(ks))
     metric = load_metric("retrieval_recall")
-    a = metric.compute(predictions=i2t, references=[[u] for u in caption_of], k=list(ks))
-    b = metric.compute(predictions=t2i, references=images_of, k=list(ks))
+    a = metric.compute(predictions=i2t, references=i2t_relevant, k=list(ks))
+    b = metric.compute(predictions=t2i, references=t2i_relevant, k=list(ks))
     out = {f"image_to_text_r{k}": a[f"r{k}"] for k in ks}
     out.update({f"text_to_image_r{k}": b[f"r{k}"] for k in ks})
     return out
 
 
-__all__ = ["class_text_embeddings", "embed_pairs", "load_metric", "retrieval_metrics", "sum_over_processes",
-           "zero_shot_metrics"]
+def retrieval_hits(image_embeds: torch.Tensor, text_embeds: torch.Tensor, captions: list | None = None,
+                   ks=(1, 5)) -> dict:
+    """Per query, whether it is retrieved at k (1/0), for `image_to_text_r{k}` (one query per image) and
+    `text_to_image_r{k}` (one per distinct caption): the items a paired bootstrap resamples. Their means are
+    `retrieval_metrics`."""
+    i2t, i2t_relevant, t2i, t2i_relevant = _rankings(image_embeds, text_embeds, captions, max(ks))
+    out = {}
+    for direction, ranked, relevant in (("image_to_text", i2t, i2t_relevant), ("text_to_image", t2i, t2i_relevant)):
+        for k in ks:
+            out[f"{direction}_r{k}"] = [int(any(c in set(rel) for c in row[:k])) for row, rel in zip(ranked, relevant)]
+    return out
+
+
+def zero_shot_hits(image_embeds: torch.Tensor, labels: torch.Tensor, class_embeds: torch.Tensor) -> list[int]:
+    """Per labelled image, whether zero-shot top-1 is its class (1/0): the items of a paired bootstrap."""
+    labelled = labels >= 0
+    predicted = (image_embeds[labelled] @ class_embeds.t()).argmax(dim=1)
+    return (predicted == labels[labelled]).int().tolist()
+
+
+__all__ = ["class_text_embeddings", "embed_pairs", "load_metric", "retrieval_hits", "retrieval_metrics",
+           "sum_over_processes", "zero_shot_hits", "zero_shot_metrics"]

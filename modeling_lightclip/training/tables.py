@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,7 +93,13 @@ def _csv_delimiter(text: str) -> str:
     return best if counts[best] else ","
 
 
+# Python's csv refuses a cell above 128 KiB as an error; a long caption is still a caption (the tokenizer truncates
+# it), so the limit is the largest a C long holds.
+_CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
+
+
 def _csv_rows(text: str, delimiter: str, report: TableReport):
+    csv.field_size_limit(_CSV_FIELD_LIMIT)
     lines = io.StringIO(text, newline="")
     reader = csv.reader(lines, delimiter=delimiter)
     header, previous_line = None, 0

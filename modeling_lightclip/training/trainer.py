@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 from collections import Counter, defaultdict
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ def unwrap_model(model):
 PING_BANK_FILE = "ping_bank.pt"
 # What a resume needs besides the weights: the Trainer writes these, trainer_state.json last.
 CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")
-_NO_SPACE_MARKERS = ("no space left", "code: 28", "iostream error", "file write failed", "pytorchstreamwriter",
-                     "disk quota")
+_NO_SPACE_MARKERS = ("no space left", "os error 28", "code: 28", "iostream error", "unexpected pos",
+                     "file write failed", "pytorchstreamwriter", "disk quota")
 
 
 def _checkpoint_needs_bank(path: Path) -> bool:
@@ -166,24 +167,48 @@ def resolve_checkpoint(training_args) -> str | None:
     return value
 
 
+def is_disk_full(err: BaseException) -> bool:
+    """Whether `err`, or any exception chained to it, says the disk is full: errno ENOSPC / EDQUOT, or the words
+    the writers use for it (safetensors' `os error 28` / `code: 28`, torch's zip writer `unexpected pos` /
+    `basic_ios::clear: iostream error`, `No space left on device`)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(err).lower()
+        if any(marker in text for marker in _NO_SPACE_MARKERS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _has_errno(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 @contextlib.contextmanager
 def writing_to(folder):
-    """Turn a full disk while saving (torch's `basic_ios::clear: iostream error`, safetensors' `code: 28`, an
-    OSError ENOSPC) into one message naming the folder and the space left; any other error passes unchanged."""
+    """Turn a full disk while saving - wherever it surfaces: an OSError ENOSPC, safetensors' `SafetensorError ...
+    (os error 28)`, torch's zip writer, or any of them chained under another error - into one message naming the
+    folder, the space left and the resume command; any other error passes unchanged."""
     try:
         yield
-    except (OSError, RuntimeError) as err:
-        text = str(err).lower()
-        if not (getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
-                or any(marker in text for marker in _NO_SPACE_MARKERS)):
+    except Exception as err:  # noqa: BLE001 - the writers' errors share no base class; others are re-raised
+        if not is_disk_full(err):
             raise
         try:
             free = shutil.disk_usage(Path(folder).resolve()).free
         except OSError:
             free = None
-        if free is not None and free > 256 * 2**20 and getattr(err, "errno", None) not in (errno.ENOSPC,
-                                                                                               errno.EDQUOT):
-            raise  # a write failed for another reason: keep the original error
+        if free is not None and free > 256 * 2**20 and not _has_errno(err):
+            raise  # the words matched but the disk has room: a write failed for another reason, keep the error
         left = f"{free / 2**20:.0f} MiB free" if free is not None else "free space unknown"
         raise TrainingStopped(f"no space left on device while writing to {folder} ({left}): free some space or "
                               f"point --output_dir at a larger disk, then resume with --resume_from_checkpoint "
@@ -265,9 +290,8 @@ class LightCLIPTrainer(Trainer):
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
         training_args = kwargs.get("args")
-        if training_args is not None and self._compiles_towers(training_args):
-            compile_towers(unwrap_model(kwargs["model"]), training_args.torch_compile_backend,
-                           training_args.torch_compile_mode)
+        if getattr(training_args, "compile_towers", False):  # the Trainer itself compiles nothing (arguments.py)
+            compile_towers(unwrap_model(kwargs["model"]), **training_args.tower_compile_options)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
             callbacks.append(LightCLIPCallback(kwargs.get("data_collator")))
@@ -277,17 +301,6 @@ class LightCLIPTrainer(Trainer):
         self._skipped = Counter()       # bad samples of the batches trained on, by reason
         self._trained_samples = 0
         self._bad_steps = Counter()     # consecutive steps with no usable sample / a non-finite loss
-
-    @staticmethod
-    def _compiles_towers(training_args) -> bool:
-        return bool(training_args.torch_compile and getattr(training_args, "torch_compile_scope", "model") == "towers")
-
-    def _build_accelerator_args(self, **kwargs):
-        """With `torch_compile_scope="towers"` the towers are compiled already: no dynamo plugin for the whole model."""
-        accelerator_args = super()._build_accelerator_args(**kwargs)
-        if self._compiles_towers(self.args):
-            accelerator_args.pop("dynamo_plugin", None)
-        return accelerator_args
 
     def _empty_batch_loss(self, model, return_outputs):
         """Every sample of this batch was bad (and skipped): a zero loss that still reaches every parameter, so
@@ -299,32 +312,34 @@ class LightCLIPTrainer(Trainer):
         loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         return (loss, {"loss": loss}) if return_outputs else loss
 
-    def _get_train_sampler(self, train_dataset=None):
-        """CLIP-PING with in-batch neighbours trains on (anchor, neighbour) pairs; otherwise the Trainer's sampler."""
+    def get_train_dataloader(self):
+        """CLIP-PING with in-batch neighbours trains on (anchor, neighbour) pairs laid out by `NeighbourPairSampler`;
+        every other run takes the Trainer's own loader."""
+        from torch.utils.data import DataLoader
+        from transformers.trainer_utils import seed_worker
+
         from .neighbours import NeighbourPairSampler
 
         config = getattr(self.data_collator, "model_config", None)
         neighbours = getattr(self.data_collator, "neighbours", None)
         if config is None or neighbours is None or not config.uses_ping_in_batch:
-            return super()._get_train_sampler(train_dataset)
-        if self.args.per_device_train_batch_size % 2:
+            return super().get_train_dataloader()
+        args = self.args
+        if args.per_device_train_batch_size % 2:
             raise ValueError("ping_positives='in_batch' lays batches out in (anchor, neighbour) pairs: use an even "
                              "--per_device_train_batch_size.")
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        return NeighbourPairSampler(neighbours, len(dataset), self.args.seed)
+        workers = args.dataloader_num_workers
+        loader = DataLoader(
+            self.train_dataset, batch_size=args.train_batch_size,
+            sampler=NeighbourPairSampler(neighbours, len(self.train_dataset), args.seed),
+            collate_fn=self.data_collator, drop_last=args.dataloader_drop_last, num_workers=workers,
+            pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers if workers
+            else False, prefetch_factor=args.dataloader_prefetch_factor if workers else None,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
+        return self.accelerator.prepare(loader)
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
-
-    def _prepare_inputs(self, inputs):
-        """On the device: uint8 training images (`--images_on_device`) are scaled and normalised here."""
-        from .data import normalize_on_device
-
-        inputs = super()._prepare_inputs(inputs)
-        pixel_values = inputs.get("pixel_values")
-        if pixel_values is not None and pixel_values.dtype == torch.uint8:
-            inputs["pixel_values"] = normalize_on_device(pixel_values, self.processing_class.image_processor)
-        return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.get("skipped") or {}
@@ -336,6 +351,10 @@ class LightCLIPTrainer(Trainer):
             return self._empty_batch_loss(model, return_outputs)
         if model.training:
             self._trained_samples += int(inputs["pixel_values"].shape[0])
+        if inputs["pixel_values"].dtype == torch.uint8:  # `--images_on_device`: scaled and normalised here
+            from .data import normalize_on_device
+
+            inputs["pixel_values"] = normalize_on_device(inputs["pixel_values"], self.processing_class.image_processor)
         outputs = model(**inputs, return_loss=True)
         loss = outputs["loss"]
         if model.training and outputs.get("losses"):
@@ -462,5 +481,6 @@ def load_ping_bank(model, checkpoint) -> bool:
     return True
 
 
-__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers", "decay_parameter_names", "latest_complete_checkpoint",
-           "load_ping_bank", "resolve_checkpoint", "skip_metric_name", "unwrap_model", "writing_to"]
+__all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers",
+           "decay_parameter_names", "is_disk_full", "latest_complete_checkpoint", "load_ping_bank", "resolve_checkpoint",
+           "skip_metric_name", "unwrap_model", "writing_to"]
