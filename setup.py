@@ -10,8 +10,9 @@ ROOT = Path(__file__).parent
 setup(
     name="lightclip",
     version="0.1.0",
-    description="Lightweight CLIP models (LightCLIP multi-level objectives + CLIP-PING neighbour guidance) "
-                "trained with the Hugging Face Trainer",
+    description="Train small CLIP models that beat plain CLIP at the same size: soft labels and relation "
+                "distillation from frozen teacher encoders, with the Hugging Face Trainer (LightCLIP and CLIP-PING "
+                "objectives included)",
     long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -25,7 +26,7 @@ setup(
     ],
     package_data={"modeling_lightclip.training": ["metrics/*/*.py"]},
     install_requires=[
-        # torch: `pip install torch==2.13.0` first on CPU machines; an unpinned torch pulls a CUDA build.
+        # torch: install it first (README, Install); an unpinned torch from PyPI is a CUDA build.
         "torch>=2.4",
         # LightCLIPTrainer extends the Trainer through public methods; tested on this range (a test checks their
         # signatures against the installed Trainer's)

@@ -53,12 +53,12 @@ _OFF = {"soft_label_mode": "none", "token_loss_weight": 0.0, "mlm_loss_weight": 
 # the papers' readings, every field that differs from the redesign spelled out
 _PAPER_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "student", "soft_label_modality": "candidates",
                       "soft_label_max": 0.2, "soft_label_schedule": "cosine"}
-# MLM as the studies ran it: masked copies of half the rows, 15% of their words (the library's default since
-# issue #13 is a quarter of the rows at 30%, chosen on the selection split: the `mlm_rows` study)
+# MLM as the studies ran it: masked copies of half the rows, 15% of their words (the library's default
+# is a quarter of the rows at 30%, chosen on the selection split: the `mlm_rows` study)
 _PAPER_MLM = {"mlm_loss_weight": 0.5, "mlm_batch_fraction": 0.5, "mlm_probability": 0.15}
 _LIGHTCLIP = {**_PAPER_SOFT_LABELS, "token_loss_weight": 0.5, **_PAPER_MLM}
 _PAPER_PING = {"ping_nn_loss_weight": 0.5, "ping_xnn_loss_weight": 0.5, "ping_positives": "bank"}
-# the redesign (issue #12), chosen on the selection split (`--eval_split val`, README)
+# the redesign, chosen on the selection split (`--eval_split val`, docs/study.md)
 _FROZEN_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "frozen", "soft_label_modality": "candidates",
                        "soft_label_max": 0.3, "soft_label_schedule": "constant"}
 ARMS = {
@@ -68,7 +68,7 @@ ARMS = {
     "+mlm_fusion": {**_OFF, **_PAPER_MLM},
     "lightclip": {**_OFF, **_LIGHTCLIP},
     "lightclip+ping": {**_OFF, **_LIGHTCLIP, **_PAPER_PING, "ping_negatives": "bank"},
-    # the first CLIP-PING design, kept in the study because it fails instructively (see README)
+    # the first CLIP-PING design, kept in the study because it fails instructively (docs/study.md)
     "lightclip+ping_batch_negatives": {**_OFF, **_LIGHTCLIP, **_PAPER_PING, "ping_negatives": "batch"},
     # the redesigned candidates
     "+frozen_soft_labels": {**_OFF, **_FROZEN_SOFT_LABELS},
@@ -440,7 +440,20 @@ def plot(summary: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: dict, inference: dict) -> dict:
+def data_counts(files: dict) -> dict:
+    """Rows of each data file a study used (and of the training union's two sources), from the parquet footers."""
+    import pyarrow.parquet as pq
+
+    paths = {name: Path(path) for name, path in files.items()}
+    root = paths["train"].parent
+    paths.update({"fashion_mnist_train": root / "fashion_mnist" / "train.parquet",
+                  "openclipart_train": root / "openclipart" / "train.parquet",
+                  "openclipart_validation": root / "openclipart" / "validation.parquet"})
+    return {name: pq.ParquetFile(path).metadata.num_rows for name, path in paths.items() if path.is_file()}
+
+
+def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: dict, inference: dict,
+           files: dict | None = None) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted(study_dir.glob("runs/*/seed*/run.json"))]
     if not runs:
         raise SystemExit(f"no finished runs under {study_dir}/runs")
@@ -449,7 +462,7 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
 
     command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     result = {"setting": setting_name, "settings": setting, "command": command, "provenance": stamp(),
-              "summary": summary, "runs": runs}
+              "data": data_counts(files) if files else None, "summary": summary, "runs": runs}
     items = {f"{r['arm']}/seed{r['seed']}": r.pop("items") for r in runs if "items" in r}
     (study_dir / "results.json").write_text(json.dumps(result, indent=2))
     if items:  # per-item results, compact: what the bootstrap in results.json resampled
@@ -552,7 +565,14 @@ def main(argv=None):
         inference_file.write_text(json.dumps(inference, indent=2))
         if any(codes):
             print(f"{sum(1 for c in codes if c)} run(s) failed; the report covers the finished ones")
-    result = report(study_dir, list(arms), name, setting, inference)
+    if args.report_only:  # the data files as the runs used them, where they are still there
+        files = {"train": data_dir / "train.parquet", "zero_shot": data_dir / "fashion_mnist" / "test.parquet",
+                 "retrieval": data_dir / "openclipart" / "validation.parquet"}
+        if args.eval_split == "val":
+            files = {k: data_dir / "selection" / v for k, v in
+                     (("train", "train.parquet"), ("zero_shot", "fm_val.parquet"), ("retrieval", "oc_val.parquet"))}
+        files = files if all(path.is_file() for path in files.values()) else None
+    result = report(study_dir, list(arms), name, setting, inference, files)
     print((study_dir / "results.md").read_text())
     return result
 

@@ -55,6 +55,7 @@ def main():
     parser.add_argument("--uint8", action="store_true", help="uint8 images (normalised on the device in training)")
     parser.add_argument("--photo_size", help="WxH: photo-sized JPEGs instead of the data (see above)")
     parser.add_argument("--compare_jpeg_draft", action="store_true", help="reduced JPEG decoding on and off")
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -66,6 +67,7 @@ def main():
     tokenizer = train_wordpiece_tokenizer(data.select_columns(["caption"])["caption"], 1000, 32)
     print(f"{len(data)} samples, batch {args.batch_size}, {args.image_size}px, augmentation on, "
           f"{'uint8' if args.uint8 else 'float'} images")
+    results = {"setting": vars(args) | {"samples": len(data)}, "runs": []}
     for workers, draft in [(w, d) for w in args.workers for d in ((True, False) if args.compare_jpeg_draft else (True,))]:
         collator = ImageTextCollator(build_processor(args.image_size, tokenizer), train=True, uint8_images=args.uint8,
                                      jpeg_draft_decoding=draft)
@@ -77,8 +79,15 @@ def main():
             images = sum(batch["pixel_values"].shape[0] for batch in loader)
             rates.append(images / (time.perf_counter() - start))
         rate = statistics.median(rates)
+        results["runs"].append({"workers": workers, "jpeg_draft": draft, "images_per_s": rate,
+                                "ms_per_image_per_worker": 1000 / (rate / max(workers, 1))})
         print(f"workers={workers} jpeg_draft={draft}: {rate:8.0f} images/s  ({rate / max(workers, 1):.0f} per worker, "
               f"{1000 / (rate / max(workers, 1)):.2f} ms per image)")
+
+    if args.json:
+        from modeling_lightclip.training.provenance import write_results
+
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

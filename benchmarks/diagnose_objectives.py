@@ -1,4 +1,4 @@
-"""Why do the LightCLIP objectives not help? Diagnostics measured while training, before any tuning (issue #12).
+"""Why do the LightCLIP objectives not help? Diagnostics measured while training, before any tuning.
 
     python benchmarks/diagnose_objectives.py                     # the ablation's cpu setting, 250 steps
     python benchmarks/diagnose_objectives.py --steps 100 --every 20 --json benchmarks/results/diagnosis_cpu.json
@@ -284,7 +284,9 @@ def main(argv=None):
     result = {"settings": vars(args), "history": history, "matches": matches}
     print(json.dumps(summarise(result), indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        from modeling_lightclip.training.provenance import write_results
+
+        write_results(args.json, result)
     return result
 
 

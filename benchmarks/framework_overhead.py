@@ -5,7 +5,7 @@ and inference parity: the LightCLIP inference path vs a plain dual encoder built
 
 Both models: CLIP vision tower (ViT, patch 16) + CLIP text tower, same sizes, same projection, same batch, AdamW,
 forward + backward + step; LightCLIP with the extra objectives off (soft labels none, token 0, MLM 0). Arms run
-interleaved; medians over --steps timed steps. Targets (issue #7): training step ratio <= 1.00x; inference
+interleaved; medians over --steps timed steps. Targets: training step ratio <= 1.00x; inference
 latency and parameter count of the LightCLIP inference path equal to the plain dual encoder's.
 """
 
@@ -48,6 +48,7 @@ def main():
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -113,7 +114,15 @@ def main():
         lc, pl = results[f"{modality}/lightclip"], results[f"{modality}/plain"]
         print(f"  {modality} encoder: LightCLIP {lc:.2f} ms, plain dual encoder {pl:.2f} ms, ratio {lc / pl:.3f}x")
     print(f"  parameters: LightCLIP inference path {inference_params:,}, plain dual encoder {plain_params:,}")
-    print(f"  embeddings identical: {torch.equal(a.image_embeds, b[0]) and torch.equal(a.text_embeds, b[1])}")
+    identical = torch.equal(a.image_embeds, b[0]) and torch.equal(a.text_embeds, b[1])
+    print(f"  embeddings identical: {identical}")
+    if args.json:
+        from modeling_lightclip.training.provenance import write_results
+
+        write_results(args.json, {"setting": vars(args), "clipmodel_step_ms": theirs_ms, "lightclip_step_ms": ours_ms,
+                                  "step_ratio": ours_ms / theirs_ms, "inference_ms": results,
+                                  "inference_params": inference_params, "plain_dual_encoder_params": plain_params,
+                                  "embeddings_identical": identical})
 
 
 if __name__ == "__main__":

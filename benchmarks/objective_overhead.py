@@ -4,13 +4,12 @@
 
 Arms run interleaved (round-robin) so machine noise hits them alike; figures are medians over --steps timed
 steps after --warmup steps. Also reports the share of the full step spent solving the bipartite matching.
-Targets: full step <= 1.20x the CLIP-only step; matching <= 5% of the full step (issue #3); CLIP-PING adds
-<= 10% to the step it is added to (issue #4; the bank is pre-filled so every row has a seen neighbour).
+Targets: full step <= 1.20x the CLIP-only step; matching <= 5% of the full step; CLIP-PING adds
+<= 10% to the step it is added to (the bank is pre-filled so every row has a seen neighbour).
 """
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
@@ -39,14 +38,14 @@ ARMS = {
     "+token": dict(soft_label_mode="none", token_loss_weight=0.5, mlm_loss_weight=0.0),
     "+mlm_fusion": dict(soft_label_mode="none", token_loss_weight=0.0, mlm_loss_weight=0.5),
     "full": dict(soft_label_mode="similarity", token_loss_weight=0.5, mlm_loss_weight=0.5),
-    # MLM as the studies ran it (half the rows at 15%; the default is a quarter at 30%, issue #13)
+    # MLM as the studies ran it (half the rows at 15%; the default is a quarter at 30%)
     "full_mlm_half_rows": dict(soft_label_mode="similarity", token_loss_weight=0.5, mlm_loss_weight=0.5,
                                mlm_batch_fraction=0.5, mlm_probability=0.15),
     "+ping": dict(soft_label_mode="none", token_loss_weight=0.0, mlm_loss_weight=0.0, ping_nn_loss_weight=0.5,
                   ping_xnn_loss_weight=0.5),
     "full+ping": dict(soft_label_mode="similarity", token_loss_weight=0.5, mlm_loss_weight=0.5,
                       ping_nn_loss_weight=0.5, ping_xnn_loss_weight=0.5),
-    # the study's redesigned candidates (issue #12)
+    # the study's redesigned candidates
     "+frozen_soft": dict(soft_label_mode="similarity", soft_label_source="frozen", soft_label_modality="both",
                          soft_label_max=0.5, token_loss_weight=0.0, mlm_loss_weight=0.0),
     "+ping_in_batch": dict(soft_label_mode="none", token_loss_weight=0.0, mlm_loss_weight=0.0,
@@ -200,9 +199,10 @@ def main():
     results["matching_share_of_full_step"] = share
     print(f"matching share of the full step: {100 * share:.1f}% (median)")
     if args.json:
+        from modeling_lightclip.training.provenance import write_results
+
         results["setting"] = vars(args) | {"torch": torch.__version__, "caption_tokens": batch["input_ids"].shape[1]}
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

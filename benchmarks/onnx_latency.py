@@ -10,7 +10,6 @@ validation images and captions (max |Δ| of the normalised embeddings), then tim
 
 import argparse
 import importlib.util
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -85,7 +84,9 @@ def main():
               f"{figures['image_onnxruntime_ms']:>9.2f}ms{figures['image_torch_ms']:>11.2f}ms"
               f"{figures['text_onnxruntime_ms']:>8.2f}ms{figures['text_torch_ms']:>10.2f}ms")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from modeling_lightclip.training.provenance import write_results
+
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

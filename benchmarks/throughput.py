@@ -170,13 +170,19 @@ def end_to_end(recipe: str, train_file: Path, tokenizer_dir: Path, args, out: Pa
 
     import train_lightclip
 
-    stamps = []
+    stamps, frames = [], []
+
+    def _compiled_frames() -> int:
+        from torch._dynamo.utils import counters
+
+        return int(counters["frames"]["ok"])
 
     class _Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
+            frames.append(_compiled_frames())
 
     original = train_lightclip.LightCLIPTrainer.__init__
 
@@ -204,8 +210,10 @@ def end_to_end(recipe: str, train_file: Path, tokenizer_dir: Path, args, out: Pa
         train_lightclip.LightCLIPTrainer.__init__ = original
     timed = stamps[args.warmup:]
     rate = args.batch_size * (len(timed) - 1) / (timed[-1] - timed[0])
+    # the first step includes start-up and, with --compile, compiling the towers; frames dynamo compiled after it
+    # are recompiles
     return {"end_to_end_pairs_per_s": rate, "end_to_end_first_step_s": stamps[0] - started,
-            "workers": trainer.args.dataloader_num_workers}
+            "frames_compiled_after_step_1": frames[-1] - frames[0], "workers": trainer.args.dataloader_num_workers}
 
 
 def collator_cost(train_file: Path, tokenizer, args) -> dict:
@@ -272,7 +280,9 @@ def main():
     print(header)
     print("\n".join(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from modeling_lightclip.training.provenance import write_results
+
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""LightCLIP: lightweight CLIP models with multi-level interaction (LightCLIP) and neighbour guidance (CLIP-PING).
+"""LightCLIP: small CLIP models trained with soft labels and relation distillation from frozen teacher encoders
+(the recommended objective), with the LightCLIP and CLIP-PING papers' objectives available.
 
 The remote-code set (saved beside every checkpoint; torch + transformers only):
 `configuration_lightclip`, `modeling_lightclip`, `objectives_lightclip`, `processing_lightclip`.

@@ -84,7 +84,7 @@ class LightCLIPConfig(PretrainedConfig):
     Configuration of a [`LightCLIPModel`]: a lightweight dual encoder plus the multi-level training objectives of
     LightCLIP and the neighbour guidance of CLIP-PING.
 
-    Defaults follow the measured study (README, "Does it help?"): every extra objective is off, so a bare config is
+    Defaults follow the measured study (docs/study.md): every extra objective is off, so a bare config is
     plain CLIP and trains on any batch; the soft-label fields default to the variant that measured best (similarity
     of the frozen encoders in the candidates' modality, alpha 0.3 from the start), so `soft_label_mode="similarity"` turns on
     the recommended objective. The `default` recipe does exactly that; `lightclip_paper` spells out the papers'
@@ -178,7 +178,7 @@ class LightCLIPConfig(PretrainedConfig):
             Share of each batch's rows (the first ones; the sampler shuffles) whose masked caption goes through the
             fused MLM pass, as extra rows of the text-tower call: on a CPU the masked rows cost what they compute.
             0.25 rows at 30% masking scored as 0.5 rows at 15% on the selection split (3 seeds, every metric
-            p >= 0.28; README, "MLM rows") and brings the full LightCLIP CPU step from 1.21-1.22x to 1.13-1.15x of
+            p >= 0.28; docs/study.md, "MLM rows") and brings the full LightCLIP CPU step from 1.21-1.22x to 1.13-1.15x of
             the CLIP step on the ResNet-18 and MobileNetV2 settings (1.23x where the text tower is half the step;
             benchmarks/objective_overhead.py). 1.0 runs MLM on every row.
         mlm_tie_head (`bool`, *optional*, defaults to `True`):
@@ -217,7 +217,7 @@ class LightCLIPConfig(PretrainedConfig):
             What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
             `"batch"` lets the student lower the loss by drifting over time and collapsed training in the ablation
-            (README); it is kept for comparison only.
+            (docs/study.md); it is kept for comparison only.
         ping_positives (`str`, *optional*, defaults to `"bank"`):
             Where a CLIP-PING neighbour's embedding comes from: `"bank"`, the memory bank of the student's own past
             embeddings (stale: written when the neighbour was last seen; `ping_negatives` says what it is contrasted

@@ -771,7 +771,7 @@ class NeighbourContrastiveLoss(nn.Module):
     * `"bank"` (default): the bank entries that are the other usable rows' positives, gathered over the global
       batch. Positive and negatives are then equally stale, so only their content tells them apart.
     * `"batch"`: the global batch's *current* embeddings of the other modality, with the column of i's own pair
-      replaced by the neighbour. Measured to fail (README, ablation): the positive is the only stale candidate, and
+      replaced by the neighbour. Measured to fail (docs/study.md): the positive is the only stale candidate, and
       where the batch holds a current copy of it (a repeated caption, a near-duplicate image) the loss can only
       be lowered by making embeddings drift over time, which the student learns to do — image and text embeddings
       ended in opposite cones (paired cosine -0.8) and zero-shot top-1 fell from 81% to 40%. Kept for comparison.
@@ -839,7 +839,7 @@ class InBatchNeighbourLoss(nn.Module):
     """CLIP-PING with fresh neighbours: the neighbour is in the same global batch, so its embedding is current.
 
     Why: with the memory bank the positive is a stale embedding, written up to an epoch earlier by an older student;
-    the diagnosis (README) found bank positives barely distinguishable from their negatives early in training and
+    the diagnosis (docs/study.md) found bank positives barely distinguishable from their negatives early in training and
     the `"batch"`-negatives variant learning to separate stale from current embeddings instead of content. Here a
     neighbour-aware sampler (`NeighbourPairSampler`) yields (anchor, neighbour) pairs and the collator passes, for
     each row, the local row of its partner (`partner_rows`, -1 for none) and the feature space the pair was found

@@ -133,8 +133,8 @@ def data_source(args: "DataArguments") -> dict:
     builder's folder or a Hub dataset id."""
     if args.dataset_name is None and args.train_file is None and args.validation_file is None:
         return dict(EMBEDDED_SOURCE)
-    if args.train_file:
-        return {"name": f"`{Path(args.train_file).name}`", "hub_id": None}
+    if args.train_file or args.validation_file:
+        return {"name": f"`{Path(args.train_file or args.validation_file).name}`", "hub_id": None}
     if args.dataset_name in PACKAGED_BUILDERS:
         where = f" in `{Path(args.data_dir).name}`" if args.data_dir else ""
         return {"name": f"{args.dataset_name} files{where}", "hub_id": None}
