@@ -98,6 +98,7 @@ def main(argv=None):
             trainer.save_metrics("train", metrics)
             if model_args.lora_r is not None:  # fold the adapters in: the saved model is plain LightCLIP, no peft
                 trainer.model = model = merge_lora(model)
+            trainer.check_finite_before_saving()  # a NaN model is never written as the final one
             trainer.save_model()  # weights (safetensors) + remote code + processor: a Hub-ready folder
             trainer.save_state()
         if training_args.do_eval and eval_dataset is not None:

@@ -395,7 +395,8 @@ def markdown_table(summary: dict, setting_name: str, setting: dict) -> str:
                 boot = versus.get("bootstrap")
                 if boot is not None:
                     low, high = (100 * x for x in boot["ci95"])
-                    cell += f" [{low:+.1f}, {high:+.1f}; p_Holm={boot['p_holm']:.3f}]"
+                    p_holm = boot["p_holm"]
+                    cell += f" [{low:+.1f}, {high:+.1f}; p_Holm" + (f"={p_holm:.3f}]" if p_holm >= 0.001 else "<0.001]")
             cells.append(cell)
         cells.append(f"{entry['metrics']['step_seconds']['mean']:.2f}")
         inference = entry.get("inference") or {}
@@ -460,7 +461,8 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     summary = summarise(runs, inference, arm_order)
     from modeling_lightclip.training.provenance import stamp
 
-    command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    # the command that trained the runs (a --report_only rebuild of the report is the same study)
+    command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
     result = {"setting": setting_name, "settings": setting, "command": command, "provenance": stamp(),
               "data": data_counts(files) if files else None, "summary": summary, "runs": runs}
     items = {f"{r['arm']}/seed{r['seed']}": r.pop("items") for r in runs if "items" in r}

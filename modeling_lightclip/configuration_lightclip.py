@@ -20,6 +20,8 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
+MIN_TEMPERATURE = 1e-4                          # smallest temperature any loss divides by
+MAX_LOG_LOGIT_SCALE = math.log(1 / MIN_TEMPERATURE)   # the largest logit scale is 1 / MIN_TEMPERATURE
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
 SOFT_LABEL_SOURCES = ("student", "frozen")
@@ -344,13 +346,17 @@ class LightCLIPConfig(PretrainedConfig):
     def validate_lightclip(self):
         """Check the fields alone and against each other; each failure names the field (the training script's flag
         of the same name) and the fix."""
+        # floors that keep every loss finite: similarities in [-1, 1] divided by a temperature, or multiplied by the
+        # logit scale, stay far inside float16/bfloat16/float32 range (a denormal 1e-45 passes "> 0" but is 1/0)
         for name in ("soft_label_temperature", "token_temperature", "relation_temperature"):
-            _require(name, getattr(self, name), lambda v: v > 0, "must be positive and finite")
+            _require(name, getattr(self, name), lambda v: v >= MIN_TEMPERATURE,
+                     f"must be finite and at least {MIN_TEMPERATURE:g} (smaller makes the loss overflow)")
         if self.ping_temperature is not None:
-            _require("ping_temperature", self.ping_temperature, lambda v: v > 0,
-                     "must be positive and finite (or None for the learned logit scale)")
-        _require("logit_scale_max", self.logit_scale_max, lambda v: v > 0,
-                 "is the log of the largest logit scale: positive and finite (CLIP: ln 100 = 4.605)")
+            _require("ping_temperature", self.ping_temperature, lambda v: v >= MIN_TEMPERATURE,
+                     f"must be finite and at least {MIN_TEMPERATURE:g} (or None for the learned logit scale)")
+        _require("logit_scale_max", self.logit_scale_max, lambda v: 0 < v <= MAX_LOG_LOGIT_SCALE,
+                 f"is the log of the largest logit scale: positive and at most {MAX_LOG_LOGIT_SCALE:.3f} = ln "
+                 f"{1 / MIN_TEMPERATURE:g} (CLIP: ln 100 = 4.605)")
         _require("logit_scale_init_value", self.logit_scale_init_value, lambda v: v <= self.logit_scale_max,
                  f"is the log of the initial logit scale: finite and at most logit_scale_max "
                  f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")

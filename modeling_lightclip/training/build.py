@@ -13,7 +13,13 @@ from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides, resolve_switch
-from .data import ImageTextCollator, check_usable_samples, prepare_zero_shot_labels, zero_shot_templates
+from .data import (
+    ImageTextCollator,
+    captions_are_text,
+    check_usable_samples,
+    prepare_zero_shot_labels,
+    zero_shot_templates,
+)
 from .lora import apply_lora
 from .neighbours import NeighbourTable, build_folder
 from .preprocessing import build_processor, training_tokenizer
@@ -45,6 +51,34 @@ class Run:
     def teachers(self) -> dict | None:
         """The frozen encoders whose features training reads ({"image_encoder": ..., "text_encoder": ...}), or None."""
         return self.neighbours.encoders() if self.neighbours is not None else None
+
+
+_LOADABLE_MODEL_TYPES = ("lightclip", "clip")
+
+
+def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
+    """Refuse, with one message naming the path, a `--model_name_or_path` that cannot be a model: a local path that
+    does not exist, a folder without a `config.json`, or one whose config is not a LightCLIP (or CLIP) model. A Hub
+    id (`ORG/NAME`, nothing of that name on disk) is left to the Hub client."""
+    import json
+
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
+    if not looks_local:
+        return
+    if not path.exists():
+        raise ValueError(f"{flag} {source}: no such folder (a trained LightCLIP folder, or a Hub id ORG/NAME).")
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        raise ValueError(f"{flag} {source}: not a model folder (it has no config.json). Point it at the folder a "
+                         "training run wrote (its --output_dir) or at a checkpoint-N inside it.")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {source}: its config.json cannot be read ({type(err).__name__}).") from None
+    if model_type not in _LOADABLE_MODEL_TYPES:
+        raise ValueError(f"{flag} {source}: a {model_type!r} model, not a LightCLIP one. Start an image or text tower "
+                         "from it with --vision_model_name_or_path / --text_model_name_or_path instead.")
 
 
 def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
@@ -152,6 +186,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                                  else (None, None))
     templates = zero_shot_templates(data_args)
     overrides = config_overrides(model_args)
+    if model_args.model_name_or_path:
+        check_model_source(model_args.model_name_or_path)
     checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
     source = checkpoint or model_args.model_name_or_path
     if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
@@ -161,6 +197,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args)
         config = build_model_config(_model_section(recipe, model_args), tokenizer, **overrides)
         processor = build_processor(config.image_size, tokenizer)
+    captions_are_text(processor.tokenizer)
     train_dataset, neighbours = setup_frozen_encoders(config, train_dataset, data_args, training_args)
 
     if source:
@@ -206,4 +243,4 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates)
 
 
-__all__ = ["Run", "build_run", "setup_frozen_encoders"]
+__all__ = ["Run", "build_run", "check_model_source", "setup_frozen_encoders"]

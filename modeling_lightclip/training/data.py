@@ -228,6 +228,8 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
     elif builder_files := _builder_files(args):
         raw = _from_files(args, builder_files)
     else:
+        if args.dataset_name in ("imagefolder", "audiofolder") and args.data_dir:
+            _check_metadata_files(Path(args.data_dir))
         raw = Splits(load_dataset(args.dataset_name, args.dataset_config_name, data_dir=args.data_dir,
                                   streaming=args.streaming))
         if args.dataset_name == "imagefolder" and args.data_dir and not args.streaming:
@@ -256,6 +258,23 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
             ds = out[name]
             out[name] = ds.take(limit) if args.streaming else ds.select(range(min(limit, len(ds))))
     return out
+
+
+def _check_metadata_files(root: Path) -> None:
+    """`imagefolder` reads its metadata.csv / metadata.jsonl as UTF-8 through pyarrow, which fails the whole load on
+    one byte it cannot decode, naming neither file nor line: check them first and say both, and the fix."""
+    for path in sorted(root.rglob("metadata.*")):
+        if path.suffix.lower() not in (".csv", ".jsonl", ".json", ".parquet") or path.suffix.lower() == ".parquet":
+            continue
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = raw[:err.start].count(b"\n") + 1
+            raise ValueError(f"{path}, line {line}: byte 0x{raw[err.start]:02x} is not UTF-8, and imagefolder reads its "
+                             "metadata file as UTF-8. Re-save the file as UTF-8 (for a Windows export: `iconv -f "
+                             f"cp1252 -t utf-8 {path.name} > fixed && mv fixed {path.name}`), or list the images in a "
+                             "csv and use --train_file with --file_encoding.") from None
 
 
 def _images_without_metadata(raw, args) -> dict:
@@ -382,6 +401,9 @@ def prepare_zero_shot_labels(dataset, args: DataArguments):
     missing = sum(i == -1 for i in ids)
     if missing:
         logger.warning("%d evaluation rows have no label: scored for retrieval, left out of zero-shot", missing)
+    if names is None:
+        logger.warning("zero-shot classification is skipped: the %r column holds class ids but no class names are "
+                       "known; pass --class_names (comma-separated, or a file with one per line) to score it.", column)
     if ids != values:
         dataset = dataset.remove_columns(column).add_column(column, ids)
     return dataset, names
@@ -571,8 +593,8 @@ def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | 
 
     Bytes are decoded as utf-8 (`non_utf8_caption` when they are not); numbers are text ("1984"); control and
     invisible format characters (zero-width spaces, a stray byte-order mark) are dropped and whitespace collapsed;
-    what is left empty, or made only of the tokenizer's special-token strings ("[PAD] [PAD]": an export artefact),
-    is `empty_caption`."""
+    what is left empty, or made only of the tokenizer's special-token strings however they are spaced ("[PAD] [PAD]",
+    "[CLS][SEP]": export artefacts), is `empty_caption`."""
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -586,9 +608,26 @@ def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | 
         value = "".join(" " if ch.isspace() else ch for ch in value
                         if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
     value = " ".join(value.split())
-    if not value or all(piece in special_tokens for piece in value.split()):
+    if not value or not _without_special_tokens(value, special_tokens).strip():
         return None, "empty_caption"
     return value, None
+
+
+def captions_are_text(tokenizer):
+    """The one tokenisation rule for captions: a caption that says "[MASK]" or "<|endoftext|>" is text, never that
+    token's id. Set on the tokenizer itself (`split_special_tokens`, saved in its config), so training batches, the
+    saved processor, the zero-shot prompts and the Hub pipeline all tokenise a caption the same way."""
+    tokenizer.split_special_tokens = True
+    tokenizer.init_kwargs["split_special_tokens"] = True
+    return tokenizer
+
+
+def _without_special_tokens(text: str, special_tokens) -> str:
+    """`text` with every special-token string removed, however it is spaced ("[CLS][SEP]", "[PAD] [PAD]")."""
+    for token in sorted(special_tokens, key=len, reverse=True):
+        if token:
+            text = text.replace(token, " ")
+    return text
 
 
 def normalize_on_device(pixel_values: torch.Tensor, image_processor, dtype=torch.float32) -> torch.Tensor:
@@ -673,6 +712,7 @@ class ImageTextCollator:
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
+        captions_are_text(self.tokenizer)
         self._batch_skipped = Counter()
         # training only: evaluation decodes in full, as the processor does at inference
         self._decode_short_side = (_decode_short_side(self.processor.image_processor, self.random_resized_crop_scale)
@@ -764,9 +804,9 @@ class ImageTextCollator:
             return {"empty_batch": torch.zeros(0, dtype=torch.long), "skipped": dict(self._batch_skipped),
                     "return_loss": True}
         max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
-        # split_special_tokens: a caption that says "[MASK]" or "<|endoftext|>" is text, never that token's id
+        # a caption that says "[MASK]" is text: the tokenizer's own rule (`captions_are_text`)
         text = self.tokenizer(captions, padding="max_length" if self.pad_to_max_length else True, truncation=True,
-                              max_length=max_length, return_tensors="pt", split_special_tokens=True)
+                              max_length=max_length, return_tensors="pt")
         if self.uint8_images:  # resized and cropped here; scaled and normalised on the device (`normalize_on_device`)
             pixel_values = self.processor.image_processor(images, return_tensors="pt", do_rescale=False,
                                                           do_normalize=False)["pixel_values"]
@@ -806,6 +846,7 @@ __all__ = [
     "ImageTextCollator",
     "ImageRejected",
     "Splits",
+    "captions_are_text",
     "check_usable_samples",
     "clean_caption",
     "data_source",

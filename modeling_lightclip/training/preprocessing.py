@@ -13,6 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, BertTokenizerFast, CLIPImageProcessor, PreTrainedTokenizerBase
 
 from ..processing_lightclip import LightCLIPProcessor
+from .data import clean_caption
 
 
 # ImageNet statistics: what the CNN towers (ResNet, MobileNetV2, EfficientNet) are pretrained with.
@@ -57,9 +58,8 @@ def _captions(dataset, column: str, limit: int = 200_000):
             break
         captions = example.get(column)
         for caption in captions if isinstance(captions, list) else [captions]:
-            if isinstance(caption, bytes):
-                caption = caption.decode("utf-8", errors="ignore")
-            if isinstance(caption, str):
+            caption, _ = clean_caption(caption)  # the collator's rule: numbers are text, bad captions are skipped
+            if caption is not None:
                 yield caption
 
 

@@ -48,13 +48,28 @@ def resolve_recipe_path(name_or_path: str | os.PathLike) -> Path:
 def load_recipe(name_or_path: str | os.PathLike) -> dict:
     """Read a recipe by name (`tiny`, `resnet18`, ...) or path (JSON or YAML)."""
     path = resolve_recipe_path(name_or_path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"recipe {path} cannot be read ({type(err).__name__}: {err}).") from None
+    if not text.strip():
+        raise ValueError(f"recipe {path} is empty: a recipe is a JSON or YAML mapping with a 'model' section.")
     if path.suffix == ".json":
-        recipe = json.loads(text)
+        try:
+            recipe = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"recipe {path}, line {err.lineno} column {err.colno}: not valid JSON ({err.msg}).") \
+                from None
     else:
         import yaml
 
-        recipe = yaml.safe_load(text)
+        try:
+            recipe = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(f"recipe {path}{where}: not valid YAML ({problem}).") from None
     if not isinstance(recipe, dict) or "model" not in recipe:
         raise ValueError(f"recipe {path} must be a mapping with a 'model' section.")
     recipe.setdefault("tokenizer", {})

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl": "jsonl"}
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what `errors="surrogateescape"` leaves for a byte it could not decode
-_INTEGER = re.compile(r"[+-]?\d+")
+_SURROGATE = re.compile("[\ud800-\udfff]")    # a lone surrogate: valid JSON escape ("\\ud83d"), invalid Unicode
+_INTEGER = re.compile(r"[+-]?\d+(\.0*)?")  # "3", and "3.0" as pandas writes an int column with an empty cell
 _SHOWN_LINES = 5
 
 
@@ -82,6 +83,20 @@ def _decode(raw: bytes, encoding: str, path) -> str:
                              "--file_encoding.") from None
 
 
+def _refuse_bomless_utf16(raw: bytes, encoding: str, path) -> None:
+    """A file saved as UTF-16 without a byte-order mark has a NUL byte beside every ASCII character; read as UTF-8 it
+    would become text full of NULs. Name the encoding to pass instead."""
+    if encoding.lower().replace("_", "-").startswith("utf-16"):
+        return
+    head = raw[:4096]
+    if len(head) < 4 or head.count(0) < len(head) // 4:
+        return
+    odd = head[1::2].count(0)
+    order = "le" if odd >= head[0::2].count(0) else "be"
+    raise TableFileError(f"{path} has a NUL byte beside every character: it is UTF-16 saved without a byte-order "
+                         f"mark. Pass --file_encoding utf-16-{order}.")
+
+
 def _csv_delimiter(text: str) -> str:
     """`,` unless the header line holds none and another separator a spreadsheet uses: `;` (Excel in locales with
     a decimal comma), a tab, or `|`."""
@@ -98,35 +113,59 @@ def _csv_delimiter(text: str) -> str:
 _CSV_FIELD_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
+class _Lines:
+    """The file's physical lines for `csv.reader`, with the position of the next one: after a record that went wrong
+    the reader restarts on the line after the record's first."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines(keepends=True)
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        if self.position >= len(self.lines):
+            raise StopIteration
+        self.position += 1
+        return self.lines[self.position - 1]
+
+
 def _csv_rows(text: str, delimiter: str, report: TableReport):
+    """(line number, row) of each well-formed data row. A record that breaks - ragged, a stray quote, or a quote
+    opened and never closed, which would swallow every line after it - costs its first line only: the reader
+    resynchronises on the next line, so the rows after it are read (and counted) as rows."""
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    lines = io.StringIO(text, newline="")
-    reader = csv.reader(lines, delimiter=delimiter)
-    header, previous_line = None, 0
-    while True:
-        start = previous_line + 1
+    source = _Lines(text)
+    header = None
+    while source.position < len(source.lines):
+        start = source.position
+        reader = csv.reader(source, delimiter=delimiter, strict=True)
         try:
             cells = next(reader)
         except StopIteration:
             break
         except csv.Error:
-            report.skip("malformed_row", start)
-            previous_line = reader.line_num
+            cells = None
+        spanned = source.position - start
+        broken = cells is None or (header is not None and cells and len(cells) != len(header)
+                                   and any(c.strip() for c in cells))
+        if broken:
+            reason = "unterminated_quote" if spanned > 1 or cells is None and '"' in source.lines[start] else \
+                "malformed_row"
+            report.skip(reason, start + 1)
+            source.position = start + 1  # resynchronise: the record's first line is the broken one
             continue
-        previous_line = reader.line_num
         if not cells or all(not c.strip() for c in cells):
             continue  # blank line
         if header is None:
             header = [c.strip() for c in cells]
             duplicated = sorted({c for c in header if header.count(c) > 1})
             if duplicated or not all(header):
-                raise TableFileError(f"{report.path}, line {start}: the header needs distinct, non-empty column "
+                raise TableFileError(f"{report.path}, line {start + 1}: the header needs distinct, non-empty column "
                                      f"names (got {header}).")
             continue
-        if len(cells) != len(header):
-            report.skip("malformed_row", start)  # ragged, or an unquoted delimiter inside a caption
-            continue
-        yield start, dict(zip(header, cells))
+        yield start + 1, dict(zip(header, cells))
     if header is None:
         raise TableFileError(f"{report.path} has no header row; the first line names the columns, e.g. "
                              "`image,caption`.")
@@ -160,13 +199,13 @@ def _json_rows(text: str, kind: str, report: TableReport):
         yield number, row
 
 
-def _has_undecodable(value) -> bool:
+def _has(pattern: re.Pattern, value) -> bool:
     if isinstance(value, str):
-        return bool(_UNDECODABLE.search(value))
+        return bool(pattern.search(value))
     if isinstance(value, dict):
-        return any(_has_undecodable(v) for v in value.values())
+        return any(_has(pattern, v) for v in value.values())
     if isinstance(value, list):
-        return any(_has_undecodable(v) for v in value)
+        return any(_has(pattern, v) for v in value)
     return False
 
 
@@ -176,7 +215,7 @@ def _column_values(rows: list[dict], name: str, text_columns) -> list:
     filled = [v for v in values if v is not None]
     if name not in text_columns and filled and all(isinstance(v, str) and _INTEGER.fullmatch(v.strip())
                                                    for v in filled):
-        return [int(v) if v is not None else None for v in values]  # a label column written as text
+        return [int(float(v)) if v is not None else None for v in values]  # a label column written as text
     kinds = {type(v) for v in filled}
     if (name in text_columns and kinds - {str, dict, list}) or len(kinds) > 1:
         # numbers where text is expected (a caption "2024"), or mixed types in json: everything as text
@@ -200,15 +239,20 @@ def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, Ta
     raw = path.read_bytes()
     if not raw.strip():
         raise TableFileError(f"{path} is empty.")
-    text = _decode(raw, _sniff_encoding(raw, encoding), path)
+    encoding = _sniff_encoding(raw, encoding)
+    _refuse_bomless_utf16(raw, encoding, path)
+    text = _decode(raw, encoding, path)
     if kind in ("csv", "tsv"):
         rows_iter = _csv_rows(text, "\t" if kind == "tsv" else _csv_delimiter(text), report)
     else:
         rows_iter = _json_rows(text, kind, report)
     rows = []
     for line, row in rows_iter:
-        if _has_undecodable(row):
+        if _has(_UNDECODABLE, row):
             report.skip("undecodable_text", line)
+            continue
+        if _has(_SURROGATE, row):  # half of an emoji escaped on its own: no text can be made of it
+            report.skip("invalid_unicode", line)
             continue
         rows.append(row)
     report.rows = len(rows)

@@ -145,6 +145,22 @@ def latest_complete_checkpoint(output_dir, require_bank: bool | None = None,
     return None
 
 
+def last_finite_checkpoint(output_dir) -> str | None:
+    """The newest complete `checkpoint-N` in `output_dir` whose weights are all finite, or None."""
+    from safetensors import safe_open
+
+    output_dir = Path(output_dir)
+    found = sorted(((int(p.name.split("-")[-1]), p) for p in output_dir.glob("checkpoint-*")
+                    if p.is_dir() and p.name.split("-")[-1].isdigit()), reverse=True) if output_dir.is_dir() else []
+    for _, path in found:
+        if checkpoint_problem(path) is not None:
+            continue
+        with safe_open(str(path / "model.safetensors"), framework="pt") as weights:
+            if all(bool(torch.isfinite(weights.get_tensor(key)).all()) for key in weights.keys()):
+                return str(path)
+    return None
+
+
 def resolve_checkpoint(training_args) -> str | None:
     """`--resume_from_checkpoint PATH` (verified), or `latest` for the newest complete checkpoint in --output_dir."""
     value = training_args.resume_from_checkpoint
@@ -393,6 +409,23 @@ class LightCLIPTrainer(Trainer):
             raise TrainingStopped(f"{self.state.global_step} steps ran but no sample was trained on: every batch was "
                                   f"skipped as bad data ({dict(self.training_skip_counts())}).")
         return result
+
+    def check_finite_before_saving(self) -> None:
+        """Never save a model that is not finite: every parameter NaN/Inf-free and the last step's loss finite;
+        otherwise stop (`TrainingStopped`) naming the newest complete checkpoint whose weights are finite."""
+        model = unwrap_model(self.model)
+        bad = [name for name, param in model.named_parameters() if not bool(torch.isfinite(param).all())]
+        last_loss_bad = self._bad_steps["non_finite"] > 0
+        if not bad and not last_loss_bad:
+            return
+        what = (f"{len(bad)} of {sum(1 for _ in model.parameters())} weight tensors hold NaN or Inf (e.g. {bad[0]})"
+                if bad else "the loss of the last training step was NaN or infinite")
+        good = last_finite_checkpoint(self.args.output_dir)
+        where = (f"the last good checkpoint is {good} (continue with --resume_from_checkpoint {good} and a lower "
+                 "--learning_rate)" if good else "no finite checkpoint was saved (--save_strategy steps keeps some)")
+        raise TrainingStopped(f"training ended with a non-finite model: {what}. Nothing was saved as the final model; "
+                              f"{where}. Lower --learning_rate, keep --max_grad_norm on, or train in bf16 rather than "
+                              "fp16.")
 
     def training_skip_counts(self) -> Counter:
         """The bad samples of the batches trained on (not those the loader prefetched), by reason, summed over
