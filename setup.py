@@ -60,5 +60,6 @@ setup(
         "gpu": ["torch-linear-assignment"],
     },
     entry_points={"console_scripts": ["lightclip-train=train_lightclip:cli",
+                                      "lightclip-reinforce=modeling_lightclip.training.reinforce:main",
                                       "lightclip-export-onnx=modeling_lightclip.training.onnx_export:main"]},
 )

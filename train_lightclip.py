@@ -65,7 +65,8 @@ def main(argv=None):
     set_seed(training_args.seed)
 
     splits = load_image_text_datasets(data_args)
-    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"), splits.get("validation"))
+    run = build_run(recipe, model_args, data_args, training_args, splits.get("train"), splits.get("validation"),
+                    reinforced=splits.reinforced)
     model, processor, train_dataset, eval_dataset = run.model, run.processor, run.train_dataset, run.eval_dataset
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
@@ -92,7 +93,8 @@ def main(argv=None):
             result = trainer.train(resume_from_checkpoint=run.checkpoint)
             metrics = dict(result.metrics)
             train_metrics = dict(metrics)
-            counts = Counter(splits.file_skips.get("train", {})) + trainer.training_skip_counts()
+            counts = (Counter(splits.file_skips.get("train", {})) + Counter(run.data_skips or {})
+                      + trainer.training_skip_counts())
             metrics.update({f"train_{skip_metric_name(k)}": v for k, v in counts.items()})
             trainer.log_metrics("train", metrics)
             trainer.save_metrics("train", metrics)

@@ -38,6 +38,7 @@ LOSS_WEIGHT_FIELDS = {
     "ping_nn": "ping_nn_loss_weight",
     "ping_xnn": "ping_xnn_loss_weight",
     "relation": "relation_loss_weight",
+    "distill": "distill_loss_weight",
 }
 
 _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
@@ -215,6 +216,16 @@ class LightCLIPConfig(PretrainedConfig):
             contrastive targets. Needs the frozen encoders' folder (`--ping_neighbours_dir`). 0 switches it off.
         relation_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of both similarity softmaxes of the relation term.
+        distill_loss_weight (`float`, *optional*, defaults to 0):
+            Weight of cross-modal distillation from multimodal (CLIP-like) teachers: KL between the teachers' and the
+            student's image->text and text->image distributions over the global batch (CLIP-KD / MobileCLIP style).
+            Needs training data reinforced with such a teacher (`lightclip-reinforce --teacher ...`). 0 switches it
+            off.
+        distill_temperature (`float`, *optional*, defaults to 1.0):
+            Temperature dividing both sides' logits in the distillation term.
+        distill_teacher_logit_scale (`float`, *optional*, defaults to 100.0):
+            The scale the teachers' cosine similarities are multiplied by (a CLIP teacher's learned logit scale; set
+            from the reinforced data's metadata when it records one).
         ping_negatives (`str`, *optional*, defaults to `"bank"`):
             What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
@@ -282,6 +293,9 @@ class LightCLIPConfig(PretrainedConfig):
         ping_positives: str = "bank",
         relation_loss_weight: float = 0.0,
         relation_temperature: float = 0.1,
+        distill_loss_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        distill_teacher_logit_scale: float = 100.0,
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -336,6 +350,9 @@ class LightCLIPConfig(PretrainedConfig):
         self.ping_positives = ping_positives
         self.relation_loss_weight = relation_loss_weight
         self.relation_temperature = relation_temperature
+        self.distill_loss_weight = distill_loss_weight
+        self.distill_temperature = distill_temperature
+        self.distill_teacher_logit_scale = distill_teacher_logit_scale
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -348,7 +365,7 @@ class LightCLIPConfig(PretrainedConfig):
         of the same name) and the fix."""
         # floors that keep every loss finite: similarities in [-1, 1] divided by a temperature, or multiplied by the
         # logit scale, stay far inside float16/bfloat16/float32 range (a denormal 1e-45 passes "> 0" but is 1/0)
-        for name in ("soft_label_temperature", "token_temperature", "relation_temperature"):
+        for name in ("soft_label_temperature", "token_temperature", "relation_temperature", "distill_temperature"):
             _require(name, getattr(self, name), lambda v: v >= MIN_TEMPERATURE,
                      f"must be finite and at least {MIN_TEMPERATURE:g} (smaller makes the loss overflow)")
         if self.ping_temperature is not None:
@@ -357,6 +374,8 @@ class LightCLIPConfig(PretrainedConfig):
         _require("logit_scale_max", self.logit_scale_max, lambda v: 0 < v <= MAX_LOG_LOGIT_SCALE,
                  f"is the log of the largest logit scale: positive and at most {MAX_LOG_LOGIT_SCALE:.3f} = ln "
                  f"{1 / MIN_TEMPERATURE:g} (CLIP: ln 100 = 4.605)")
+        _require("distill_teacher_logit_scale", self.distill_teacher_logit_scale,
+                 lambda v: 0 < v <= 1 / MIN_TEMPERATURE, f"must be positive, finite and at most {1 / MIN_TEMPERATURE:g}")
         _require("logit_scale_init_value", self.logit_scale_init_value, lambda v: v <= self.logit_scale_max,
                  f"is the log of the initial logit scale: finite and at most logit_scale_max "
                  f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")
@@ -463,16 +482,25 @@ class LightCLIPConfig(PretrainedConfig):
         return self.relation_loss_weight > 0
 
     @property
-    def uses_frozen_feature_batches(self) -> bool:
-        """Whether each training batch carries the frozen encoders' features of its samples (soft labels spread by
-        their similarities, relation distillation)."""
+    def uses_distillation(self) -> bool:
+        """Cross-modal distillation: each batch must carry multimodal teachers' image and text embeddings."""
+        return self.distill_loss_weight > 0
+
+    @property
+    def uses_teacher_feature_batches(self) -> bool:
+        """Whether each training batch carries the teachers' features of its samples (soft labels spread by their
+        similarities, relation distillation)."""
         return self.uses_frozen_soft_labels or self.uses_relation_distillation
 
     @property
-    def uses_frozen_features(self) -> bool:
-        """Whether training reads the frozen encoders' folder (`--ping_neighbours_dir`): CLIP-PING's neighbours, or
-        the frozen encoders' features in each batch."""
-        return self.uses_ping or self.uses_frozen_feature_batches
+    def uses_teacher_features(self) -> bool:
+        """Whether training needs teacher knowledge per sample: teacher features or embeddings in each batch (from
+        reinforced data), or CLIP-PING's neighbours of those features."""
+        return self.uses_ping or self.uses_teacher_feature_batches or self.uses_distillation
+
+    # the names these had when the frozen encoders served CLIP-PING alone
+    uses_frozen_feature_batches = uses_teacher_feature_batches
+    uses_frozen_features = uses_teacher_features
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""

@@ -24,11 +24,13 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_lightclip import LOSS_WEIGHT_FIELDS, LightCLIPConfig
 from .objectives_lightclip import (
+    TRAINING_TARGETS,
     LightCLIPObjectives,
     feature_map_tokens,
     find_text_layers,
     mask_for_mlm,
     soft_label_alpha,
+    training_targets_from,
 )
 
 
@@ -455,17 +457,10 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         token_type_ids: torch.LongTensor | None = None,
         position_ids: torch.LongTensor | None = None,
         return_loss: bool | None = None,
-        mlm_input_ids: torch.LongTensor | None = None,
-        mlm_labels: torch.LongTensor | None = None,
-        sample_ids: torch.LongTensor | None = None,
-        image_neighbour_ids: torch.LongTensor | None = None,
-        text_neighbour_ids: torch.LongTensor | None = None,
-        frozen_image_features: torch.FloatTensor | None = None,
-        frozen_text_features: torch.FloatTensor | None = None,
-        ping_partner_rows: torch.LongTensor | None = None,
-        ping_partner_spaces: torch.LongTensor | None = None,
+        training_targets: dict | None = None,
         output_tokens: bool = False,
         return_dict: bool | None = None,
+        **targets,
     ) -> LightCLIPOutput | tuple:
         r"""
         Args:
@@ -474,19 +469,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             attention_mask (`torch.Tensor` of shape `(batch_size, sequence_length)`, *optional*): 1 at real tokens.
             token_type_ids, position_ids (*optional*): passed to the text tower when it takes them.
             return_loss (`bool`, *optional*): compute the training objectives and return `loss` and `losses`.
-            mlm_input_ids, mlm_labels (`torch.LongTensor`, *optional*): a masked copy of `input_ids` and its MLM
-                targets (-100 where nothing is predicted), from the collator. When MLM is on and they are absent,
-                `forward` masks `input_ids` itself. (Not named `labels`: the Trainer rescales losses it finds there.)
-            sample_ids, image_neighbour_ids, text_neighbour_ids (`torch.LongTensor` of shape `(batch_size,)`,
-                *optional*): for CLIP-PING: each sample's training-set index and the index of one of its nearest
-                neighbours in the frozen image / text feature space (-1 for none), from the collator.
-            frozen_image_features, frozen_text_features (`torch.FloatTensor` of shape `(batch_size, dim)`,
-                *optional*): the frozen encoders' features of each sample, for `soft_label_source="frozen"`.
-            ping_partner_rows, ping_partner_spaces (`torch.LongTensor` of shape `(batch_size,)`, *optional*): for
-                CLIP-PING with `ping_positives="in_batch"`: each row's neighbour's row in the batch (-1 for none) and
-                the space it was found in (0 image, 1 text), from the collator.
+            training_targets (`dict[str, torch.Tensor]`, *optional*): the per-sample inputs of the training
+                objectives, from the collator; each objective reads what it needs (`TRAINING_TARGETS` lists the
+                keys: teacher features and embeddings, MLM's masked copies, CLIP-PING's ids and partners). The same
+                keys are also accepted as keyword arguments (and `frozen_image_features` / `frozen_text_features` as
+                the old names of the teacher features).
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
+        targets = training_targets_from(training_targets, targets)
         if input_ids is None or pixel_values is None:
             raise ValueError("LightCLIPModel.forward needs both `input_ids` and `pixel_values`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -496,8 +486,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         vision = self._encode_image(pixel_values, output_stages=bool(return_loss) and self.objectives.needs_image_stages)
         masked = None
         if return_loss:
-            masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, mlm_input_ids, mlm_labels,
-                                                self.training_progress)
+            masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
+                                                targets.get("mlm_labels"), self.training_progress)
         if masked is None:
             text, masked_states, mlm_labels = self._encode_text(input_ids, attention_mask, **text_kwargs), None, None
         else:
@@ -519,10 +509,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
                 word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
                 masked_states=masked_states, mlm_labels=mlm_labels,
-                word_embeddings=self.text_model.get_input_embeddings().weight, sample_ids=sample_ids,
-                image_neighbour_ids=image_neighbour_ids, text_neighbour_ids=text_neighbour_ids, frozen_image_features=frozen_image_features,
-                frozen_text_features=frozen_text_features, ping_partner_rows=ping_partner_rows,
-                ping_partner_spaces=ping_partner_spaces)
+                word_embeddings=self.text_model.get_input_embeddings().weight, targets=targets)
             loss = losses.pop("loss")
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
@@ -606,4 +593,4 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 LightCLIPConfig.register_for_auto_class()
 LightCLIPModel.register_for_auto_class("AutoModel")
 
-__all__ = ["LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower"]
+__all__ = ["TRAINING_TARGETS", "LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower"]

@@ -135,6 +135,44 @@ def _gather_words(words: torch.Tensor, word_mask: torch.Tensor) -> tuple[torch.T
 
 
 # --------------------------------------------------------------------------------------------------------------
+# per-sample training targets
+# --------------------------------------------------------------------------------------------------------------
+
+# Every per-sample input an objective may read, travelling from the collator to `LightCLIPObjectives.forward` as one
+# dict (`training_targets`): each objective takes what it needs.
+TRAINING_TARGETS = {
+    "teacher_image_features": "(B, D_i) teachers' image features, L2-normalised (several teachers: each scaled by "
+                              "1/sqrt(T) and concatenated, so their dot products average the teachers' similarities); "
+                              "frozen soft labels and relation distillation",
+    "teacher_text_features": "(B, D_t) the same for captions",
+    "teacher_image_embeds": "(B, D) multimodal teachers' image embeddings in their image-text space; distillation",
+    "teacher_text_embeds": "(B, D) the same teachers' caption embeddings",
+    "mlm_input_ids": "(B, L) a masked copy of input_ids (MLM)",
+    "mlm_labels": "(B, L) MLM targets, -100 where nothing is predicted",
+    "sample_ids": "(B,) training-set row of each sample (CLIP-PING's bank)",
+    "image_neighbour_ids": "(B,) one image-space neighbour's row (CLIP-PING's bank), -1 for none",
+    "text_neighbour_ids": "(B,) one text-space neighbour's row (CLIP-PING's bank), -1 for none",
+    "ping_partner_rows": "(B,) each row's in-batch neighbour's row, -1 for none (CLIP-PING in batch)",
+    "ping_partner_spaces": "(B,) the space the partner was found in: 0 image, 1 text (CLIP-PING in batch)",
+}
+_OLD_TARGET_NAMES = {"frozen_image_features": "teacher_image_features", "frozen_text_features": "teacher_text_features"}
+
+
+def training_targets_from(training_targets: dict | None, keywords: dict) -> dict:
+    """One dict of training targets from `training_targets` and targets given as keyword arguments (old names
+    mapped); anything else is refused, naming the keys `forward` knows."""
+    merged = dict(training_targets or {})
+    for key, value in keywords.items():
+        name = _OLD_TARGET_NAMES.get(key, key)
+        if name not in TRAINING_TARGETS:
+            raise TypeError(f"LightCLIPModel.forward got an unexpected argument {key!r}; training targets are "
+                            f"{sorted(TRAINING_TARGETS)}.")
+        if value is not None:
+            merged[name] = value
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # instance level
 # --------------------------------------------------------------------------------------------------------------
 
@@ -220,8 +258,8 @@ class InstanceContrastiveLoss(nn.Module):
             return None, None
         if self.source == "frozen":
             if frozen_image is None or frozen_text is None:
-                raise ValueError("soft_label_source='frozen' needs the frozen encoders' features in the batch "
-                                 "(frozen_image_features / frozen_text_features): train with --ping_neighbours_dir.")
+                raise ValueError("soft_label_source='frozen' needs the teachers' features in the batch "
+                                 f"(teacher_image_features / teacher_text_features): {_TEACHER_HINT}.")
             frozen_image, frozen_text = frozen_image.float(), frozen_text.float()
             text_sim = frozen_text @ gather_no_grad(frozen_text).t()
             image_sim = frozen_image @ gather_no_grad(frozen_image).t()
@@ -297,6 +335,41 @@ class FrozenRelationLoss(nn.Module):
         image = self._kl(image_embeds.float(), frozen_image_features.float())
         text = self._kl(text_embeds.float(), frozen_text_features.float())
         return {"relation": 0.5 * (image + text)}
+
+
+class CrossModalDistillationLoss(nn.Module):
+    """Cross-modal distillation from multimodal (CLIP-like) teachers, CLIP-KD / MobileCLIP style (training only).
+
+    For every local image, the teacher's distribution over the captions of the global batch,
+    softmax(teacher_image · teacher_textsᵀ / T), is the target of the student's, softmax(student logits / T) with the
+    student's own learned scale folded into its logits; and the same for every caption over the images. The loss is
+    KL(teacher ‖ student) averaged over both directions. The teacher's embeddings arrive with each batch (stored
+    once in a reinforced dataset), so training pays a B×B product for them and inference nothing.
+    """
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        self.temperature = temperature
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
+                teacher_logit_scale: float = 100.0) -> dict[str, torch.Tensor]:
+        """Student embeddings (B, D) and the teachers' (B, D'), all L2-normalised; `logit_scale`: the student's
+        exp'ed scale; `teacher_logit_scale`: the scale the teacher's cosine similarities are multiplied by."""
+        all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+        teacher_images = gather_no_grad(teacher_image_embeds.float())
+        teacher_texts = gather_no_grad(teacher_text_embeds.float())
+        t = self.temperature
+        student_i2t = logit_scale * image_embeds.float() @ all_texts.float().t() / t
+        student_t2i = logit_scale * text_embeds.float() @ all_images.float().t() / t
+        teacher_i2t = teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() / t
+        teacher_t2i = teacher_logit_scale * teacher_text_embeds.float() @ teacher_images.t() / t
+
+        def _kl(student, teacher):
+            target = teacher.softmax(-1)
+            return (target * (target.clamp_min(1e-12).log() - student.log_softmax(-1))).sum(-1).mean()
+
+        return {"distill": 0.5 * (_kl(student_i2t, teacher_i2t) + _kl(student_t2i, teacher_t2i))}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -922,6 +995,7 @@ class LightCLIPObjectives(nn.Module):
         elif config.uses_ping_in_batch:
             self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
         self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
+        self.distill = CrossModalDistillationLoss(config.distill_temperature) if config.uses_distillation else None
 
     def mlm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text_kwargs: dict,
                    mlm_input_ids: torch.Tensor | None, mlm_labels: torch.Tensor | None,
@@ -963,13 +1037,7 @@ class LightCLIPObjectives(nn.Module):
         masked_states: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         word_embeddings: torch.Tensor | None = None,
-        sample_ids: torch.Tensor | None = None,
-        image_neighbour_ids: torch.Tensor | None = None,
-        text_neighbour_ids: torch.Tensor | None = None,
-        frozen_image_features: torch.Tensor | None = None,
-        frozen_text_features: torch.Tensor | None = None,
-        ping_partner_rows: torch.Tensor | None = None,
-        ping_partner_spaces: torch.Tensor | None = None,
+        targets: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
@@ -981,16 +1049,14 @@ class LightCLIPObjectives(nn.Module):
             masked_states, mlm_labels: the text tower's states of the masked captions (fused with their images, from
                 the same call as the plain captions: `mlm_inputs` + `MaskedLanguageModelling.fusing`) and their MLM
                 targets; None while MLM has not started (`mlm_start`). word_embeddings: the tied MLM decoder.
-            sample_ids, image_neighbour_ids, text_neighbour_ids: CLIP-PING's ids (bank positives, training only).
-            ping_partner_rows, ping_partner_spaces: CLIP-PING's in-batch partners (`ping_positives="in_batch"`).
-            frozen_image_features, frozen_text_features: the frozen encoders' features of the batch, for soft labels
-                spread by their similarities (`soft_label_source="frozen"`, training only).
+            targets: the batch's per-sample training targets (`TRAINING_TARGETS`): each objective reads its own.
         """
         config = self.config
+        targets = targets or {}
         alpha = soft_label_alpha if self.training else 0.0
+        teacher_image, teacher_text = targets.get("teacher_image_features"), targets.get("teacher_text_features")
         terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
-                                   frozen_image_features=frozen_image_features,
-                                   frozen_text_features=frozen_text_features))
+                                   frozen_image_features=teacher_image, frozen_text_features=teacher_text))
         if self.token is not None:
             terms.update(self.token(image_tokens, text_tokens, word_mask))
         if self.mlm is not None and masked_states is None:  # MLM not started yet (mlm_start)
@@ -1001,22 +1067,25 @@ class LightCLIPObjectives(nn.Module):
             ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
                 1.0 / config.ping_temperature)
             if isinstance(self.ping, InBatchNeighbourLoss):
-                if ping_partner_rows is None or ping_partner_spaces is None:
-                    raise ValueError("ping_positives='in_batch' but the batch has no ping_partner_rows / "
-                                     "ping_partner_spaces: train with --ping_neighbours_dir (the trainer then samples "
-                                     "neighbour pairs).")
-                terms.update(self.ping(image_embeds, text_embeds, ping_scale, ping_partner_rows, ping_partner_spaces))
+                needed = ("ping_partner_rows", "ping_partner_spaces")
+                _require_targets(targets, needed, "ping_positives='in_batch'", "the trainer samples neighbour pairs "
+                                 "from the teachers' neighbours (--teacher_features)")
+                terms.update(self.ping(image_embeds, text_embeds, ping_scale, *(targets[k] for k in needed)))
             else:
-                if sample_ids is None or image_neighbour_ids is None or text_neighbour_ids is None:
-                    raise ValueError("CLIP-PING is on (ping_*_loss_weight > 0) but the batch has no sample_ids / "
-                                     "image_neighbour_ids / text_neighbour_ids: train with --ping_neighbours_dir.")
-                terms.update(self.ping(image_embeds, text_embeds, ping_scale, sample_ids, image_neighbour_ids,
-                                       text_neighbour_ids))
-        if self.relation is not None and self.training:  # the frozen features exist for training samples only
-            if frozen_image_features is None or frozen_text_features is None:
-                raise ValueError("relation_loss_weight > 0 needs the frozen encoders' features in the batch "
-                                 "(frozen_image_features / frozen_text_features): train with --ping_neighbours_dir.")
-            terms.update(self.relation(image_embeds, text_embeds, frozen_image_features, frozen_text_features))
+                needed = ("sample_ids", "image_neighbour_ids", "text_neighbour_ids")
+                _require_targets(targets, needed, "CLIP-PING (ping_*_loss_weight > 0)",
+                                 "train with --teacher_features (the neighbours of the teachers' features)")
+                terms.update(self.ping(image_embeds, text_embeds, ping_scale, *(targets[k] for k in needed)))
+        if self.relation is not None and self.training:  # teacher features exist for training samples only
+            _require_targets(targets, ("teacher_image_features", "teacher_text_features"), "relation_loss_weight > 0",
+                             _TEACHER_HINT)
+            terms.update(self.relation(image_embeds, text_embeds, teacher_image, teacher_text))
+        if self.distill is not None and self.training:
+            _require_targets(targets, ("teacher_image_embeds", "teacher_text_embeds"), "distill_loss_weight > 0",
+                             "train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce "
+                             "--teacher PATH_OR_HUB_ID`")
+            terms.update(self.distill(image_embeds, text_embeds, logit_scale, targets["teacher_image_embeds"],
+                                      targets["teacher_text_embeds"], config.distill_teacher_logit_scale))
         loss = terms["instance"]
         for term, weight in config.loss_weights().items():
             if term in terms:
@@ -1025,7 +1094,19 @@ class LightCLIPObjectives(nn.Module):
         return terms
 
 
+_TEACHER_HINT = ("train on a reinforced copy of the data (`lightclip-reinforce`), or let the trainer build one with "
+                 "--teacher_features auto")
+
+
+def _require_targets(targets: dict, keys: tuple, what: str, fix: str) -> None:
+    missing = [key for key in keys if key not in targets]
+    if missing:
+        raise ValueError(f"{what} needs {', '.join(missing)} in the batch's training targets: {fix}.")
+
+
 __all__ = [
+    "TRAINING_TARGETS",
+    "CrossModalDistillationLoss",
     "LightCLIPObjectives",
     "NeighbourContrastiveLoss",
     "NeighbourEmbeddingBank",
@@ -1046,4 +1127,5 @@ __all__ = [
     "sinkhorn_partial_matching",
     "soft_targets",
     "solve_word_patch_assignment",
+    "training_targets_from",
 ]

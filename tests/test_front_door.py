@@ -52,7 +52,7 @@ def test_the_documented_plain_clip_command_trains_plain_clip(tmp_path):
     assert not config.uses_soft_labels and not config.uses_frozen_features
     assert {name: getattr(config, name) for name in LOSS_WEIGHT_FIELDS.values()} == \
         dict.fromkeys(LOSS_WEIGHT_FIELDS.values(), 0.0)
-    assert not (out / "_frozen_encoders").exists()          # no teacher features were built or read
+    assert not (out / "_reinforced").exists()               # no teacher features were built or read
     card = ModelCard.load(out / "README.md").text
     assert "**plain CLIP**" in card and "No teacher" in card
     # the script's own docstring names the same switches
@@ -83,8 +83,9 @@ def test_streaming_with_the_default_recipe_names_what_needs_the_rows(tmp_path, c
     code = train_lightclip.cli(["--streaming", *_tiny_data(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert "soft labels from the frozen encoders" in err and "frozen-relation distillation" in err
+    assert "soft labels from the teachers" in err and "frozen-relation distillation" in err
     assert "CLIP-PING" not in err                         # the default recipe uses none
+    assert "lightclip-reinforce --out R" in err and "--train_file R --streaming" in err
     assert "--soft_label_mode none" in err and "--relation_loss_weight 0" in err
 
 
@@ -123,9 +124,10 @@ def test_a_recommended_objective_card_names_and_credits_its_teachers(tmp_path):
     assert "| frozen-relation distillation | 2.0 |" in text
     assert "image teacher: **EfficientNet-Lite0**" in text and "text teacher: **all-MiniLM-L6-v2**" in text
     assert "arXiv:2312.00674" in text and "arXiv:2412.03871" in text
-    meta = json.loads((out / "_frozen_encoders" / "meta.json").read_text())
+    (copy,) = (out / "_reinforced").glob("*/reinforced.json")      # the teachers' features, stored with the rows
+    meta = json.loads(copy.read_text())
     info = json.loads((out / "training_info.json").read_text())
-    assert info["teachers"]["image_encoder"] == meta["image_encoder"] == "efficientnet-lite0"
+    assert info["teachers"] == meta["teachers"] and meta["teachers"][0]["image_encoder"] == "efficientnet-lite0"
     assert info["provenance"]["versions"]["torch"] == version("torch")
 
 

