@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, set_seed
 
 from modeling_lightclip.training.arguments import LightCLIPTrainingArguments, ModelArguments
 from modeling_lightclip.training.build import build_run
-from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+from modeling_lightclip.training.data import DataArguments, StreamForProcesses, load_image_text_datasets
 from modeling_lightclip.training.hub import HubUploadError, push_folder, write_model_card, write_training_info
 from modeling_lightclip.training.lora import merge_lora
 from modeling_lightclip.training.recipes import load_recipe
@@ -70,6 +70,12 @@ def main(argv=None):
     model, processor, train_dataset, eval_dataset = run.model, run.processor, run.train_dataset, run.eval_dataset
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps (a stream has no length to count epochs by).")
+    if data_args.streaming and data_args.shuffle_buffer_size > 0 and train_dataset is not None:
+        # the same seed on every process: each reads the same order and takes its own slice of it
+        train_dataset = train_dataset.shuffle(seed=training_args.seed, buffer_size=data_args.shuffle_buffer_size)
+    if data_args.streaming and training_args.world_size > 1 and train_dataset is not None:
+        train_dataset = StreamForProcesses(train_dataset)  # each process its slice of every global batch
+        training_args.accelerator_config.dispatch_batches = False
     push, training_args.push_to_hub = training_args.push_to_hub, False  # we push once, at the end, with our card
     if push and not training_args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id ORG/NAME.")

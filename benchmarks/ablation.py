@@ -76,6 +76,10 @@ ARMS = {
     # round 3: frozen soft labels + frozen-relation distillation (weight chosen on the selection split: select2)
     "+frozen_relation": {**_OFF, **_FROZEN_SOFT_LABELS, "relation_loss_weight": 2.0},
 }
+# arms that train the same switches from a reinforced copy of the training data, streamed (teacher features read
+# from each row) instead of the row-indexed frozen-encoder folder
+STREAMED_ARMS = {"+frozen_relation_streamed": "+frozen_relation"}
+ARMS.update({name: dict(ARMS[base]) for name, base in STREAMED_ARMS.items()})
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).
@@ -203,15 +207,27 @@ def arm_config(setting: dict, overrides: dict):
     return build_model_config(recipe["model"], **config_overrides(model_args))
 
 
+def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int) -> Path:
+    """A reinforced copy of the training file with the frozen-pair teacher at the neighbour folder's image size (the
+    same features the row-indexed arms read), written once."""
+    out = data_dir / f"reinforced_{image_size}"
+    if not (out / "reinforced.json").is_file():
+        subprocess.run([sys.executable, "-m", "modeling_lightclip.training.reinforce", "--train_file", str(train_file),
+                        "--out", str(out), "--teacher_image_size", str(image_size)], cwd=ROOT, check=True)
+    return out
+
+
 def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer: Path, neighbours: Path | None,
-               out_dir: Path) -> list[str]:
+               out_dir: Path, reinforced: Path | None = None) -> list[str]:
+    """`train_lightclip.py` flags of one run; `reinforced`: train from that reinforced copy, streamed."""
+    source = ["--train_file", str(reinforced), "--streaming"] if reinforced else ["--train_file", str(files["train"])]
     argv = ["--recipe", setting["recipe"], "--image_size", str(setting["image_size"]),
-            "--train_file", str(files["train"]), "--tokenizer_name", str(tokenizer),
+            *source, "--tokenizer_name", str(tokenizer),
             "--per_device_train_batch_size", str(setting["batch_size"]), "--max_steps", str(setting["max_steps"]),
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if arm_config(setting, overrides).uses_frozen_features:
+    if arm_config(setting, overrides).uses_frozen_features and reinforced is None:
         argv += ["--ping_neighbours_dir", str(neighbours)]
     return argv
 
@@ -536,6 +552,8 @@ def main(argv=None):
         tokenizer = prepare_tokenizer(files_dir, files["train"], setting["vocab_size"], max_length)
         needs_frozen = any(arm_config(setting, arms[a]).uses_frozen_features for a in selected)
         neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
+        reinforced = (prepare_reinforced(files_dir, files["train"], setting["image_size"])
+                      if any(a in STREAMED_ARMS for a in selected) else None)
         jobs = []
         for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds
             for arm in selected:
@@ -548,7 +566,8 @@ def main(argv=None):
                 jobs.append({"arm": arm, "seed": seed, "overrides": arms[arm], "out_dir": str(run_dir),
                              "threads": setting["threads"], "parallel": setting["parallel"],
                              "files": {k: str(v) for k, v in files.items()},
-                             "argv": train_argv(setting, arms[arm], seed, files, tokenizer, neighbours, run_dir)})
+                             "argv": train_argv(setting, arms[arm], seed, files, tokenizer, neighbours, run_dir,
+                                                reinforced if arm in STREAMED_ARMS else None)})
         print(f"{len(jobs)} run(s) to do, {setting['parallel']} at a time")
 
         def _run(job):

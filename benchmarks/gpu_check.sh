@@ -8,7 +8,8 @@
 #                     and recompiles                                              -> RESULTS_DIR/throughput_gpu.json
 # 2. objective_overhead.py --bf16 - each objective's step vs the CLIP step (ResNet-18 and MobileNetV2, 224 px)
 #                                                                                 -> RESULTS_DIR/objective_overhead_*_gpu.json
-# 3. short_study.py - plain CLIP vs the recommended objective, 3 seeds, fixed steps, embedded data
+# 3. reinforce.py  - samples/s of the reinforce pass (frozen-pair teacher at 224 px) -> RESULTS_DIR/reinforce_gpu.json
+# 4. short_study.py - plain CLIP vs the recommended objective, 3 seeds, fixed steps, embedded data
 #                                                                                 -> RESULTS_DIR/short_study_gpu.json
 #
 # A bare GPU machine may have no package registry: modules it lacks (datasets, evaluate, multiprocess, dill,
@@ -61,6 +62,7 @@ if [ "$DRY" = 1 ]; then   # toy sizes on the CPU: every stage, every flag path, 
   STUDY=(--recipe default --image_size 32 --batch_size 16 --max_steps 2 --seeds 0 1 --max_train_samples 64
          --max_eval_samples 32 --workers 0)
   OVERHEAD_RECIPES=(resnet18)
+  REINFORCE=(--samples 16 --teacher_image_size 64 --batch_size 8)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "error: no CUDA device (use --dry-run on a CPU)" >&2; exit 2; }
@@ -70,6 +72,7 @@ else
   OVERHEAD=(--image_size 224 --batch_size 256 --steps 10 --warmup 3 --bf16)
   STUDY=(--recipe resnet18 --image_size 64 --batch_size 256 --max_steps 300 --seeds 0 1 2 --bf16)
   OVERHEAD_RECIPES=(resnet18 mobilenetv2)
+  REINFORCE=(--samples 4096 --teacher_image_size 224 --batch_size 256)
 fi
 
 failed=0
@@ -85,12 +88,13 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, report and go
 }
 
 cd "$ROOT"
-stage throughput 210 "$PY" benchmarks/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput_gpu.json"
+stage throughput 200 "$PY" benchmarks/throughput.py "${THROUGHPUT[@]}" --json "$OUT/throughput_gpu.json"
 for recipe in "${OVERHEAD_RECIPES[@]}"; do
-  stage "objective_overhead_$recipe" 45 "$PY" benchmarks/objective_overhead.py --recipe "$recipe" "${OVERHEAD[@]}" \
+  stage "objective_overhead_$recipe" 40 "$PY" benchmarks/objective_overhead.py --recipe "$recipe" "${OVERHEAD[@]}" \
     --json "$OUT/objective_overhead_${recipe}_gpu.json"
 done
-stage short_study 150 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out /tmp/lightclip-short-study \
+stage reinforce 45 "$PY" benchmarks/reinforce.py "${REINFORCE[@]}" --json "$OUT/reinforce_gpu.json"
+stage short_study 135 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out /tmp/lightclip-short-study \
   --json "$OUT/short_study_gpu.json"
 
 echo "results in $OUT: $(cd "$OUT" && ls *.json 2>/dev/null | tr '\n' ' ')"

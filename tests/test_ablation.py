@@ -36,8 +36,9 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
 
     files = {"train": tmp_path / "train.parquet"}
     for name, overrides in ablation.ARMS.items():
+        streamed = name in ablation.STREAMED_ARMS
         argv = ablation.train_argv(ablation.SETTINGS["cpu"], overrides, 3, files, tmp_path / "tok",
-                                   tmp_path / "nn", tmp_path / name)
+                                   tmp_path / "nn", tmp_path / name, tmp_path / "R" if streamed else None)
         recipe, model_args, data_args, training_args = train_lightclip.parse_args(argv)
         given = config_overrides(model_args)
         for key, value in overrides.items():
@@ -45,8 +46,13 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
-                                         "+frozen_soft_labels", "+frozen_relation")), name
-        assert (data_args.ping_neighbours_dir == str(tmp_path / "nn")) == needs_folder
+                                         "+frozen_soft_labels", "+frozen_relation", "+frozen_relation_streamed")), name
+        if streamed:   # the same switches, teacher features from a reinforced copy, streamed
+            assert overrides == ablation.ARMS[ablation.STREAMED_ARMS[name]]
+            assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
+            assert data_args.teacher_features != str(tmp_path / "nn")
+            continue
+        assert (data_args.teacher_features == str(tmp_path / "nn")) == needs_folder   # the old flag name, an alias
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]
     changed = {name: {k for k in base if arm[k] != base[k]} for name, arm in ablation.ARMS.items()}

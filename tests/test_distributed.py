@@ -20,14 +20,16 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 
 PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
 REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch",
-            "relation_loss_weight": 0.5}
+            "relation_loss_weight": 0.5, "distill_loss_weight": 0.5, "distill_temperature": 2.0,
+            "distill_teacher_logit_scale": 50.0}
 
 
 def _model_and_batch(tokenizer, variant: str = "paper"):
     """CLIP-vision + BERT (no BatchNorm, no dropout: both would make 1 vs 2 processes differ by design), all
     objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
     every parameter gets a gradient. `variant="redesign"`: soft labels from frozen-encoder features (gathered across
-    ranks), relation distillation and CLIP-PING with in-batch neighbours instead of the bank."""
+    ranks), relation distillation, cross-modal distillation from a teacher's embeddings and CLIP-PING with in-batch
+    neighbours instead of the bank."""
     config = build_model_config({**(REDESIGN if variant == "redesign" else PAPER),
         "image_size": 32, "projection_dim": 16, "token_projection_dim": 16, "fusion_num_heads": 2,
         "soft_label_mode": "similarity", "soft_label_max": 0.3, "soft_label_schedule": "constant",
@@ -66,6 +68,8 @@ def _model_and_batch(tokenizer, variant: str = "paper"):
             batch.pop(key)
         batch["frozen_image_features"] = F.normalize(torch.randn(8, 12, generator=generator), dim=-1)
         batch["frozen_text_features"] = F.normalize(torch.randn(8, 6, generator=generator), dim=-1)
+        batch["teacher_image_embeds"] = F.normalize(torch.randn(8, 10, generator=generator), dim=-1)
+        batch["teacher_text_embeds"] = F.normalize(torch.randn(8, 10, generator=generator), dim=-1)
         batch["ping_partner_rows"] = torch.tensor([1, 0, 3, 2, 5, 4, -1, -1])  # pairs never straddle two ranks
         batch["ping_partner_spaces"] = torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])
         return model, batch, None

@@ -27,9 +27,11 @@ def test_gpu_check_dry_run_runs_every_stage_and_stamps_its_results(tmp_path):
         assert key in figures, key
     overhead = json.loads((tmp_path / "objective_overhead_resnet18_gpu.json").read_text())
     assert overhead["clip"]["ratio"] == 1.0 and "full" in overhead
+    reinforce = json.loads((tmp_path / "reinforce_gpu.json").read_text())
+    assert reinforce["rows"] == 16 and reinforce["samples_per_s"] > 0
     study = json.loads((tmp_path / "short_study_gpu.json").read_text())
     assert {r["arm"] for r in study["runs"]} == {"clip", "recommended"} and len(study["runs"]) == 4
-    for result in (throughput, overhead, study):
+    for result in (throughput, overhead, reinforce, study):
         stamp = result["provenance"]
         assert stamp["versions"]["torch"] and stamp["date"] and "hardware" in stamp
         assert result["command"].startswith("python ")

@@ -84,6 +84,10 @@ class DataArguments:
                 "read from the file's header before decoding: a 1 x 300,000 strip has few pixels but resizing its "
                 "short side to the model's needs gigabytes."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (IterableDataset)."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={
+        "help": "With --streaming: training rows are shuffled through a buffer of this many (datasets' "
+                "IterableDataset.shuffle: the shards' order and the rows within the buffer, reseeded every epoch "
+                "from --seed); 0 reads the stream in order."})
     max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_caption_length: int | None = field(default=None, metadata={
@@ -129,6 +133,25 @@ class Splits(dict):
         self.file_skips = {}
         self.source = {"name": "custom image-text data", "hub_id": None}
         self.reinforced = None  # a reinforced copy's metadata (`reinforce.read_meta`): its teachers and columns
+
+
+class StreamForProcesses(torch.utils.data.IterableDataset):
+    """A `datasets` stream handed to several training processes: every process reads the stream's rows in the same
+    order and accelerate's `IterableDatasetShard` gives each process its own slice of every global batch, so each
+    sample is trained on once per epoch and every process takes the same number of steps (a per-process split of
+    the shards would leave processes with unequal counts, and accelerate's default of one process reading and
+    sending batches cannot carry a batch's skip counts). Only a process's own rows are decoded, by its collator."""
+
+    def __init__(self, stream):
+        super().__init__()
+        self.stream = stream
+
+    def __iter__(self):
+        return iter(self.stream)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
 
 
 def data_source(args: "DataArguments") -> dict:
@@ -286,7 +309,7 @@ def _check_metadata_files(root: Path) -> None:
 
 def _reinforced_folder(args: "DataArguments") -> Path | None:
     """The reinforced copy `--train_file` (or `--dataset_name parquet --data_dir`) points at, or None."""
-    from .reinforce import META_FILE
+    from .reinforced_copy import META_FILE
 
     for candidate in (args.train_file, args.data_dir if args.dataset_name in (None, "parquet") else None):
         if candidate and Path(candidate).is_dir() and (Path(candidate) / META_FILE).is_file():
@@ -299,7 +322,7 @@ def _from_reinforced(folder: Path, args: "DataArguments") -> "Splits":
     --validation_file says otherwise), streamed or memory-mapped by `datasets`' parquet builder."""
     from datasets import ClassLabel, load_dataset
 
-    from .reinforce import read_meta, split_files
+    from .reinforced_copy import read_meta, split_files
 
     meta = read_meta(folder)
     files = {args.train_split: split_files(folder, "train")}

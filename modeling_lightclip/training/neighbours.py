@@ -8,7 +8,7 @@
 `build` = `extract` (features of every training sample, L2-normalised, written into memory-mapped .npy files in
 row order; batched, with a progress bar, resumable after an interruption, rows sharded across processes) +
 `search` (top-k neighbours of each sample in each feature space, itself excluded: exact inner product with faiss
-when installed, else chunked torch matmul, which gives the same result). Train with `--ping_neighbours_dir`.
+when installed, else chunked torch matmul, which gives the same result). Train with `--teacher_features DIR`.
 
 Encoders: any transformers `AutoModel` checkpoint (Hub id or folder: image towers pool their `pooler_output`
 or CLS token, text towers take the attention-masked mean, as sentence-transformers does), plus two that install
@@ -382,9 +382,10 @@ def _extract_folder(dataset, out: Path, image_column: str, caption_column: str, 
                      FrozenTextEncoder(text_encoder, device), image_column, caption_column, batch_size,
                      state.process_index, state.num_processes, state.wait_for_everyone,
                      progress=state.is_local_main_process)
-    if state.is_main_process:
+    if state.is_main_process:  # the fingerprint names the rows: attaching these features to other rows is refused
         _atomic_json(out / FILES["meta"], {"image_encoder": image_encoder, "text_encoder": text_encoder,
-                                            "num_samples": len(dataset), "image_size": image_size})
+                                            "num_samples": len(dataset), "image_size": image_size,
+                                            "dataset_fingerprint": getattr(dataset, "_fingerprint", None)})
 
 
 def _search_folder(out: Path, k: int, backend: str, ivf_lists: int, use_gpu: bool, labels=None) -> dict:
@@ -405,9 +406,9 @@ def build_folder(dataset, out: str | Path, image_column: str = "image", caption_
     """`build` for an already loaded training split: frozen-encoder features (resumable, sharded across processes)
     then the top-k neighbours (main process). A folder already complete for this many samples is kept as it is.
     Returns the search summary (or the stored meta when nothing had to be done)."""
-    from accelerate import PartialState
+    from .processes import process_state
 
-    state = PartialState()
+    state = process_state()
     out = Path(out)
     meta_path = out / FILES["meta"]
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -447,9 +448,9 @@ def main(argv=None):
     parser.add_argument("--label_column", help="report how often a sample's top-1 neighbour shares its label")
     args = parser.parse_args(argv)
 
-    from accelerate import PartialState
+    from .processes import process_state
 
-    state = PartialState()
+    state = process_state()
     out = Path(args.out)
 
     def _dataset():

@@ -43,11 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .processes import process_state
+from .reinforced_copy import FORMAT, META_FILE, read_meta, split_files, teacher_columns  # noqa: F401 - re-exported
+
 
 logger = logging.getLogger(__name__)
 
-META_FILE = "reinforced.json"
-FORMAT = "lightclip-reinforced/1"
 FROZEN_PAIR = "frozen-pair"
 
 
@@ -152,10 +153,6 @@ def load_teacher(spec: str, device: str = "cpu", image_size: int = 224):
     return ClipLikeTeacher(spec, device)
 
 
-def teacher_columns(index: int) -> dict:
-    return {"image": f"teacher{index}_image", "text": f"teacher{index}_text"}
-
-
 # ------------------------------------------------------------------------------------------------------ samples
 
 
@@ -238,12 +235,19 @@ def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> N
     """Summary first, then the parquet file, each written to `.tmp` and renamed: a shard exists whole or not at all
     (`ShardPaths.done` needs both)."""
     from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
     tmp = paths.summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(summary))
     os.replace(tmp, paths.summary)
     tmp = paths.parquet.with_suffix(".parquet.tmp")
-    Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+    shown = is_progress_bar_enabled()
+    disable_progress_bar()  # one bar per shard would drown the run's own
+    try:
+        Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+    finally:
+        if shown:
+            enable_progress_bar()
     os.replace(tmp, paths.parquet)
 
 
@@ -292,7 +296,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     def _flush(index, rows):
         paths = shard_paths(folder, index)
         summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label_column if with_label
-                                else None, batch_size, max_aspect_ratio)
+                                else None, batch_size, max_aspect_ratio, rank)
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
@@ -329,7 +333,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
-                  max_aspect_ratio) -> dict:
+                  max_aspect_ratio, rank: int = 0) -> dict:
     started = time.perf_counter()
     skipped = Counter()
     columns = {"image": [], "caption": [], "source_row": []}
@@ -359,28 +363,12 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
     features = _shard_features(teachers, bool(label_column), bool(teachers))
     summary = {"rows": len(columns["caption"]), "source_rows": [int(rows[0][0]), int(rows[-1][0]) + 1] if rows else [],
-               "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3)}
+               "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3), "rank": rank}
     _write_shard(paths, columns, features, summary)
     return summary
 
 
 # ------------------------------------------------------------------------------------------------------ a whole copy
-
-
-def read_meta(folder) -> dict | None:
-    """The metadata of a reinforced copy, or None when `folder` is not one."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; rebuild it with "
-                         "lightclip-reinforce.")
-    return meta
-
-
-def split_files(folder, split: str) -> list[str]:
-    return sorted(str(p) for p in (Path(folder) / split).glob("part-*.parquet"))
 
 
 def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "image", caption_column: str = "caption",
@@ -390,11 +378,9 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
     """Write a reinforced copy of `splits` ({"train": dataset, "validation": dataset}: teacher features on the
     training split only) into `out`, shards spread over the processes of `state` (accelerate's `PartialState`), and
     the metadata file (main process, once every process is done). Returns the metadata."""
-    from accelerate import PartialState
-
     from .provenance import stamp
 
-    state = state or PartialState()
+    state = state or process_state()
     out = Path(out)
     if teachers is None:
         teachers = [load_teacher(spec, str(state.device), teacher_image_size) for spec in teacher_specs]
@@ -408,8 +394,11 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
     state.wait_for_everyone()
     meta = None
     if state.is_main_process:
+        has_label = bool(label_column) and any(
+            label_column in (getattr(d, "column_names", None) or list(getattr(d, "features", None) or {}))
+            for d in splits.values() if d is not None)
         meta = {"format": FORMAT, "source": source, "columns": {"image": "image", "caption": "caption",
-                                                                  "label": "label" if label_column else None},
+                                                                  "label": "label" if has_label else None},
                 "class_names": _class_names(splits, label_column), "teachers": [], "splits": {},
                 "provenance": stamp()}
         for i, teacher in enumerate(teachers):

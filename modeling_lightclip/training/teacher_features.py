@@ -115,15 +115,16 @@ def auto_reinforced(train_dataset, config, data_args, training_args):
     """`--teacher_features auto`: a reinforced copy of the training split with the default teacher, written once into
     OUTPUT_DIR/_reinforced/ (sharded over the run's processes, resumable) and keyed by the data's fingerprint, then
     trained from. Returns (the copy's training split, its teachers)."""
-    from accelerate import PartialState
     from datasets import Image as ImageFeature, load_dataset
+
+    from .processes import process_state
 
     image_size = max(64, int(config.image_size))
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER / _fingerprint(
         train_dataset, data_args.image_column, data_args.caption_column, FROZEN_PAIR, image_size)
     try:
         meta = reinforce({"train": train_dataset}, folder, [FROZEN_PAIR], data_args.image_column,
-                         data_args.caption_column, None, teacher_image_size=image_size, state=PartialState(),
+                         data_args.caption_column, None, teacher_image_size=image_size, state=process_state(),
                          max_aspect_ratio=data_args.max_image_aspect_ratio)
     except ValueError as err:
         raise ValueError(f"--teacher_features auto: {err}") from None

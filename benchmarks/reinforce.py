@@ -1,0 +1,73 @@
+"""Samples/s of the reinforce pass (`lightclip-reinforce`) and its disk cost, on generated JPEG pairs.
+
+    python benchmarks/reinforce.py --samples 512 --json benchmarks/results/reinforce_cpu.json
+
+Writes `--samples` JPEG image-caption pairs (photos re-encoded at `--photo_size`, captions of a few words), then
+reinforces them with the default teacher (frozen-pair: EfficientNet-Lite0 at `--teacher_image_size` + all-MiniLM-L6-v2)
+in one process, timing the whole pass (decode, both teachers, parquet writing); reports samples/s and the bytes the
+copy takes per sample: the image bytes as stored in the source plus the float16 features (1,280 + 384 values).
+"""
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--photo_size", default="320x240")
+    parser.add_argument("--teacher_image_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+
+    import torch
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+    from PIL import Image
+
+    from modeling_lightclip.training.provenance import write_results
+    from modeling_lightclip.training.reinforce import reinforce
+
+    work = Path(tempfile.mkdtemp(prefix="lightclip-reinforce-bench-"))
+    width, height = (int(v) for v in args.photo_size.split("x"))
+    photos = []
+    for name in ("astronaut.jpg", "chelsea_cat.jpg"):
+        buffer = io.BytesIO()
+        Image.open(ROOT / "tests" / "fixtures" / name).convert("RGB").resize((width, height)).save(buffer, "JPEG",
+                                                                                                   quality=90)
+        photos.append(buffer.getvalue())
+    words = ["a", "photo", "of", "an", "astronaut", "cat", "on", "the", "grass", "in", "space", "sleeping"]
+    data = Dataset.from_dict({"image": [{"bytes": photos[i % 2], "path": None} for i in range(args.samples)],
+                              "caption": [" ".join(words[(i + j) % len(words)] for j in range(6)) + f" {i}"
+                                          for i in range(args.samples)]},
+                             features=Features({"image": ImageFeature(decode=False), "caption": Value("string")}))
+    started = time.perf_counter()
+    meta = reinforce({"train": data}, work / "R", ["frozen-pair"], shard_size=max(args.samples // 4, 1),
+                     batch_size=args.batch_size, teacher_image_size=args.teacher_image_size)
+    seconds = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in (work / "R" / "train").glob("*.parquet"))
+    image_bytes = sum(len(photos[i % 2]) for i in range(args.samples))
+    result = {"setting": vars(args) | {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available()
+                                       else "cpu"},
+              "rows": meta["splits"]["train"]["rows"], "seconds": seconds, "samples_per_s": args.samples / seconds,
+              "copy_bytes_per_sample": size / args.samples, "source_image_bytes_per_sample": image_bytes / args.samples,
+              "feature_bytes_per_sample": 2 * (1280 + 384)}
+    print(f"{args.samples} samples in {seconds:.1f} s: {result['samples_per_s']:.1f} samples/s; copy "
+          f"{result['copy_bytes_per_sample'] / 1024:.1f} KiB per sample (images {image_bytes / args.samples / 1024:.1f} "
+          f"KiB, features {result['feature_bytes_per_sample'] / 1024:.1f} KiB)")
+    if args.json:
+        write_results(args.json, result)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
