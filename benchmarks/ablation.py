@@ -46,10 +46,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 # Every objective switch spelled out per arm (weights are LightCLIPConfig fields).
 _OFF = {"soft_label_mode": "none", "token_loss_weight": 0.0, "mlm_loss_weight": 0.0,
-        "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0, "relation_loss_weight": 0.0}
+        "ping_nn_loss_weight": 0.0, "ping_xnn_loss_weight": 0.0, "relation_loss_weight": 0.0,
+        "distill_loss_weight": 0.0}
 # the papers' readings, every field that differs from the redesign spelled out
 _PAPER_SOFT_LABELS = {"soft_label_mode": "similarity", "soft_label_source": "student", "soft_label_modality": "candidates",
                       "soft_label_max": 0.2, "soft_label_schedule": "cosine"}
@@ -76,10 +78,16 @@ ARMS = {
     # round 3: frozen soft labels + frozen-relation distillation (weight chosen on the selection split: select2)
     "+frozen_relation": {**_OFF, **_FROZEN_SOFT_LABELS, "relation_loss_weight": 2.0},
 }
-# arms that train the same switches from a reinforced copy of the training data, streamed (teacher features read
-# from each row) instead of the row-indexed frozen-encoder folder
-STREAMED_ARMS = {"+frozen_relation_streamed": "+frozen_relation"}
-ARMS.update({name: dict(ARMS[base]) for name, base in STREAMED_ARMS.items()})
+# arms that train from a reinforced copy of the training data, streamed (teacher features read from each row), and
+# the copy: "frozen-pair" (the teacher the row-indexed arms read from their folder) or "aligned" (+ the frozen pair
+# aligned into one space on the training pairs, a multimodal teacher: benchmarks/aligned_teacher.py)
+STREAMED_ARMS = {"+frozen_relation_streamed": "frozen-pair", "+distill_aligned": "aligned",
+                 "+frozen_relation+distill_aligned": "aligned"}
+ARMS.update({
+    "+frozen_relation_streamed": dict(ARMS["+frozen_relation"]),
+    "+distill_aligned": {**_OFF, "distill_loss_weight": 1.0},
+    "+frozen_relation+distill_aligned": {**ARMS["+frozen_relation"], "distill_loss_weight": 1.0},
+})
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).
@@ -207,13 +215,21 @@ def arm_config(setting: dict, overrides: dict):
     return build_model_config(recipe["model"], **config_overrides(model_args))
 
 
-def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int) -> Path:
-    """A reinforced copy of the training file with the frozen-pair teacher at the neighbour folder's image size (the
-    same features the row-indexed arms read), written once."""
+def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int, kind: str = "frozen-pair") -> Path:
+    """A reinforced copy of the training file, written once: the frozen-pair teacher at the neighbour folder's image
+    size (the same features the row-indexed arms read), and for `kind="aligned"` that copy plus the frozen pair
+    aligned into one space on the training pairs (a multimodal teacher)."""
     out = data_dir / f"reinforced_{image_size}"
     if not (out / "reinforced.json").is_file():
         subprocess.run([sys.executable, "-m", "modeling_lightclip.training.reinforce", "--train_file", str(train_file),
                         "--out", str(out), "--teacher_image_size", str(image_size)], cwd=ROOT, check=True)
+    if kind == "aligned":
+        from aligned_teacher import write_aligned_copy
+
+        aligned = data_dir / f"reinforced_{image_size}_aligned"
+        if not (aligned / "reinforced.json").is_file():
+            write_aligned_copy(out, aligned)
+        return aligned
     return out
 
 
@@ -552,8 +568,8 @@ def main(argv=None):
         tokenizer = prepare_tokenizer(files_dir, files["train"], setting["vocab_size"], max_length)
         needs_frozen = any(arm_config(setting, arms[a]).uses_frozen_features for a in selected)
         neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
-        reinforced = (prepare_reinforced(files_dir, files["train"], setting["image_size"])
-                      if any(a in STREAMED_ARMS for a in selected) else None)
+        reinforced = {kind: prepare_reinforced(files_dir, files["train"], setting["image_size"], kind)
+                      for kind in sorted({STREAMED_ARMS[a] for a in selected if a in STREAMED_ARMS})}
         jobs = []
         for seed in setting["seeds"]:  # seed-major: a partial study has every arm at the first seeds
             for arm in selected:
@@ -567,7 +583,7 @@ def main(argv=None):
                              "threads": setting["threads"], "parallel": setting["parallel"],
                              "files": {k: str(v) for k, v in files.items()},
                              "argv": train_argv(setting, arms[arm], seed, files, tokenizer, neighbours, run_dir,
-                                                reinforced if arm in STREAMED_ARMS else None)})
+                                                reinforced.get(STREAMED_ARMS.get(arm)))})
         print(f"{len(jobs)} run(s) to do, {setting['parallel']} at a time")
 
         def _run(job):

@@ -46,9 +46,8 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
-                                         "+frozen_soft_labels", "+frozen_relation", "+frozen_relation_streamed")), name
-        if streamed:   # the same switches, teacher features from a reinforced copy, streamed
-            assert overrides == ablation.ARMS[ablation.STREAMED_ARMS[name]]
+                                         "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)), name
+        if streamed:   # teacher features from a reinforced copy, streamed
             assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
             assert data_args.teacher_features != str(tmp_path / "nn")
             continue
@@ -56,6 +55,9 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]
     changed = {name: {k for k in base if arm[k] != base[k]} for name, arm in ablation.ARMS.items()}
+    assert changed["+frozen_relation_streamed"] == changed["+frozen_relation"]
+    assert changed["+distill_aligned"] == {"distill_loss_weight"}
+    assert changed["+frozen_relation+distill_aligned"] == changed["+frozen_relation"] | {"distill_loss_weight"}
     assert changed["+soft_labels"] == {"soft_label_mode"}
     assert changed["+token"] == {"token_loss_weight"}
     assert changed["+mlm_fusion"] == {"mlm_loss_weight"}

@@ -237,3 +237,18 @@ def test_the_temperature_floor_keeps_every_loss_finite():
         assert torch.isfinite(loss)
     relation = FrozenRelationLoss(MIN_TEMPERATURE)(embeds, embeds.flip(0), embeds, embeds)["relation"]
     assert torch.isfinite(relation)
+
+
+def test_a_stream_longer_than_the_probe_is_not_refused_for_its_size(tmp_path):
+    """A stream's size is unknown: its first rows can only refuse it when the stream ends within them."""
+    from datasets import Dataset
+
+    from modeling_lightclip.training.data import check_usable_samples
+
+    names = _images(tmp_path, 2)
+    rows = {"image": [str(tmp_path / names[i % 2]) for i in range(40)], "caption": [f"cat {i}" for i in range(40)]}
+    long_stream = Dataset.from_dict(rows).to_iterable_dataset()
+    check_usable_samples(long_stream, "image", "caption", min_samples=128)          # 40 > the 32 probed: unknown
+    short_stream = Dataset.from_dict({k: v[:10] for k, v in rows.items()}).to_iterable_dataset()
+    with pytest.raises(ValueError, match="has 10 usable samples, fewer than one global batch"):
+        check_usable_samples(short_stream, "image", "caption", min_samples=128)

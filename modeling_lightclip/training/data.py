@@ -534,8 +534,10 @@ def check_usable_samples(dataset, image_column: str, caption_column: str, specia
     than `min_samples` (one global batch when the last partial batch is dropped)."""
     rows = _probe_rows(dataset, probe)
     captions = _caption_values(dataset, caption_column)
-    if captions is None:  # a stream: the probed rows, read once for both checks
+    whole = True
+    if captions is None:  # a stream: the probed rows, read once for both checks; its size is known only when short
         captions = [row.get(caption_column) for row in rows]
+        whole = len(rows) < probe
     reasons = Counter()
     usable = 0
     for value in captions:
@@ -550,7 +552,7 @@ def check_usable_samples(dataset, image_column: str, caption_column: str, specia
         raise ValueError(f"no usable caption in the {what} data ({counts}) in column {caption_column!r}: captions "
                          "that are empty after dropping control and zero-width characters, or made only of "
                          "special-token strings, cannot train. Point --caption_column at the captions.")
-    if usable < min_samples:
+    if usable < min_samples and whole:
         raise ValueError(f"the {what} data has {usable} usable samples, fewer than one global batch "
                          f"({min_samples} = --per_device_train_batch_size x processes): the run would take no "
                          "step. Lower --per_device_train_batch_size, add data, or set --dataloader_drop_last false.")

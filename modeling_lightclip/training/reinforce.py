@@ -296,7 +296,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     def _flush(index, rows):
         paths = shard_paths(folder, index)
         summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label_column if with_label
-                                else None, batch_size, max_aspect_ratio, rank)
+                                else None, batch_size, max_aspect_ratio, rank, on_progress=bar.update)
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
@@ -306,10 +306,9 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
             paths = shard_paths(folder, index)
             if paths.done:
                 done[index] = json.loads(paths.summary.read_text())
+                bar.update(stop - start)
             else:
-                rows = [(row, dataset[row]) for row in range(start, stop)]
-                _flush(index, rows)
-            bar.update(stop - start)
+                _flush(index, [(row, dataset[row]) for row in range(start, stop)])
     else:  # a stream: read in order, keep this process's rows, never materialise the stream
         for row, example in enumerate(dataset):
             index = row // shard_size
@@ -317,10 +316,11 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
                 if current is not None and rows:
                     _flush(current, rows)
                 current, rows = index, []
-            bar.update(1)
             if index % world != rank:
+                bar.update(1)
                 continue
             if shard_paths(folder, index).done:
+                bar.update(1)
                 if index not in done:
                     done[index] = json.loads(shard_paths(folder, index).summary.read_text())
                 continue
@@ -333,7 +333,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
-                  max_aspect_ratio, rank: int = 0) -> dict:
+                  max_aspect_ratio, rank: int = 0, on_progress=lambda n: None) -> dict:
     started = time.perf_counter()
     skipped = Counter()
     columns = {"image": [], "caption": [], "source_row": []}
@@ -355,12 +355,12 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             columns["source_row"].append(int(row))
             if label_column:
                 columns["label"].append(_label_value(example.get(label_column)))
-        if not images:
-            continue
-        for i, teacher in enumerate(teachers):
-            names = teacher_columns(i)
-            columns[names["image"]].extend(teacher.image_features(images).half().numpy())
-            columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
+        if images:
+            for i, teacher in enumerate(teachers):
+                names = teacher_columns(i)
+                columns[names["image"]].extend(teacher.image_features(images).half().numpy())
+                columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
+        on_progress(len(rows[begin:begin + batch_size]))
     features = _shard_features(teachers, bool(label_column), bool(teachers))
     summary = {"rows": len(columns["caption"]), "source_rows": [int(rows[0][0]), int(rows[-1][0]) + 1] if rows else [],
                "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3), "rank": rank}
