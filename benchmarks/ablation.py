@@ -303,6 +303,15 @@ def run_one(args) -> None:
               "train_seconds": runtime, "step_seconds": runtime / steps, "wall_seconds": wall,
               "threads": spec["threads"], "parallel": spec["parallel"],
               **evaluate_run(out_dir, {k: Path(v) for k, v in spec["files"].items()})}
+    checkpoints = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    if checkpoints:  # a learning curve: every saved step scored like the final model (per-item lists left out)
+        curve = {}
+        for checkpoint in checkpoints:
+            scored = evaluate_run(checkpoint, {k: Path(v) for k, v in spec["files"].items()})
+            curve[checkpoint.name.split("-")[-1]] = {k: v for k, v in scored.items() if k != "items"}
+            shutil.rmtree(checkpoint)  # scored: the weights are not needed any more
+        curve[str(steps)] = {k: v for k, v in result.items() if k in dict(METRICS)}
+        result["curve"] = curve
     (out_dir / "run.json").write_text(json.dumps(result, indent=2))
 
 
@@ -485,6 +494,52 @@ def data_counts(files: dict) -> dict:
     return {name: pq.ParquetFile(path).metadata.num_rows for name, path in paths.items() if path.is_file()}
 
 
+def learning_curves(runs: list[dict]) -> dict:
+    """Per arm and metric: the steps scored and mean / std over seeds at each (runs trained with --curve_every)."""
+    curves = {}
+    for run in runs:
+        for step, metrics in (run.get("curve") or {}).items():
+            for key, value in metrics.items():
+                if key in dict(METRICS):
+                    curves.setdefault(run["arm"], {}).setdefault(key, {}).setdefault(int(step), []).append(value)
+    return {arm: {key: {"steps": sorted(values), "mean": [statistics.fmean(values[s]) for s in sorted(values)],
+                        "std": [statistics.stdev(values[s]) if len(values[s]) > 1 else 0.0 for s in sorted(values)]}
+                  for key, values in by_metric.items()} for arm, by_metric in curves.items()}
+
+
+def first_step_reaching(curves: dict, arm: str, key: str) -> int | None:
+    """The first scored step at which `arm`'s mean reaches the baseline's final mean (None if it never does)."""
+    base, mine = curves[BASELINE][key], curves[arm][key]
+    final = base["mean"][-1]
+    return next((step for step, value in zip(mine["steps"], mine["mean"]) if value >= final), None)
+
+
+def plot_curves(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = ["image_to_text_r1", "text_to_image_r1"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.6), constrained_layout=True)
+    for ax, key in zip(axes, keys):
+        for arm, by_metric in curves.items():
+            c = by_metric[key]
+            mean, std = np.array(c["mean"]) * 100, np.array(c["std"]) * 100
+            ax.plot(c["steps"], mean, marker="o", label=arm, color="#9e9e9e" if arm == BASELINE else None)
+            ax.fill_between(c["steps"], mean - std, mean + std, alpha=0.2)
+        ax.axhline(100 * curves[BASELINE][key]["mean"][-1], color="#9e9e9e", linestyle=":", linewidth=1)
+        ax.set_ylim(0, None)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("%")
+        ax.set_title(dict(METRICS)[key], fontsize=10)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: dict, inference: dict,
            files: dict | None = None) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted(study_dir.glob("runs/*/seed*/run.json"))]
@@ -498,6 +553,13 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     result = {"setting": setting_name, "settings": setting, "command": command, "provenance": stamp(),
               "data": data_counts(files) if files else None, "summary": summary, "runs": runs}
     items = {f"{r['arm']}/seed{r['seed']}": r.pop("items") for r in runs if "items" in r}
+    curves = learning_curves(runs)
+    if BASELINE in curves and len(curves) > 1:
+        result["learning_curves"] = curves
+        result["first_step_reaching_baseline_final"] = {
+            arm: {key: first_step_reaching(curves, arm, key) for key, _ in METRICS} for arm in curves if arm != BASELINE}
+        plot_curves(curves, study_dir / "curves.png", f"learning curves ({setting_name}): mean ± std over seeds; "
+                                                     "dotted: the baseline's final score")
     (study_dir / "results.json").write_text(json.dumps(result, indent=2))
     if items:  # per-item results, compact: what the bootstrap in results.json resampled
         (study_dir / "results_items.json").write_text(json.dumps(items))
@@ -510,6 +572,8 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
         shutil.copyfile(study_dir / f"results.{suffix}", published / f"ablation_{setting_name}.{suffix}")
     if items:
         shutil.copyfile(study_dir / "results_items.json", published / f"ablation_{setting_name}_items.json")
+    if (study_dir / "curves.png").is_file():
+        shutil.copyfile(study_dir / "curves.png", published / f"ablation_{setting_name}_curves.png")
     return result
 
 
@@ -521,6 +585,8 @@ def main(argv=None):
     parser.add_argument("--out", default="outputs/ablation", help="study folder (data is shared across settings)")
     parser.add_argument("--arms", nargs="+", help=f"run only these arms (default: all of {list(ARMS)})")
     parser.add_argument("--arm", action="append", default=[], help='add an arm: NAME="--flag value ..."')
+    parser.add_argument("--curve_every", type=int, default=0,
+                        help="also score every N steps (a learning curve: checkpoints saved, scored, deleted)")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the setting's seeds")
     parser.add_argument("--max_steps", type=int, help="override the setting's steps (a different study)")
     parser.add_argument("--parallel", type=int, help="runs side by side (default: the setting's)")
@@ -542,6 +608,9 @@ def main(argv=None):
     for key in ("seeds", "max_steps", "parallel"):
         if getattr(args, key) is not None:
             setting[key] = getattr(args, key)
+    if args.curve_every:
+        setting["extra"] = [*setting["extra"], "--save_strategy", "steps", "--save_steps", str(args.curve_every),
+                            "--save_only_model", "true"]
     arms = dict(ARMS)
     for text in args.arm:
         name, overrides = parse_arm(text)
