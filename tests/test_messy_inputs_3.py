@@ -12,22 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import CAPTIONS, FIXTURES
-
-
-def _images(folder: Path, n: int) -> list[str]:
-    photo = Image.open(FIXTURES / "astronaut.jpg").convert("RGB").resize((40, 40))
-    names = []
-    for i in range(n):
-        name = f"img{i}.png"
-        Image.fromarray(np.roll(np.asarray(photo), 5 * i, axis=1)).save(folder / name)
-        names.append(name)
-    return names
-
-
-def _tiny(out: Path, *flags) -> list[str]:
-    return ["--recipe", "tiny", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
-            "--max_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0", "--output_dir", str(out),
-            *flags]
+from test_messy_inputs import _image_files as _images, _tiny
 
 
 def _cli(argv, capsys) -> tuple[int, str]:

@@ -133,8 +133,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         config = build_model_config(_model_section(recipe, model_args), tokenizer, **overrides)
         processor = build_processor(config.image_size, tokenizer)
     captions_are_text(processor.tokenizer)
-    train_dataset, neighbours, teachers = setup_teacher_features(config, train_dataset, reinforced, data_args,
-                                                                 training_args)
+    teacher_setup = setup_teacher_features(config, train_dataset, reinforced, data_args, training_args)
+    train_dataset, neighbours = teacher_setup.train_dataset, teacher_setup.neighbours
 
     if source:
         model = LightCLIPModel.from_pretrained(source, config=config)
@@ -171,15 +171,14 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     train_collator = ImageTextCollator(
         **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
-        teachers=teachers,
+        teachers=teacher_setup.teachers,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),
         jpeg_draft_decoding=data_args.jpeg_draft_decoding)
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,
                eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates,
-               teachers=teachers if config.uses_teacher_features else None,
-               data_skips=getattr(train_dataset, "teacher_skips", None))
+               teachers=teacher_setup.teachers, data_skips=teacher_setup.skipped)
 
 
 __all__ = ["Run", "build_run", "check_model_source"]

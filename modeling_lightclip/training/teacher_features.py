@@ -6,8 +6,9 @@ sample's features. `setup_teacher_features` decides, once, where those rows come
 
 * the training data is a **reinforced copy** (`lightclip-reinforce`): its teacher columns, streamed or not;
 * `--teacher_features auto`: a reinforced copy of the training split is written once into
-  `OUTPUT_DIR/_reinforced/<data fingerprint>-<teacher>` with the default teacher and trained from (edited, reordered or
-  filtered data has another fingerprint, so it gets its own copy - never another data's features);
+  `OUTPUT_DIR/_reinforced/<key>` (the key hashes the data's fingerprint and the teacher settings) with the default
+  teacher and trained from (edited, reordered or filtered data has another fingerprint, so it gets its own copy -
+  never another data's features);
 * `--teacher_features DIR`, a folder `python -m modeling_lightclip.training.neighbours build` wrote (row-indexed
   features and neighbours): its features are attached to the rows once, as the same teacher columns.
 
@@ -18,6 +19,7 @@ neighbour index beside the rows (map-style data only).
 import hashlib
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,16 +56,27 @@ def _switches(config) -> str:
     return f"{'it' if len(flags) == 1 else 'them'} off: {' '.join(flags)}"
 
 
-def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_args, training_args):
-    """(training split, neighbour table or None, teachers' metadata or None) for a run of `config`.
+@dataclass
+class TeacherSetup:
+    """What a run trains from: the training split (carrying the teacher columns, and `sample_id` when CLIP-PING needs
+    the bank or in-batch neighbours), CLIP-PING's neighbour table, the teachers' metadata, and the training rows a
+    reinforced copy written for this run left out, by reason."""
 
-    The split returned carries the teacher columns (and `sample_id` when CLIP-PING needs the bank or in-batch
-    neighbours); `config.ping_bank_size` and `config.distill_teacher_logit_scale` are set from the data."""
+    train_dataset: object
+    neighbours: NeighbourTable | None = None
+    teachers: list | None = None
+    skipped: dict = field(default_factory=dict)
+
+
+def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_args, training_args) -> TeacherSetup:
+    """The `TeacherSetup` of a run of `config`; `config.ping_bank_size` and `config.distill_teacher_logit_scale` are
+    set from the data."""
     if not (config.uses_teacher_features and training_args.do_train and train_dataset is not None):
-        return train_dataset, None, None
+        return TeacherSetup(train_dataset)
     what = describe_teacher_objectives(config)
     teachers = (reinforced or {}).get("teachers")
     source = getattr(data_args, "teacher_features", None)
+    skipped = {}
     if not teachers:
         if data_args.streaming:
             raise ValueError(f"--streaming: {what} read(s) teacher features, which a stream carries only when it is a "
@@ -77,7 +90,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              "build` (--ping_neighbours_dir is its old name), train on a copy written by "
                              f"`lightclip-reinforce`, or switch {_switches(config)}.")
         if source == "auto":
-            train_dataset, teachers = auto_reinforced(train_dataset, config, data_args, training_args)
+            train_dataset, teachers, skipped = auto_reinforced(train_dataset, config, data_args, training_args)
         else:
             needs_rows = config.uses_teacher_feature_batches or config.uses_distillation
             train_dataset, teachers = attach_folder_features(train_dataset, Path(source), data_args,
@@ -98,7 +111,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
         neighbours = neighbour_table(train_dataset, teachers, source, data_args, training_args)
         config.ping_bank_size = len(train_dataset)
         train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
-    return train_dataset, neighbours, teachers
+    return TeacherSetup(train_dataset, neighbours, teachers, skipped)
 
 
 # ------------------------------------------------------------------------------------------------------ auto
@@ -114,7 +127,7 @@ def _fingerprint(dataset, *parts) -> str:
 def auto_reinforced(train_dataset, config, data_args, training_args):
     """`--teacher_features auto`: a reinforced copy of the training split with the default teacher, written once into
     OUTPUT_DIR/_reinforced/ (sharded over the run's processes, resumable) and keyed by the data's fingerprint, then
-    trained from. Returns (the copy's training split, its teachers)."""
+    trained from. Returns (the copy's training split, its teachers, the rows it left out by reason)."""
     from datasets import Image as ImageFeature, load_dataset
 
     from .processes import process_state
@@ -137,8 +150,7 @@ def auto_reinforced(train_dataset, config, data_args, training_args):
     if skipped:
         logger.warning("teacher features: %d training sample(s) left out of %s (%s)", sum(skipped.values()), folder,
                        ", ".join(f"{n} {reason}" for reason, n in skipped.items()))
-    copy.teacher_skips = dict(skipped)
-    return copy, meta["teachers"]
+    return copy, meta["teachers"], dict(skipped)
 
 
 # ------------------------------------------------------------------------------------------------------ folders
@@ -193,5 +205,5 @@ def neighbour_table(train_dataset, teachers: list, source, data_args, training_a
     return NeighbourTable(folder, len(train_dataset), data_args.ping_top_k, training_args.seed)
 
 
-__all__ = ["REINFORCED_FOLDER", "attach_folder_features", "auto_reinforced", "describe_teacher_objectives",
+__all__ = ["REINFORCED_FOLDER", "TeacherSetup", "attach_folder_features", "auto_reinforced", "describe_teacher_objectives",
            "neighbour_table", "setup_teacher_features", "teacher_objectives"]
