@@ -52,7 +52,7 @@ def fit_alignment(image: np.ndarray, text: np.ndarray, dim: int = 256, steps: in
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return image_map, text_map, float(log_scale.detach().clamp(max=math.log(100.0)).exp()), float(loss)
+    return image_map, text_map, float(log_scale.detach().clamp(max=math.log(100.0)).exp()), float(loss.detach())
 
 
 def write_aligned_copy(source: Path, out: Path, dim: int = 256, steps: int = 600, seed: int = 0) -> dict:

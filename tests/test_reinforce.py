@@ -259,3 +259,28 @@ def test_two_processes_reinforce_their_own_shards_and_train_every_sample_once(tm
     assert len(seen) == 200 and set(seen) == expected                      # each once: 25 steps x 4 x 2
     results = json.loads((run / "train_results.json").read_text())
     assert results["train_skipped_missing_file"] == 4 and results["train_skipped_missing_caption"] == 4
+
+
+def test_a_copy_with_a_validation_split_trains_streamed_and_evaluates(tmp_path):
+    """The acceptance path: `lightclip-reinforce --train_file pairs.csv --validation_file val.csv --out R`, then the
+    default recipe with `--train_file R --streaming` trains and evaluates on the copy's validation split."""
+    import train_lightclip
+    from modeling_lightclip.training.reinforce import main
+
+    csv = _pairs(tmp_path / "data", 16)
+    val = _pairs(tmp_path / "data", 6, name="val.csv")
+    out = tmp_path / "R"
+    assert main(["--train_file", str(csv), "--validation_file", str(val), "--out", str(out),
+                 "--teacher_image_size", "64"]) == 0
+    meta = json.loads((out / "reinforced.json").read_text())
+    assert meta["splits"]["validation"]["rows"] == 6
+    from datasets import load_dataset
+
+    validation = load_dataset("parquet", data_files=sorted(str(p) for p in (out / "validation").glob("*.parquet")),
+                              split="train")
+    assert "teacher0_image" not in validation.column_names   # teachers are for training rows
+    run = tmp_path / "run"
+    train_lightclip.main(["--train_file", str(out), "--streaming", "--max_steps", "2", "--per_device_train_batch_size",
+                          "8", "--output_dir", str(run)])
+    results = json.loads((run / "eval_results.json").read_text())
+    assert results["eval_num_samples"] == 6 and "eval_image_to_text_r1" in results
