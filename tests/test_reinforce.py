@@ -284,3 +284,17 @@ def test_a_copy_with_a_validation_split_trains_streamed_and_evaluates(tmp_path):
                           "8", "--output_dir", str(run)])
     results = json.loads((run / "eval_results.json").read_text())
     assert results["eval_num_samples"] == 6 and "eval_image_to_text_r1" in results
+
+
+def test_a_streamed_source_is_reinforced_without_being_materialised_into_the_same_rows(tmp_path):
+    from modeling_lightclip.training.reinforce import main
+
+    csv = _pairs(tmp_path / "data", 10, bad={4: "missing"})
+    flags = ["--train_file", str(csv), "--shard_size", "4", "--teacher_image_size", "64"]
+    assert main([*flags, "--out", str(tmp_path / "map")]) == 0
+    assert main([*flags, "--out", str(tmp_path / "stream"), "--streaming"]) == 0
+    mapped, streamed = _copy_rows(tmp_path / "map"), _copy_rows(tmp_path / "stream")
+    assert mapped["source_row"] == streamed["source_row"] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    np.testing.assert_array_equal(np.asarray(mapped["teacher0_text"]), np.asarray(streamed["teacher0_text"]))
+    assert json.loads((tmp_path / "stream" / "reinforced.json").read_text())["splits"]["train"]["skipped"] == \
+        {"missing_file": 1}
