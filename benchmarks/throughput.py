@@ -21,7 +21,6 @@ Prints the ratios end-to-end / model-only, model-only / anchor and full / CLIP s
 import argparse
 import copy
 import io
-import json
 import math
 import statistics
 import sys

@@ -681,7 +681,8 @@ def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | 
         value = "".join(" " if ch.isspace() else ch for ch in value
                         if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
     value = " ".join(value.split())
-    if not value or not _without_special_tokens(value, special_tokens).strip():
+    if not value or (any(token in value for token in special_tokens)  # the slow path only when one occurs
+                     and not _without_special_tokens(value, special_tokens).strip()):
         return None, "empty_caption"
     return value, None
 

@@ -203,8 +203,6 @@ def _teachers_section(teachers, config) -> str:
         return "No teacher: every objective this model was trained with reads only its own image-text pairs."
     if not teachers:
         return "Teacher encoders were used in training; their names were not recorded with this folder."
-    if isinstance(teachers, dict):  # an older training_info.json: one pair of frozen encoders
-        teachers = [{"kind": "unimodal_pair", **teachers}]
     lines = []
     for teacher in teachers:
         if teacher.get("kind") == "multimodal":

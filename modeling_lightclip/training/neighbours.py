@@ -297,12 +297,6 @@ class NeighbourTable:
     def __len__(self) -> int:
         return len(self.image)
 
-    def encoders(self) -> dict:
-        """The frozen encoders that wrote this folder, as its meta file records them (empty when it has none)."""
-        meta_path = self.directory / FILES["meta"]
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        return {key: meta[key] for key in ("image_encoder", "text_encoder", "image_size") if key in meta}
-
     def features(self, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(image features, text features) of samples `ids`: the frozen encoders' L2-normalised rows."""
         if not hasattr(self, "_features"):

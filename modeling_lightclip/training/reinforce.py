@@ -39,12 +39,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .processes import process_state
-from .reinforced_copy import FORMAT, META_FILE, read_meta, split_files, teacher_columns  # noqa: F401 - re-exported
+from .reinforced_copy import FORMAT, META_FILE, read_meta, teacher_columns
 
 
 logger = logging.getLogger(__name__)
@@ -265,12 +264,6 @@ def _shard_features(teachers: list, with_label: bool, with_teachers: bool):
     return Features(spec)
 
 
-def _label_value(value) -> int:
-    if isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer():
-        value = int(value)
-    return int(value) if isinstance(value, (int, np.integer)) and not isinstance(value, bool) else -1
-
-
 def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "image",
                     caption_column: str = "caption", label_column: str | None = None, shard_size: int = 10_000,
                     batch_size: int = 64, rank: int = 0, world: int = 1, max_aspect_ratio: float = 20.0,
@@ -334,6 +327,8 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
                   max_aspect_ratio, rank: int = 0, on_progress=lambda n: None) -> dict:
+    from .data import _label_id
+
     started = time.perf_counter()
     skipped = Counter()
     columns = {"image": [], "caption": [], "source_row": []}
@@ -354,7 +349,7 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             columns["caption"].append(caption)
             columns["source_row"].append(int(row))
             if label_column:
-                columns["label"].append(_label_value(example.get(label_column)))
+                columns["label"].append(_label_id(example.get(label_column), {}, set()))  # -1: no class id
         if images:
             for i, teacher in enumerate(teachers):
                 names = teacher_columns(i)

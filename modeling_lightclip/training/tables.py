@@ -15,7 +15,6 @@ by reason, with its line number, and the rest becomes a `datasets.Dataset` as be
 
 import codecs
 import csv
-import io
 import json
 import logging
 import re

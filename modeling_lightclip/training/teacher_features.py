@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from .neighbours import FILES, NeighbourTable, nearest_neighbours
-from .reinforce import FROZEN_PAIR, reinforce, split_files, teacher_columns
+from .reinforce import FROZEN_PAIR, reinforce
+from .reinforced_copy import split_files, teacher_columns
 
 
 logger = logging.getLogger(__name__)

@@ -187,26 +187,20 @@ def is_disk_full(err: BaseException) -> bool:
     """Whether `err`, or any exception chained to it, says the disk is full: errno ENOSPC / EDQUOT, or the words
     the writers use for it (safetensors' `os error 28` / `code: 28`, torch's zip writer `unexpected pos` /
     `basic_ios::clear: iostream error`, `No space left on device`)."""
+    return _has_errno(err) or any(marker in str(link).lower() for link in _chain(err) for marker in _NO_SPACE_MARKERS)
+
+
+def _chain(err: BaseException):
+    """`err` and every exception chained under it (`raise ... from`, or raised while handling), each once."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(err).lower()
-        if any(marker in text for marker in _NO_SPACE_MARKERS):
-            return True
+        yield err
         err = err.__cause__ or err.__context__
-    return False
 
 
 def _has_errno(err: BaseException) -> bool:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
+    return any(getattr(link, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for link in _chain(err))
 
 
 @contextlib.contextmanager
