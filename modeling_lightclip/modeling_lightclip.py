@@ -136,6 +136,34 @@ def _build_tower(config) -> PreTrainedModel:
     return AutoModel.from_config(config, **kwargs)
 
 
+def tower_layer_groups(tower: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """A tower's parameters in groups, input side first, for partial locking (OpenCLIP's `unlocked_groups`): the
+    stem (everything before the tower's main list of blocks), each block of that list (ResNet/timm stages, MobileNet
+    and EfficientNet blocks, ViT/BERT/CLIP layers), and the head (final norm, head convolution), when there is one.
+    The main list is the `ModuleList`/`Sequential` of two or more children that holds the most parameters (the
+    shallowest one on a tie), so one rule serves every transformers and timm backbone."""
+    best, best_count = None, 0
+    for name, module in tower.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
+            continue
+        count = sum(p.numel() for p in module.parameters())
+        if count > best_count:
+            best, best_count = name, count
+    named = list(tower.named_parameters())
+    if best is None:
+        return [named]
+    prefix = f"{best}." if best else ""
+    stem, blocks, head = [], {}, []
+    for name, param in named:
+        if name.startswith(prefix):
+            blocks.setdefault(name[len(prefix):].split(".")[0], []).append((name, param))
+        elif blocks:
+            head.append((name, param))
+        else:
+            stem.append((name, param))
+    return [group for group in (stem, *blocks.values(), head) if group]
+
+
 @dataclass
 class VisionTowerShapes:
     """Shapes of a vision tower's outputs at a given resolution, probed on the meta device (no compute, no memory).
@@ -304,6 +332,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         # Training progress in [0, 1] for the progressive soft labels; set by a TrainerCallback or by hand.
         self.training_progress = 0.0
         self._channels_last = False  # see `set_channels_last`; a runtime choice, not saved
+        self._locked_towers = {}     # see `lock_image_tower` / `lock_text_tower`; a runtime choice, not saved
         self.post_init()
 
     # ---------------------------------------------------------------------------------------------- towers
@@ -311,7 +340,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
     def _encode_image(self, pixel_values: torch.Tensor, output_stages: bool = False) -> _VisionEncoding:
         if self._channels_last and pixel_values.dim() == 4:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        with _batchnorm_running_stats_if(self.training and pixel_values.shape[0] == 1, self.vision_model):
+        with _batchnorm_running_stats_if(self.training and pixel_values.shape[0] == 1, self.vision_model), \
+                self._tower_context("vision"):
             out = self.vision_model(pixel_values=pixel_values, output_hidden_states=output_stages, return_dict=True)
         last = out.last_hidden_state
         shapes = self.vision_shapes
@@ -343,7 +373,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 f"tokenise with truncation=True, max_length={max_positions}."
             )
         tower_kwargs = {k: v for k, v in tower_kwargs.items() if v is not None and k in self._text_tower_inputs}
-        out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **tower_kwargs)
+        with self._tower_context("text"):
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask, return_dict=True,
+                                  **tower_kwargs)
         tokens = out.last_hidden_state
         mode = self.config.text_pooling
         pooler = getattr(out, "pooler_output", None)
@@ -423,6 +455,57 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         ones within float tolerance and the saved weights are the same bytes. A runtime choice, not saved."""
         self.vision_model.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
         self._channels_last = bool(enabled)
+        return self
+
+    # ---------------------------------------------------------------------------------------------- locking
+
+    def lock_image_tower(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> "LightCLIPModel":
+        """Lock the image tower (LiT, OpenCLIP's `--lock-image`): no gradient for its parameters (so the optimizer
+        keeps no state for them and its weights stay bit for bit), and, with `freeze_norm_stats`, its BatchNorm
+        layers kept in eval mode (running statistics unchanged). `unlocked_groups` leaves the last N groups of
+        `tower_layer_groups` (head, then the last stages/blocks) trainable. A runtime choice, not saved."""
+        return self._lock_tower("vision", unlocked_groups, freeze_norm_stats)
+
+    def lock_text_tower(self, unlocked_layers: int = 0, freeze_norm_stats: bool = True) -> "LightCLIPModel":
+        """Lock the text tower (OpenCLIP's `--lock-text`); `unlocked_layers` leaves its last N groups (the final
+        norm where the tower has one, then the last transformer layers) trainable. See `lock_image_tower`."""
+        return self._lock_tower("text", unlocked_layers, freeze_norm_stats)
+
+    def _lock_tower(self, side: str, unlocked: int, freeze_norm_stats: bool) -> "LightCLIPModel":
+        tower = self.vision_model if side == "vision" else self.text_model
+        groups = tower_layer_groups(tower)
+        if not 0 <= int(unlocked) < len(groups):
+            raise ValueError(f"{unlocked} unlocked groups for the {side} tower: it has {len(groups)} groups (stem, "
+                             f"blocks, head), so choose 0 to {len(groups) - 1} (0 locks it whole).")
+        locked = [param for group in groups[: len(groups) - int(unlocked)] for _, param in group]
+        for param in locked:
+            param.requires_grad_(False)
+        locked_ids = {id(param) for param in locked}
+        norms = [m for m in tower.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and any(id(p) in locked_ids for p in m.parameters(recurse=False))] if freeze_norm_stats else []
+        self._locked_towers[side] = {"unlocked": int(unlocked), "groups": len(groups), "norms": norms}
+        self.train(self.training)
+        return self
+
+    @property
+    def locked_towers(self) -> dict:
+        """`{"vision"|"text": {"unlocked": N, "groups": M}}` for each locked tower."""
+        return {side: {k: v for k, v in info.items() if k != "norms"} for side, info in self._locked_towers.items()}
+
+    def _tower_context(self, side: str):
+        """`torch.no_grad()` for a tower locked whole (nothing in it, nor before it, needs a gradient); the text
+        tower keeps its graph when MLM's fusion blocks run inside it."""
+        info = self._locked_towers.get(side)
+        if info is None or info["unlocked"] or not self.training or (side == "text" and self.config.uses_mlm):
+            return contextlib.nullcontext()
+        return torch.no_grad()
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`, keeping the BatchNorm layers of locked tower parts in eval mode."""
+        super().train(mode)
+        for info in getattr(self, "_locked_towers", {}).values():
+            for norm in info["norms"]:
+                norm.eval()
         return self
 
     # ---------------------------------------------------------------------------------------------- training
@@ -556,13 +639,46 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 towers.append(None)
                 tower_configs.append(config.to_dict() if hasattr(config, "to_dict") else dict(config))
                 continue
-            model = AutoModel.from_pretrained(name, **_timm_wrapper_config(name, extra))
+            extra = _timm_wrapper_config(name, extra)
+            model_class = AutoModel._model_mapping.get(type(extra.get("config") or AutoConfig.from_pretrained(
+                name, **{k: v for k, v in extra.items() if k in ("revision", "token")})), None)
+            if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+                extra = {"add_pooling_layer": False, **extra}  # LightCLIP pools itself (see `_build_tower`)
+            model = AutoModel.from_pretrained(name, **extra)
             if hasattr(model, "vision_model") and getattr(model.config, "model_type", "") == "clip":
                 raise ValueError(f"{name} is a full CLIP model; pass its vision or text tower checkpoint instead.")
             towers.append(model)
             tower_configs.append(model.config.to_dict())
         config = LightCLIPConfig(vision_config=tower_configs[0], text_config=tower_configs[1], **kwargs)
         return cls(config, vision_model=towers[0], text_model=towers[1])
+
+    @classmethod
+    def from_clip(cls, clip_model_or_path, config: LightCLIPConfig | None = None, **config_kwargs) -> "LightCLIPModel":
+        """A LightCLIP holding a transformers `CLIPModel`'s weights - its two towers, both projections and the logit
+        scale - so that its logits equal the CLIP model's, ready to be fine-tuned with any LightCLIP objective.
+
+        `clip_model_or_path`: a `CLIPModel`, or a Hub id / folder of one. `config`: the LightCLIP config to use (as
+        `LightCLIPConfig.from_clip_config` builds it); otherwise one is built with `config_kwargs` (objective fields,
+        special token ids). Training-only modules start fresh. `hub.export_clip` writes it back as a `CLIPModel`."""
+        from transformers import CLIPModel
+
+        clip = clip_model_or_path
+        if not isinstance(clip, PreTrainedModel):
+            clip = CLIPModel.from_pretrained(clip_model_or_path)
+        if getattr(clip.config, "model_type", None) != "clip":
+            raise ValueError(f"from_clip takes a CLIPModel (model_type 'clip'), not a "
+                             f"{getattr(clip.config, 'model_type', type(clip).__name__)!r} model.")
+        config = config if config is not None else LightCLIPConfig.from_clip_config(clip.config, **config_kwargs)
+        model = cls(config)
+        # transformers 5's CLIPVisionModel / CLIPTextModel hold their layers directly, so CLIPModel's parameter names
+        # (`vision_model.*`, `text_model.*`, the projections, `logit_scale`) are LightCLIP's own
+        missing, unexpected = model.load_state_dict(clip.state_dict(), strict=False)
+        missing = [k for k in missing if not k.startswith("objectives.") and not k.endswith("position_ids")]
+        unexpected = [k for k in unexpected if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise ValueError(f"this CLIP checkpoint does not map onto LightCLIP's towers: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}.")
+        return model
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus: the custom-code `auto_map` for AutoConfig, AutoModel and
@@ -593,4 +709,5 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 LightCLIPConfig.register_for_auto_class()
 LightCLIPModel.register_for_auto_class("AutoModel")
 
-__all__ = ["TRAINING_TARGETS", "LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower"]
+__all__ = ["TRAINING_TARGETS", "LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower",
+           "tower_layer_groups"]

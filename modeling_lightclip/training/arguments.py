@@ -123,7 +123,40 @@ class LightCLIPTrainingArguments(TrainingArguments):
                 "data-dependent parts - matching, masking, gathers - stay eager, so nothing recompiles) or the whole "
                 "model (`model`, the Trainer's own way)."})
 
+    lock_image_tower: bool = field(default=False, metadata={
+        "help": "Lock the image tower (LiT; OpenCLIP's --lock-image): its weights get no gradient and no optimizer "
+                "state and come out bit for bit as they went in; its BatchNorm statistics stay frozen. For a "
+                "pretrained tower (--vision_model_name_or_path, or a --model_name_or_path start)."})
+    lock_image_unlocked_groups: int = field(default=0, metadata={
+        "help": "With --lock_image_tower: leave the last N groups of the image tower trainable (its head, then its "
+                "last stages or blocks; the stem is group 0)."})
+    lock_text_tower: bool = field(default=False, metadata={
+        "help": "Lock the text tower (OpenCLIP's --lock-text): no gradient, no optimizer state, weights unchanged."})
+    lock_text_unlocked_layers: int = field(default=0, metadata={
+        "help": "With --lock_text_tower: leave the last N groups of the text tower trainable (its final norm where it "
+                "has one, then its last transformer layers; the embeddings are group 0)."})
+    vision_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the image tower (default: --learning_rate). A pretrained tower usually wants one "
+                "10-100x lower than the freshly initialised projections."})
+    text_learning_rate: float | None = field(default=None, metadata={
+        "help": "Learning rate of the text tower (default: --learning_rate)."})
+
     def __post_init__(self):
+        for side, flag in (("image", "lock_image_unlocked_groups"), ("text", "lock_text_unlocked_layers")):
+            value = getattr(self, flag)
+            if value < 0:
+                raise ValueError(f"--{flag} {value}: >= 0.")
+            if value and not getattr(self, f"lock_{side}_tower"):
+                raise ValueError(f"--{flag} {value} leaves part of a locked tower trainable: add --lock_{side}_tower.")
+        for flag in ("vision_learning_rate", "text_learning_rate"):
+            value = getattr(self, flag)
+            if value is not None and not value >= 0:
+                raise ValueError(f"--{flag} {value}: a learning rate >= 0.")
+        for side, rate, unlocked in (("image", "vision_learning_rate", "lock_image_unlocked_groups"),
+                                     ("text", "text_learning_rate", "lock_text_unlocked_layers")):
+            if getattr(self, f"lock_{side}_tower") and not getattr(self, unlocked) and getattr(self, rate) is not None:
+                raise ValueError(f"--{rate} {getattr(self, rate)}: the {side} tower is locked whole, so nothing trains "
+                                 f"at that rate (drop it, or leave part unlocked with --{unlocked} N).")
         if self.torch_compile_scope not in ("towers", "model"):
             raise ValueError(f"--torch_compile_scope {self.torch_compile_scope!r}: choose towers or model.")
         resolve_switch("channels_last", self.channels_last, False)  # refuse a bad value at start-up
@@ -159,6 +192,13 @@ class LightCLIPTrainingArguments(TrainingArguments):
         import torch
 
         return bool(torch.cuda.is_available() and not self.use_cpu)
+
+    def apply_tower_locks(self, model) -> None:
+        """Lock the towers `--lock_image_tower` / `--lock_text_tower` ask for (the model's `lock_*_tower`)."""
+        if self.lock_image_tower:
+            model.lock_image_tower(self.lock_image_unlocked_groups)
+        if self.lock_text_tower:
+            model.lock_text_tower(self.lock_text_unlocked_layers)
 
     def use_channels_last(self, model) -> bool:
         """The resolved `--channels_last` for this model (auto: CUDA and a convolutional image tower)."""

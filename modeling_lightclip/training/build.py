@@ -23,7 +23,8 @@ from .data import (
 )
 from .lora import apply_lora
 from .neighbours import NeighbourTable
-from .preprocessing import build_processor, training_tokenizer
+from .packaged_weights import image_normalisation, pretrained_source
+from .preprocessing import build_processor, text_config_token_ids, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
 from .teacher_features import setup_teacher_features
 from .trainer import load_ping_bank, resolve_checkpoint
@@ -77,13 +78,33 @@ def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
                          "from it with --vision_model_name_or_path / --text_model_name_or_path instead.")
 
 
-def _config_from_saved(source: str, overrides: dict) -> LightCLIPConfig:
-    """The config of a saved LightCLIP with `overrides` applied; flags that would reshape its weights are refused."""
-    saved = LightCLIPConfig.from_pretrained(source)
+def is_clip_checkpoint(source: str) -> bool:
+    """Whether `source` (a folder or Hub id) holds a transformers `CLIPModel` rather than a LightCLIP."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source).model_type == "clip"
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _config_from_saved(source: str, overrides: dict, tokenizer=None) -> LightCLIPConfig:
+    """The config of a saved LightCLIP - or of a `CLIPModel` (`LightCLIPConfig.from_clip_config`, with `tokenizer`'s
+    special token ids) - with `overrides` applied; flags that would reshape its weights are refused."""
+    if tokenizer is not None:
+        from transformers import AutoConfig
+
+        ids = text_config_token_ids(tokenizer)
+        special = {key: ids[key] for key in ("mask_token_id", "cls_token_id", "sep_token_id")}
+        saved = LightCLIPConfig.from_clip_config(AutoConfig.from_pretrained(source), **special)
+    else:
+        saved = LightCLIPConfig.from_pretrained(source)
     for name in LightCLIPConfig.architecture_fields:
         if name in overrides and overrides[name] != getattr(saved, name):
             raise ValueError(f"--{name} {overrides[name]} does not match the checkpoint's {getattr(saved, name)}: "
                              f"the weights in {source} have that shape. Drop the flag, or train from a recipe.")
+    if tokenizer is not None:
+        return LightCLIPConfig(**{**saved.to_dict(), **overrides})
     return LightCLIPConfig.from_pretrained(source, **overrides)
 
 
@@ -124,23 +145,30 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     if model_args.model_name_or_path:
         check_model_source(model_args.model_name_or_path)
     checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
+    vision_tower = pretrained_source(model_args.vision_model_name_or_path)
+    text_tower = pretrained_source(model_args.text_model_name_or_path)
     source = checkpoint or model_args.model_name_or_path
-    if source:  # a checkpoint to resume, or a trained LightCLIP to continue: its own tokenizer and config
-        config = _config_from_saved(source, overrides)
+    clip_start = bool(source) and not checkpoint and is_clip_checkpoint(source)
+    if source:  # a checkpoint to resume, a trained LightCLIP to continue or a CLIPModel: its own tokenizer and config
         processor = LightCLIPProcessor.from_pretrained(source)
+        config = _config_from_saved(source, overrides, processor.tokenizer if clip_start else None)
     else:
-        tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args)
+        tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args,
+                                       text_tower=text_tower)
         config = build_model_config(_model_section(recipe, model_args), tokenizer, **overrides)
-        processor = build_processor(config.image_size, tokenizer)
+        processor = build_processor(config.image_size, tokenizer,
+                                    *((image_normalisation(vision_tower) if vision_tower else None) or ()))
     captions_are_text(processor.tokenizer)
     teacher_setup = setup_teacher_features(config, train_dataset, reinforced, data_args, training_args)
     train_dataset, neighbours = teacher_setup.train_dataset, teacher_setup.neighbours
 
-    if source:
+    if clip_start:  # a transformers CLIPModel: its towers, projections and logit scale (`LightCLIPModel.from_clip`)
+        model = LightCLIPModel.from_clip(source, config=config)
+    elif source:
         model = LightCLIPModel.from_pretrained(source, config=config)
-    elif model_args.vision_model_name_or_path or model_args.text_model_name_or_path:
+    elif vision_tower or text_tower:
         model = LightCLIPModel.from_vision_text_pretrained(  # the other tower from the recipe, from scratch
-            model_args.vision_model_name_or_path, model_args.text_model_name_or_path, **config.to_dict())
+            vision_tower, text_tower, **config.to_dict())
     else:
         model = LightCLIPModel(config)
     max_caption_length = check_tokenizer_fits(model.config, processor.tokenizer, data_args.max_caption_length)
@@ -159,6 +187,10 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     config = model.config
     if training_args.use_channels_last(model):
         model.set_channels_last(True)
+    if training_args.do_train:
+        if model_args.lora_r is not None and (training_args.lock_image_tower or training_args.lock_text_tower):
+            raise ValueError("--lora_r already trains only its adapters: drop --lock_image_tower / --lock_text_tower.")
+        training_args.apply_tower_locks(model)
     if model_args.lora_r is not None:
         if not model_args.model_name_or_path:
             raise ValueError("--lora_r fine-tunes an existing LightCLIP: pass --model_name_or_path (Hub id or folder).")
@@ -181,4 +213,4 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                teachers=teacher_setup.teachers, data_skips=teacher_setup.skipped)
 
 
-__all__ = ["Run", "build_run", "check_model_source"]
+__all__ = ["Run", "build_run", "check_model_source", "is_clip_checkpoint"]

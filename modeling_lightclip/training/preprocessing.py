@@ -63,14 +63,16 @@ def _captions(dataset, column: str, limit: int = 200_000):
                 yield caption
 
 
-def training_tokenizer(recipe: dict, model_args, train_dataset, caption_column: str, training_args):
-    """The run's tokenizer: `--tokenizer_name`, or a WordPiece tokenizer trained on the training captions. WordPiece
-    training is not deterministic from run to run, so the main process trains it once and saves it under
-    `output_dir/_tokenizer`; the other processes load that copy."""
+def training_tokenizer(recipe: dict, model_args, train_dataset, caption_column: str, training_args,
+                       text_tower: str | None = None):
+    """The run's tokenizer: `--tokenizer_name`; else a pretrained text tower's own (`text_tower`, the folder or Hub
+    id it loads from: its vocabulary is the one its embeddings were trained with); else a WordPiece tokenizer trained
+    on the training captions. WordPiece training is not deterministic from run to run, so the main process trains it
+    once and saves it under `output_dir/_tokenizer`; the other processes load that copy."""
     settings = recipe.get("tokenizer", {})
     max_length = settings.get("model_max_length", 77)
-    if model_args.tokenizer_name:
-        return load_tokenizer(model_args.tokenizer_name, max_length)
+    if model_args.tokenizer_name or text_tower:
+        return load_tokenizer(model_args.tokenizer_name or text_tower, max_length)
     if train_dataset is None:
         raise ValueError("no training data to train a tokenizer on: pass --tokenizer_name or a train split.")
     shared = Path(training_args.output_dir) / "_tokenizer"
@@ -106,8 +108,9 @@ def build_image_processor(image_size: int, mean=None, std=None) -> CLIPImageProc
     )
 
 
-def build_processor(image_size: int, tokenizer: PreTrainedTokenizerBase) -> LightCLIPProcessor:
-    return LightCLIPProcessor(image_processor=build_image_processor(image_size), tokenizer=tokenizer)
+def build_processor(image_size: int, tokenizer: PreTrainedTokenizerBase, mean=None, std=None) -> LightCLIPProcessor:
+    """Image processor at `image_size` (normalised with `mean`/`std`, default ImageNet's) + `tokenizer`."""
+    return LightCLIPProcessor(image_processor=build_image_processor(image_size, mean, std), tokenizer=tokenizer)
 
 
 def text_config_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict:

@@ -285,6 +285,34 @@ def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if param.ndim >= 2 and "logit_scale" not in name]
 
 
+def tower_of(name: str) -> str:
+    """Which learning-rate group a parameter name belongs to: `vision`, `text` or `other`."""
+    for prefix, side in (("vision_model.", "vision"), ("text_model.", "text")):
+        if name.startswith(prefix) or f".{prefix}" in name:  # also under a peft / compile wrapper's prefix
+            return side
+    return "other"
+
+
+def optimizer_param_groups(model: torch.nn.Module, decay_names, args) -> list[dict]:
+    """The trainable parameters in up to six named groups, (vision | text | other) x (decay | no_decay): each tower at
+    its learning rate (`args.vision_learning_rate` / `args.text_learning_rate`, default `args.learning_rate`), decay
+    `args.weight_decay` on `decay_names`. Parameters without a gradient (locked) are left out."""
+    decay_names = set(decay_names)
+    rates = {"vision": getattr(args, "vision_learning_rate", None), "text": getattr(args, "text_learning_rate", None)}
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        side, decays = tower_of(name), name in decay_names
+        key = (side, decays)
+        if key not in groups:
+            groups[key] = {"name": f"{side}_{'decay' if decays else 'no_decay'}", "params": [],
+                           "weight_decay": args.weight_decay if decays else 0.0,
+                           "lr": rates.get(side) if rates.get(side) is not None else args.learning_rate}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
 class LightCLIPTrainer(Trainer):
     """`Trainer` for LightCLIP: decay groups as CLIP, per-objective loss terms logged, callback installed, and
     evaluation that adds zero-shot accuracy and retrieval recall to the eval loss.
@@ -350,6 +378,18 @@ class LightCLIPTrainer(Trainer):
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
+
+    def get_optimizer_cls_and_kwargs(self, args, model=None):
+        """The Trainer's optimizer class and settings, with the parameters in named groups (`optimizer_param_groups`):
+        each tower at its own learning rate (`--vision_learning_rate`, `--text_learning_rate`), the rest (projections,
+        logit scale, training-only modules) at `--learning_rate`; decay as `get_decay_parameter_names`. Locked
+        parameters (no gradient) are in no group, so the optimizer keeps no state for them. The Trainer builds the
+        optimizer from the `params` it is handed here."""
+        optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+        if model is None or any(key in optimizer_kwargs for key in ("params", "model", "optimizer_dict")):
+            return optimizer_cls, optimizer_kwargs  # an optimizer that builds its own groups (GaLore, LOMO, ...)
+        groups = optimizer_param_groups(model, self.get_decay_parameter_names(model), args)
+        return optimizer_cls, {**optimizer_kwargs, "params": groups}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.get("skipped") or {}
@@ -509,5 +549,5 @@ def load_ping_bank(model, checkpoint) -> bool:
 
 
 __all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers",
-           "decay_parameter_names", "is_disk_full", "latest_complete_checkpoint", "load_ping_bank", "resolve_checkpoint",
+           "decay_parameter_names", "is_disk_full", "optimizer_param_groups", "tower_of", "latest_complete_checkpoint", "load_ping_bank", "resolve_checkpoint",
            "skip_metric_name", "unwrap_model", "writing_to"]

