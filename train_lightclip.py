@@ -53,7 +53,7 @@ def parse_args(argv):
     known, _ = pre.parse_known_args(argv)
     recipe = load_recipe(known.recipe)
     parser = HfArgumentParser((ModelArguments, DataArguments, LightCLIPTrainingArguments))
-    parser.set_defaults(**recipe.get("training", {}), **recipe.get("data", {}))
+    parser.set_defaults(**recipe.get("training", {}), **recipe.get("data", {}), **recipe.get("towers", {}))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     return recipe, model_args, data_args, training_args
 

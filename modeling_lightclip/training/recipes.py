@@ -1,8 +1,10 @@
 """Declarative recipes: named model + tokenizer + training settings in `configuration/NAME.{json,yaml}`.
 
-A recipe has three sections: `model` (any `LightCLIPConfig` field, with `vision_config` / `text_config` dicts
+A recipe has these sections: `model` (any `LightCLIPConfig` field, with `vision_config` / `text_config` dicts
 carrying `model_type`), `tokenizer` (vocabulary size and maximum length of the WordPiece tokenizer trained on the
-captions) and `training` (`TrainingArguments` defaults). Command-line flags override every field.
+captions), `training` (`TrainingArguments` defaults, tower locks and learning rates included), `data` (data flags)
+and, for pretrained starts, `towers` (`vision_model_name_or_path` / `text_model_name_or_path`: Hub ids or folders
+the towers start from, replacing the `model` section's tower configs). Command-line flags override every field.
 """
 
 import copy
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from ..configuration_lightclip import _DEFAULT_TEXT as DEFAULT_TEXT_CONFIG
 from ..configuration_lightclip import LightCLIPConfig
 from .preprocessing import text_config_token_ids
 
@@ -20,6 +23,7 @@ from .preprocessing import text_config_token_ids
 _REPO_RECIPES = Path(__file__).resolve().parents[2] / "configuration"
 _INSTALLED_RECIPES = Path(sys.prefix) / "share" / "lightclip" / "configuration"
 RECIPE_SUFFIXES = (".json", ".yaml", ".yml")
+TOWER_SOURCES = ("vision_model_name_or_path", "text_model_name_or_path", "tokenizer_name")
 
 
 def recipe_dirs() -> list[Path]:
@@ -72,6 +76,11 @@ def load_recipe(name_or_path: str | os.PathLike) -> dict:
             raise ValueError(f"recipe {path}{where}: not valid YAML ({problem}).") from None
     if not isinstance(recipe, dict) or "model" not in recipe:
         raise ValueError(f"recipe {path} must be a mapping with a 'model' section.")
+    towers = recipe.get("towers") or {}
+    unknown = set(towers) - set(TOWER_SOURCES) if isinstance(towers, dict) else {"(not a mapping)"}
+    if unknown:
+        raise ValueError(f"recipe {path}: its 'towers' section takes {', '.join(TOWER_SOURCES)}; not "
+                         f"{', '.join(sorted(unknown))}.")
     recipe.setdefault("tokenizer", {})
     recipe.setdefault("training", {})
     recipe["name"] = path.stem
@@ -88,7 +97,7 @@ def build_model_config(model_section: dict, tokenizer: PreTrainedTokenizerBase |
     if overrides.get("image_size") is not None and isinstance(vision_config, dict) and "image_size" in vision_config:
         # a tower built for one input size (ViT position embeddings): from scratch, build it for the asked size
         fields["vision_config"] = {**vision_config, "image_size": overrides["image_size"]}
-    text_config = dict(fields.get("text_config") or {})
+    text_config = dict(fields.get("text_config") or DEFAULT_TEXT_CONFIG)  # a recipe whose text tower is pretrained has none
     if tokenizer is not None:
         ids = text_config_token_ids(tokenizer)
         text_config["vocab_size"] = ids["vocab_size"]
