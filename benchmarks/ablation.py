@@ -103,6 +103,8 @@ ARMS.update({
     "lit_text_last2": {**_OFF, **_LITE0, **_MINILM, "lock_image_tower": True, **_TEXT_LAST2},
     "lite0_last2+minilm_last2": {**_OFF, **_LITE0, **_MINILM, **_IMAGE_LAST2, **_TEXT_LAST2},
 })
+PRETRAINED_ARMS = ["minilm_locked", "minilm_last2", "minilm_slow", "lit", "lit_text_last2", "lite0_last2+minilm_last2"]
+ARMS.update({f"{name}+frozen_relation": {**ARMS[name], **_RECOMMENDED} for name in PRETRAINED_ARMS})
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).

@@ -46,6 +46,9 @@ def pretrained_towers(tmp_path_factory, tokenizer):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 1.5)
     image.save_pretrained(root / "image")
+    from modeling_lightclip.training.preprocessing import build_image_processor
+
+    build_image_processor(224, mean=[0.25, 0.5, 0.75], std=[0.2, 0.3, 0.4]).save_pretrained(root / "image")
     return {"text": root / "text", "image": root / "image"}
 
 
@@ -115,7 +118,7 @@ def test_locked_text_tower_is_bit_identical_has_no_optimizer_state_and_runs_with
     assert model.visual_projection.weight.grad is not None
 
 
-def test_locked_image_tower_keeps_its_batchnorm_statistics(pretrained_towers, tmp_path):
+def test_locked_image_tower_keeps_its_batchnorm_statistics_and_brings_its_normalisation(pretrained_towers, tmp_path):
     import train_lightclip
 
     out = tmp_path / "run"
@@ -126,6 +129,8 @@ def test_locked_image_tower_keeps_its_batchnorm_statistics(pretrained_towers, tm
     assert any("running_mean" in name for name in source)
     for name, value in source.items():
         assert torch.equal(saved[name], value), name  # weights and running statistics, bit for bit
+    saved_processor = json.loads((out / "processor_config.json").read_text())["image_processor"]
+    assert (saved_processor["image_mean"], saved_processor["image_std"]) == ([0.25, 0.5, 0.75], [0.2, 0.3, 0.4])
     model = trainer.model.train()
     norms = [m for m in model.vision_model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and not any(m.training for m in norms)  # train() keeps the locked tower's norms in eval mode

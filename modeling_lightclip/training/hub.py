@@ -512,7 +512,8 @@ def main(argv=None):
             raise SystemExit(1) from None
 
 
-__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "tower_starts", "write_training_info", "measure_latency", "parameter_counts",
+__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "measure_latency",
+           "parameter_counts", "tower_starts", "write_training_info",
            "push_folder", "write_model_card"]
 
 

@@ -97,7 +97,7 @@ def build_model_config(model_section: dict, tokenizer: PreTrainedTokenizerBase |
     if overrides.get("image_size") is not None and isinstance(vision_config, dict) and "image_size" in vision_config:
         # a tower built for one input size (ViT position embeddings): from scratch, build it for the asked size
         fields["vision_config"] = {**vision_config, "image_size": overrides["image_size"]}
-    text_config = dict(fields.get("text_config") or DEFAULT_TEXT_CONFIG)  # a recipe whose text tower is pretrained has none
+    text_config = dict(fields.get("text_config") or DEFAULT_TEXT_CONFIG)  # none in a pretrained-text recipe
     if tokenizer is not None:
         ids = text_config_token_ids(tokenizer)
         text_config["vocab_size"] = ids["vocab_size"]

@@ -549,5 +549,6 @@ def load_ping_bank(model, checkpoint) -> bool:
 
 
 __all__ = ["LightCLIPCallback", "LightCLIPTrainer", "TrainingStopped", "checkpoint_problem", "compile_towers",
-           "decay_parameter_names", "is_disk_full", "optimizer_param_groups", "tower_of", "latest_complete_checkpoint", "load_ping_bank", "resolve_checkpoint",
+           "decay_parameter_names", "is_disk_full", "latest_complete_checkpoint", "load_ping_bank",
+           "optimizer_param_groups", "resolve_checkpoint", "tower_of",
            "skip_metric_name", "unwrap_model", "writing_to"]
