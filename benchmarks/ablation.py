@@ -102,8 +102,14 @@ ARMS.update({
     "lit": {**_OFF, **_LITE0, **_MINILM, "lock_image_tower": True, "lock_text_tower": True},
     "lit_text_last2": {**_OFF, **_LITE0, **_MINILM, "lock_image_tower": True, **_TEXT_LAST2},
     "lite0_last2+minilm_last2": {**_OFF, **_LITE0, **_MINILM, **_IMAGE_LAST2, **_TEXT_LAST2},
+    "lite0_slow+minilm_last2": {**_OFF, **_LITE0, **_MINILM, "vision_learning_rate": 2e-4, **_TEXT_LAST2},
 })
-PRETRAINED_ARMS = ["minilm_locked", "minilm_last2", "minilm_slow", "lit", "lit_text_last2", "lite0_last2+minilm_last2"]
+# the same starts at 128 px: an ImageNet tower sees the (upscaled) pictures at a scale nearer the one it was trained at
+ARMS.update({f"{name}@128": {**ARMS[name], "image_size": 128} for name in
+             ("lit", "lit_text_last2", "lite0_last2+minilm_last2")})
+PRETRAINED_ARMS = ["minilm_locked", "minilm_last2", "minilm_slow", "lit", "lit_text_last2", "lite0_last2+minilm_last2",
+                   "lite0_slow+minilm_last2",
+                   "lit@128", "lit_text_last2@128", "lite0_last2+minilm_last2@128"]
 ARMS.update({f"{name}+frozen_relation": {**ARMS[name], **_RECOMMENDED} for name in PRETRAINED_ARMS})
 BASELINE = "clip"
 
@@ -399,6 +405,20 @@ def holm(pvalues: dict) -> dict:
     return adjusted
 
 
+def compare(runs: list[dict], arm: str, base: str) -> dict | None:
+    """`arm` minus `base` on every metric: paired bootstrap over test items (seeds averaged per item) with Holm's
+    correction across the metrics, and the difference of seed means with a Welch p; None when either arm is absent."""
+    rows = {name: sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"]) for name in (arm, base)}
+    if not all(rows.values()) or not all("items" in r for r in rows[arm] + rows[base]):
+        return None
+    boot = {key: paired_bootstrap([r["items"][key] for r in rows[arm]], [r["items"][key] for r in rows[base]])
+            for key, _ in METRICS}
+    for key, adjusted in holm({key: b["p"] for key, b in boot.items()}).items():
+        boot[key]["p_holm"] = adjusted
+        boot[key]["welch_p"] = _welch_p([r[key] for r in rows[arm]], [r[key] for r in rows[base]])
+    return boot
+
+
 def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
     """Per arm: mean, std (n-1) and per-seed values of every metric; difference to the baseline's mean with a
     Welch t-test p-value over seeds and, where the runs recorded per-item results, a paired bootstrap over test
@@ -432,6 +452,10 @@ def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
         entry["inference"] = inference.get(arm)
         summary[arm] = entry
     return summary
+
+
+def _holm_p(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else "<0.001"
 
 
 def _pct(m: dict) -> str:
@@ -558,7 +582,7 @@ def plot_curves(curves: dict, path: Path, title: str) -> None:
 
 
 def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: dict, inference: dict,
-           files: dict | None = None) -> dict:
+           files: dict | None = None, pairs: list[str] | None = None) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted(study_dir.glob("runs/*/seed*/run.json"))]
     if not runs:
         raise SystemExit(f"no finished runs under {study_dir}/runs")
@@ -569,6 +593,9 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     command = "python benchmarks/ablation.py " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--report_only")
     result = {"setting": setting_name, "settings": setting, "command": command, "provenance": stamp(),
               "data": data_counts(files) if files else None, "summary": summary, "runs": runs}
+    comparisons = {f"{a} vs {b}": compare(runs, a, b) for a, _, b in (pair.partition(":") for pair in pairs or [])}
+    if comparisons:
+        result["comparisons"] = comparisons
     items = {f"{r['arm']}/seed{r['seed']}": r.pop("items") for r in runs if "items" in r}
     curves = learning_curves(runs)
     if BASELINE in curves and len(curves) > 1:
@@ -580,7 +607,13 @@ def report(study_dir: Path, arm_order: list[str], setting_name: str, setting: di
     (study_dir / "results.json").write_text(json.dumps(result, indent=2))
     if items:  # per-item results, compact: what the bootstrap in results.json resampled
         (study_dir / "results_items.json").write_text(json.dumps(items))
-    (study_dir / "results.md").write_text(markdown_table(summary, setting_name, setting))
+    table = markdown_table(summary, setting_name, setting)
+    for name, boot in comparisons.items():
+        if boot:
+            table += f"\n\n`{name}` (paired bootstrap over test items, Holm across the metrics): " + ", ".join(
+                f"{title} {100 * boot[key]['delta']:+.1f} [{100 * boot[key]['ci95'][0]:+.1f}, "
+                f"{100 * boot[key]['ci95'][1]:+.1f}] (p_Holm {_holm_p(boot[key]['p_holm'])})" for key, title in METRICS)
+    (study_dir / "results.md").write_text(table + "\n")
     plot(summary, study_dir / "results.png",
          f"LightCLIP ablation ({setting_name}): mean ± std over seeds, dots = seeds")
     published = ROOT / "benchmarks" / "results"
@@ -617,6 +650,8 @@ def main(argv=None):
                              "validation (the reported figures, once per final arm); val: train on the selection "
                              "split and score the validation data carved from training (hyperparameter selection)")
     parser.add_argument("--baseline", default=BASELINE, help="the arm every other is compared with (default: clip)")
+    parser.add_argument("--compare", action="append", default=[], metavar="ARM:BASE",
+                        help="also compare ARM with BASE (paired bootstrap, Holm), besides every arm vs the baseline")
     parser.add_argument("--report_only", action="store_true")
     parser.add_argument("--_job", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -698,7 +733,7 @@ def main(argv=None):
             files = {k: data_dir / "selection" / v for k, v in
                      (("train", "train.parquet"), ("zero_shot", "fm_val.parquet"), ("retrieval", "oc_val.parquet"))}
         files = files if all(path.is_file() for path in files.values()) else None
-    result = report(study_dir, list(arms), name, setting, inference, files)
+    result = report(study_dir, list(arms), name, setting, inference, files, args.compare)
     print((study_dir / "results.md").read_text())
     return result
 
