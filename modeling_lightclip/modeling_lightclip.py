@@ -196,6 +196,23 @@ def _timm_wrapper_config(name: str, extra: dict) -> dict:
     return extra
 
 
+def _from_pretrained_without(model_class, unexpected: str | None, name: str, kwargs: dict) -> PreTrainedModel:
+    """`AutoModel.from_pretrained`, with the checkpoint's weights matching `unexpected` (a regex: the task pooler the
+    tower is built without) loaded into nothing and left out of the load report, which would otherwise call them
+    unexpected."""
+    if unexpected is None:
+        return AutoModel.from_pretrained(name, **kwargs)
+    original = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected")
+    model_class._keys_to_ignore_on_load_unexpected = [*(original or []), unexpected]
+    try:
+        return AutoModel.from_pretrained(name, **kwargs)
+    finally:
+        if original is None:
+            del model_class._keys_to_ignore_on_load_unexpected
+        else:
+            model_class._keys_to_ignore_on_load_unexpected = original
+
+
 def _probe_or_explain(config) -> VisionTowerShapes:
     """The tower's shapes at `config.image_size`, with the stage indices the config reads checked against them;
     a size the tower cannot take, or a stage it does not have, is one message naming the field."""
@@ -642,9 +659,11 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             extra = _timm_wrapper_config(name, extra)
             model_class = AutoModel._model_mapping.get(type(extra.get("config") or AutoConfig.from_pretrained(
                 name, **{k: v for k, v in extra.items() if k in ("revision", "token")})), None)
-            if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+            drops_pooler = (model_class is not None
+                            and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters)
+            if drops_pooler:
                 extra = {"add_pooling_layer": False, **extra}  # LightCLIP pools itself (see `_build_tower`)
-            model = AutoModel.from_pretrained(name, **extra)
+            model = _from_pretrained_without(model_class, r"^pooler\." if drops_pooler else None, name, extra)
             if hasattr(model, "vision_model") and getattr(model.config, "model_type", "") == "clip":
                 raise ValueError(f"{name} is a full CLIP model; pass its vision or text tower checkpoint instead.")
             towers.append(model)
