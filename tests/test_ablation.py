@@ -42,11 +42,16 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         recipe, model_args, data_args, training_args = train_lightclip.parse_args(argv)
         given = config_overrides(model_args)
         for key, value in overrides.items():
-            assert given[key] == (value if isinstance(value, str) else float(value)), (name, key)
+            if key in given:
+                assert given[key] == (value if isinstance(value, str) else float(value)), (name, key)
+            else:  # a tower start, lock or learning rate: a model or training argument of that name
+                owner = model_args if hasattr(model_args, key) else training_args
+                assert getattr(owner, key) == value, (name, key)
         assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
-                                         "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)), name
+                                         "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)
+                                or name.endswith("+frozen_relation") and name != "+frozen_relation"), name
         if streamed:   # teacher features from a reinforced copy, streamed
             assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
             assert data_args.teacher_features != str(tmp_path / "nn")
@@ -70,6 +75,11 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         arm = ablation.ARMS[name]
         assert (arm["soft_label_source"], arm["soft_label_max"], arm["soft_label_schedule"]) == ("student", 0.2, "cosine")
     assert ablation.ARMS["+frozen_soft_labels"]["soft_label_source"] == "frozen"
+    # pretrained starts: the recommended objective on top changes the objective and nothing else
+    for name in ablation.PRETRAINED_ARMS:
+        on_top = ablation.ARMS[f"{name}+frozen_relation"]
+        assert {k for k in on_top if on_top[k] != ablation.ARMS[name].get(k)} <= set(ablation.ARMS["+frozen_relation"])
+        assert changed[f"{name}+frozen_relation"] == changed["+frozen_relation"]
 
 
 def test_parse_arm(ablation):
@@ -149,3 +159,38 @@ def test_selection_split_is_carved_from_training_data(ablation, tmp_path):
             (again / name / f.name).write_bytes(f.read_bytes())
     repeat = ablation.prepare_selection_data(again, {}, fm_per_class=4, oc_share=0.2)
     assert set(Dataset.from_parquet(str(repeat["zero_shot"]))["image"]) == fm_val
+
+
+def test_second_test_set_scores_saved_runs_against_a_baseline(tiny_model, tokenizer, tmp_path):
+    """benchmarks/second_test_set.py: every saved run scored once on the icon set, cached beside it; the arm's
+    metrics equal a direct evaluation; the paired bootstrap of a run against itself is exactly zero."""
+    import json
+
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import second_test_set
+
+    from modeling_lightclip.training.preprocessing import build_processor
+
+    theme = tmp_path / "theme"
+    for i, name in enumerate(["edit-copy", "folder-music", "media-playback-start", "user-trash", "mail-send"]):
+        path = theme / "usr" / "share" / "icons" / "elementary-xfce" / "actions" / "48" / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 48), (40 * i, 255 - 40 * i, 90)).save(path)
+    study = tmp_path / "study"
+    for arm in ("base", "same"):
+        folder = study / "runs" / arm / "seed0"
+        tiny_model.save_pretrained(folder)
+        build_processor(tiny_model.config.image_size, tokenizer).save_pretrained(folder)
+    out = tmp_path / "icons.json"
+    result = second_test_set.main(["--study", str(study), "--baseline", "base", "--data_dir", str(tmp_path / "data"),
+                                   "--image_size", "32", "--package_root", str(theme), "--json", str(out)])
+    assert result["pairs"] == 5
+    same = result["arms"]["same"]
+    assert all(same["vs_base"][k]["delta"] == 0 and same["vs_base"][k]["p_holm"] == 1.0 for k in second_test_set.METRICS)
+    scored = second_test_set.score(study / "runs" / "base" / "seed0",
+                                   tmp_path / "data" / "icons_elementary-xfce_32" / "test.parquet")
+    assert result["arms"]["base"]["metrics"]["image_to_text_r1"]["mean"] == scored["image_to_text_r1"]
+    saved = json.loads(out.read_text())
+    assert saved["command"] and saved["provenance"] and (study / "runs" / "same" / "seed0" / "icons.json").is_file()

@@ -102,3 +102,29 @@ def test_fashion_mnist_splits_from_idx_files(tmp_path):
         assert np.asarray(image)[0, 0] % 10 == label and names[label] in caption
     train = load_dataset("parquet", data_files=str(tmp_path / "out" / "train.parquet"), split="train")
     assert sorted(np.bincount(train["label"]).tolist()) == [3] * 10
+
+
+def test_icon_theme_test_set_one_image_per_name(tmp_path):
+    """An icon theme becomes one image per icon name (its smallest PNG >= 48 px; symbolic variants, links and
+    names without words left out), captioned with the name's words."""
+    from datasets import load_dataset
+    from PIL import Image
+
+    from modeling_lightclip.training.offline_data import icon_caption, write_icon_theme
+
+    theme = tmp_path / "usr" / "share" / "icons" / "demo"
+    files = {"actions/16/edit-copy.png": 16, "actions/48/edit-copy.png": 48, "actions/128/edit-copy.png": 128,
+             "places/64/folder-music.png": 64, "places/symbolic/folder-music-symbolic.png": 64,
+             "apps/48/org.x11.xterm.png": 48, "mimetypes/48/application-x-7z.png": 48}
+    for relative, size in files.items():
+        path = theme / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGBA", (size, size), (size, 0, 0, 128)).save(path)
+    (theme / "actions" / "48" / "edit-duplicate.png").symlink_to(theme / "actions" / "48" / "edit-copy.png")
+    counts = write_icon_theme(tmp_path / "out", tmp_path, "demo", image_size=32)
+    rows = load_dataset("parquet", data_files=str(tmp_path / "out" / "test.parquet"), split="train")
+    by_caption = dict(zip(rows["caption"], rows["path"]))
+    assert by_caption == {"edit copy": "actions/48/edit-copy.png", "folder music": "places/64/folder-music.png",
+                          "org xterm": "apps/48/org.x11.xterm.png", "application": "mimetypes/48/application-x-7z.png"}
+    assert counts["test"] == 4 and rows[0]["image"].size == (32, 32)
+    assert icon_caption("x-7z") is None and icon_caption("media-playback-start") == "media playback start"
