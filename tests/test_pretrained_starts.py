@@ -383,3 +383,28 @@ def test_pretrained_start_recipes_train_and_reload_through_automodel_and_the_pip
     assert ("text" in locks) == bool(training.get("lock_text_tower"))
     expected = _client_expected(out, photo_paths)
     _check(_run_client(sys.executable, out, photo_paths, tmp_path), expected)
+
+
+def test_two_processes_train_a_partly_locked_start(pretrained_towers, tmp_path):
+    """DDP over 2 CPU processes (gloo) with a locked image tower and a text tower locked except its last layer:
+    it trains, and the locked parts come out bit for bit as loaded."""
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train_lightclip.py"),
+         *_tiny_run(out, "--vision_model_name_or_path", str(pretrained_towers["image"]), "--lock_image_tower",
+                    "--image_size", "32", "--text_model_name_or_path", str(pretrained_towers["text"]),
+                    "--lock_text_tower", "--lock_text_unlocked_layers", "1", "--per_device_train_batch_size", "8")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    image_source = load_file(pretrained_towers["image"] / "model.safetensors")
+    assert all(torch.equal(_tower_tensors(out, "vision_model.")[k], v) for k, v in image_source.items())
+    text_source = load_file(pretrained_towers["text"] / "model.safetensors")
+    text_saved = _tower_tensors(out, "text_model.")
+    changed = {k for k, v in text_source.items() if not torch.equal(text_saved[k], v)}
+    assert changed and all(k.startswith("encoder.layer.2.") for k in changed)
