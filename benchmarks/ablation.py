@@ -411,11 +411,19 @@ def compare(runs: list[dict], arm: str, base: str) -> dict | None:
     rows = {name: sorted((r for r in runs if r["arm"] == name), key=lambda r: r["seed"]) for name in (arm, base)}
     if not all(rows.values()) or not all("items" in r for r in rows[arm] + rows[base]):
         return None
-    boot = {key: paired_bootstrap([r["items"][key] for r in rows[arm]], [r["items"][key] for r in rows[base]])
-            for key, _ in METRICS}
+    boot = bootstrap_with_holm(rows[arm], rows[base])
+    for key in boot:
+        boot[key]["welch_p"] = _welch_p([r[key] for r in rows[arm]], [r[key] for r in rows[base]])
+    return boot
+
+
+def bootstrap_with_holm(rows: list[dict], base_rows: list[dict], keys: list[str] | None = None) -> dict:
+    """Per metric (`keys`, default the study's), the paired bootstrap of `rows` minus `base_rows` (runs with
+    per-item results, sorted by seed), each with `p_holm`: Holm's correction across those metrics."""
+    boot = {key: paired_bootstrap([r["items"][key] for r in rows], [r["items"][key] for r in base_rows])
+            for key in keys or [key for key, _ in METRICS]}
     for key, adjusted in holm({key: b["p"] for key, b in boot.items()}).items():
         boot[key]["p_holm"] = adjusted
-        boot[key]["welch_p"] = _welch_p([r[key] for r in rows[arm]], [r[key] for r in rows[base]])
     return boot
 
 
@@ -444,11 +452,8 @@ def summarise(runs: list[dict], inference: dict, arm_order: list[str]) -> dict:
                 for key, _ in METRICS}
             base_runs = sorted(by_arm[BASELINE], key=lambda r: r["seed"])
             if all("items" in r for r in rows + base_runs):
-                boot = {key: paired_bootstrap([r["items"][key] for r in rows], [r["items"][key] for r in base_runs])
-                        for key, _ in METRICS}
-                for key, adjusted in holm({key: b["p"] for key, b in boot.items()}).items():
-                    boot[key]["p_holm"] = adjusted
-                    entry["vs_" + BASELINE][key]["bootstrap"] = boot[key]
+                for key, boot in bootstrap_with_holm(rows, base_runs).items():
+                    entry["vs_" + BASELINE][key]["bootstrap"] = boot
         entry["inference"] = inference.get(arm)
         summary[arm] = entry
     return summary

@@ -59,7 +59,7 @@ def score(run_dir: Path, test_file: Path) -> dict:
 
 
 def main(argv=None):
-    from ablation import holm, paired_bootstrap
+    from ablation import bootstrap_with_holm
 
     from modeling_lightclip.training.provenance import write_results
 
@@ -91,11 +91,8 @@ def main(argv=None):
                                                           "std": statistics.stdev([r[k] for r in seeds.values()])
                                                           if len(seeds) > 1 else 0.0} for k in METRICS}}
         if arm != args.baseline:
-            boot = {k: paired_bootstrap([r["items"][k] for _, r in sorted(seeds.items())],
-                                        [r["items"][k] for _, r in sorted(base.items())]) for k in METRICS}
-            for key, adjusted in holm({k: b["p"] for k, b in boot.items()}).items():
-                boot[key]["p_holm"] = adjusted
-            entry["vs_" + args.baseline] = boot
+            entry["vs_" + args.baseline] = bootstrap_with_holm([r for _, r in sorted(seeds.items())],
+                                                               [r for _, r in sorted(base.items())], METRICS)
         summary[arm] = entry
         line = " | ".join(f"{k} {100 * entry['metrics'][k]['mean']:.1f} ± {100 * entry['metrics'][k]['std']:.1f}"
                           + (f" ({100 * entry['vs_' + args.baseline][k]['delta']:+.1f}, p_Holm "

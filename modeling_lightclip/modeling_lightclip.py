@@ -183,17 +183,16 @@ class VisionTowerShapes:
     num_tokens: int
 
 
-def _timm_wrapper_config(name: str, extra: dict) -> dict:
-    """`from_pretrained` kwargs for a tower checkpoint. A timm Hub repo written by timm's `save_for_hf` repeats
-    `num_classes` in `model_args`, which `TimmWrapperModel` (built headless, num_classes=0) then receives twice: drop
-    it there (the wrapper keeps no classifier either way)."""
+def _tower_load_kwargs(name: str, extra: dict) -> dict:
+    """`from_pretrained` kwargs for a tower checkpoint, its config loaded once and passed along (`config`). A timm Hub
+    repo written by timm's `save_for_hf` repeats `num_classes` in `model_args`, which `TimmWrapperModel` (built
+    headless, num_classes=0) then receives twice: drop it there (the wrapper keeps no classifier either way)."""
     if "config" in extra:
         return extra
     config = AutoConfig.from_pretrained(name, **{k: v for k, v in extra.items() if k in ("revision", "token")})
     if getattr(config, "model_type", None) == "timm_wrapper" and "num_classes" in (config.model_args or {}):
         config.model_args = {k: v for k, v in config.model_args.items() if k != "num_classes"}
-        return {**extra, "config": config}
-    return extra
+    return {**extra, "config": config}
 
 
 def _from_pretrained_without(model_class, unexpected: str | None, name: str, kwargs: dict) -> PreTrainedModel:
@@ -656,9 +655,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
                 towers.append(None)
                 tower_configs.append(config.to_dict() if hasattr(config, "to_dict") else dict(config))
                 continue
-            extra = _timm_wrapper_config(name, extra)
-            model_class = AutoModel._model_mapping.get(type(extra.get("config") or AutoConfig.from_pretrained(
-                name, **{k: v for k, v in extra.items() if k in ("revision", "token")})), None)
+            extra = _tower_load_kwargs(name, extra)
+            model_class = AutoModel._model_mapping.get(type(extra["config"]), None)
             drops_pooler = (model_class is not None
                             and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters)
             if drops_pooler:

@@ -59,14 +59,20 @@ def _save_tiny_folder(model, tokenizer, folder: Path):
 def _expected(model, tokenizer, photo_paths, folder: Path, pil_backend: bool = False) -> dict:
     """The logits the client must print. transformers resizes with torchvision when it is installed and with PIL
     otherwise (pixels differ in the last bits): `pil_backend` computes them as a client without torchvision will."""
-    from PIL import Image
-
-    texts = ["a photo of an astronaut", "a tabby cat"]
     processor = build_processor(model.config.image_size, tokenizer)
     if pil_backend:
         from transformers import CLIPImageProcessorPil
 
         processor.image_processor = CLIPImageProcessorPil(**processor.image_processor.to_dict())
+    return expected_logits(model, processor, photo_paths, folder)
+
+
+def expected_logits(model, processor, photo_paths, folder: Path) -> dict:
+    """The client's captions, and the logits `model` gives them and the photos through `processor`; written to
+    `folder/_expected.json` for the client to read."""
+    from PIL import Image
+
+    texts = ["a photo of an astronaut", "a tabby cat"]
     inputs = processor(text=texts, images=[Image.open(p) for p in photo_paths], padding=True, return_tensors="pt")
     with torch.no_grad():
         logits = model(**inputs).logits_per_image

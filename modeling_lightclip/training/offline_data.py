@@ -143,6 +143,17 @@ def openclipart_caption(svg_path: Path, svg_root: Path) -> str | None:
     return ". ".join(parts) + "."
 
 
+def _png_on_white(image) -> bytes:
+    """An RGBA picture composed on a white background, as optimised RGB PNG bytes (clip-art and icons are
+    transparent; the trainer reads RGB)."""
+    from PIL import Image as PILImage
+
+    flat = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
+    buffer = io.BytesIO()
+    PILImage.alpha_composite(flat, image).convert("RGB").save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
 def icon_caption(name: str) -> str | None:
     """An icon's caption from its freedesktop name (`media-playback-start` -> `media playback start`): the words of
     the name, lower case; None for names with fewer than two letters of words (application ids, mime codes)."""
@@ -181,10 +192,7 @@ def write_icon_theme(out_dir: Path, package_root: Path, theme: str, image_size: 
         except Exception:  # noqa: BLE001 - any unreadable file
             skipped["unreadable_png"] += 1
             continue
-        flat = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
-        buffer = io.BytesIO()
-        PILImage.alpha_composite(flat, image).convert("RGB").save(buffer, format="PNG", optimize=True)
-        rows["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows["image"].append({"bytes": _png_on_white(image), "path": None})
         rows["caption"].append(caption)
         rows["path"].append(str(path.relative_to(root)))
     out_dir = Path(out_dir)
@@ -223,12 +231,9 @@ def write_openclipart(out_dir: Path, package_root: Path, image_size: int = 64, v
         except Exception:  # noqa: BLE001 - any rendering failure
             skipped["unrenderable_svg"] += 1
             continue
-        flat = PILImage.new("RGBA", image.size, (255, 255, 255, 255))
-        buffer = io.BytesIO()
-        PILImage.alpha_composite(flat, image).convert("RGB").save(buffer, format="PNG", optimize=True)
         relative = str(path.relative_to(svg_root))
         split = "validation" if zlib.crc32(relative.encode()) % 100 < validation_percent else "train"
-        rows[split]["image"].append({"bytes": buffer.getvalue(), "path": None})
+        rows[split]["image"].append({"bytes": _png_on_white(image), "path": None})
         rows[split]["caption"].append(caption)
         rows[split]["path"].append(relative)
     out_dir = Path(out_dir)
