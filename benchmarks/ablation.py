@@ -107,10 +107,24 @@ ARMS.update({
 # the same starts at 128 px: an ImageNet tower sees the (upscaled) pictures at a scale nearer the one it was trained at
 ARMS.update({f"{name}@128": {**ARMS[name], "image_size": 128} for name in
              ("lit", "lit_text_last2", "lite0_last2+minilm_last2")})
+# more of each tower unlocked (the image tower's last four groups: its head and last three stages)
+_IMAGE_LAST4 = {**_IMAGE_LAST2, "lock_image_unlocked_groups": 4}
+_TEXT_LAST4 = {**_TEXT_LAST2, "lock_text_unlocked_layers": 4}
+ARMS.update({
+    "lite0_last4+minilm_last2@128": {**_OFF, **_LITE0, **_MINILM, **_IMAGE_LAST4, **_TEXT_LAST2, "image_size": 128},
+    "lite0_last4+minilm_last4@128": {**_OFF, **_LITE0, **_MINILM, **_IMAGE_LAST4, **_TEXT_LAST4, "image_size": 128},
+})
+# the same two architectures from random weights (every layer at the setting's learning rate, the study's tokenizer)
+ARMS["lite0+minilm_scratch@128"] = {**_OFF, "recipe": "benchmarks/recipes/cpu_lite0_minilm_scratch.json",
+                                    "timm_architecture": "tf_efficientnet_lite0", "image_size": 128}
 PRETRAINED_ARMS = ["minilm_locked", "minilm_last2", "minilm_slow", "lit", "lit_text_last2", "lite0_last2+minilm_last2",
                    "lite0_slow+minilm_last2",
-                   "lit@128", "lit_text_last2@128", "lite0_last2+minilm_last2@128"]
+                   "lit@128", "lit_text_last2@128", "lite0_last2+minilm_last2@128",
+                   "lite0_last4+minilm_last2@128", "lite0_last4+minilm_last4@128", "lite0+minilm_scratch@128"]
+# the recommended objective on top of a pretrained start, and its soft labels alone: when the towers start from the
+# frozen encoders that teach them, the relation term anchors the new projections to the teachers' geometry
 ARMS.update({f"{name}+frozen_relation": {**ARMS[name], **_RECOMMENDED} for name in PRETRAINED_ARMS})
+ARMS.update({f"{name}+frozen_soft_labels": {**ARMS[name], **_FROZEN_SOFT_LABELS} for name in PRETRAINED_ARMS})
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).
