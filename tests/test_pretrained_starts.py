@@ -376,6 +376,8 @@ def test_pretrained_start_recipes_train_and_reload_through_automodel_and_the_pip
     training = settings["training"]
     assert ("vision" in locks) == bool(training.get("lock_image_tower"))
     assert ("text" in locks) == bool(training.get("lock_text_tower"))
+    assert locks.get("vision", {}).get("unlocked", 0) == training.get("lock_image_unlocked_groups", 0)
+    assert locks.get("text", {}).get("unlocked", 0) == training.get("lock_text_unlocked_layers", 0)
     expected = _client_expected(out, photo_paths)
     _check(_run_client(sys.executable, out, photo_paths, tmp_path), expected)
 
