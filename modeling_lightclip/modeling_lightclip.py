@@ -517,12 +517,36 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         return torch.no_grad()
 
     def train(self, mode: bool = True):
-        """`nn.Module.train`, keeping the BatchNorm layers of locked tower parts in eval mode."""
+        """`nn.Module.train`, keeping the BatchNorm layers of locked tower parts in eval mode, and a tower locked
+        whole in eval mode altogether (no dropout: a fixed feature extractor, whose outputs can then be stored)."""
         super().train(mode)
-        for info in getattr(self, "_locked_towers", {}).values():
+        for side, info in getattr(self, "_locked_towers", {}).items():
+            if not info["unlocked"]:
+                (self.vision_model if side == "vision" else self.text_model).eval()
             for norm in info["norms"]:
                 norm.eval()
         return self
+
+    def check_text_outputs_storable(self) -> None:
+        """Raise unless the text tower's pooled outputs can stand in for running it in training: the tower is locked
+        whole (so its outputs never change) and no objective reads its token states (MLM, token alignment)."""
+        info = self._locked_towers.get("text")
+        if info is None or info["unlocked"]:
+            raise ValueError("the text tower's outputs can be stored with the training rows only when the tower is "
+                             "locked whole (--lock_text_tower without --lock_text_unlocked_layers): a tower that "
+                             "trains changes them at every step.")
+        if self.config.uses_mlm or self.objectives.token is not None:
+            raise ValueError("MLM and token alignment read the text tower's token states, not only its pooled output: "
+                             "switch them off (--mlm_loss_weight 0 --token_loss_weight 0) to store the text tower's "
+                             "outputs, or let the tower run.")
+
+    @torch.no_grad()
+    def locked_text_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                            **tower_kwargs) -> torch.Tensor:
+        """(B, H) pooled outputs of the locked text tower, before the projection: what training computes for these
+        captions, and what `training_targets["text_tower_outputs"]` may carry instead (stored with each row)."""
+        self.check_text_outputs_storable()
+        return self._encode_text(input_ids, attention_mask, **tower_kwargs).pooled
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -587,7 +611,12 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         if return_loss:
             masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
                                                 targets.get("mlm_labels"), self.training_progress)
-        if masked is None:
+        stored_text = targets.get("text_tower_outputs") if self.training else None
+        if stored_text is not None:  # the locked text tower's outputs, stored with the rows: the tower need not run
+            self.check_text_outputs_storable()
+            text = _TextEncoding(pooled=stored_text.to(self.text_projection.weight.dtype), tokens=None, raw=None)
+            masked_states, mlm_labels = None, None
+        elif masked is None:
             text, masked_states, mlm_labels = self._encode_text(input_ids, attention_mask, **text_kwargs), None, None
         else:
             text, masked_states = self._encode_text_and_masked_copy(input_ids, attention_mask, text_kwargs, masked,

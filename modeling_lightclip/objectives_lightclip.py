@@ -154,6 +154,8 @@ TRAINING_TARGETS = {
     "text_neighbour_ids": "(B,) one text-space neighbour's row (CLIP-PING's bank), -1 for none",
     "ping_partner_rows": "(B,) each row's in-batch neighbour's row, -1 for none (CLIP-PING in batch)",
     "ping_partner_spaces": "(B,) the space the partner was found in: 0 image, 1 text (CLIP-PING in batch)",
+    "text_tower_outputs": "(B, H) the locked text tower's pooled outputs, stored with each training row: used instead "
+                          "of running the tower (`LightCLIPModel.locked_text_outputs`)",
 }
 _OLD_TARGET_NAMES = {"frozen_image_features": "teacher_image_features", "frozen_text_features": "teacher_text_features"}
 

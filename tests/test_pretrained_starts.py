@@ -405,3 +405,108 @@ def test_two_processes_train_a_partly_locked_start(pretrained_towers, tmp_path):
     text_saved = _tower_tensors(out, "text_model.")
     changed = {k for k, v in text_source.items() if not torch.equal(text_saved[k], v)}
     assert changed and all(k.startswith("encoder.layer.2.") for k in changed)
+
+
+# ------------------------------------------------------------------------------------------ stored text outputs
+
+
+def _locked_text_model(tokenizer, **config):
+    from modeling_lightclip import LightCLIPConfig, LightCLIPModel
+
+    torch.manual_seed(0)
+    model = LightCLIPModel(LightCLIPConfig(
+        vision_config=TINY_RESNET, text_config={**TINY_BERT, "vocab_size": len(tokenizer),
+                                                "hidden_dropout_prob": 0.3, "attention_probs_dropout_prob": 0.3},
+        **{"projection_dim": 16, "image_size": 32, "token_loss_weight": 0.0, "mlm_loss_weight": 0.0, **config}))
+    return model.lock_text_tower().train()
+
+
+def test_stored_text_outputs_stand_in_for_the_locked_tower(tokenizer):
+    """The oracle is the tower itself: a training step from the stored outputs gives the loss and gradients of a
+    step that runs the locked tower, and does not call the tower."""
+    model = _locked_text_model(tokenizer)
+    assert not model.text_model.training and model.vision_model.training  # locked whole: eval mode (no dropout)
+    batch = make_batch(tokenizer)
+    batch.pop("return_loss", None)
+    running = model(**batch, return_loss=True)
+    running.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    stored = model.locked_text_outputs(batch["input_ids"], batch["attention_mask"])
+    calls = []
+    handle = model.text_model.register_forward_hook(lambda *args: calls.append(1))
+    from_rows = model(**batch, return_loss=True, training_targets={"text_tower_outputs": stored})
+    handle.remove()
+    from_rows.loss.backward()
+    assert not calls
+    torch.testing.assert_close(from_rows.loss, running.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_rows.logits_per_image, running.logits_per_image, rtol=0, atol=1e-6)
+    got = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys() and "text_projection.weight" in got
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_stored_text_outputs_are_refused_where_they_would_be_wrong(tokenizer):
+    batch = make_batch(tokenizer)
+    batch.pop("return_loss", None)
+    partly = _locked_text_model(tokenizer)
+    partly.lock_text_tower(1)
+    with pytest.raises(ValueError, match="locked whole"):
+        partly.locked_text_outputs(batch["input_ids"], batch["attention_mask"])
+    stored = torch.zeros(batch["input_ids"].shape[0], TINY_BERT["hidden_size"])
+    with pytest.raises(ValueError, match="locked whole"):
+        partly(**batch, return_loss=True, training_targets={"text_tower_outputs": stored})
+    token = _locked_text_model(tokenizer, token_loss_weight=0.5)
+    with pytest.raises(ValueError, match="token states"):
+        token(**batch, return_loss=True, training_targets={"text_tower_outputs": stored})
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "add --lock_text_tower"),
+    (["--lock_text_tower", "--lock_text_unlocked_layers", "1"], "add --lock_text_tower"),
+])
+def test_store_locked_text_outputs_needs_a_tower_locked_whole(flags, message, tmp_path, capsys):
+    import train_lightclip
+
+    assert train_lightclip.cli(_tiny_run(tmp_path / "run", "--store_locked_text_outputs", *flags)) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_training_from_stored_text_outputs_never_runs_the_tower_and_reuses_them(pretrained_towers, tmp_path,
+                                                                                monkeypatch):
+    """End to end: the outputs are computed once (the tower in eval mode), stored under OUTPUT_DIR/_reinforced,
+    read back from each batch's rows (the tower never runs in a training step), reused by a second run, and the
+    locked tower is saved bit for bit."""
+    import train_lightclip
+
+    from modeling_lightclip import LightCLIPModel
+
+    calls = {"training step": 0, "stored": 0}
+    encode_text, locked_text_outputs = LightCLIPModel._encode_text, LightCLIPModel.locked_text_outputs
+
+    def counting_encode(self, *args, **kwargs):
+        calls["training step"] += int(self.training)
+        return encode_text(self, *args, **kwargs)
+
+    def counting_outputs(self, *args, **kwargs):
+        calls["stored"] += 1
+        return locked_text_outputs(self, *args, **kwargs)
+
+    monkeypatch.setattr(LightCLIPModel, "_encode_text", counting_encode)
+    monkeypatch.setattr(LightCLIPModel, "locked_text_outputs", counting_outputs)
+    out = tmp_path / "run"
+    flags = ("--text_model_name_or_path", str(pretrained_towers["text"]), "--lock_text_tower",
+             "--store_locked_text_outputs", "--token_loss_weight", "0", "--mlm_loss_weight", "0")
+    trainer = train_lightclip.main(_tiny_run(out, *flags))
+    assert trainer.state.global_step == 2
+    assert calls == {"training step": 0, "stored": 1}  # computed once (48 rows, one batch), never in a step
+    assert len(list((out / "_reinforced").glob("text-tower-*.arrow"))) == 1
+    source = load_file(pretrained_towers["text"] / "model.safetensors")
+    assert all(torch.equal(_tower_tensors(out, "text_model.")[k], v) for k, v in source.items())
+    calls.update({"stored": 0})
+    train_lightclip.main(_tiny_run(out, *flags, "--seed", "1"))
+    assert calls == {"training step": 0, "stored": 0}  # the second run read the stored outputs back
+    train_lightclip.main(_tiny_run(tmp_path / "plain", *flags[:3], "--token_loss_weight", "0", "--mlm_loss_weight",
+                                   "0"))
+    assert calls["training step"] > 0  # without the flag the locked tower runs at every step

@@ -135,6 +135,11 @@ class LightCLIPTrainingArguments(TrainingArguments):
     lock_text_unlocked_layers: int = field(default=0, metadata={
         "help": "With --lock_text_tower: leave the last N groups of the text tower trainable (its final norm where it "
                 "has one, then its last transformer layers; the embeddings are group 0)."})
+    store_locked_text_outputs: bool = field(default=False, metadata={
+        "help": "With the text tower locked whole: compute its outputs for every training caption once, store them "
+                "beside the rows (OUTPUT_DIR/_reinforced, reused by later runs on the same data and tower) and train "
+                "from them instead of running the tower at every step. Pays from the second epoch on; map-style "
+                "data, one caption per row, no MLM or token alignment."})
     vision_learning_rate: float | None = field(default=None, metadata={
         "help": "Learning rate of the image tower (default: --learning_rate). A pretrained tower usually wants one "
                 "10-100x lower than the freshly initialised projections."})
@@ -148,6 +153,9 @@ class LightCLIPTrainingArguments(TrainingArguments):
                 raise ValueError(f"--{flag} {value}: >= 0.")
             if value and not getattr(self, f"lock_{side}_tower"):
                 raise ValueError(f"--{flag} {value} leaves part of a locked tower trainable: add --lock_{side}_tower.")
+        if self.store_locked_text_outputs and not (self.lock_text_tower and not self.lock_text_unlocked_layers):
+            raise ValueError("--store_locked_text_outputs stores the outputs of a text tower that never changes: add "
+                             "--lock_text_tower, without --lock_text_unlocked_layers.")
         for flag in ("vision_learning_rate", "text_learning_rate"):
             value = getattr(self, flag)
             if value is not None and not value >= 0:

@@ -21,6 +21,7 @@ from .data import (
     prepare_zero_shot_labels,
     zero_shot_templates,
 )
+from .locked_outputs import store_locked_text_outputs
 from .lora import apply_lora
 from .neighbours import NeighbourTable
 from .packaged_weights import image_normalisation, pretrained_source
@@ -207,6 +208,9 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),
         jpeg_draft_decoding=data_args.jpeg_draft_decoding)
     eval_collator = ImageTextCollator(**common, train=False, label_column=data_args.label_column)
+    if training_args.do_train and training_args.store_locked_text_outputs:
+        train_dataset = store_locked_text_outputs(model, train_dataset, train_collator, data_args.caption_column,
+                                                  training_args)
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,
                eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates,

@@ -119,6 +119,9 @@ class DataArguments:
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
 
+# the column `locked_outputs.store_locked_text_outputs` adds: each caption's locked text tower output
+STORED_TEXT_OUTPUTS = "text_tower_outputs"
+
 EMBEDDED_SOURCE = {"name": "the embedded Fashion-MNIST subset (10,000 images, captions from prompt templates)",
                    "hub_id": "zalando-datasets/fashion_mnist"}
 
@@ -843,7 +846,7 @@ class ImageTextCollator:
         caption = example.get(self.caption_column)
         if isinstance(caption, (list, tuple)):  # several captions per image: draw one
             caption = self._rng.choice(caption) if caption else None
-        caption, reason = clean_caption(caption, self._special_tokens)
+        caption, reason = self.clean(caption)
         if reason is not None:
             self._skip(reason)
         return caption
@@ -854,6 +857,17 @@ class ImageTextCollator:
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
             return -1
         return int(value)
+
+    def tokenize(self, captions: list[str]) -> dict:
+        """Clean captions -> `input_ids`, `attention_mask` (tensors), as every batch tokenises them."""
+        max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
+        # a caption that says "[MASK]" is text: the tokenizer's own rule (`captions_are_text`)
+        return self.tokenizer(captions, padding="max_length" if self.pad_to_max_length else True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+
+    def clean(self, caption) -> tuple[str | None, str | None]:
+        """(caption, None) or (None, why it is skipped): `clean_caption` with this tokenizer's special tokens."""
+        return clean_caption(caption, self._special_tokens)
 
     def __call__(self, examples: list[dict]) -> dict:
         # This batch's randomness (augmentation, MLM masking) is derived from (seed, epoch, the batch's captions),
@@ -878,10 +892,7 @@ class ImageTextCollator:
             # an empty tensor first: loaders that measure a batch (accelerate's, for streams) find size 0
             return {"empty_batch": torch.zeros(0, dtype=torch.long), "skipped": dict(self._batch_skipped),
                     "return_loss": True}
-        max_length = self.max_length or min(getattr(self.tokenizer, "model_max_length", 77), 512)
-        # a caption that says "[MASK]" is text: the tokenizer's own rule (`captions_are_text`)
-        text = self.tokenizer(captions, padding="max_length" if self.pad_to_max_length else True, truncation=True,
-                              max_length=max_length, return_tensors="pt")
+        text = self.tokenize(captions)
         if self.uint8_images:  # resized and cropped here; scaled and normalised on the device (`normalize_on_device`)
             pixel_values = self.processor.image_processor(images, return_tensors="pt", do_rescale=False,
                                                           do_normalize=False)["pixel_values"]
@@ -920,6 +931,9 @@ class ImageTextCollator:
             if config.uses_distillation:
                 targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
                     kept, [t for t in self.teachers if t.get("kind") == "multimodal"])
+        if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
+            targets["text_tower_outputs"] = torch.tensor(
+                np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))
         if self.neighbours is not None and config.uses_ping:
             if "sample_id" not in examples[0]:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
