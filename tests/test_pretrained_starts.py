@@ -407,6 +407,29 @@ def test_two_processes_train_a_partly_locked_start(pretrained_towers, tmp_path):
     assert changed and all(k.startswith("encoder.layer.2.") for k in changed)
 
 
+
+def test_two_processes_train_from_stored_text_outputs(pretrained_towers, tmp_path):
+    """DDP over 2 CPU processes (gloo): the first process stores the locked text tower's outputs, the second reads
+    the same cache; both train from them and the tower comes out bit for bit."""
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train_lightclip.py"),
+         *_tiny_run(out, "--text_model_name_or_path", str(pretrained_towers["text"]), "--lock_text_tower",
+                    "--store_locked_text_outputs", "--token_loss_weight", "0", "--mlm_loss_weight", "0",
+                    "--per_device_train_batch_size", "8")],
+        env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert len(list((out / "_reinforced").glob("text-tower-*.arrow"))) == 1
+    source = load_file(pretrained_towers["text"] / "model.safetensors")
+    assert all(torch.equal(_tower_tensors(out, "text_model.")[k], v) for k, v in source.items())
+
+
 # ------------------------------------------------------------------------------------------ stored text outputs
 
 
