@@ -51,7 +51,7 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
                                          "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)
-                                or name.endswith("+frozen_relation") and name != "+frozen_relation"), name
+                                or name.endswith(("+frozen_relation", "+frozen_soft_labels")) and not name.startswith("+")), name
         if streamed:   # teacher features from a reinforced copy, streamed
             assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
             assert data_args.teacher_features != str(tmp_path / "nn")
