@@ -119,7 +119,8 @@ class DataArguments:
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 
 
-# the column `locked_outputs.store_locked_text_outputs` adds: each caption's locked text tower output
+# the column `locked_outputs.store_locked_text_outputs` adds (each caption's locked text tower output), and the
+# training target the collator passes it on as
 STORED_TEXT_OUTPUTS = "text_tower_outputs"
 
 EMBEDDED_SOURCE = {"name": "the embedded Fashion-MNIST subset (10,000 images, captions from prompt templates)",
@@ -932,7 +933,7 @@ class ImageTextCollator:
                 targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
                     kept, [t for t in self.teachers if t.get("kind") == "multimodal"])
         if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
-            targets["text_tower_outputs"] = torch.tensor(
+            targets[STORED_TEXT_OUTPUTS] = torch.tensor(
                 np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))
         if self.neighbours is not None and config.uses_ping:
             if "sample_id" not in examples[0]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .data import STORED_TEXT_OUTPUTS
-from .teacher_features import REINFORCED_FOLDER
+from .teacher_features import REINFORCED_FOLDER, _fingerprint
 
 
 logger = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ def store_locked_text_outputs(model, train_dataset, collator, caption_column: st
                          f"per row (it holds {feature}); with several captions per image training draws one per "
                          "step, so let the tower run.")
     tokenizer = collator.tokenizer
-    key = hashlib.sha256(repr((train_dataset._fingerprint, caption_column, weights_fingerprint(model.text_model),
-                               type(tokenizer).__name__, len(tokenizer), collator.max_length,
-                               tokenizer.init_kwargs.get("do_lower_case"))).encode()).hexdigest()[:16]
+    key = _fingerprint(train_dataset, caption_column, weights_fingerprint(model.text_model), type(tokenizer).__name__,
+                       len(tokenizer), collator.max_length, tokenizer.init_kwargs.get("do_lower_case"))
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
     width = model.text_embed_dim
