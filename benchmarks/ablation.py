@@ -220,6 +220,14 @@ def prepare_tokenizer(data_dir: Path, train_file: Path, vocab_size: int, max_len
     return out
 
 
+def setting_tokenizer(data_dir: Path, files: dict, setting: dict) -> Path:
+    """The study's tokenizer for `setting`: its vocabulary size, its recipe's caption length, trained once."""
+    from modeling_lightclip.training.recipes import load_recipe
+
+    max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
+    return prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
+
+
 def prepare_neighbours(data_dir: Path, train_file: Path, image_size: int) -> Path:
     from modeling_lightclip.training.neighbours import FILES
 
@@ -357,13 +365,18 @@ def run_one(args) -> None:
     (out_dir / "run.json").write_text(json.dumps(result, indent=2))
 
 
-def launch(job: dict, log: Path) -> int:
+def run_env(threads: int | None) -> dict:
+    """The environment of one training run: offline, and `threads` CPU threads when given."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if job["threads"]:
-        env.update(OMP_NUM_THREADS=str(job["threads"]), MKL_NUM_THREADS=str(job["threads"]))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def launch(job: dict, log: Path) -> int:
     with open(log, "w") as handle:
-        return subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], check=False, cwd=ROOT, env=env,
-                              stdout=handle, stderr=subprocess.STDOUT).returncode
+        return subprocess.run([sys.executable, __file__, "--_job", json.dumps(job)], check=False, cwd=ROOT,
+                              env=run_env(job["threads"]), stdout=handle, stderr=subprocess.STDOUT).returncode
 
 
 def measure_inference(run_dir: Path, runs: int = 30) -> dict:
@@ -706,14 +719,11 @@ def main(argv=None):
     inference_file = study_dir / "inference.json"
     inference = json.loads(inference_file.read_text()) if inference_file.is_file() else {}
     if not args.report_only:
-        from modeling_lightclip.training.recipes import load_recipe
-
         files = prepare_data(data_dir, args.fashion_mnist_root, args.openclipart_root)
         files_dir = data_dir
         if args.eval_split == "val":
             files, files_dir = prepare_selection_data(data_dir, files), data_dir / "selection"
-        max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
-        tokenizer = prepare_tokenizer(files_dir, files["train"], setting["vocab_size"], max_length)
+        tokenizer = setting_tokenizer(files_dir, files, setting)
         needs_frozen = any(arm_config(setting, arms[a]).uses_frozen_features for a in selected)
         neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
         reinforced = {kind: prepare_reinforced(files_dir, files["train"], setting["image_size"], kind)

@@ -4,14 +4,15 @@
         --steps 40 --json benchmarks/results/lr_probe_lite0_minilm_scratch.json
 
 Each rate trains the arm (the CPU study's setting: data, tokenizer, batch, the projections at the setting's rate)
-for `--steps` steps with `--vision_learning_rate` and `--text_learning_rate` set to it, the rates side by side,
-one thread each. Prints the training loss every `--log_every` steps and the mean over the run (`train_loss`);
-an arm whose loss stays at log(batch) has collapsed (every image embedding alike). Nothing is evaluated.
+for `--steps` steps with `--vision_learning_rate` and `--text_learning_rate` set to it, the rates side by side at
+the setting's threads per run. Prints the training loss every `--log_every` steps and the mean over the run
+(`train_loss`); an arm whose loss stays at log(batch) has collapsed (every image embedding alike). Nothing is
+evaluated.
 """
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,12 +25,10 @@ import ablation  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def probe(argv: list[str], out_dir: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1")
+def probe(argv: list[str], out_dir: Path, threads: int | None) -> dict:
     with open(out_dir / "log.txt", "w") as log:
-        code = subprocess.run([sys.executable, "train_lightclip.py", *argv], cwd=ROOT, env=env, stdout=log,
-                              stderr=subprocess.STDOUT).returncode
+        code = subprocess.run([sys.executable, "train_lightclip.py", *argv], cwd=ROOT, env=ablation.run_env(threads),
+                              stdout=log, stderr=subprocess.STDOUT).returncode
     if code:
         raise SystemExit(f"training failed (exit {code}), see {out_dir}/log.txt")
     state = json.loads((out_dir / "trainer_state.json").read_text())
@@ -53,10 +52,7 @@ def main(argv=None):
     setting = {**ablation.SETTINGS["cpu"], "max_steps": args.steps}
     data_dir = ROOT / args.out / "data"
     files = ablation.prepare_data(data_dir, None, None)
-    from modeling_lightclip.training.recipes import load_recipe
-
-    max_length = load_recipe(setting["recipe"]).get("tokenizer", {}).get("model_max_length", 77)
-    tokenizer = ablation.prepare_tokenizer(data_dir, files["train"], setting["vocab_size"], max_length)
+    tokenizer = ablation.setting_tokenizer(data_dir, files, setting)
     arm = ablation.ARMS[args.arm]
     neighbours = (ablation.prepare_neighbours(data_dir, files["train"], setting["image_size"])
                   if ablation.arm_config(setting, arm).uses_frozen_features else None)
@@ -67,11 +63,12 @@ def main(argv=None):
         out_dir.mkdir()
         overrides = {**arm, "vision_learning_rate": rate, "text_learning_rate": rate}
         flags = ablation.train_argv(setting, overrides, args.seed, files, tokenizer, neighbours, out_dir)
-        flags += ["--logging_steps", str(args.log_every), "--save_strategy", "no"]
-        return probe(flags, out_dir)
+        flags += ["--logging_steps", str(args.log_every)]  # after train_argv's own: the last one counts
+        return probe(flags, out_dir, setting["threads"])
 
     with ThreadPoolExecutor(max_workers=len(args.tower_learning_rates)) as pool:
         results = dict(zip(args.tower_learning_rates, pool.map(_one, args.tower_learning_rates)))
+    shutil.rmtree(work)  # the probes' saved models (a failed probe's folder stays, for its log)
     for rate, result in results.items():
         curve = " ".join(f"{loss:.3f}" for loss in result["loss_by_step"].values())
         print(f"towers at {rate:g}: mean training loss {result['train_loss']:.3f}; every {args.log_every} steps: "
