@@ -29,14 +29,15 @@ def main(argv=None):
 
     from modeling_lightclip.training.provenance import write_results
 
-    out = Path(tempfile.mkdtemp(prefix="lightclip-quickstart-")) / "run"
-    command = [sys.executable, "train_lightclip.py", "--output_dir", str(out), *args.extra]
-    started = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    wall = time.perf_counter() - started
-    evaluation = json.loads((out / "eval_results.json").read_text())
-    training = json.loads((out / "train_results.json").read_text())
-    info = json.loads((out / "training_info.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="lightclip-quickstart-") as scratch:  # removed when the run ends
+        out = Path(scratch) / "run"
+        command = [sys.executable, "train_lightclip.py", "--output_dir", str(out), *args.extra]
+        started = time.perf_counter()
+        subprocess.run(command, cwd=ROOT, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        wall = time.perf_counter() - started
+        evaluation = json.loads((out / "eval_results.json").read_text())
+        training = json.loads((out / "train_results.json").read_text())
+        info = json.loads((out / "training_info.json").read_text())
     result = {"training_command": "python train_lightclip.py" + "".join(f" {a}" for a in args.extra),
               "wall_seconds": wall, "train_runtime_seconds": training["train_runtime"],
               "train_samples": info["train_samples"], "eval": evaluation}
