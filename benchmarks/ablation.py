@@ -154,21 +154,17 @@ PLOTTED = ["zero_shot_top1", "image_to_text_r1", "text_to_image_r1"]
 
 def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_root: str | None) -> dict:
     """Fashion-MNIST and OpenClipart in `datasets` format, and their union as the training file."""
-    import tempfile
-
     from datasets import concatenate_datasets, load_dataset
 
-    from modeling_lightclip.training.offline_data import fetch_debian_package, write_fashion_mnist, write_openclipart
+    from modeling_lightclip.training.offline_data import debian_package, write_fashion_mnist, write_openclipart
 
     fm, oc = data_dir / "fashion_mnist", data_dir / "openclipart"
     if not (fm / "test.parquet").is_file():
-        root = fashion_mnist_root or fetch_debian_package("dataset-fashion-mnist",
-                                                          Path(tempfile.mkdtemp(prefix="lightclip-fm-")))
-        print("fashion-mnist:", write_fashion_mnist(fm, Path(root), 1000, 200, seed=0, test_per_class=1000))
+        with debian_package("dataset-fashion-mnist", fashion_mnist_root) as root:
+            print("fashion-mnist:", write_fashion_mnist(fm, root, 1000, 200, seed=0, test_per_class=1000))
     if not (oc / "validation.parquet").is_file():
-        root = openclipart_root or fetch_debian_package("openclipart-svg",
-                                                        Path(tempfile.mkdtemp(prefix="lightclip-oc-")))
-        print("openclipart:", write_openclipart(oc, Path(root), image_size=64))
+        with debian_package("openclipart-svg", openclipart_root) as root:
+            print("openclipart:", write_openclipart(oc, root, image_size=64))
     train = data_dir / "train.parquet"
     if not train.is_file():
         parts = [load_dataset("parquet", data_files=str(path), split="train").select_columns(["image", "caption"])

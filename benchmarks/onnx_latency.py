@@ -55,12 +55,13 @@ def main():
     results = {}
     print(f"{'recipe':<16}{'size':>5}{'max |Δ| image':>15}{'max |Δ| text':>14}{'image ORT':>11}{'image torch':>13}"
           f"{'text ORT':>10}{'text torch':>12}")
+    scratch = tempfile.TemporaryDirectory(prefix="lightclip-onnx-")  # removed after the runs (on error: at exit)
     for recipe in args.recipes:
         torch.manual_seed(0)
         model = LightCLIPModel(build_model_config(load_recipe(recipe)["model"], tokenizer)).eval()
         size = model.config.image_size
         processor = build_processor(size, tokenizer)
-        out = Path(tempfile.mkdtemp(prefix=f"onnx-{recipe}-"))
+        out = Path(scratch.name) / recipe
         export_encoders(model, processor, out)
         check = check_with_onnxruntime(model, processor, out, images, captions)
         image_session = onnxruntime.InferenceSession(str(out / IMAGE_FILE), options, providers=["CPUExecutionProvider"])
@@ -83,6 +84,7 @@ def main():
         print(f"{recipe:<16}{size:>5}{figures['image_max_abs_diff']:>15.1e}{figures['text_max_abs_diff']:>14.1e}"
               f"{figures['image_onnxruntime_ms']:>9.2f}ms{figures['image_torch_ms']:>11.2f}ms"
               f"{figures['text_onnxruntime_ms']:>8.2f}ms{figures['text_torch_ms']:>10.2f}ms")
+    scratch.cleanup()
     if args.json:
         from modeling_lightclip.training.provenance import write_results
 

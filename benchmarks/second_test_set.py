@@ -26,14 +26,12 @@ THEME = ("elementary-xfce-icon-theme", "elementary-xfce")
 
 
 def prepare_icons(data_dir: Path, image_size: int = 64, package_root: str | None = None) -> Path:
-    import tempfile
-
-    from modeling_lightclip.training.offline_data import fetch_debian_package, write_icon_theme
+    from modeling_lightclip.training.offline_data import debian_package, write_icon_theme
 
     out = data_dir / f"icons_{THEME[1]}_{image_size}"
     if not (out / "test.parquet").is_file():
-        root = package_root or fetch_debian_package(THEME[0], Path(tempfile.mkdtemp(prefix="lightclip-icons-")))
-        print("icons:", write_icon_theme(out, Path(root), THEME[1], image_size=image_size))
+        with debian_package(THEME[0], package_root) as root:
+            print("icons:", write_icon_theme(out, root, THEME[1], image_size=image_size))
     return out / "test.parquet"
 
 

@@ -249,42 +249,41 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     channels_last = device.type == "cuda"  # what --channels_last auto does for a CNN tower
 
-    with tempfile.TemporaryDirectory(prefix="lightclip-throughput-") as scratch:  # removed when the run ends
-        work = Path(scratch)
-        train_file = write_dataset(work, args.batch_size * (args.warmup + args.steps + 2), args.image_size)
-        from datasets import load_dataset
+    scratch = tempfile.TemporaryDirectory(prefix="lightclip-throughput-")  # removed after the runs (on error: at exit)
+    work = Path(scratch.name)
+    train_file = write_dataset(work, args.batch_size * (args.warmup + args.steps + 2), args.image_size)
+    from datasets import load_dataset
 
-        captions = load_dataset("parquet", data_files=str(train_file), split="train")["caption"]
-        tokenizer = train_wordpiece_tokenizer(_captions(2000, np.random.default_rng(1)), 1000, args.max_length)
-        tokenizer.save_pretrained(work / "tokenizer")
-        print(f"device={device} image_size={args.image_size} batch={args.batch_size} bf16={args.bf16} "
-              f"compile={args.compile} channels_last={channels_last} threads={torch.get_num_threads()}")
-        results = {"setting": vars(args) | {"device": str(device), "channels_last": channels_last}}
-        results.update(collator_cost(train_file, tokenizer, args))
-        print(f"collator per image: float {results['collator_float_ms_per_image']:.2f} ms, uint8 "
-              f"{results['collator_uint8_ms_per_image']:.2f} ms (one process)")
-        header = (f"{'recipe':<16}{'end-to-end':>12}{'model-only':>12}{'anchor':>10}{'e2e/model':>11}"
-                  f"{'model/anchor':>14}{'full/clip step':>16}")
-        rows = []
-        for recipe in args.recipes:
-            figures = model_only(recipe, tokenizer, captions, args, device, channels_last)
-            figures.update(end_to_end(recipe, train_file, work / "tokenizer", args, work / f"run-{recipe}"))
-            figures["end_to_end_over_model_only"] = (figures["end_to_end_pairs_per_s"]
-                                                     / figures["model_only_clip_pairs_per_s"])
-            figures["model_only_over_anchor"] = figures["model_only_clip_pairs_per_s"] / figures["anchor_pairs_per_s"]
-            figures["full_over_clip_step"] = figures["model_only_full_step_ms"] / figures["model_only_clip_step_ms"]
-            results[recipe] = figures
-            rows.append(f"{recipe:<16}{figures['end_to_end_pairs_per_s']:>12.0f}"
-                        f"{figures['model_only_clip_pairs_per_s']:>12.0f}"
-                        f"{figures['anchor_pairs_per_s']:>10.0f}{figures['end_to_end_over_model_only']:>10.2f}x"
-                        f"{figures['model_only_over_anchor']:>13.2f}x{figures['full_over_clip_step']:>15.2f}x")
-        print("pairs/s (median step after warm-up)")
-        print(header)
-        print("\n".join(rows))
-        if args.json:
-            from modeling_lightclip.training.provenance import write_results
+    captions = load_dataset("parquet", data_files=str(train_file), split="train")["caption"]
+    tokenizer = train_wordpiece_tokenizer(_captions(2000, np.random.default_rng(1)), 1000, args.max_length)
+    tokenizer.save_pretrained(work / "tokenizer")
+    print(f"device={device} image_size={args.image_size} batch={args.batch_size} bf16={args.bf16} "
+          f"compile={args.compile} channels_last={channels_last} threads={torch.get_num_threads()}")
+    results = {"setting": vars(args) | {"device": str(device), "channels_last": channels_last}}
+    results.update(collator_cost(train_file, tokenizer, args))
+    print(f"collator per image: float {results['collator_float_ms_per_image']:.2f} ms, uint8 "
+          f"{results['collator_uint8_ms_per_image']:.2f} ms (one process)")
+    header = (f"{'recipe':<16}{'end-to-end':>12}{'model-only':>12}{'anchor':>10}{'e2e/model':>11}{'model/anchor':>14}"
+              f"{'full/clip step':>16}")
+    rows = []
+    for recipe in args.recipes:
+        figures = model_only(recipe, tokenizer, captions, args, device, channels_last)
+        figures.update(end_to_end(recipe, train_file, work / "tokenizer", args, work / f"run-{recipe}"))
+        figures["end_to_end_over_model_only"] = figures["end_to_end_pairs_per_s"] / figures["model_only_clip_pairs_per_s"]
+        figures["model_only_over_anchor"] = figures["model_only_clip_pairs_per_s"] / figures["anchor_pairs_per_s"]
+        figures["full_over_clip_step"] = figures["model_only_full_step_ms"] / figures["model_only_clip_step_ms"]
+        results[recipe] = figures
+        rows.append(f"{recipe:<16}{figures['end_to_end_pairs_per_s']:>12.0f}{figures['model_only_clip_pairs_per_s']:>12.0f}"
+                    f"{figures['anchor_pairs_per_s']:>10.0f}{figures['end_to_end_over_model_only']:>10.2f}x"
+                    f"{figures['model_only_over_anchor']:>13.2f}x{figures['full_over_clip_step']:>15.2f}x")
+    scratch.cleanup()
+    print("pairs/s (median step after warm-up)")
+    print(header)
+    print("\n".join(rows))
+    if args.json:
+        from modeling_lightclip.training.provenance import write_results
 
-            write_results(args.json, results)
+        write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Preparation of the real offline data sets: OpenClipart captions and rasters from SVG metadata."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,31 @@ def test_icon_theme_test_set_one_image_per_name(tmp_path):
                           "org xterm": "apps/48/org.x11.xterm.png", "application": "mimetypes/48/application-x-7z.png"}
     assert counts["test"] == 4 and rows[0]["image"].size == (32, 32)
     assert icon_caption("x-7z") is None and icon_caption("media-playback-start") == "media playback start"
+
+
+def test_debian_package_extraction_is_removed_on_leaving(tmp_path, monkeypatch):
+    """A fetched package (stand-in `apt-get` and `dpkg` on PATH, recording their calls) is extracted into a temporary
+    folder that is gone after the block; a given extraction is used as it is and left in place."""
+    from modeling_lightclip.training.offline_data import debian_package
+
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> {calls}\ntouch "$2_1.0-1_all.deb"\n')
+    (bin_dir / "dpkg").write_text(f'#!/bin/sh\necho "dpkg $*" >> {calls}\n'
+                                  'mkdir -p "$3/usr/share/doc" && basename "$2" > "$3/usr/share/doc/from"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+    with debian_package("some-package") as root:
+        assert (root / "usr" / "share" / "doc" / "from").read_text().strip() == "some-package_1.0-1_all.deb"
+        scratch = root.parent
+    assert not scratch.exists()
+    assert calls.read_text().splitlines() == ["apt-get download some-package",
+                                              f"dpkg -x {scratch}/some-package_1.0-1_all.deb {root}"]
+
+    given = tmp_path / "given"
+    given.mkdir()
+    with debian_package("some-package", str(given)) as root:
+        assert root == given
+    assert given.is_dir() and len(calls.read_text().splitlines()) == 2  # nothing fetched

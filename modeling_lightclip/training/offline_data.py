@@ -21,12 +21,14 @@ file's path: 10% validation). SVGs that fail to parse or render are skipped and 
 """
 
 import argparse
+import contextlib
 import gzip
 import io
 import random
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,14 +52,19 @@ _IDX = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
 
-def fetch_debian_package(name: str, into: Path) -> Path:
-    """`apt-get download NAME && dpkg -x` into `into`; returns the extraction root."""
-    into.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["apt-get", "download", name], cwd=into, check=True, capture_output=True)
-    deb = sorted(into.glob(f"{name}_*.deb"))[-1]
-    root = into / "root"
-    subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
-    return root
+@contextlib.contextmanager
+def debian_package(name: str, package_root: str | Path | None = None) -> Iterator[Path]:
+    """The extraction root of Debian package NAME: `package_root` (an existing `dpkg -x`) when given, else the
+    package fetched with `apt-get download` + `dpkg -x` into a temporary folder that is removed on leaving."""
+    if package_root:
+        yield Path(package_root)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"lightclip-{name}-") as scratch:
+        subprocess.run(["apt-get", "download", name], cwd=scratch, check=True, capture_output=True)
+        deb = sorted(Path(scratch).glob(f"{name}_*.deb"))[-1]
+        root = Path(scratch) / "root"
+        subprocess.run(["dpkg", "-x", str(deb), str(root)], check=True)
+        yield root
 
 
 def read_fashion_mnist(package_root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -260,15 +267,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     package = "dataset-fashion-mnist" if args.dataset == "fashion-mnist" else "openclipart-svg"
     out = Path(args.out or ("data/fashion_mnist" if args.dataset == "fashion-mnist" else "data/openclipart"))
-    if args.package_root:
-        root = Path(args.package_root)
-    else:
-        root = fetch_debian_package(package, Path(tempfile.mkdtemp(prefix="lightclip-data-")))
-    if args.dataset == "fashion-mnist":
-        counts = write_fashion_mnist(out, root, args.train_per_class, args.validation_per_class, args.seed,
-                                     args.test_per_class)
-    else:
-        counts = write_openclipart(out, root, args.image_size, limit=args.limit)
+    with debian_package(package, args.package_root) as root:
+        if args.dataset == "fashion-mnist":
+            counts = write_fashion_mnist(out, root, args.train_per_class, args.validation_per_class, args.seed,
+                                         args.test_per_class)
+        else:
+            counts = write_openclipart(out, root, args.image_size, limit=args.limit)
     print(f"wrote {counts} to {out}")
 
 
