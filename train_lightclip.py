@@ -96,6 +96,11 @@ def main(argv=None):
         if training_args.do_train:
             if run.checkpoint:
                 logger.info("resuming from %s", run.checkpoint)
+            if training_args.micro_batch_size:
+                logger.info("contrastive accumulation: each device's batch of %d rows in %d micro-batches of up to %d; "
+                            "every loss sees the global batch of %d", training_args.per_device_train_batch_size,
+                            training_args.contrastive_accumulation_steps, training_args.micro_batch_size,
+                            training_args.per_device_train_batch_size * training_args.world_size)
             result = trainer.train(resume_from_checkpoint=run.checkpoint)
             metrics = dict(result.metrics)
             train_metrics = dict(metrics)

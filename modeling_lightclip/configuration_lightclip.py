@@ -30,6 +30,9 @@ PING_NEGATIVES = ("bank", "batch")
 PING_POSITIVES = ("bank", "in_batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
+INSTANCE_LOSSES = ("softmax", "sigmoid")
+# each instance loss's initial log logit scale when none is given: CLIP's ln(1/0.07), SigLIP's ln 10
+DEFAULT_LOG_LOGIT_SCALE = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
 # Each weighted loss term (its name in `LightCLIPOutput.losses`) and the config field holding its weight. The instance
 # loss always runs with weight 1; a term whose weight is 0 is off, and its modules are not built.
 LOSS_WEIGHT_FIELDS = {
@@ -100,8 +103,19 @@ class LightCLIPConfig(PretrainedConfig):
             Text tower config. A dict must carry `model_type`. Defaults to a 4-layer BERT.
         projection_dim (`int`, *optional*, defaults to 256):
             Size of the shared image-text embedding space.
-        logit_scale_init_value (`float`, *optional*, defaults to ln(1/0.07)):
-            Initial value of the learnable log temperature, as in CLIP.
+        instance_loss (`str`, *optional*, defaults to `"softmax"`):
+            The instance-level loss every recipe trains with: `"softmax"` (CLIP's symmetric InfoNCE over the global
+            batch, which the soft labels reshape) or `"sigmoid"` (SigLIP's pairwise sigmoid loss with a learnable
+            bias `logit_bias`, which the SigLIP paper found better than softmax at small batches). The soft labels
+            redistribute a softmax's target mass and have no sigmoid reading: they are refused with it. Relation
+            distillation, token alignment, MLM and CLIP-PING are their own terms and mean the same with either;
+            cross-modal distillation takes the sigmoid form (targets from the teacher's sigmoid, which needs the
+            teacher's bias).
+        logit_scale_init_value (`float`, *optional*):
+            Initial value of the learnable log temperature: CLIP's ln(1/0.07) for the softmax loss, SigLIP's ln 10
+            for the sigmoid loss when not given.
+        logit_bias_init_value (`float`, *optional*, defaults to -10):
+            Initial value of the sigmoid loss's learnable bias (SigLIP's initialisation); unused with softmax.
         logit_scale_max (`float`, *optional*, defaults to ln(100)):
             The log temperature is clamped to this value after every optimiser step.
         image_size (`int`, *optional*):
@@ -226,6 +240,10 @@ class LightCLIPConfig(PretrainedConfig):
         distill_teacher_logit_scale (`float`, *optional*, defaults to 100.0):
             The scale the teachers' cosine similarities are multiplied by (a CLIP teacher's learned logit scale; set
             from the reinforced data's metadata when it records one).
+        distill_teacher_logit_bias (`float`, *optional*):
+            The bias added to the teachers' scaled similarities by the sigmoid form of distillation (a SigLIP
+            teacher's learned bias; set from the reinforced data's metadata when it records one). A softmax-trained
+            (CLIP) teacher has none, and without one its sigmoid is no probability.
         ping_negatives (`str`, *optional*, defaults to `"bank"`):
             What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
@@ -254,7 +272,9 @@ class LightCLIPConfig(PretrainedConfig):
         vision_config=None,
         text_config=None,
         projection_dim: int = 256,
-        logit_scale_init_value: float = math.log(1 / 0.07),
+        instance_loss: str = "softmax",
+        logit_scale_init_value: float | None = None,
+        logit_bias_init_value: float = -10.0,
         logit_scale_max: float = math.log(100.0),
         image_size: int | None = None,
         vision_pooling: str = "auto",
@@ -296,6 +316,7 @@ class LightCLIPConfig(PretrainedConfig):
         distill_loss_weight: float = 0.0,
         distill_temperature: float = 1.0,
         distill_teacher_logit_scale: float = 100.0,
+        distill_teacher_logit_bias: float | None = None,
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -304,7 +325,11 @@ class LightCLIPConfig(PretrainedConfig):
         self.vision_config = _as_sub_config(vision_config, _DEFAULT_VISION, "vision_config")
         self.text_config = _as_sub_config(text_config, _DEFAULT_TEXT, "text_config")
         self.projection_dim = projection_dim
+        self.instance_loss = instance_loss
+        if logit_scale_init_value is None:
+            logit_scale_init_value = DEFAULT_LOG_LOGIT_SCALE.get(instance_loss, DEFAULT_LOG_LOGIT_SCALE["softmax"])
         self.logit_scale_init_value = logit_scale_init_value
+        self.logit_bias_init_value = logit_bias_init_value
         self.logit_scale_max = logit_scale_max
         if image_size is None:
             image_size = getattr(self.vision_config, "image_size", None) or 224
@@ -353,6 +378,7 @@ class LightCLIPConfig(PretrainedConfig):
         self.distill_loss_weight = distill_loss_weight
         self.distill_temperature = distill_temperature
         self.distill_teacher_logit_scale = distill_teacher_logit_scale
+        self.distill_teacher_logit_bias = distill_teacher_logit_bias
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -401,6 +427,12 @@ class LightCLIPConfig(PretrainedConfig):
                              "the image tower.")
         for name in ("soft_label_max", "mlm_probability", "mlm_start", "mlm_batch_fraction", *LOSS_WEIGHT_FIELDS.values()):
             _require(name, getattr(self, name), lambda v: True, "must be a finite number")
+        if self.instance_loss not in INSTANCE_LOSSES:
+            raise ValueError(f"instance_loss={self.instance_loss!r} (--instance_loss): choose one of {INSTANCE_LOSSES}.")
+        _require("logit_bias_init_value", self.logit_bias_init_value, lambda v: True, "must be a finite number")
+        if self.distill_teacher_logit_bias is not None:
+            _require("distill_teacher_logit_bias", self.distill_teacher_logit_bias, lambda v: True,
+                     "must be a finite number")
         if self.soft_label_mode not in SOFT_LABEL_MODES:
             raise ValueError(f"soft_label_mode={self.soft_label_mode!r}: choose one of {SOFT_LABEL_MODES}.")
         if self.soft_label_schedule not in SOFT_LABEL_SCHEDULES:
@@ -413,6 +445,11 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"soft_label_modality={self.soft_label_modality!r}: choose one of {SOFT_LABEL_MODALITIES}.")
         if not 0.0 <= self.soft_label_max < 1.0:
             raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
+        if self.uses_sigmoid_loss and self.uses_soft_labels:
+            raise ValueError("soft labels (soft_label_mode) move a softmax's target mass from the positive onto the "
+                             "negatives; the sigmoid loss has no such mass to move (each pair is its own binary "
+                             "problem). Use --instance_loss softmax, or --soft_label_mode none with --instance_loss "
+                             "sigmoid (relation distillation still works with it).")
         if self.text_pooling not in TEXT_POOLING:
             raise ValueError(f"text_pooling={self.text_pooling!r}: choose one of {TEXT_POOLING}.")
         if self.token_negatives not in ("batch", "image"):
@@ -459,6 +496,11 @@ class LightCLIPConfig(PretrainedConfig):
                 )
 
     # ------------------------------------------------------------------ the one "is this objective on?" test
+
+    @property
+    def uses_sigmoid_loss(self) -> bool:
+        """SigLIP's sigmoid instance loss (a learnable `logit_bias` beside the scale) instead of CLIP's softmax."""
+        return self.instance_loss == "sigmoid"
 
     @property
     def uses_soft_labels(self) -> bool:

@@ -26,6 +26,8 @@ from .configuration_lightclip import LOSS_WEIGHT_FIELDS, LightCLIPConfig
 from .objectives_lightclip import (
     TRAINING_TARGETS,
     LightCLIPObjectives,
+    TrainingFeatures,
+    _world,
     feature_map_tokens,
     find_text_layers,
     mask_for_mlm,
@@ -305,6 +307,8 @@ class LightCLIPPreTrainedModel(PreTrainedModel):
             init.normal_(module.visual_projection.weight, std=module.vision_embed_dim**-0.5)
             init.normal_(module.text_projection.weight, std=module.text_embed_dim**-0.5)
             init.constant_(module.logit_scale, module.config.logit_scale_init_value)
+            if module.logit_bias is not None:
+                init.constant_(module.logit_bias, module.config.logit_bias_init_value)
 
 
 class LightCLIPModel(LightCLIPPreTrainedModel):
@@ -334,6 +338,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         self.visual_projection = nn.Linear(self.vision_embed_dim, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(self.text_embed_dim, config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.logit_scale_init_value)))
+        # the sigmoid loss's learnable bias (SigLIP); it shifts every logit alike, so softmax models have none
+        self.logit_bias = (nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
+                           if config.uses_sigmoid_loss else None)
 
         stage = config.vision_token_stage
         vision_token_dim = self.vision_shapes.feature_dim if stage is None else self.vision_shapes.stage_dims[stage]
@@ -413,13 +420,13 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         """One text-tower call for the captions and their masked copies (MLM): the copies are appended as extra
         rows, and the fusion blocks inject the unmasked images' features into those rows only. Returns the plain
         captions' encoding and the masked rows' states."""
-        masked_ids, masked_attention, _, masked_kwargs = masked
-        rows, batch = masked_ids.shape[0], input_ids.shape[0]
+        masked_ids, masked_attention, _, masked_kwargs, rows = masked
+        batch = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         joint_kwargs = {k: torch.cat([v, masked_kwargs[k]]) for k, v in text_kwargs.items()}
         layers = find_text_layers(self.text_model, self.config.text_config.num_hidden_layers)
-        with self.objectives.mlm.fusing(layers, tuple(stage[:rows] for stage in image_stages), start_row=batch):
+        with self.objectives.mlm.fusing(layers, tuple(stage[rows] for stage in image_stages), start_row=batch):
             joint = self._encode_text(torch.cat([input_ids, masked_ids]), torch.cat([attention_mask, masked_attention]),
                                       **joint_kwargs)
         raw = joint.raw
@@ -464,6 +471,28 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         """Whether the image tower is a CNN (its last hidden state is a feature map): the towers channels-last
         memory format speeds up."""
         return self.vision_shapes.is_feature_map
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """`gradient_checkpointing_enable()` / `--gradient_checkpointing`: transformers' switch reaches the towers
+        whose layers support it (ViT/CLIP/BERT-style encoders); a timm image tower gets timm's own switch
+        (`set_grad_checkpointing`). A tower with neither (transformers' ResNet, MobileNetV2, EfficientNet) keeps all
+        its activations, with a warning naming it."""
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable, **kwargs)
+        self.gradient_checkpointing_towers = {}
+        for side, tower in (("image", self.vision_model), ("text", self.text_model)):
+            timm_model = getattr(tower, "timm_model", None)
+            if timm_model is not None and hasattr(timm_model, "set_grad_checkpointing"):
+                timm_model.set_grad_checkpointing(enable)
+                self.gradient_checkpointing_towers[side] = enable
+            else:
+                self.gradient_checkpointing_towers[side] = enable and any(
+                    getattr(module, "gradient_checkpointing", False) for module in tower.modules())
+            if enable and not self.gradient_checkpointing_towers[side]:
+                logger.warning("gradient checkpointing: the %s tower (%s) does not support it and keeps all its "
+                               "activations; the other tower and contrastive accumulation (--micro_batch_size) still "
+                               "save memory.", side, type(tower).__name__)
 
     def set_channels_last(self, enabled: bool = True) -> "LightCLIPModel":
         """Keep the image tower's weights, and the images given to it, in channels-last memory format (NHWC
@@ -572,6 +601,61 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
     # ---------------------------------------------------------------------------------------------- forward
 
+    def _encode_pair(self, input_ids, pixel_values, attention_mask, text_kwargs: dict, targets: dict,
+                     for_objectives: bool, first_row: int | None):
+        """Both towers on one batch: (`TrainingFeatures` for the objectives, image encoding, text encoding). With
+        `for_objectives`, the features the enabled objectives read (token states, MLM's fused masked captions) are
+        computed too; otherwise only the embeddings."""
+        needs_tokens = for_objectives and self.objectives.needs_tokens
+        vision = self._encode_image(pixel_values, output_stages=for_objectives and self.objectives.needs_image_stages)
+        masked = None
+        if for_objectives:
+            if first_row is None:  # the rows of a process's share follow those of the processes before it
+                first_row = _world()[0] * input_ids.shape[0]
+            masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
+                                                targets.get("mlm_labels"), self.training_progress, first_row)
+        stored_text = targets.get("text_tower_outputs") if self.training else None
+        masked_states = None
+        if stored_text is not None:  # the locked text tower's outputs, stored with the rows: the tower need not run
+            self.check_text_outputs_storable()
+            text = _TextEncoding(pooled=stored_text.to(self.text_projection.weight.dtype), tokens=None, raw=None)
+        elif masked is None:
+            text = self._encode_text(input_ids, attention_mask, **text_kwargs)
+        elif masked[4].numel() == 0:  # MLM is on, but none of this batch's rows is picked: no masked rows here
+            text = self._encode_text(input_ids, attention_mask, **text_kwargs)
+            masked_states = text.tokens.new_zeros((0, *text.tokens.shape[1:]))
+        else:
+            text, masked_states = self._encode_text_and_masked_copy(input_ids, attention_mask, text_kwargs, masked,
+                                                                    vision.stages)
+        features = TrainingFeatures(
+            image_embeds=F.normalize(self.visual_projection(vision.pooled), dim=-1),
+            text_embeds=F.normalize(self.text_projection(text.pooled), dim=-1),
+            image_tokens=self._token_alignment_tokens(vision) if needs_tokens else None,
+            text_tokens=text.tokens if needs_tokens else None,
+            word_mask=self.text_word_mask(input_ids, attention_mask) if needs_tokens else None,
+            masked_states=masked_states,
+            mlm_labels=masked[2] if masked is not None else None,
+            mlm_rows=masked[4] if masked is not None else None,
+        )
+        return features, vision, text
+
+    def training_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None, training_targets: dict | None = None,
+                          first_row: int | None = None, **text_inputs) -> TrainingFeatures:
+        """What the towers hand the training objectives for this batch (`TrainingFeatures`); `first_row` is the
+        batch's first row within the step's global batch (default: this process's share follows the earlier
+        processes'), which fixes the rows MLM masks. `objective_terms(features)` turns them into the loss."""
+        targets = training_targets_from(training_targets, {})
+        text_kwargs = {k: v for k, v in text_inputs.items() if v is not None and k in self._text_tower_inputs}
+        return self._encode_pair(input_ids, pixel_values, attention_mask, text_kwargs, targets, True, first_row)[0]
+
+    def objective_terms(self, features: TrainingFeatures, training_targets: dict | None = None) -> dict:
+        """The training objectives' named terms for the batch `features` describe, and their weighted sum (`loss`)."""
+        return self.objectives(features, self.logit_scale.exp(), self.logit_bias,
+                               soft_label_alpha=self.soft_label_alpha,
+                               word_embeddings=self.text_model.get_input_embeddings().weight,
+                               targets=training_targets_from(training_targets, {}))
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -605,39 +689,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         text_kwargs = {k: v for k, v in (("token_type_ids", token_type_ids), ("position_ids", position_ids))
                        if v is not None and k in self._text_tower_inputs}
-
-        vision = self._encode_image(pixel_values, output_stages=bool(return_loss) and self.objectives.needs_image_stages)
-        masked = None
-        if return_loss:
-            masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
-                                                targets.get("mlm_labels"), self.training_progress)
-        stored_text = targets.get("text_tower_outputs") if self.training else None
-        if stored_text is not None:  # the locked text tower's outputs, stored with the rows: the tower need not run
-            self.check_text_outputs_storable()
-            text = _TextEncoding(pooled=stored_text.to(self.text_projection.weight.dtype), tokens=None, raw=None)
-            masked_states, mlm_labels = None, None
-        elif masked is None:
-            text, masked_states, mlm_labels = self._encode_text(input_ids, attention_mask, **text_kwargs), None, None
-        else:
-            text, masked_states = self._encode_text_and_masked_copy(input_ids, attention_mask, text_kwargs, masked,
-                                                                    vision.stages)
-            mlm_labels = masked[2]
-        image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
-        text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
-        logit_scale = self.logit_scale.exp()
-        logits_per_text = logit_scale * text_embeds @ image_embeds.t()
+        features, vision, text = self._encode_pair(input_ids, pixel_values, attention_mask, text_kwargs, targets,
+                                                   bool(return_loss), None)
+        logits_per_text = self.logit_scale.exp() * features.text_embeds @ features.image_embeds.t()
+        if self.logit_bias is not None:
+            logits_per_text = logits_per_text + self.logit_bias
         logits_per_image = logits_per_text.t()
 
         loss, losses = None, None
         if return_loss:
-            token_on = self.objectives.token is not None
-            losses = self.objectives(
-                image_embeds, text_embeds, logit_scale, soft_label_alpha=self.soft_label_alpha,
-                training_progress=self.training_progress,
-                image_tokens=self._token_alignment_tokens(vision) if token_on else None, text_tokens=text.tokens,
-                word_mask=self.text_word_mask(input_ids, attention_mask) if token_on else None,
-                masked_states=masked_states, mlm_labels=mlm_labels,
-                word_embeddings=self.text_model.get_input_embeddings().weight, targets=targets)
+            losses = self.objective_terms(features, targets)
             loss = losses.pop("loss")
 
         word_mask = self.text_word_mask(input_ids, attention_mask) if output_tokens else None
@@ -645,8 +706,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
-            text_embeds=text_embeds,
-            image_embeds=image_embeds,
+            text_embeds=features.text_embeds,
+            image_embeds=features.image_embeds,
             losses=losses,
             image_tokens=vision.tokens if output_tokens else None,
             text_tokens=text.tokens if output_tokens else None,

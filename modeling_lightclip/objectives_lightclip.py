@@ -8,6 +8,8 @@ Objectives
 ----------
 * `InstanceContrastiveLoss` - symmetric InfoNCE over the *global* batch with LightCLIP's progressively
   softened labels.
+* `SigmoidInstanceLoss` - SigLIP's pairwise sigmoid loss over the global batch (`instance_loss="sigmoid"`), with a
+  learnable bias.
 * `TokenAlignmentLoss` - relaxed bipartite matching between the words of a caption and the patches of its image
   (Hungarian algorithm), turned into a word<->patch contrastive objective.
 * `MaskedLanguageModelling` - MLM on the shortened text tower, with a training-only fusion module that injects the
@@ -15,7 +17,8 @@ Objectives
 * `NeighbourContrastiveLoss` - CLIP-PING: contrastive supervision from nearest neighbours (NN) and cross nearest
   neighbours (XNN) found offline with frozen pretrained unimodal encoders.
 * `LightCLIPObjectives` - builds the enabled objectives from the config and is the one place their terms are
-  computed and summed (`forward`); `LightCLIPModel.forward` calls it with the towers' outputs.
+  computed and summed (`forward`); `LightCLIPModel.forward` calls it with the towers' outputs for the objectives
+  (`TrainingFeatures`), which is also what contrastive gradient accumulation caches per micro-batch.
 
 Every term is normalised over the *global* batch (counts are all-reduced), so that with DDP's gradient averaging
 the loss and gradients of N processes equal those of one process holding the whole batch.
@@ -23,6 +26,7 @@ the loss and gradients of N processes equal those of one process holding the who
 
 import contextlib
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -157,6 +161,9 @@ TRAINING_TARGETS = {
     "text_tower_outputs": "(B, H) the locked text tower's pooled outputs, stored with each training row: used instead "
                           "of running the tower (`LightCLIPModel.locked_text_outputs`)",
 }
+# the training targets the towers read (one entry per row, split with the rows into micro-batches); every other
+# target is read by the objectives only, which see the whole batch
+TOWER_TARGETS = ("mlm_input_ids", "mlm_labels", "text_tower_outputs")
 _OLD_TARGET_NAMES = {"frozen_image_features": "teacher_image_features", "frozen_text_features": "teacher_text_features"}
 
 
@@ -172,6 +179,78 @@ def training_targets_from(training_targets: dict | None, keywords: dict) -> dict
         if value is not None:
             merged[name] = value
     return {key: value for key, value in merged.items() if value is not None}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what the towers hand the objectives
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainingFeatures:
+    """Everything the training objectives read from the towers for one batch: the tensors they differentiate through
+    (the normalised embeddings; the token alignment's patch tokens and word states; MLM's fused masked-caption states)
+    and the masks and labels that go with them. Fields an objective that is off does not need stay None.
+
+    The objectives see the towers only through this object, so the loss of a batch is a function of its features:
+    contrastive gradient accumulation (`training/accumulation.py`) computes the features of each micro-batch without
+    a graph, concatenates them, takes the loss and its gradient with respect to them once for the whole batch, then
+    re-runs each micro-batch's towers and back-propagates its slice of that gradient.
+
+    Args:
+        image_embeds, text_embeds: (B, D) L2-normalised projected embeddings.
+        image_tokens: (B, P, Cv) patch tokens of the stage the token alignment reads; token alignment only.
+        text_tokens: (B, L, Ct) the text tower's token states; token alignment only.
+        word_mask: (B, L) True at real words; token alignment only.
+        masked_states: (R, L, Ct) the text tower's states of the masked captions, fused with their images; MLM
+            only, None while MLM has not started (`mlm_start`).
+        mlm_labels: (R, L) MLM targets of those rows (-100 where nothing is predicted).
+        mlm_rows: (R,) which rows of the batch the masked captions belong to.
+    """
+
+    image_embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    image_tokens: torch.Tensor | None = None
+    text_tokens: torch.Tensor | None = None
+    word_mask: torch.Tensor | None = None
+    masked_states: torch.Tensor | None = None
+    mlm_labels: torch.Tensor | None = None
+    mlm_rows: torch.Tensor | None = None
+
+    # the fields a gradient flows back through into the towers
+    DIFFERENTIABLE = ("image_embeds", "text_embeds", "image_tokens", "text_tokens", "masked_states")
+    # the fields with one entry per masked caption (R rows) rather than one per batch row (B rows)
+    PER_MASKED_ROW = ("masked_states", "mlm_labels", "mlm_rows")
+
+    @property
+    def num_rows(self) -> int:
+        return self.image_embeds.shape[0]
+
+    @classmethod
+    def concatenate(cls, parts: list["TrainingFeatures"]) -> "TrainingFeatures":
+        """The features of consecutive chunks of one batch, as the features of the whole batch: every field
+        concatenated along rows, each chunk's masked-caption rows shifted by the rows before it."""
+        values = {}
+        offset = 0
+        rows = []
+        for part in parts:
+            if part.mlm_rows is not None:
+                rows.append(part.mlm_rows + offset)
+            offset += part.num_rows
+        for item in fields(cls):
+            name = item.name
+            present = [getattr(part, name) for part in parts if getattr(part, name) is not None]
+            if name == "mlm_rows":
+                values[name] = torch.cat(rows) if rows else None
+            elif len(present) != len(parts) and name not in cls.PER_MASKED_ROW:
+                values[name] = None if not present else _missing_in_some(name)
+            else:
+                values[name] = torch.cat(present) if present else None
+        return cls(**values)
+
+
+def _missing_in_some(name: str):
+    raise ValueError(f"TrainingFeatures.{name} is present in some chunks of the batch and not in others.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,6 +384,42 @@ class InstanceContrastiveLoss(nn.Module):
         return {"instance": 0.5 * (loss_i2t + loss_t2i)}
 
 
+def _own_columns(rows: int, num_columns: int, device) -> torch.Tensor:
+    """(rows, num_columns) bool, True at each local row's own pair in the global batch (column rank * rows + i)."""
+    rank, _ = _world()
+    own = torch.arange(rows, device=device) + rank * rows
+    return F.one_hot(own, num_columns).bool()
+
+
+def sigmoid_pair_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss of (rows, columns) pair logits: -sum over every pair of log sigmoid(label * logit), label +1 at
+    a row's own pair and -1 elsewhere, divided by the number of rows."""
+    signs = positive.to(logits.dtype) * 2.0 - 1.0
+    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+
+
+class SigmoidInstanceLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al., 2023), the alternative instance loss
+    (`instance_loss="sigmoid"`).
+
+    Every image-caption pair of the global batch is its own binary problem: logit = scale * cos + bias, label +1 for
+    the batch's own pairs and -1 for every other pairing, loss = -sum log sigmoid(label * logit) / batch size. No
+    softmax normalises over the batch, which the SigLIP paper found to help most at small batches. The scale starts at
+    10 and the learnable bias at -10 (the paper's initialisation: the many negatives start out predicted as such).
+
+    Each rank scores its local images against the captions of every rank (gathered with autograd), so each pair is
+    counted once, on the rank holding its image; with DDP's gradient averaging that is the loss of one process holding
+    the whole batch (the paper's chunked neighbour exchange computes the same sum with less memory per device).
+    """
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
+        all_texts = gather_with_grad(text_embeds)
+        logits = logit_scale * image_embeds.float() @ all_texts.float().t() + logit_bias
+        own = _own_columns(image_embeds.shape[0], all_texts.shape[0], image_embeds.device)
+        return {"instance": sigmoid_pair_loss(logits, own)}
+
+
 class FrozenRelationLoss(nn.Module):
     """Relation distillation from the frozen pretrained unimodal encoders (training only).
 
@@ -342,26 +457,48 @@ class FrozenRelationLoss(nn.Module):
 class CrossModalDistillationLoss(nn.Module):
     """Cross-modal distillation from multimodal (CLIP-like) teachers, CLIP-KD / MobileCLIP style (training only).
 
-    For every local image, the teacher's distribution over the captions of the global batch,
-    softmax(teacher_image · teacher_textsᵀ / T), is the target of the student's, softmax(student logits / T) with the
-    student's own learned scale folded into its logits; and the same for every caption over the images. The loss is
-    KL(teacher ‖ student) averaged over both directions. The teacher's embeddings arrive with each batch (stored
-    once in a reinforced dataset), so training pays a B×B product for them and inference nothing.
+    Softmax form (the softmax instance loss): for every local image, the teacher's distribution over the captions of
+    the global batch, softmax(teacher_image · teacher_textsᵀ / T), is the target of the student's, softmax(student
+    logits / T) with the student's own learned scale folded into its logits; and the same for every caption over the
+    images. The loss is KL(teacher ‖ student) averaged over both directions.
+
+    Sigmoid form (`instance_loss="sigmoid"`, MobileCLIP2's distillation for a sigmoid student): every image-caption
+    pair of the global batch has the teacher's probability sigmoid(teacher scale · cos + teacher bias) as the target of
+    the student's sigmoid(scale · cos + bias); the loss is the Bernoulli KL summed over each row's pairs and averaged
+    over rows (the sigmoid loss's normalisation; zero when the student matches the teacher). Pairs are scored once, on
+    the rank holding the image, as the sigmoid loss does; the temperature divides both sides' logits.
+
+    The teacher's embeddings arrive with each batch (stored once in a reinforced dataset), so training pays a B×B
+    product for them and inference nothing.
     """
 
-    def __init__(self, temperature: float = 1.0):
+    def __init__(self, temperature: float = 1.0, form: str = "softmax"):
         super().__init__()
+        if form not in ("softmax", "sigmoid"):
+            raise ValueError(f"distillation form {form!r}: choose 'softmax' or 'sigmoid'.")
         self.temperature = temperature
+        self.form = form
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
-                teacher_logit_scale: float = 100.0) -> dict[str, torch.Tensor]:
+                teacher_logit_scale: float = 100.0, logit_bias: torch.Tensor | None = None,
+                teacher_logit_bias: float | None = None) -> dict[str, torch.Tensor]:
         """Student embeddings (B, D) and the teachers' (B, D'), all L2-normalised; `logit_scale`: the student's
-        exp'ed scale; `teacher_logit_scale`: the scale the teacher's cosine similarities are multiplied by."""
+        exp'ed scale; `teacher_logit_scale`: the scale the teacher's cosine similarities are multiplied by; the
+        biases: the sigmoid form's (the student's learnable one, the teacher's)."""
+        t = self.temperature
+        if self.form == "sigmoid":
+            all_texts = gather_with_grad(text_embeds)
+            teacher_texts = gather_no_grad(teacher_text_embeds.float())
+            student = (logit_scale * image_embeds.float() @ all_texts.float().t() + logit_bias) / t
+            teacher = (teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() + teacher_logit_bias) / t
+            target = torch.sigmoid(teacher)
+            kl = (target * (F.logsigmoid(teacher) - F.logsigmoid(student))
+                  + (1 - target) * (F.logsigmoid(-teacher) - F.logsigmoid(-student)))
+            return {"distill": kl.sum() / student.shape[0]}
         all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
         teacher_images = gather_no_grad(teacher_image_embeds.float())
         teacher_texts = gather_no_grad(teacher_text_embeds.float())
-        t = self.temperature
         student_i2t = logit_scale * image_embeds.float() @ all_texts.float().t() / t
         student_t2i = logit_scale * text_embeds.float() @ all_images.float().t() / t
         teacher_i2t = teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() / t
@@ -637,6 +774,19 @@ def mask_for_mlm(config, input_ids: torch.Tensor, attention_mask: torch.Tensor |
     tower's vocabulary, `config.mlm_probability` of the words."""
     return mask_tokens(input_ids, attention_mask, config.mask_token_id, config.special_token_ids(),
                        config.text_config.vocab_size, config.mlm_probability, generator)
+
+
+def mlm_row_indices(num_rows: int, fraction: float, first_row: int = 0) -> torch.Tensor:
+    """Which rows of a batch get a masked copy for MLM: row i of the step's global batch (i = `first_row` + local row)
+    when ceil((i + 1) * fraction) > ceil(i * fraction), i.e. `fraction` of the rows evenly spaced, the first row
+    always. A rule on the global row index, so one batch, its micro-batches (contrastive accumulation) and its
+    per-process shares all pick the same rows. Returns the local indices (LongTensor)."""
+    if fraction >= 1.0:
+        return torch.arange(num_rows)
+    index = torch.arange(first_row, first_row + num_rows, dtype=torch.float64)
+    # the 1e-9 keeps products that are whole numbers in exact arithmetic (10 * 0.3) from rounding up
+    chosen = torch.ceil((index + 1) * fraction - 1e-9) > torch.ceil(index * fraction - 1e-9)
+    return chosen.nonzero().flatten()
 
 
 class FusionBlock(nn.Module):
@@ -972,8 +1122,11 @@ class LightCLIPObjectives(nn.Module):
     def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
         super().__init__()
         self.config = config
-        self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature,
-                                                config.soft_label_source, config.soft_label_modality)
+        if config.uses_sigmoid_loss:
+            self.instance = SigmoidInstanceLoss()
+        else:
+            self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature,
+                                                    config.soft_label_source, config.soft_label_modality)
         self.token = None
         if config.uses_token_loss:
             self.token = TokenAlignmentLoss(
@@ -997,16 +1150,18 @@ class LightCLIPObjectives(nn.Module):
         elif config.uses_ping_in_batch:
             self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
         self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
-        self.distill = CrossModalDistillationLoss(config.distill_temperature) if config.uses_distillation else None
+        self.distill = (CrossModalDistillationLoss(config.distill_temperature, config.instance_loss)
+                        if config.uses_distillation else None)
 
     def mlm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text_kwargs: dict,
                    mlm_input_ids: torch.Tensor | None, mlm_labels: torch.Tensor | None,
-                   training_progress: float) -> tuple | None:
-        """The masked captions of this step: (ids, attention mask, labels, text kwargs) of the first
-        `mlm_batch_fraction` of the rows, masked here by `mask_for_mlm` unless the collator did; None when MLM is
-        off or has not started yet (`mlm_start`)."""
+                   training_progress: float, first_row: int = 0) -> tuple | None:
+        """The masked captions of this step: (ids, attention mask, labels, text kwargs, rows) of the rows
+        `mlm_row_indices` picks (`mlm_batch_fraction` of them, evenly spaced over the step's global batch; `first_row`
+        is this batch's first row in it), masked here by `mask_for_mlm` unless the collator did; None when MLM is off
+        or has not started yet (`mlm_start`)."""
         config = self.config
-        if self.mlm is None or (self.training and training_progress < config.mlm_start):
+        if not self.mlm_active(training_progress):
             return None
         if mlm_input_ids is None or mlm_labels is None:
             mlm_input_ids, mlm_labels = mask_for_mlm(config, input_ids, attention_mask)
@@ -1015,9 +1170,13 @@ class LightCLIPObjectives(nn.Module):
                              f"{tuple(input_ids.shape)}: mask a copy of the padded captions.")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        rows = max(1, math.ceil(config.mlm_batch_fraction * input_ids.shape[0]))
-        return (mlm_input_ids[:rows], attention_mask[:rows], mlm_labels[:rows],
-                {k: v[:rows] for k, v in (text_kwargs or {}).items()})
+        rows = mlm_row_indices(input_ids.shape[0], config.mlm_batch_fraction, first_row).to(input_ids.device)
+        return (mlm_input_ids[rows], attention_mask[rows], mlm_labels[rows],
+                {k: v[rows] for k, v in (text_kwargs or {}).items()}, rows)
+
+    def mlm_active(self, training_progress: float) -> bool:
+        """Whether this step trains MLM: it is on, and in training it has started (`mlm_start`)."""
+        return self.mlm is not None and not (self.training and training_progress < self.config.mlm_start)
 
     @property
     def needs_image_stages(self) -> bool:
@@ -1025,46 +1184,47 @@ class LightCLIPObjectives(nn.Module):
         earlier stage): the model asks the tower for its hidden states only then."""
         return self.mlm is not None or (self.token is not None and self.config.vision_token_stage is not None)
 
+    @property
+    def needs_tokens(self) -> bool:
+        """Whether `forward` reads token states (patch tokens, word states and the word mask): token alignment."""
+        return self.token is not None
+
     def forward(
         self,
-        image_embeds: torch.Tensor,
-        text_embeds: torch.Tensor,
+        features: TrainingFeatures,
         logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
         *,
         soft_label_alpha: float = 0.0,
-        training_progress: float = 1.0,
-        image_tokens: torch.Tensor | None = None,
-        text_tokens: torch.Tensor | None = None,
-        word_mask: torch.Tensor | None = None,
-        masked_states: torch.Tensor | None = None,
-        mlm_labels: torch.Tensor | None = None,
         word_embeddings: torch.Tensor | None = None,
         targets: dict | None = None,
     ) -> dict[str, torch.Tensor]:
         """
         Args:
-            image_embeds, text_embeds: (B, D) L2-normalised projected embeddings; logit_scale: the exp'ed scale.
+            features: what the towers produced for this batch (`TrainingFeatures`); `masked_states` None while MLM
+                has not started (`mlm_start`).
+            logit_scale: the exp'ed scale; logit_bias: the sigmoid loss's learnable bias (None for softmax).
             soft_label_alpha: softening weight of the instance targets (applied in training only).
-            training_progress: share of training done, in [0, 1] (MLM's delayed start, `mlm_start`).
-            image_tokens, text_tokens, word_mask: the token alignment's patch tokens (B, P, Cv), word states
-                (B, L, Ct) and real-word mask (B, L).
-            masked_states, mlm_labels: the text tower's states of the masked captions (fused with their images, from
-                the same call as the plain captions: `mlm_inputs` + `MaskedLanguageModelling.fusing`) and their MLM
-                targets; None while MLM has not started (`mlm_start`). word_embeddings: the tied MLM decoder.
+            word_embeddings: the text tower's word-embedding matrix, the tied MLM decoder (the one place the
+                objectives reach into a tower's weights).
             targets: the batch's per-sample training targets (`TRAINING_TARGETS`): each objective reads its own.
         """
         config = self.config
         targets = targets or {}
+        image_embeds, text_embeds = features.image_embeds, features.text_embeds
         alpha = soft_label_alpha if self.training else 0.0
         teacher_image, teacher_text = targets.get("teacher_image_features"), targets.get("teacher_text_features")
-        terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
-                                   frozen_image_features=teacher_image, frozen_text_features=teacher_text))
+        if isinstance(self.instance, SigmoidInstanceLoss):
+            terms = dict(self.instance(image_embeds, text_embeds, logit_scale, logit_bias))
+        else:
+            terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
+                                       frozen_image_features=teacher_image, frozen_text_features=teacher_text))
         if self.token is not None:
-            terms.update(self.token(image_tokens, text_tokens, word_mask))
-        if self.mlm is not None and masked_states is None:  # MLM not started yet (mlm_start)
-            terms.update(self.mlm.skipped(text_tokens))
+            terms.update(self.token(features.image_tokens, features.text_tokens, features.word_mask))
+        if self.mlm is not None and features.masked_states is None:  # MLM not started yet (mlm_start)
+            terms.update(self.mlm.skipped(text_embeds))
         elif self.mlm is not None:
-            terms.update(self.mlm(masked_states, mlm_labels, word_embeddings))
+            terms.update(self.mlm(features.masked_states, features.mlm_labels, word_embeddings))
         if self.ping is not None and self.training:  # neighbours are training samples only
             ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
                 1.0 / config.ping_temperature)
@@ -1087,7 +1247,8 @@ class LightCLIPObjectives(nn.Module):
                              "train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce "
                              "--teacher PATH_OR_HUB_ID`")
             terms.update(self.distill(image_embeds, text_embeds, logit_scale, targets["teacher_image_embeds"],
-                                      targets["teacher_text_embeds"], config.distill_teacher_logit_scale))
+                                      targets["teacher_text_embeds"], config.distill_teacher_logit_scale,
+                                      logit_bias, config.distill_teacher_logit_bias))
         loss = terms["instance"]
         for term, weight in config.loss_weights().items():
             if term in terms:
@@ -1107,6 +1268,7 @@ def _require_targets(targets: dict, keys: tuple, what: str, fix: str) -> None:
 
 
 __all__ = [
+    "TOWER_TARGETS",
     "TRAINING_TARGETS",
     "CrossModalDistillationLoss",
     "LightCLIPObjectives",
@@ -1116,6 +1278,8 @@ __all__ = [
     "FusionBlock",
     "InBatchNeighbourLoss",
     "InstanceContrastiveLoss",
+    "SigmoidInstanceLoss",
+    "TrainingFeatures",
     "MaskedLanguageModelling",
     "TokenAlignmentLoss",
     "feature_map_tokens",
@@ -1125,6 +1289,8 @@ __all__ = [
     "gather_with_grad",
     "mask_for_mlm",
     "mask_tokens",
+    "mlm_row_indices",
+    "sigmoid_pair_loss",
     "soft_label_alpha",
     "sinkhorn_partial_matching",
     "soft_targets",

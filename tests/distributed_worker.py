@@ -2,7 +2,8 @@
 
 Each rank loads the same saved model and the same global batch, keeps its own contiguous slice (re-padded to its
 own longest caption, as a per-rank collator would), trains one step under DDP and reports the global loss and
-every parameter's gradient (rank 0 writes them).
+every parameter's gradient (rank 0 writes them). With a fourth argument, MICRO: the step is computed MICRO rows at a
+time by contrastive accumulation.
 """
 
 import faulthandler
@@ -17,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from modeling_lightclip import LightCLIPModel
 
 
-def main(model_dir: str, batch_path: str, out_path: str) -> None:
+def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = None) -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang shows its stacks and fails instead of blocking CI
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -37,9 +38,20 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
     for key in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         local[key] = local[key][:, :length]
     ddp = DistributedDataParallel(model)
-    out = ddp(**local, return_loss=True)
-    out.loss.backward()
-    terms = torch.stack([out.loss.detach()] + [out.losses[k].detach() for k in sorted(out.losses)])
+    if micro is None:
+        out = ddp(**local, return_loss=True)
+        out.loss.backward()
+        loss, losses = out.loss, out.losses
+    else:
+        from modeling_lightclip.objectives_lightclip import training_targets_from
+        from modeling_lightclip.training.accumulation import ContrastiveAccumulation
+
+        inputs = {k: v for k, v in local.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs["training_targets"] = training_targets_from(
+            {}, {k: v for k, v in local.items() if k not in inputs})
+        losses = ContrastiveAccumulation(int(micro)).step(model, inputs, distributed_model=ddp)
+        loss = losses.pop("loss")
+    terms = torch.stack([loss.detach()] + [losses[k].detach() for k in sorted(losses)])
     dist.all_reduce(terms)
     terms /= world
     if bank is not None:
@@ -53,7 +65,7 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
             tensors["bank_valid"] = bank.valid.clone()
             tensors["bank_text"] = bank.text.clone()
         tensors["loss"] = terms[0]
-        for i, k in enumerate(sorted(out.losses)):
+        for i, k in enumerate(sorted(losses)):
             tensors[f"term.{k}"] = terms[i + 1]
         save_file(tensors, out_path)
     dist.barrier()
@@ -62,4 +74,4 @@ def main(model_dir: str, batch_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

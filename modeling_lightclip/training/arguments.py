@@ -123,6 +123,13 @@ class LightCLIPTrainingArguments(TrainingArguments):
                 "data-dependent parts - matching, masking, gathers - stay eager, so nothing recompiles) or the whole "
                 "model (`model`, the Trainer's own way)."})
 
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "Compute each per-device batch this many rows at a time while every loss still sees the whole global "
+                "batch (contrastive gradient accumulation: the towers run per micro-batch, the objectives once per "
+                "batch; one extra forward pass of the towers). `--gradient_accumulation_steps K` means the same: a "
+                "per-device batch of K x --per_device_train_batch_size, computed --per_device_train_batch_size rows at "
+                "a time."})
+
     lock_image_tower: bool = field(default=False, metadata={
         "help": "Lock the image tower (LiT; OpenCLIP's --lock-image): its weights get no gradient and no optimizer "
                 "state and come out bit for bit as they went in; its BatchNorm statistics stay frozen. For a "
@@ -167,6 +174,7 @@ class LightCLIPTrainingArguments(TrainingArguments):
                                  f"at that rate (drop it, or leave part unlocked with --{unlocked} N).")
         if self.torch_compile_scope not in ("towers", "model"):
             raise ValueError(f"--torch_compile_scope {self.torch_compile_scope!r}: choose towers or model.")
+        self._contrastive_accumulation()
         resolve_switch("channels_last", self.channels_last, False)  # refuse a bad value at start-up
         if self.stop_after_bad_steps < 0:
             raise ValueError(f"--stop_after_bad_steps {self.stop_after_bad_steps}: >= 0 (0 never stops).")
@@ -188,6 +196,46 @@ class LightCLIPTrainingArguments(TrainingArguments):
         if self.compile_towers:
             self.tower_compile_options = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
             self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
+
+    def _contrastive_accumulation(self) -> None:
+        """`--gradient_accumulation_steps K` as contrastive accumulation: the Trainer's own accumulation would give
+        each micro-batch a loss of its own (its own negatives, its own soft labels and relations: a weaker objective
+        than the batch the run reports), so the per-device batch becomes K x --per_device_train_batch_size rows,
+        computed --per_device_train_batch_size rows at a time by `ContrastiveAccumulation`, and the Trainer
+        accumulates nothing."""
+        steps = self.gradient_accumulation_steps
+        if steps < 1:
+            raise ValueError(f"--gradient_accumulation_steps {steps}: >= 1.")
+        if steps > 1:
+            if self.micro_batch_size is not None:
+                raise ValueError(f"--gradient_accumulation_steps {steps} and --micro_batch_size "
+                                 f"{self.micro_batch_size} both ask for accumulation: give the batch and one of them "
+                                 "(--per_device_train_batch_size B --micro_batch_size b, or "
+                                 "--per_device_train_batch_size b --gradient_accumulation_steps K).")
+            self.micro_batch_size = self.per_device_train_batch_size
+            self.per_device_train_batch_size *= steps
+            self.gradient_accumulation_steps = 1
+        if self.micro_batch_size is None:
+            return
+        if self.micro_batch_size < 1:
+            raise ValueError(f"--micro_batch_size {self.micro_batch_size}: >= 1.")
+        if self.micro_batch_size >= self.per_device_train_batch_size:
+            self.micro_batch_size = None  # one piece: nothing to accumulate
+            return
+        if self.deepspeed or self.fsdp:
+            raise ValueError("contrastive accumulation (--gradient_accumulation_steps / --micro_batch_size) calls the "
+                             "towers outside the wrapped model's forward, which DeepSpeed and FSDP need to see: train "
+                             "with DDP (accelerate launch / torchrun), or without accumulation.")
+        if self.torch_compile and self.torch_compile_scope == "model":
+            raise ValueError("contrastive accumulation calls the towers and the objectives separately, so a compiled "
+                             "whole model would never run: use --torch_compile_scope towers (the default).")
+
+    @property
+    def contrastive_accumulation_steps(self) -> int:
+        """How many micro-batches each per-device batch is computed in (1: one piece)."""
+        if not self.micro_batch_size:
+            return 1
+        return -(-self.per_device_train_batch_size // self.micro_batch_size)
 
     @property
     def compiles(self) -> bool:

@@ -11,6 +11,7 @@ The card is rendered from the repository's `model_card.md` template with `huggin
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -159,6 +160,10 @@ def describe_objectives(config) -> str:
         parts.append("nearest-neighbour guidance (CLIP-PING)")
     if config.uses_distillation:
         parts.append("cross-modal distillation from a multimodal teacher")
+    if config.uses_sigmoid_loss:
+        base = ("SigLIP's pairwise sigmoid loss over the global batch (a learned scale and bias; no softmax over the "
+                "batch)")
+        return f"**{base}**, nothing else" if not parts else base + " plus " + ", ".join(parts)
     if not parts:
         return "**plain CLIP**: the symmetric contrastive (InfoNCE) loss over the global batch, nothing else"
     return "the CLIP contrastive loss plus " + ", ".join(parts)
@@ -166,11 +171,16 @@ def describe_objectives(config) -> str:
 
 def _objectives_table(config) -> str:
     """The objectives that were on, with their weights and settings."""
-    rows = [("instance contrastive (CLIP, global batch)", 1.0,
-             f"soft labels: {config.soft_label_mode}" + (
-                 f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
-                 f"similarities ({config.soft_label_modality}), max α "
-                 f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))]
+    if config.uses_sigmoid_loss:
+        rows = [("instance sigmoid (SigLIP, global batch)", 1.0,
+                 f"every image-caption pair a binary problem; scale starts at "
+                 f"{math.exp(config.logit_scale_init_value):g}, bias at {config.logit_bias_init_value:g}")]
+    else:
+        rows = [("instance contrastive (CLIP, global batch)", 1.0,
+                 f"soft labels: {config.soft_label_mode}" + (
+                     f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
+                     f"similarities ({config.soft_label_modality}), max α "
+                     f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))]
     if config.uses_relation_distillation:
         rows.append(("frozen-relation distillation", config.relation_loss_weight,
                      f"per-modality similarity distributions toward the frozen teachers', temperature "
@@ -185,9 +195,14 @@ def _objectives_table(config) -> str:
                      (f", fusion after text layers {config.fusion_text_layers} from image stages "
                       f"{config.fusion_vision_stages}" if config.mlm_fusion else "")))
     if config.uses_distillation:
-        rows.append(("cross-modal distillation", config.distill_loss_weight,
-                     f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
-                     f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}"))
+        if config.uses_sigmoid_loss:
+            how = (f"Bernoulli KL to the teachers' sigmoid of every pair of the global batch, temperature "
+                   f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}, bias "
+                   f"{config.distill_teacher_logit_bias:g}")
+        else:
+            how = (f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
+                   f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}")
+        rows.append(("cross-modal distillation", config.distill_loss_weight, how))
     if config.uses_ping:
         where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
                  else f"memory bank, {config.ping_negatives} negatives")
@@ -303,7 +318,7 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
     training_summary = (
         f"Trained on {dataset} ({info.get('train_samples', '?')} image–text pairs) for {steps if steps else '?'} "
         f"steps ({state.get('num_train_epochs', info.get('epochs', '?'))} epochs), global batch "
-        f"{info.get('global_batch_size', '?')}, learning rate {info.get('learning_rate', '?')}, "
+        f"{info.get('global_batch_size', '?')}{_micro_batch_note(info)}, learning rate {info.get('learning_rate', '?')}, "
         f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`."
         + _towers_line(info) + " " + _provenance_line(info) if info else "Training details were not recorded with this folder.")
     if eval_results:
@@ -323,12 +338,23 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         training_modules_note=("" if counts["training"] else " (left out of this checkpoint)"),
         image_size=config.image_size, vocab_size=text_config.vocab_size,
         max_length=getattr(processor.tokenizer, "model_max_length", "?"), projection_dim=config.projection_dim,
-        logit_scale=f"{float(model.logit_scale.detach().exp()):.2f}", latency_threads=latency["threads"],
+        logit_scale=f"{float(model.logit_scale.detach().exp()):.2f}" + (
+            f", plus a learned bias {float(model.logit_bias.detach()):.2f}: sigmoid(logit) is the probability that "
+            "an image and a caption match" if getattr(model, "logit_bias", None) is not None else ""),
+        latency_threads=latency["threads"],
         latency_runs=latency["runs"], image_latency_ms=latency["image_ms"], text_latency_ms=latency["text_ms"],
         objectives_summary=describe_objectives(config), objectives_table=_objectives_table(config),
         teachers=_teachers_section(info.get("teachers"), config), training_summary=training_summary,
         eval_table=eval_table, train_description=dataset, citations=CITATIONS,
     )
+
+
+def _micro_batch_note(info: dict) -> str:
+    micro = info.get("micro_batch_size")
+    if not micro:
+        return ""
+    return (f" (every loss over the whole global batch, its towers computed {micro} rows at a time per device: "
+            "contrastive gradient accumulation)")
 
 
 def write_training_info(training_args, data_args, recipe: dict, train_dataset, model_args, source: dict | None = None,
@@ -349,6 +375,8 @@ def write_training_info(training_args, data_args, recipe: dict, train_dataset, m
         "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size
         * training_args.gradient_accumulation_steps,
         "processes": training_args.world_size,
+        # contrastive accumulation: rows per tower call on each device; every loss still saw the global batch
+        "micro_batch_size": getattr(training_args, "micro_batch_size", None),
         "learning_rate": training_args.learning_rate,
         "epochs": training_args.num_train_epochs,
         "seed": training_args.seed,
@@ -454,6 +482,10 @@ def export_clip(model, processor, out_dir) -> Path:
             "trust_remote_code=True instead (the model card says so).")
     if config.vision_pooling not in ("auto", "pooler") or config.text_pooling not in ("auto", "pooler", "eos"):
         raise ValueError("native export needs the towers' own pooling (vision_pooling/text_pooling 'auto').")
+    if config.uses_sigmoid_loss:
+        raise ValueError("native export writes a CLIPModel, whose logits have no bias: this model was trained with "
+                         "the sigmoid loss, and its learned logit_bias would be lost (its embeddings would still match, "
+                         "its probabilities not). It runs with trust_remote_code=True instead (the model card says so).")
     clip_config = CLIPConfig(text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
                              projection_dim=config.projection_dim,
                              logit_scale_init_value=float(config.logit_scale_init_value))

@@ -132,8 +132,13 @@ def export_onnx(model_dir, out_dir, images=None, captions=None, tolerance: float
     processor.save_pretrained(out_dir)
     model.config.save_pretrained(out_dir)
     check = check_with_onnxruntime(model, processor, out_dir, images, captions)
+    bias = getattr(model, "logit_bias", None)
     report = {**files, "logit_scale": float(model.logit_scale.detach().exp()), "tolerance": tolerance, **check,
-              "outputs": "L2-normalised embeddings; logits = logit_scale * image_embeds @ text_embeds.T"}
+              "outputs": "L2-normalised embeddings; logits = logit_scale * image_embeds @ text_embeds.T"
+                         + (" + logit_bias (sigmoid loss: sigmoid(logits) is a match probability)" if bias is not None
+                            else "")}
+    if bias is not None:
+        report["logit_bias"] = float(bias.detach())
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2))
     worst = max(check["image_max_abs_diff"], check["text_max_abs_diff"])
     if not math.isfinite(worst) or worst > tolerance:

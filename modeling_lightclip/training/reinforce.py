@@ -106,12 +106,14 @@ class ClipLikeTeacher:
         self.model_type = getattr(self.model.config, "model_type", "?")
         scale = getattr(self.model, "logit_scale", None)
         self.logit_scale = float(scale.detach().exp()) if torch.is_tensor(scale) else 100.0
+        bias = getattr(self.model, "logit_bias", None)  # a sigmoid-trained (SigLIP) teacher's learned bias
+        self.logit_bias = float(bias.detach().flatten()[0]) if torch.is_tensor(bias) else None
         self.image_dim = self.text_dim = None  # known after the first batch
 
     def describe(self) -> dict:
         tokenizer = self.processor.tokenizer
         return {"name": self.name, "kind": self.kind, "model_type": self.model_type, "image_dim": self.image_dim,
-                "text_dim": self.text_dim, "logit_scale": self.logit_scale,
+                "text_dim": self.text_dim, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
                 "preprocessing": f"the teacher's own image processor ({type(self.processor.image_processor).__name__})"
                                  f" and tokenizer ({type(tokenizer).__name__}, up to {self._max_length()} tokens)"}
 

@@ -103,6 +103,15 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              f"data's teachers ({', '.join(t['name'] for t in teachers)}) are unimodal: reinforce it "
                              "with a CLIP-like teacher (`lightclip-reinforce --teacher ORG/clip-model ...`).")
         config.distill_teacher_logit_scale = float(np.mean([t.get("logit_scale", 100.0) for t in multimodal]))
+        biases = [t.get("logit_bias") for t in multimodal]
+        if all(bias is not None for bias in biases):
+            config.distill_teacher_logit_bias = float(np.mean(biases))
+        if config.uses_sigmoid_loss and config.distill_teacher_logit_bias is None:
+            raise ValueError("the sigmoid loss distils each pair's match probability, sigmoid(teacher scale x cosine + "
+                             "teacher bias), and this data's teacher has no bias (a softmax-trained, CLIP-like "
+                             "teacher's similarities are no probabilities): reinforce the data with a sigmoid-trained "
+                             "(SigLIP) teacher, give --distill_teacher_logit_bias B, or distil with --instance_loss "
+                             "softmax.")
     neighbours = None
     if config.uses_ping:
         if data_args.streaming:

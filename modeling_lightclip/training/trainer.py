@@ -281,8 +281,9 @@ def compile_towers(model, backend: str | None = None, mode: str | None = None) -
 
 def decay_parameter_names(model: torch.nn.Module) -> list[str]:
     """Weight decay on matrices and kernels only (ndim >= 2): biases, LayerNorm/BatchNorm/GroupNorm weights,
-    scalar gates and the logit scale are all 1-D or 0-D and stay undecayed."""
-    return [name for name, param in model.named_parameters() if param.ndim >= 2 and "logit_scale" not in name]
+    scalar gates, the logit scale and bias are all 1-D or 0-D and stay undecayed."""
+    return [name for name, param in model.named_parameters()
+            if param.ndim >= 2 and "logit_scale" not in name and "logit_bias" not in name]
 
 
 def tower_of(name: str) -> str:
@@ -391,33 +392,74 @@ class LightCLIPTrainer(Trainer):
         groups = optimizer_param_groups(model, self.get_decay_parameter_names(model), args)
         return optimizer_cls, {**optimizer_kwargs, "params": groups}
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def _model_inputs(self, model, inputs) -> dict | None:
+        """The collator's batch as the model's inputs: bad-sample counts recorded (training), uint8 images
+        normalised on the device (`--images_on_device`); None when no usable sample is left."""
         skipped = inputs.get("skipped") or {}
         if model.training:
             self._skipped.update({k: int(v) for k, v in skipped.items()})
             self._count_bad_step("empty", "pixel_values" not in inputs)
         inputs = {k: v for k, v in inputs.items() if k not in ("return_loss", "skipped", "empty_batch")}
         if "pixel_values" not in inputs:
-            return self._empty_batch_loss(model, return_outputs)
+            return None
         if model.training:
             self._trained_samples += int(inputs["pixel_values"].shape[0])
         if inputs["pixel_values"].dtype == torch.uint8:  # `--images_on_device`: scaled and normalised here
             from .data import normalize_on_device
 
             inputs["pixel_values"] = normalize_on_device(inputs["pixel_values"], self.processing_class.image_processor)
+        return inputs
+
+    def _record_terms(self, terms: dict) -> None:
+        for name, value in terms.items():
+            if torch.is_tensor(value) and value.dim() == 0:
+                self._term_sums[name] += float(value.detach())
+        self._term_count += 1
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = self._model_inputs(model, inputs)
+        if inputs is None:
+            return self._empty_batch_loss(model, return_outputs)
         outputs = model(**inputs, return_loss=True)
         loss = outputs["loss"]
         if model.training and outputs.get("losses"):
-            for name, value in outputs["losses"].items():
-                if torch.is_tensor(value) and value.dim() == 0:
-                    self._term_sums[name] += float(value.detach())
-            self._term_count += 1
+            self._record_terms(outputs["losses"])
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        micro = getattr(self.args, "micro_batch_size", None)
+        if not micro and self.args.gradient_accumulation_steps > 1:
+            raise ValueError("the Trainer's gradient accumulation would give each micro-batch a contrastive loss of its "
+                             "own (a weaker objective than the batch it reports): train with "
+                             "LightCLIPTrainingArguments, which turns --gradient_accumulation_steps into contrastive "
+                             "accumulation over the whole batch.")
+        rows = inputs.get("input_ids")
+        if micro and rows is not None and rows.shape[0] > micro:
+            loss = self._accumulated_training_step(model, inputs, micro)
+        else:
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._count_bad_step("non_finite", not bool(torch.isfinite(loss)))
         return loss
+
+    def _accumulated_training_step(self, model, inputs, micro_batch_size: int) -> torch.Tensor:
+        """`training_step` for a batch computed `micro_batch_size` rows at a time with the whole batch's objectives
+        (`ContrastiveAccumulation`); the optimiser step after it is the Trainer's, as usual."""
+        from .accumulation import ContrastiveAccumulation
+
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._model_inputs(model, self._prepare_inputs(inputs))
+        if inputs is None:
+            loss = self._empty_batch_loss(model, False)
+            self.accelerator.backward(loss)
+            return loss.detach()
+        engine = ContrastiveAccumulation(micro_batch_size, autocast=self.accelerator.autocast,
+                                         backward=self.accelerator.backward)
+        inner = unwrap_model(model)
+        terms = engine.step(inner, inputs, distributed_model=model if model is not inner else None)
+        self._record_terms({k: v for k, v in terms.items() if k != "loss"})
+        return terms["loss"]
 
     def _count_bad_step(self, kind: str, bad: bool) -> None:
         """Stop (`TrainingStopped`) after `--stop_after_bad_steps` consecutive steps of one kind: no usable sample in
@@ -530,6 +572,8 @@ class LightCLIPTrainer(Trainer):
                 logs["soft_label_alpha"] = round(model.soft_label_alpha, 4)
             if hasattr(model, "logit_scale"):
                 logs["logit_scale"] = round(float(model.logit_scale.detach().exp()), 3)
+            if getattr(model, "logit_bias", None) is not None:
+                logs["logit_bias"] = round(float(model.logit_bias.detach()), 3)
             self._term_sums.clear()
             self._term_count = 0
         if "loss" in logs and self._skipped:  # cumulative counts of bad training samples, by reason

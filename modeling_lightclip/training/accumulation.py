@@ -1,0 +1,191 @@
+"""Contrastive gradient accumulation: a batch larger than memory, trained as one batch (training side).
+
+Plain gradient accumulation sums the gradients of k micro-batches, each with its own loss: a contrastive loss then
+contrasts every sample with its own micro-batch only (b - 1 negatives instead of kb - 1), and distillation, soft
+labels and CLIP-PING see b x b relations instead of kb x kb - a weaker objective than the batch the run reports.
+
+`ContrastiveAccumulation` computes the loss of the whole batch instead, in three passes (the gradient cache of Gao et
+al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
+
+1. every micro-batch through both towers without a graph, keeping only what the objectives read
+   (`TrainingFeatures`: embeddings, token states, MLM's fused masked captions);
+2. the objectives once, on the features of the whole batch made leaves: the loss, and its gradient with respect to
+   those features (and to the parameters the objectives use directly: logit scale and bias, the MLM decoder);
+3. every micro-batch through the towers again, this time with a graph, back-propagating its slice of that gradient.
+
+Memory is that of one micro-batch's towers plus the whole batch's features (B x D embeddings, and the token states
+when token alignment or MLM is on); compute is one extra forward pass of the towers. The loss, the terms and the
+gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
+tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not
+the same as one big call would; BatchNorm normalises each micro-batch by its own statistics (as DDP does each
+process's share), and its running statistics are updated once per micro-batch (in pass 3).
+
+Across processes each rank runs its local rows this way and the objectives gather features as usual; the
+parameters' gradients are then averaged over ranks here (the towers are called outside DDP's forward, so DDP's own
+reducer stays idle).
+"""
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..objectives_lightclip import TOWER_TARGETS, TrainingFeatures, _world, mask_for_mlm, training_targets_from
+
+
+TOWER_INPUTS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "position_ids")
+
+
+@dataclass
+class _RandomState:
+    """The random state a micro-batch's pass 1 started from, replayed for its pass 3 (dropout, MLM fallback)."""
+
+    cpu: torch.Tensor
+    cuda: list | None
+
+    @classmethod
+    def capture(cls) -> "_RandomState":
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return cls(torch.get_rng_state(), cuda)
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _batch_norm_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [buffer for module in model.modules() if isinstance(module, nn.modules.batchnorm._NormBase)
+            for buffer in module.buffers(recurse=False) if buffer is not None]
+
+
+def micro_batches(num_rows: int, micro_batch_size: int) -> list[slice]:
+    """Consecutive row ranges of at most `micro_batch_size` rows covering `num_rows` (the last may be shorter)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size {micro_batch_size}: >= 1.")
+    return [slice(start, min(start + micro_batch_size, num_rows)) for start in range(0, num_rows, micro_batch_size)]
+
+
+class ContrastiveAccumulation:
+    """One training step of `LightCLIPModel` over a batch, computed `micro_batch_size` rows at a time with the
+    objectives of the whole batch (module docstring).
+
+    Args:
+        micro_batch_size: rows per tower call.
+        autocast: a context manager factory for mixed precision (accelerate's `Accelerator.autocast`); the engine calls
+            the towers and the objectives itself, outside the model's wrapped `forward`.
+        backward: how the loss is back-propagated (accelerate's `Accelerator.backward`, which scales for fp16);
+            default `Tensor.backward`.
+    """
+
+    def __init__(self, micro_batch_size: int, autocast=None, backward=None):
+        self.micro_batch_size = int(micro_batch_size)
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size {micro_batch_size}: >= 1.")
+        self.autocast = autocast or contextlib.nullcontext
+        self.backward = backward or (lambda loss: loss.backward())
+
+    def step(self, model: nn.Module, inputs: dict, distributed_model: nn.Module | None = None) -> dict:
+        """Back-propagate the loss of the batch `inputs` (the collator's batch: tower inputs and `training_targets`)
+        into `model`'s gradients; returns the detached terms (`loss` and each objective's). `distributed_model`: the
+        DDP wrapper around `model`, when there is one, whose gradients are averaged over ranks here."""
+        targets = training_targets_from(inputs.get("training_targets"), {})
+        tower_inputs = {k: inputs[k] for k in TOWER_INPUTS if inputs.get(k) is not None}
+        rows = tower_inputs["input_ids"].shape[0]
+        if model.objectives.mlm_active(model.training_progress) and "mlm_input_ids" not in targets:
+            # one masking for the whole batch, as one call would draw it (forward's fallback masks per call)
+            targets["mlm_input_ids"], targets["mlm_labels"] = mask_for_mlm(
+                model.config, tower_inputs["input_ids"], tower_inputs.get("attention_mask"))
+        pieces = micro_batches(rows, self.micro_batch_size)
+        first_row = _world()[0] * rows  # this process's rows follow those of the processes before it
+
+        def piece_inputs(piece):
+            chunk = {k: v[piece] for k, v in tower_inputs.items()}
+            chunk["training_targets"] = {k: targets[k][piece] for k in TOWER_TARGETS if k in targets}
+            return chunk
+
+        # pass 1: features of every micro-batch, no graph; BatchNorm statistics restored afterwards (pass 3 updates)
+        norm_buffers = _batch_norm_buffers(model)
+        saved_buffers = [buffer.clone() for buffer in norm_buffers]
+        states, parts = [], []
+        with torch.no_grad():
+            for piece in pieces:
+                states.append(_RandomState.capture())
+                with self.autocast():
+                    parts.append(model.training_features(**piece_inputs(piece), first_row=first_row + piece.start))
+        for buffer, saved in zip(norm_buffers, saved_buffers):
+            buffer.copy_(saved)
+
+        # pass 2: the objectives of the whole batch, on its features made leaves
+        features = TrainingFeatures.concatenate(parts)
+        leaves = {}
+        for name in TrainingFeatures.DIFFERENTIABLE:
+            value = getattr(features, name)
+            if value is not None and value.is_floating_point():
+                leaf = value.detach().requires_grad_(True)
+                setattr(features, name, leaf)
+                leaves[name] = leaf
+        with self.autocast():
+            terms = model.objective_terms(features, targets)
+        self.backward(terms["loss"])
+
+        # pass 3: each micro-batch's towers again, with a graph, fed its slice of the features' gradient
+        masked_start = 0
+        for piece, state, part in zip(pieces, states, parts):
+            state.restore()
+            with self.autocast():
+                again = model.training_features(**piece_inputs(piece), first_row=first_row + piece.start)
+            outputs, grads = [], []
+            for name, leaf in leaves.items():
+                if leaf.grad is None:
+                    continue
+                if name in TrainingFeatures.PER_MASKED_ROW:
+                    count = getattr(part, name).shape[0]
+                    grad = leaf.grad[masked_start:masked_start + count]
+                else:
+                    grad = leaf.grad[piece]
+                output = getattr(again, name)
+                if output is not None and output.requires_grad:
+                    outputs.append(output)
+                    grads.append(grad.to(output.dtype))
+            if part.masked_states is not None:
+                masked_start += part.masked_states.shape[0]
+            if outputs:
+                torch.autograd.backward(outputs, grads)
+
+        if distributed_model is not None and _world()[1] > 1:
+            average_gradients(model)
+            broadcast_batch_norm_buffers(model)
+        return {name: value.detach() for name, value in terms.items() if torch.is_tensor(value)}
+
+
+def average_gradients(model: nn.Module) -> None:
+    """Average every trainable parameter's gradient over the ranks (what DDP's reducer does), a parameter without a
+    gradient on this rank counting as zero; one flattened all-reduce per dtype."""
+    _, world = _world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype = {}
+    for p in params:
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_batch_norm_buffers(model: nn.Module) -> None:
+    """Rank 0's BatchNorm running statistics on every rank (DDP's `broadcast_buffers`)."""
+    for buffer in _batch_norm_buffers(model):
+        dist.broadcast(buffer, src=0)
+
+
+__all__ = ["ContrastiveAccumulation", "TOWER_INPUTS", "average_gradients", "micro_batches"]
