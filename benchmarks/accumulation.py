@@ -2,6 +2,8 @@
 piece, same model, same objective.
 
     python benchmarks/accumulation.py                                    # CPU: 64 px, B 256 / 1024, b 64
+    python benchmarks/accumulation.py --image_size 32 --batches 512 2048 8192 --micro 64 256 --threads 1 \
+        --max_memory_gib 12 --cpu --json benchmarks/results/accumulation_cpu.json
     python benchmarks/accumulation.py --recipe resnet18 --image_size 224 --batches 512 2048 8192 \\
         --micro 64 256 --bf16 --json benchmarks/results/accumulation_gpu.json          # a GPU
 
@@ -58,6 +60,9 @@ def run_arm(args) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.max_memory_gib:  # a CPU arm that would not fit fails its allocation here instead of swapping the machine
+        limit = int(args.max_memory_gib * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     tokenizer = train_wordpiece_tokenizer(CAPTIONS * 8, vocab_size=512, model_max_length=32)
     config = build_model_config({**load_recipe(args.recipe)["model"], "image_size": args.image_size,
@@ -66,7 +71,7 @@ def run_arm(args) -> dict:
     model = LightCLIPModel(config).to(device).train()
     model.set_training_progress(0.5)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    rows = args.batch
+    rows, micro = args.batch, args.micro[0]
     text = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], padding=True, return_tensors="pt")
     batch = {"input_ids": text["input_ids"].to(device), "attention_mask": text["attention_mask"].to(device),
              "pixel_values": torch.randn(rows, 3, args.image_size, args.image_size, device=device)}
@@ -79,7 +84,7 @@ def run_arm(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model_mib = _peak_mib(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else None
-    engine = ContrastiveAccumulation(args.micro, autocast=autocast) if args.micro < rows else None
+    engine = ContrastiveAccumulation(micro, autocast=autocast) if micro < rows else None
     inputs = {**batch, "training_targets": training_targets_from(targets, {})}
     times = []
     try:
@@ -99,8 +104,12 @@ def run_arm(args) -> dict:
                 torch.cuda.synchronize()
             if step >= args.warmup:
                 times.append(time.perf_counter() - started)
-    except torch.OutOfMemoryError:
-        return {"out_of_memory": True, "model_mib": round(model_mib, 1)}
+    except (torch.OutOfMemoryError, MemoryError) as err:
+        return {"out_of_memory": type(err).__name__, "model_mib": round(model_mib, 1)}
+    except RuntimeError as err:  # the CPU allocator's refusal under --max_memory_gib
+        if "allocate" not in str(err):
+            raise
+        return {"out_of_memory": "RuntimeError", "model_mib": round(model_mib, 1)}
     peak = _peak_mib(device)
     return {"median_step_s": round(statistics.median(times), 4), "samples_per_s": round(rows / statistics.median(times), 1),
             "peak_mib": round(peak, 1), "model_mib": round(model_mib, 1), "step_mib": round(peak - model_mib, 1)}
@@ -119,6 +128,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+    parser.add_argument("--max_memory_gib", type=float, default=None, help="cap each arm's address space (CPU runs: "
+                                                                           "an arm that would not fit reports "
+                                                                           "out_of_memory)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per arm")
     parser.add_argument("--json", help="also write the figures to this file")
     # one arm, in a subprocess of the above
@@ -132,8 +144,9 @@ def main(argv=None):
               "--steps", str(args.steps), "--warmup", str(args.warmup)]
     shared += (["--threads", str(args.threads)] if args.threads else []) + (["--bf16"] if args.bf16 else [])
     shared += ["--cpu"] if args.cpu else []
+    shared += ["--max_memory_gib", str(args.max_memory_gib)] if args.max_memory_gib else []
     results = {"recipe": args.recipe, "objective": args.objective, "image_size": args.image_size, "bf16": args.bf16,
-               "steps": args.steps, "arms": []}
+               "steps": args.steps, "max_memory_gib": args.max_memory_gib, "arms": []}
     print(f"{args.recipe}, {args.objective} objective, {args.image_size} px; median step of {args.steps}:")
     for batch in args.batches:
         for micro in sorted({m for m in args.micro if m < batch} | {batch}):
@@ -158,6 +171,8 @@ def main(argv=None):
         from modeling_lightclip.training.provenance import write_results
 
         write_results(args.json, results)
+    if any("failed" in arm for arm in results["arms"]):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

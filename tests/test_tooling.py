@@ -31,7 +31,10 @@ def test_gpu_check_dry_run_runs_every_stage_and_stamps_its_results(tmp_path):
     assert reinforce["rows"] == 16 and reinforce["samples_per_s"] > 0
     study = json.loads((tmp_path / "short_study_gpu.json").read_text())
     assert {r["arm"] for r in study["runs"]} == {"clip", "recommended"} and len(study["runs"]) == 4
-    for result in (throughput, overhead, reinforce, study):
+    accumulation = json.loads((tmp_path / "accumulation_gpu.json").read_text())
+    arms = {(arm["batch"], arm["micro_batch"]): arm for arm in accumulation["arms"]}
+    assert set(arms) == {(16, 8), (16, None)} and all(arm["peak_mib"] > 0 for arm in arms.values())
+    for result in (throughput, overhead, reinforce, study, accumulation):
         stamp = result["provenance"]
         assert stamp["versions"]["torch"] and stamp["date"] and "hardware" in stamp
         assert result["command"].startswith("python ")
