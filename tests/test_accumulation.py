@@ -300,3 +300,22 @@ def test_a_tower_without_checkpointing_is_named(tiny_recipe, tokenizer, caplog):
     model = LightCLIPModel(config)
     model.gradient_checkpointing_enable()
     assert model.gradient_checkpointing_towers == {"image": False, "text": True}
+
+
+def test_bf16_autocast_micro_batches_match_one_bf16_batch(tokenizer):
+    """Mixed precision (the Trainer passes accelerate's autocast): the towers and the objectives run under bf16
+    autocast in every pass - pass 3's bf16 outputs take the cached gradient in their own dtype - and the step matches
+    one bf16 batch to bf16 precision."""
+    model, batch, _ = all_objectives_model_and_batch(tokenizer, "redesign")
+    model.train()
+    model.set_training_progress(1.0)
+    reference = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = reference(**batch, return_loss=True)
+    out.loss.backward()
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    terms = ContrastiveAccumulation(3, autocast=autocast).step(model, _engine_inputs(batch))
+    torch.testing.assert_close(terms["loss"], out.loss.detach().float(), rtol=2e-2, atol=2e-2)
+    expected = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None])
+    got = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.99
