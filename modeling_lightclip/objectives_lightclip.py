@@ -240,17 +240,13 @@ class TrainingFeatures:
         for item in fields(cls):
             name = item.name
             present = [getattr(part, name) for part in parts if getattr(part, name) is not None]
+            if present and len(present) != len(parts) and name not in cls.PER_MASKED_ROW:
+                raise ValueError(f"TrainingFeatures.{name} is present in some chunks of the batch and not in others.")
             if name == "mlm_rows":
                 values[name] = torch.cat(rows) if rows else None
-            elif len(present) != len(parts) and name not in cls.PER_MASKED_ROW:
-                values[name] = None if not present else _missing_in_some(name)
             else:
                 values[name] = torch.cat(present) if present else None
         return cls(**values)
-
-
-def _missing_in_some(name: str):
-    raise ValueError(f"TrainingFeatures.{name} is present in some chunks of the batch and not in others.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1214,7 +1210,7 @@ class LightCLIPObjectives(nn.Module):
         image_embeds, text_embeds = features.image_embeds, features.text_embeds
         alpha = soft_label_alpha if self.training else 0.0
         teacher_image, teacher_text = targets.get("teacher_image_features"), targets.get("teacher_text_features")
-        if isinstance(self.instance, SigmoidInstanceLoss):
+        if config.uses_sigmoid_loss:
             terms = dict(self.instance(image_embeds, text_embeds, logit_scale, logit_bias))
         else:
             terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
