@@ -99,8 +99,10 @@ for recipe in "${OVERHEAD_RECIPES[@]}"; do
     --json "$OUT/objective_overhead_${recipe}_gpu.json"
 done
 stage reinforce 45 "$PY" benchmarks/reinforce.py "${REINFORCE[@]}" --json "$OUT/reinforce_gpu.json"
-stage short_study 135 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out /tmp/lightclip-short-study \
+STUDY_RUNS=$(mktemp -d -t lightclip-short-study.XXXXXX)   # fresh: features built for another checkout's rows differ
+stage short_study 135 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out "$STUDY_RUNS" \
   --json "$OUT/short_study_gpu.json"
+rm -rf "$STUDY_RUNS"
 stage accumulation 100 "$PY" benchmarks/accumulation.py "${ACCUMULATION[@]}" --json "$OUT/accumulation_gpu.json"
 
 echo "results in $OUT: $(cd "$OUT" && ls *.json 2>/dev/null | tr '\n' ' ')"

@@ -148,6 +148,25 @@ def test_extraction_resumes_after_interruption(packaged_encoders, tmp_path):
         NeighbourTable(full, num_samples=30)
 
 
+def test_build_folder_keeps_its_own_rows_and_refuses_another_datasets(tmp_path):
+    """A finished folder is kept for the same rows (nothing re-extracted); the same number of other rows, or other
+    encoder settings, are refused before any work instead of resuming into (or reusing) features of other rows."""
+    from modeling_lightclip.training.neighbours import build_folder
+
+    dataset = _tiny_dataset(12)
+    folder = tmp_path / "frozen"
+    build_folder(dataset, folder, image_size=64, k=3, backend="torch")
+    written = (folder / "image_features.npy").stat().st_mtime_ns
+    assert build_folder(dataset, folder, image_size=64, k=3, backend="torch")["num_samples"] == 12
+    assert (folder / "image_features.npy").stat().st_mtime_ns == written
+    reordered = dataset.select(list(reversed(range(12))))
+    assert reordered._fingerprint != dataset._fingerprint
+    with pytest.raises(ValueError, match="other rows"):
+        build_folder(reordered, folder, image_size=64, k=3, backend="torch")
+    with pytest.raises(ValueError, match="image_size 64, not 96"):
+        build_folder(dataset, folder, image_size=96, k=3, backend="torch")
+
+
 # ---------------------------------------------------------------------------------------------- bank and loss
 
 

@@ -406,6 +406,15 @@ def build_folder(dataset, out: str | Path, image_column: str = "image", caption_
     out = Path(out)
     meta_path = out / FILES["meta"]
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    recorded, current = meta.get("dataset_fingerprint"), getattr(dataset, "_fingerprint", None)
+    if recorded and current and recorded != current:
+        raise ValueError(f"{out} holds features of other rows (its data fingerprint differs): the training data was "
+                         "edited, reordered or filtered since, or it was loaded from another place. Use a fresh "
+                         "folder, or delete this one.")
+    for key, wanted in (("image_encoder", image_encoder), ("text_encoder", text_encoder), ("image_size", image_size)):
+        if meta.get(key, wanted) != wanted:
+            raise ValueError(f"{out} holds features from {key} {meta[key]!r}, not {wanted!r}: use a fresh folder, "
+                             "or delete this one.")
     complete = all((out / FILES[key]).exists() for key in ("image_neighbours", "text_neighbours"))
     if complete and meta.get("num_samples") == len(dataset) and meta.get("k") == k:
         return meta
