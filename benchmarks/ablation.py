@@ -130,6 +130,18 @@ PRETRAINED_ARMS = ["minilm_locked", "minilm_last2", "minilm_slow", "lit", "lit_t
 # frozen encoders that teach them, the relation term anchors the new projections to the teachers' geometry
 ARMS.update({f"{name}+frozen_relation": {**ARMS[name], **_RECOMMENDED} for name in PRETRAINED_ARMS})
 ARMS.update({f"{name}+frozen_soft_labels": {**ARMS[name], **_FROZEN_SOFT_LABELS} for name in PRETRAINED_ARMS})
+# batch size at equal samples seen (65,536 per run): the CLIP loss, the sigmoid loss and the recommended objective at
+# batch 128 (one piece) and 512 / 2048 (accumulated from micro-batches of 256: the towers' memory of 256 rows, every
+# loss term over the whole batch); checkpoints every 16,384 samples for the learning curves (`--curve_every 128`)
+BATCH_STUDY_SAMPLES = 65536
+_LOSSES = {"clip": dict(_OFF), "sigmoid": {**_OFF, "instance_loss": "sigmoid"}, "recommended": {**_OFF, **_RECOMMENDED}}
+for _loss, _base in _LOSSES.items():
+    for _batch in (128, 512, 2048):
+        _steps = BATCH_STUDY_SAMPLES // _batch
+        ARMS[f"{_loss}@b{_batch}"] = {**_base, "per_device_train_batch_size": _batch, "max_steps": _steps,
+                                      "save_steps": _steps // 4,
+                                      **({"micro_batch_size": 256} if _batch > 256 else {})}
+BATCH_ARMS = [f"{loss}@b{batch}" for loss in _LOSSES for batch in (128, 512, 2048)]
 BASELINE = "clip"
 
 # Named study sizes. cpu: each run ~3-4 minutes on 2 cores (two runs side by side, one thread each).

@@ -239,7 +239,7 @@ class LightCLIPConfig(PretrainedConfig):
             Temperature dividing both sides' logits in the distillation term.
         distill_teacher_logit_scale (`float`, *optional*, defaults to 100.0):
             The scale the teachers' cosine similarities are multiplied by (a CLIP teacher's learned logit scale; set
-            from the reinforced data's metadata when it records one).
+            from the reinforced data's metadata when it records one; a different value given as a flag is then refused).
         distill_teacher_logit_bias (`float`, *optional*):
             The bias added to the teachers' scaled similarities by the sigmoid form of distillation (a SigLIP
             teacher's learned bias; set from the reinforced data's metadata when it records one). A softmax-trained

@@ -357,6 +357,8 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 4 and all("loss_ping_nn" in h and "loss_ping_xnn" in h for h in logged[1:])
     assert trainer.model.config.ping_bank_size == 64
+    with pytest.raises(ValueError, match="ping_bank_size"):  # set from the data: not a flag it would overwrite
+        train_lightclip.parse_args(["--ping_bank_size", "5"])
     assert int(trainer.model.objectives.ping.bank.valid.sum()) == 32  # 4 steps x 8 samples, bank of this run
     assert json.loads((second / "config.json").read_text())["ping_nn_loss_weight"] == 0.5
 

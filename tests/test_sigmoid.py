@@ -116,6 +116,18 @@ def test_what_has_no_sigmoid_reading_is_refused(tokenizer, tiny_recipe, tmp_path
     siglip_teacher = {**clip_teacher, "name": "a-siglip", "logit_bias": -12.5}
     setup_teacher_features(config, [0], {"teachers": [siglip_teacher]}, data_args, training_args)
     assert config.distill_teacher_logit_bias == -12.5 and config.distill_teacher_logit_scale == 50.0
+    # a value the data records is not silently replaced by a flag, nor a flag by it: a conflict is refused
+    for field, flag in (("distill_teacher_logit_scale", 30.0), ("distill_teacher_logit_bias", -4.0)):
+        config = _sigmoid_config(tokenizer, tiny_recipe, distill_loss_weight=1.0, **{field: flag})
+        with pytest.raises(ValueError, match=f"--{field} .*records its teacher's value"):
+            setup_teacher_features(config, [0], {"teachers": [siglip_teacher]}, data_args, training_args,
+                                   given=frozenset({field}))
+        setup_teacher_features(config, [0], {"teachers": [siglip_teacher]}, data_args, training_args)  # saved config
+        assert (config.distill_teacher_logit_scale, config.distill_teacher_logit_bias) == (50.0, -12.5)
+    config = _sigmoid_config(tokenizer, tiny_recipe, distill_loss_weight=1.0, distill_teacher_logit_scale=30.0)
+    setup_teacher_features(config, [0], {"teachers": [{**siglip_teacher, "logit_scale": None}]}, data_args,
+                           training_args, given=frozenset({"distill_teacher_logit_scale"}))
+    assert config.distill_teacher_logit_scale == 30.0  # the data records no scale: the flag is what it distils with
     # a CLIPModel has no bias: native export would drop it
     clip_towers = LightCLIPConfig(
         instance_loss="sigmoid",

@@ -17,7 +17,8 @@ from transformers import TrainingArguments
 from ..configuration_lightclip import LightCLIPConfig
 
 
-_NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs"}
+_NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs",
+              "ping_bank_size"}  # set from the data: the training set's size (teacher_features.setup_teacher_features)
 
 
 def _flag_type(annotation, default):
@@ -189,13 +190,12 @@ class LightCLIPTrainingArguments(TrainingArguments):
         if not _accelerator_available():
             self.dataloader_pin_memory = False  # pinning needs an accelerator to copy to (torch warns otherwise)
         super().__post_init__()
-        # `towers` scope: LightCLIPTrainer compiles the two towers in place; the Trainer must not wrap the whole model
-        # in a dynamo plugin as well, so its own switch is turned off once TrainingArguments has set up for compiling
+        # `towers` scope: LightCLIPTrainer compiles the two towers in place and gives the Accelerator no dynamo
+        # plugin (it would compile the whole model as well); the flags stay as given, so the saved arguments say what ran
         self.compile_towers = bool(self.torch_compile and self.torch_compile_scope == "towers")
         self.tower_compile_options = {}
         if self.compile_towers:
             self.tower_compile_options = {"backend": self.torch_compile_backend, "mode": self.torch_compile_mode}
-            self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
 
     def _contrastive_accumulation(self) -> None:
         """`--gradient_accumulation_steps K` as contrastive accumulation: the Trainer's own accumulation would give
@@ -240,7 +240,7 @@ class LightCLIPTrainingArguments(TrainingArguments):
     @property
     def compiles(self) -> bool:
         """Whether this run compiles (the towers, or the whole model through the Trainer)."""
-        return bool(self.torch_compile or getattr(self, "compile_towers", False))
+        return bool(self.torch_compile)
 
     @property
     def on_cuda(self) -> bool:

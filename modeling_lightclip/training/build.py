@@ -160,7 +160,8 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
         processor = build_processor(config.image_size, tokenizer,
                                     *((image_normalisation(vision_tower) if vision_tower else None) or ()))
     captions_are_text(processor.tokenizer)
-    teacher_setup = setup_teacher_features(config, train_dataset, reinforced, data_args, training_args)
+    teacher_setup = setup_teacher_features(config, train_dataset, reinforced, data_args, training_args,
+                                           given=frozenset(overrides))
     train_dataset, neighbours = teacher_setup.train_dataset, teacher_setup.neighbours
 
     if clip_start:  # a transformers CLIPModel: its towers, projections and logit scale (`LightCLIPModel.from_clip`)

@@ -19,6 +19,7 @@ neighbour index beside the rows (map-style data only).
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,9 +70,11 @@ class TeacherSetup:
     skipped: dict = field(default_factory=dict)
 
 
-def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_args, training_args) -> TeacherSetup:
-    """The `TeacherSetup` of a run of `config`; `config.ping_bank_size` and `config.distill_teacher_logit_scale` are
-    set from the data."""
+def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_args, training_args,
+                           given: frozenset = frozenset()) -> TeacherSetup:
+    """The `TeacherSetup` of a run of `config`; `config.ping_bank_size` and the distilled teacher's logit scale and
+    bias are set from the data. `given`: the config fields set on the command line; a teacher scale or bias given
+    there that differs from the one the data records is refused (one of the two would be silently ignored)."""
     if not (config.uses_teacher_features and training_args.do_train and train_dataset is not None):
         return TeacherSetup(train_dataset)
     what = describe_teacher_objectives(config)
@@ -102,10 +105,8 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
             raise ValueError("distill_loss_weight > 0 distils a multimodal teacher's image-text similarities, and this "
                              f"data's teachers ({', '.join(t['name'] for t in teachers)}) are unimodal: reinforce it "
                              "with a CLIP-like teacher (`lightclip-reinforce --teacher ORG/clip-model ...`).")
-        config.distill_teacher_logit_scale = float(np.mean([t.get("logit_scale", 100.0) for t in multimodal]))
-        biases = [t.get("logit_bias") for t in multimodal]
-        if all(bias is not None for bias in biases):
-            config.distill_teacher_logit_bias = float(np.mean(biases))
+        _teacher_value(config, "distill_teacher_logit_scale", [t.get("logit_scale") for t in multimodal], given)
+        _teacher_value(config, "distill_teacher_logit_bias", [t.get("logit_bias") for t in multimodal], given)
         if config.uses_sigmoid_loss and config.distill_teacher_logit_bias is None:
             raise ValueError("the sigmoid loss distils each pair's match probability, sigmoid(teacher scale x cosine + "
                              "teacher bias), and this data's teacher has no bias (a softmax-trained, CLIP-like "
@@ -122,6 +123,19 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
         config.ping_bank_size = len(train_dataset)
         train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
     return TeacherSetup(train_dataset, neighbours, teachers, skipped)
+
+
+def _teacher_value(config, field: str, recorded: list, given: frozenset) -> None:
+    """`config.<field>` from what the data records of its teachers (their mean), or the configured value when it
+    records none; a value given on the command line that differs from the recorded one is refused."""
+    if any(value is None for value in recorded):
+        return  # not recorded (a copy from before it was, or a teacher without one): the flag or config default rules
+    value = float(np.mean(recorded))
+    if field in given and not math.isclose(getattr(config, field), value, rel_tol=1e-6, abs_tol=1e-6):
+        raise ValueError(f"--{field} {getattr(config, field):g}: the training data records its teacher's value, "
+                         f"{value:g}, and distils with that one. Leave the flag out (it is for data that records "
+                         "none).")
+    setattr(config, field, value)
 
 
 # ------------------------------------------------------------------------------------------------------ auto
