@@ -56,10 +56,14 @@ setup(
         # timm backbones as image towers (transformers' TimmWrapper): recipes mobilenetv4, fastvit; timm needs
         # torchvision, which must match torch (on a CPU-only torch build PyPI's torchvision does not import)
         "timm": ["timm>=1.0.15"],
+        # scoring through LAION's clip_benchmark itself (lightclip-eval needs none of it); clip-benchmark 1.6's
+        # classification accuracy converts a one-element array with float(), which NumPy 2.4 refuses
+        "benchmark": ["clip-benchmark>=1.6", "numpy<2.4"],
         # batched Hungarian solver on CUDA (Triton)
         "gpu": ["torch-linear-assignment"],
     },
     entry_points={"console_scripts": ["lightclip-train=train_lightclip:cli",
                                       "lightclip-reinforce=modeling_lightclip.training.reinforce:main",
-                                      "lightclip-export-onnx=modeling_lightclip.training.onnx_export:main"]},
+                                      "lightclip-export-onnx=modeling_lightclip.training.onnx_export:main",
+                                      "lightclip-eval=modeling_lightclip.training.benchmark:main"]},
 )

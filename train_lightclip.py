@@ -91,6 +91,7 @@ def main(argv=None):
         eval_collator=run.eval_collator if eval_dataset is not None else None,
         class_names=run.class_names,
         zero_shot_templates=run.zero_shot_templates,
+        benchmark_sets=run.benchmark_sets,
     )
     with writing_to(training_args.output_dir):  # a full disk anywhere below: one message naming the folder
         if training_args.do_train:

@@ -14,6 +14,7 @@ from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides, resolve_switch
+from .benchmark import open_benchmark
 from .data import (
     ImageTextCollator,
     captions_are_text,
@@ -49,6 +50,7 @@ class Run:
     zero_shot_templates: list | None = None
     teachers: list | None = None        # the teachers whose features training reads (reinforced data's metadata)
     data_skips: dict | None = None      # training rows a reinforced copy built for this run left out, by reason
+    benchmark_sets: list | None = None  # clip_benchmark-format sets scored at each evaluation (benchmark.py)
 
 
 _LOADABLE_MODEL_TYPES = ("lightclip", "clip")
@@ -141,6 +143,11 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                          f"'{data_args.train_split}' split (--train_split), or nothing for the embedded default.")
     eval_dataset, class_names = (prepare_zero_shot_labels(eval_dataset, data_args) if eval_dataset is not None
                                  else (None, None))
+    benchmark_sets = [open_benchmark(folder) for folder in data_args.benchmark_dirs or []]
+    if benchmark_sets and eval_dataset is None:
+        raise ValueError("--benchmark_dirs are scored at each evaluation, and this run has no evaluation split: give "
+                         "one (--validation_file, or a dataset with a validation split), or score the saved model "
+                         "afterwards with `lightclip-eval`.")
     templates = zero_shot_templates(data_args)
     overrides = config_overrides(model_args)
     if model_args.model_name_or_path:
@@ -215,7 +222,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     return Run(model=model, processor=processor, train_dataset=train_dataset, neighbours=neighbours,
                checkpoint=checkpoint, train_collator=train_collator, eval_collator=eval_collator,
                eval_dataset=eval_dataset, class_names=class_names, zero_shot_templates=templates,
-               teachers=teacher_setup.teachers, data_skips=teacher_setup.skipped)
+               teachers=teacher_setup.teachers, data_skips=teacher_setup.skipped, benchmark_sets=benchmark_sets)
 
 
 __all__ = ["Run", "build_run", "check_model_source", "is_clip_checkpoint"]

@@ -63,6 +63,10 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "data_dir for the builder."})
     train_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet training file."})
     validation_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet eval file."})
+    benchmark_dirs: list[str] | None = field(default=None, metadata={
+        "help": "Benchmark sets in clip_benchmark's webdataset layout (folders, e.g. wds_imagenet1k downloaded from "
+                "the clip-benchmark datasets on the Hub): scored at every evaluation as `lightclip-eval` scores "
+                "them, logged as eval_<set>_<metric> (e.g. eval_imagenet1k_acc1) with the time they took."})
     train_split: str = field(default="train")
     validation_split: str = field(default="validation")
     image_column: str = field(default="image", metadata={"help": "Column holding images (PIL, path or bytes)."})

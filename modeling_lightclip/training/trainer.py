@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections import Counter, defaultdict
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .benchmark import evaluate_benchmark
 from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, sum_over_processes, zero_shot_metrics
 
 
@@ -321,11 +323,13 @@ class LightCLIPTrainer(Trainer):
     Args beyond `Trainer`'s:
         eval_collator: collator for evaluation embeddings (no augmentation, no masking, with class labels).
         class_names, zero_shot_templates: for zero-shot classification of the eval split (skipped when None).
+        benchmark_sets: `benchmark.BenchmarkSet`s scored at each evaluation, after the eval split.
     """
 
     def __init__(self, *args, callbacks=None, eval_collator=None, class_names=None, zero_shot_templates=None,
-                 **kwargs):
+                 benchmark_sets=None, **kwargs):
         self.eval_collator = eval_collator
+        self.benchmark_sets = list(benchmark_sets or [])
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
         training_args = kwargs.get("args")
@@ -544,7 +548,20 @@ class LightCLIPTrainer(Trainer):
         if self.eval_collator is not None:
             extra = self.embedding_metrics(getattr(self, "_current_eval_dataset", None))
             output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in extra.items()})
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self.benchmark_metrics().items()})
         return output
+
+    def benchmark_metrics(self) -> dict:
+        """Each benchmark set's metrics (`<set>_<metric>`, as `lightclip-eval` computes them) and the seconds it
+        took (`<set>_seconds`), the samples shared across processes."""
+        metrics = {}
+        for benchmark in self.benchmark_sets:
+            started = time.perf_counter()
+            scores = evaluate_benchmark(unwrap_model(self.model), self.processing_class, benchmark,
+                                        self.args.per_device_eval_batch_size)
+            metrics.update({f"{benchmark.slug}_{key}": value for key, value in scores.items()})
+            metrics[f"{benchmark.slug}_seconds"] = round(time.perf_counter() - started, 2)
+        return metrics
 
     def embedding_metrics(self, dataset=None) -> dict:
         """Zero-shot top-1/top-5 (when class names are known) and retrieval R@1/5/10 on the eval split."""
