@@ -224,3 +224,37 @@ def test_benchmark_sets_are_scored_at_each_evaluation_during_training(benchmark_
     with pytest.raises(ValueError, match="--benchmark_dirs .*no evaluation split"):
         train_lightclip.main([*common, "--output_dir", str(tmp_path / "no_eval"), "--do_eval", "false",
                               "--validation_split", "nowhere"])
+
+
+def test_data_the_trainer_reads_is_scored_with_the_trainers_evaluation(saved_model, tmp_path):
+    import csv
+
+    from modeling_lightclip.training.benchmark import main
+
+    rows = []
+    for i in range(10):
+        path = tmp_path / f"img{i}.png"
+        _picture(i % len(CLASSES), i).save(path)
+        rows.append({"image": path.name, "caption": _caption(i, 0)})
+    with open(tmp_path / "val.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "val.json"
+    assert main(["--model", str(saved_model), "--validation_file", str(tmp_path / "val.csv"), "--output",
+                 str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["task"] == "validation" and result["metrics"]["num_samples"] == 10
+    from PIL import Image
+
+    image, text = _oracle_embeddings(saved_model)
+    images = torch.stack([image(Image.open(tmp_path / row["image"])) for row in rows])
+    texts = torch.stack([text(row["caption"]) for row in rows])
+    similarity = images @ texts.t()
+    for k in (1, 5):
+        i2t = np.mean([i in similarity[i].topk(k).indices.tolist() for i in range(10)])
+        t2i = np.mean([i in similarity[:, i].topk(k).indices.tolist() for i in range(10)])
+        assert result["metrics"][f"image_to_text_r{k}"] == pytest.approx(i2t, abs=1e-6)
+        assert result["metrics"][f"text_to_image_r{k}"] == pytest.approx(t2i, abs=1e-6)
+    with pytest.raises(SystemExit):
+        main(["--model", str(saved_model)])  # nothing to score

@@ -21,6 +21,10 @@ class's normalised prompt embeddings; logits 100 x cosine. Several processes (`a
 modeling_lightclip.training.benchmark ...`) share the shards' samples and gather the embeddings.
 
 The sets' shards are read with `datasets`' webdataset loader, streamed: a set is never held in memory as images.
+
+Data as the trainer reads it is scored too, with the trainer's own evaluation (its flags after the others):
+
+    lightclip-eval --model outputs/lightclip --validation_file val.csv --output results/val.json
 """
 
 import argparse
@@ -273,10 +277,28 @@ def _parse(argv=None) -> EvalArguments:
 
     parser = HfArgumentParser(EvalArguments, prog="lightclip-eval", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    if not args.dataset:
-        parser.error("--dataset: name at least one set (wds/NAME), found through --dataset_root.")
-    return args
+    args, data_flags = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if data_flags and not data_flags[0].startswith("--"):
+        parser.error(f"unexpected {data_flags[0]!r}: benchmark sets go after --dataset, data flags are --name value.")
+    if not args.dataset and not data_flags:
+        parser.error("name what to score: benchmark sets (--dataset wds/NAME ..., found through --dataset_root) "
+                     "and/or data as the trainer reads it (--validation_file FILE, --dataset_name NAME, ...).")
+    return args, data_flags
+
+
+def evaluate_trainer_source(model: str, data_flags: list[str], batch_size: int) -> dict:
+    """The trainer's own evaluation (`lightclip-train --do_train false`) of data given with its flags: zero-shot
+    top-1/5 when the data has labels, retrieval R@1/5/10 both ways."""
+    import tempfile
+
+    import train_lightclip
+
+    with tempfile.TemporaryDirectory() as out:
+        train_lightclip.main(["--model_name_or_path", model, "--do_train", "false", *data_flags, "--output_dir", out,
+                              "--per_device_eval_batch_size", str(batch_size), "--report_to", "none"])
+        metrics = json.loads((Path(out) / "eval_results.json").read_text())
+    return {key.removeprefix("eval_"): value for key, value in metrics.items()
+            if key not in ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "epoch")}
 
 
 def main(argv=None) -> int:
@@ -284,9 +306,18 @@ def main(argv=None) -> int:
 
     from .processes import process_state
 
-    args = _parse(argv)
+    args, data_flags = _parse(argv)
     sets = [open_benchmark(dataset_root(args.dataset_root, name), name, args.split) for name in args.dataset]
     state = process_state()
+    if data_flags:
+        metrics = evaluate_trainer_source(args.model, data_flags, args.batch_size)
+        if state.is_main_process:
+            source = " ".join(data_flags)
+            out = Path(args.output.format(dataset="data", task="validation", model="lightclip"))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"dataset": source, "model": "lightclip", "pretrained": args.model,
+                                       "task": "validation", "metrics": metrics, "language": "en"}, indent=2))
+            print(f"{source}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()) + f"  -> {out}")
     model = LightCLIPModel.from_pretrained(args.model).to(args.device or state.device).eval()
     processor = LightCLIPProcessor.from_pretrained(args.model)
     for benchmark in sets:
