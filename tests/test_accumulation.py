@@ -211,6 +211,33 @@ def test_gradient_accumulation_steps_trains_the_whole_batch_and_the_card_says_so
     assert "global batch 8 (every loss over the whole global batch, its towers computed 4 rows at a time" in card
 
 
+def test_compiled_towers_and_a_resumed_run_take_the_same_accumulated_steps(tmp_path, tokenizer):
+    """Accumulation with the towers compiled (dynamo, eager backend: the same numbers when dynamo traces them
+    right) and a run resumed from the checkpoint after its first step (checkpoints fall between optimiser steps,
+    never inside one) both end with the weights of the uninterrupted, uncompiled accumulated run."""
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"model": RECIPE, "tokenizer": {"vocab_size": 300, "model_max_length": 32}}))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    common = ["--recipe", str(recipe), "--tokenizer_name", str(tmp_path / "tokenizer"), "--max_train_samples", "32",
+              "--max_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0", "--optim", "sgd",
+              "--learning_rate", "0.1", "--do_eval", "false", "--seed", "3", "--per_device_train_batch_size", "4",
+              "--gradient_accumulation_steps", "2", "--caption_padding", "max_length"]
+    _train(common + ["--output_dir", str(tmp_path / "plain"), "--save_strategy", "steps", "--save_steps", "1"])
+    _train(common + ["--output_dir", str(tmp_path / "compiled"), "--torch_compile", "true",
+                     "--torch_compile_backend", "eager"])
+    _train(common + ["--output_dir", str(tmp_path / "resumed"), "--resume_from_checkpoint",
+                     str(tmp_path / "plain" / "checkpoint-1")])
+    plain = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    assert any(not torch.equal(plain[k], v) for k, v in
+               load_file(str(tmp_path / "plain" / "checkpoint-1" / "model.safetensors")).items())  # step 2 moved them
+    for name in ("compiled", "resumed"):
+        other = load_file(str(tmp_path / name / "model.safetensors"))
+        for key, value in plain.items():
+            torch.testing.assert_close(other[key], value, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
 def test_the_trainers_own_accumulation_is_refused(tiny_model, tokenizer):
     """Plain `TrainingArguments` with gradient accumulation would give each micro-batch a loss of its own."""
     from transformers import TrainingArguments
