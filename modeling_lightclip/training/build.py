@@ -25,7 +25,7 @@ from .data import (
 from .locked_outputs import store_locked_text_outputs
 from .lora import apply_lora
 from .neighbours import NeighbourTable
-from .packaged_weights import image_normalisation, pretrained_source
+from .packaged_weights import check_pretrained_source, image_normalisation, pretrained_source
 from .preprocessing import build_processor, text_config_token_ids, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
 from .teacher_features import setup_teacher_features
@@ -57,28 +57,16 @@ _LOADABLE_MODEL_TYPES = ("lightclip", "clip")
 
 
 def check_model_source(source: str, flag: str = "--model_name_or_path") -> None:
-    """Refuse, with one message naming the path, a `--model_name_or_path` that cannot be a model: a local path that
-    does not exist, a folder without a `config.json`, or one whose config is not a LightCLIP (or CLIP) model. A Hub
-    id (`ORG/NAME`, nothing of that name on disk) is left to the Hub client."""
-    import json
+    """Refuse, with one message naming the path, a `--model_name_or_path` that cannot be a model
+    (`check_pretrained_source`), or a folder whose config is not a LightCLIP (or CLIP) model."""
+    def loadable(config: dict) -> None:
+        if config.get("model_type") not in _LOADABLE_MODEL_TYPES:
+            raise ValueError(f"{flag} {source}: a {config.get('model_type')!r} model, not a LightCLIP one. Start an "
+                             "image or text tower from it with --vision_model_name_or_path / "
+                             "--text_model_name_or_path instead.")
 
-    path = Path(source).expanduser()
-    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
-    if not looks_local:
-        return
-    if not path.exists():
-        raise ValueError(f"{flag} {source}: no such folder (a trained LightCLIP folder, or a Hub id ORG/NAME).")
-    config_file = path / "config.json" if path.is_dir() else None
-    if config_file is None or not config_file.is_file():
-        raise ValueError(f"{flag} {source}: not a model folder (it has no config.json). Point it at the folder a "
-                         "training run wrote (its --output_dir) or at a checkpoint-N inside it.")
-    try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {source}: its config.json cannot be read ({type(err).__name__}).") from None
-    if model_type not in _LOADABLE_MODEL_TYPES:
-        raise ValueError(f"{flag} {source}: a {model_type!r} model, not a LightCLIP one. Start an image or text tower "
-                         "from it with --vision_model_name_or_path / --text_model_name_or_path instead.")
+    check_pretrained_source(source, flag, "a trained LightCLIP folder (a run's --output_dir or a checkpoint-N inside "
+                                          "it)", check_config=loadable)
 
 
 def is_clip_checkpoint(source: str) -> bool:
@@ -155,6 +143,9 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     checkpoint = resolve_checkpoint(training_args) if training_args.do_train else None
     vision_tower = pretrained_source(model_args.vision_model_name_or_path)
     text_tower = pretrained_source(model_args.text_model_name_or_path)
+    for flag, tower in (("--vision_model_name_or_path", vision_tower), ("--text_model_name_or_path", text_tower)):
+        if tower is not None:
+            check_pretrained_source(tower, flag)
     source = checkpoint or model_args.model_name_or_path
     clip_start = bool(source) and not checkpoint and is_clip_checkpoint(source)
     if source:  # a checkpoint to resume, a trained LightCLIP to continue or a CLIPModel: its own tokenizer and config

