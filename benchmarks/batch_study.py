@@ -8,8 +8,9 @@
    every run on the selection split's training pairs (validation carved from the training data), scored on that
    validation at 16k, 32k, 48k and 64k samples seen (the learning curves) and at the end.
 2. **Choice** on the selection split only: per loss, the batch with the best mean of the validation metrics.
-3. **Test, once per run**: each final model scored on the study's test splits (Fashion-MNIST test zero-shot,
-   OpenClipart test retrieval) and on the icon-theme second test set (`second_test_set.py`), which no choice saw.
+3. **Test, once per final arm** (each loss at batch 128, the baseline, and at its validation choice): scored on the
+   study's test splits (Fashion-MNIST test zero-shot, OpenClipart test retrieval); every run on the icon-theme second
+   test set (`second_test_set.py`), which no choice saw.
    Differences with a paired bootstrap over test items (seeds averaged per item) and Holm's correction across each
    comparison's metrics; Welch's t over seeds beside them.
 
@@ -170,21 +171,27 @@ def main(argv=None):
     test_files = {"zero_shot": data / "fashion_mnist" / "test.parquet",
                   "retrieval": data / "openclipart" / "validation.parquet"}
     icons = second_test_set.prepare_icons(data)
-    val, test, icon = {}, {}, {}
-    for arm, seeds in _finished_runs().items():
-        for seed, run_dir in sorted(seeds.items()):
-            val.setdefault(arm, []).append(json.loads((run_dir / "run.json").read_text()))
-            test.setdefault(arm, []).append(_scored(run_dir, "test", lambda d: ablation.evaluate_run(d, test_files)))
-            icon.setdefault(arm, []).append(_scored(run_dir, "icons", lambda d: second_test_set.score(d, icons)))
-
     def table(rows, keys):
         return {arm: {"seeds": len(r), "metrics": _stats(r, keys)} for arm, r in rows.items()}
 
+    finished = _finished_runs()
+    val = {arm: [json.loads((d / "run.json").read_text()) for _, d in sorted(seeds.items())]
+           for arm, seeds in finished.items()}
     val_summary = {arm: s["metrics"] for arm, s in table(val, VAL_KEYS).items()}
+    choice = _choice(val_summary)
+    # the test splits once per final arm: each loss at batch 128 (the baseline) and at its validation choice
+    final = {f"{loss}@b128" for loss in LOSSES} | {f"{loss}@b{c['batch']}" for loss, c in choice.items()}
+    test, icon = {}, {}
+    for arm, seeds in finished.items():
+        for seed, run_dir in sorted(seeds.items()):
+            if arm in final:
+                test.setdefault(arm, []).append(_scored(run_dir, "test",
+                                                        lambda d: ablation.evaluate_run(d, test_files)))
+            icon.setdefault(arm, []).append(_scored(run_dir, "icons", lambda d: second_test_set.score(d, icons)))
     result = {"samples_per_run": ablation.BATCH_STUDY_SAMPLES, "arms": {a: ablation.ARMS[a] for a in val},
               "validation": table(val, VAL_KEYS), "test": table(test, VAL_KEYS), "icons": table(icon, ICON_KEYS),
               "test_comparisons": _compare(test, VAL_KEYS), "icons_comparisons": _compare(icon, ICON_KEYS),
-              "choice": _choice(val_summary), "learning_curves": _curves(val),
+              "choice": choice, "learning_curves": _curves(val),
               "step_seconds": {arm: statistics.fmean(r["step_seconds"] for r in rows) for arm, rows in val.items()}}
     out = Path(args.out)
     write_results(out.with_suffix(".json"), result)
