@@ -31,7 +31,7 @@ setup(
         # LightCLIPTrainer extends the Trainer through public methods; tested on this range (a test checks their
         # signatures against the installed Trainer's)
         "transformers>=5.23,<5.25",
-        "accelerate>=1.0",
+        "accelerate>=1.2",  # the Trainer passes its dynamo settings as a plugin (not environment variables)
         "datasets>=4.0",
         "evaluate>=0.4",
         "peft>=0.13",

@@ -188,6 +188,8 @@ def test_compiled_towers_never_recompile_after_the_first_step(tmp_path, monkeypa
     assert all(not key.startswith("_orig_mod") for key in model.state_dict())
     saved = torch.load(tmp_path / "max_length" / "training_args.bin", weights_only=False)  # says what ran
     assert saved.torch_compile and saved.torch_compile_backend == "eager" and saved.torch_compile_scope == "towers"
+    card = (tmp_path / "max_length" / "README.md").read_text()
+    assert "(fp32 precision, towers compiled with torch.compile (backend eager), 0 loader worker(s) per process)" in card
     control, _, _ = frames_per_step("longest")
     assert len(set(control)) > 1, control
 

@@ -191,7 +191,8 @@ class LightCLIPTrainingArguments(TrainingArguments):
             self.dataloader_pin_memory = False  # pinning needs an accelerator to copy to (torch warns otherwise)
         super().__post_init__()
         # `towers` scope: LightCLIPTrainer compiles the two towers in place and gives the Accelerator no dynamo
-        # plugin (it would compile the whole model as well); the flags stay as given, so the saved arguments say what ran
+        # backend (it would compile the whole model as well); the flags stay as given, so the saved arguments say what
+        # ran
         self.compile_towers = bool(self.torch_compile and self.torch_compile_scope == "towers")
         self.tower_compile_options = {}
         if self.compile_towers:

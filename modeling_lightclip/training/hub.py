@@ -319,8 +319,8 @@ def build_model_card(folder, model=None, processor=None, repo_id: str | None = N
         f"Trained on {dataset} ({info.get('train_samples', '?')} image–text pairs) for {steps if steps else '?'} "
         f"steps ({state.get('num_train_epochs', info.get('epochs', '?'))} epochs), global batch "
         f"{info.get('global_batch_size', '?')}{_micro_batch_note(info)}, learning rate {info.get('learning_rate', '?')}, "
-        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`."
-        + _towers_line(info) + " " + _provenance_line(info) if info else "Training details were not recorded with this folder.")
+        f"recipe `{info.get('recipe', '?')}`, seed {info.get('seed', '?')}, with LightCLIP's `train_lightclip.py`"
+        + _computation_note(info) + "." + _towers_line(info) + " " + _provenance_line(info) if info else "Training details were not recorded with this folder.")
     if eval_results:
         rows = "\n".join(f"| {r.metric_name} | {r.metric_value:.4f} |" for r in eval_results)
         zero_shot_note = info.get("zero_shot_note") or ""
@@ -377,6 +377,12 @@ def write_training_info(training_args, data_args, recipe: dict, train_dataset, m
         "processes": training_args.world_size,
         # contrastive accumulation: rows per tower call on each device; every loss still saw the global batch
         "micro_batch_size": getattr(training_args, "micro_batch_size", None),
+        # how each step was computed, as it ran (the loader workers after `-1` was resolved)
+        "precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
+        "compiled": ({"scope": training_args.torch_compile_scope,
+                      "backend": training_args.torch_compile_backend or "inductor"}
+                     if getattr(training_args, "compiles", False) else None),
+        "loader_workers": training_args.dataloader_num_workers,
         "learning_rate": training_args.learning_rate,
         "epochs": training_args.num_train_epochs,
         "seed": training_args.seed,
@@ -416,6 +422,19 @@ def tower_starts(model_args, training_args) -> dict:
                         "unlocked_groups": int(getattr(training_args, unlocked, 0) or 0),
                         "learning_rate": getattr(training_args, rate, None) or training_args.learning_rate}
     return towers
+
+
+def _computation_note(info: dict) -> str:
+    """How the steps were computed (precision, compilation, loader workers), where the folder recorded it."""
+    if "precision" not in info:
+        return ""
+    parts = [f"{info['precision']} precision"]
+    compiled = info.get("compiled")
+    if compiled:
+        parts.append(f"{'towers' if compiled['scope'] == 'towers' else 'whole model'} compiled with torch.compile "
+                     f"(backend {compiled['backend']})")
+    parts.append(f"{info.get('loader_workers', '?')} loader worker(s) per process")
+    return " (" + ", ".join(parts) + ")"
 
 
 def _towers_line(info: dict) -> str:

@@ -333,25 +333,25 @@ class LightCLIPTrainer(Trainer):
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
         training_args = kwargs.get("args")
-        if getattr(training_args, "compile_towers", False):  # the Accelerator compiles nothing: _build_accelerator_args
+        if getattr(training_args, "compile_towers", False):  # in place; the Accelerator compiles nothing (below)
             compile_towers(unwrap_model(kwargs["model"]), **training_args.tower_compile_options)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
             callbacks.append(LightCLIPCallback(kwargs.get("data_collator")))
-        super().__init__(*args, callbacks=callbacks, **kwargs)
+        compiling_towers = getattr(training_args, "compile_towers", False)
+        if compiling_towers:  # the Accelerator built now gets no dynamo backend: it would compile the whole model
+            given = training_args.torch_compile_backend, training_args.torch_compile_mode
+            training_args.torch_compile_backend = training_args.torch_compile_mode = None
+        try:
+            super().__init__(*args, callbacks=callbacks, **kwargs)
+        finally:
+            if compiling_towers:  # the arguments (and the saved training_args.bin) say what ran
+                training_args.torch_compile_backend, training_args.torch_compile_mode = given
         self._term_sums = defaultdict(float)
         self._term_count = 0
         self._skipped = Counter()       # bad samples of the batches trained on, by reason
         self._trained_samples = 0
         self._bad_steps = Counter()     # consecutive steps with no usable sample / a non-finite loss
-
-    def _build_accelerator_args(self, **kwargs):
-        """The Trainer's Accelerator arguments, without the dynamo plugin when the towers are compiled in place
-        (`--torch_compile_scope towers`): the plugin would compile the whole model around them."""
-        accelerator_args = super()._build_accelerator_args(**kwargs)
-        if getattr(self.args, "compile_towers", False):
-            accelerator_args.pop("dynamo_plugin", None)
-        return accelerator_args
 
     def _empty_batch_loss(self, model, return_outputs):
         """Every sample of this batch was bad (and skipped): a zero loss that still reaches every parameter, so
