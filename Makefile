@@ -10,7 +10,7 @@
 
 VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= test,ping,data,bench,onnx,timm,benchmark
+EXTRAS ?= test,ping,data,bench,onnx,timm,openclip,benchmark
 PYTHON := $(VENV)/bin/python
 STAMP := $(VENV)/.lightclip-installed
 TORCH_RECORD := $(VENV)/.lightclip-torch

@@ -56,6 +56,8 @@ setup(
         # timm backbones as image towers (transformers' TimmWrapper): recipes mobilenetv4, fastvit; timm needs
         # torchvision, which must match torch (on a CPU-only torch build PyPI's torchvision does not import)
         "timm": ["timm>=1.0.15"],
+        # OpenCLIP models as lightclip-reinforce teachers (--teacher open_clip:...)
+        "openclip": ["open_clip_torch>=2.30"],
         # scoring through LAION's clip_benchmark itself (lightclip-eval needs none of it); clip-benchmark 1.6's
         # classification accuracy converts a one-element array with float(), which NumPy 2.4 refuses
         "benchmark": ["clip-benchmark>=1.6", "numpy<2.4"],

@@ -298,3 +298,70 @@ def test_a_streamed_source_is_reinforced_without_being_materialised_into_the_sam
     np.testing.assert_array_equal(np.asarray(mapped["teacher0_text"]), np.asarray(streamed["teacher0_text"]))
     assert json.loads((tmp_path / "stream" / "reinforced.json").read_text())["splits"]["train"]["skipped"] == \
         {"missing_file": 1}
+
+
+def _open_clip_teacher(folder: Path) -> Path:
+    """A small OpenCLIP model from a random config, saved as OpenCLIP saves models for the Hub
+    (open_clip_config.json + open_clip_model.safetensors): a stand-in OpenCLIP teacher."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    config = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                             "head_width": 16},
+              "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**config)
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(30.0))
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def test_an_open_clip_teacher_joins_an_ensemble_and_is_distilled(tmp_path):
+    """`--teacher open_clip:local-dir:PATH`: its stored features are OpenCLIP's own `encode_image` /
+    `encode_text` of each sample through its own transforms and tokenizer, its logit scale is recorded, and
+    training distils from it; a spec without weights, or a folder that is not an OpenCLIP model, is refused."""
+    import open_clip
+
+    import train_lightclip
+    from modeling_lightclip import LightCLIPConfig
+    from modeling_lightclip.training.reinforce import load_teacher, main
+
+    teacher = _open_clip_teacher(tmp_path / "oc")
+    spec = f"open_clip:local-dir:{teacher}"
+    csv = _pairs(tmp_path / "data", 12)
+    out = tmp_path / "R"
+    assert main(["--train_file", str(csv), "--out", str(out), "--teacher", "frozen-pair", "--teacher", spec,
+                 "--teacher_image_size", "64", "--shard_size", "6"]) == 0
+    meta = json.loads((out / "reinforced.json").read_text())
+    described = meta["teachers"][1]
+    assert described["kind"] == "multimodal" and described["name"] == spec
+    assert described["logit_scale"] == pytest.approx(30.0, rel=1e-5) and described["image_dim"] == 24
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{teacher}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{teacher}")
+    model.eval()
+    for row in list(_copy_rows(out))[:3]:
+        image = Image.open(tmp_path / "data" / f"img{row['source_row']}.png").convert("RGB")
+        with torch.no_grad():
+            expected_image = F.normalize(model.encode_image(preprocess(image)[None]), dim=-1)[0]
+            expected_text = F.normalize(model.encode_text(tokenizer([row["caption"]])), dim=-1)[0]
+        np.testing.assert_allclose(np.asarray(row["teacher1_image"], np.float32), expected_image.numpy(), atol=2e-3)
+        np.testing.assert_allclose(np.asarray(row["teacher1_text"], np.float32), expected_text.numpy(), atol=2e-3)
+
+    run = tmp_path / "run"
+    trainer = train_lightclip.main(["--train_file", str(out), "--streaming", "--max_steps", "2", "--recipe", "tiny",
+                                    "--per_device_train_batch_size", "6", "--distill_loss_weight", "1",
+                                    "--logging_steps", "1", "--output_dir", str(run), "--do_eval", "false"])
+    assert all(h["loss_distill"] > 0 for h in trainer.state.log_history if "loss" in h)
+    assert LightCLIPConfig.from_pretrained(run).distill_teacher_logit_scale == pytest.approx(30.0, rel=1e-5)
+
+    with pytest.raises(ValueError, match="name the weights too"):
+        load_teacher("open_clip:ViT-B-32")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no open_clip_config.json"):
+        load_teacher(f"open_clip:local-dir:{tmp_path / 'empty'}")
+    (teacher / "open_clip_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has no weights"):
+        load_teacher(spec)

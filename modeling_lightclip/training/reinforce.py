@@ -22,7 +22,9 @@ Teachers (`--teacher`, repeatable; several = an ensemble, stored per teacher):
   PyPI wheels - two unimodal encoders;
 * any CLIP-like model `AutoModel.from_pretrained` loads that has `get_image_features` / `get_text_features` (HF
   `CLIPModel`, `SiglipModel`, a trained LightCLIP folder), with its own processor: a multimodal teacher, whose image
-  and text embeddings share a space, so it can also be distilled cross-modally (`--distill_loss_weight`).
+  and text embeddings share a space, so it can also be distilled cross-modally (`--distill_loss_weight`);
+* an OpenCLIP model (`open_clip:MODEL:PRETRAINED`, `open_clip:hf-hub:ORG/NAME`, `open_clip:local-dir:PATH`; needs
+  `open_clip_torch`), with OpenCLIP's own preprocessing and tokenizer: a multimodal teacher as above.
 
 Processes: under `accelerate launch` / `torchrun` each process takes every N-th shard. Resumable: a shard whose
 parquet and summary files exist is skipped. Bad rows are skipped and counted by the reasons training uses.
@@ -50,6 +52,7 @@ from .reinforced_copy import FORMAT, META_FILE, read_meta, teacher_columns
 logger = logging.getLogger(__name__)
 
 FROZEN_PAIR = "frozen-pair"
+OPEN_CLIP = "open_clip:"  # the prefix of an OpenCLIP teacher's --teacher spec
 
 
 # ------------------------------------------------------------------------------------------------------ teachers
@@ -144,8 +147,73 @@ class ClipLikeTeacher:
         return features.cpu()
 
 
+class OpenClipTeacher:
+    """An OpenCLIP model through the `open_clip_torch` package, with its own preprocessing and tokenizer:
+    `open_clip:MODEL:PRETRAINED` (a built-in architecture and its weights tag, e.g. `open_clip:ViT-B-32:laion2b_s34b_b79k`),
+    `open_clip:hf-hub:ORG/NAME` or `open_clip:local-dir:PATH` (a folder with `open_clip_config.json` and the weights,
+    as OpenCLIP pushes models to the Hub)."""
+
+    kind = "multimodal"
+
+    def __init__(self, spec: str, device: str = "cpu"):
+        try:
+            import open_clip
+        except ImportError:
+            raise ValueError(f"--teacher {spec}: OpenCLIP teachers need the open_clip_torch package: "
+                             "pip install 'lightclip[openclip]' (or open_clip_torch).") from None
+        name = spec[len(OPEN_CLIP):]
+        if name.startswith(("hf-hub:", "local-dir:")):
+            model_name, pretrained = name, None
+            folder = Path(name[len("local-dir:"):]).expanduser() if name.startswith("local-dir:") else None
+            if folder is not None and not (folder / "open_clip_config.json").is_file():
+                raise ValueError(f"--teacher {spec}: {folder} has no open_clip_config.json (an OpenCLIP model folder "
+                                 "holds it and the weights, open_clip_model.safetensors or open_clip_pytorch_model.bin).")
+            if folder is not None and not any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth")):
+                raise ValueError(f"--teacher {spec}: {folder} has no weights (open_clip_model.safetensors or "
+                                 "open_clip_pytorch_model.bin): the teacher would be a randomly initialised model.")
+        else:
+            model_name, _, pretrained = name.partition(":")
+            if not pretrained:
+                raise ValueError(f"--teacher {spec}: name the weights too, open_clip:{model_name}:TAG (the tags "
+                                 f"open_clip.list_pretrained() lists for {model_name}); without them the teacher "
+                                 "would be randomly initialised.")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                                   device=device)
+            self.tokenizer = open_clip.get_tokenizer(model_name)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            raise ValueError(f"--teacher {spec}: OpenCLIP cannot load it ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from None
+        self.model.eval()
+        self.name, self.device, self.model_type = spec, device, f"open_clip {model_name.split('/')[-1]}"
+        self.logit_scale = float(self.model.logit_scale.detach().exp())
+        bias = getattr(self.model, "logit_bias", None)  # SigLIP-trained OpenCLIP models have one
+        self.logit_bias = float(bias.detach().flatten()[0]) if torch.is_tensor(bias) else None
+        self.image_dim = self.text_dim = None
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "model_type": self.model_type, "image_dim": self.image_dim,
+                "text_dim": self.text_dim, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
+                "preprocessing": "OpenCLIP's own transforms and tokenizer for the model"}
+
+    @torch.no_grad()
+    def image_features(self, images) -> torch.Tensor:
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        features = F.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        self.image_dim = features.shape[1]
+        return features.cpu()
+
+    @torch.no_grad()
+    def text_features(self, texts) -> torch.Tensor:
+        features = F.normalize(self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float(), dim=-1)
+        self.text_dim = features.shape[1]
+        return features.cpu()
+
+
 def load_teacher(spec: str, device: str = "cpu", image_size: int = 224):
-    """`frozen-pair`, or a CLIP-like model's Hub id or folder."""
+    """`frozen-pair`, an OpenCLIP model (`open_clip:...`), or a CLIP-like transformers model's Hub id or folder."""
+    if spec.startswith(OPEN_CLIP):
+        return OpenClipTeacher(spec, device)
     if spec == FROZEN_PAIR:
         try:
             return FrozenPairTeacher(image_size, device)
@@ -446,8 +514,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder of the reinforced copy")
-    parser.add_argument("--teacher", action="append", help=f"{FROZEN_PAIR} (default) or a CLIP-like model's Hub id "
-                                                           "or folder; repeat for an ensemble")
+    parser.add_argument("--teacher", action="append", help=f"{FROZEN_PAIR} (default), a CLIP-like model's Hub id "
+                                                           "or folder, or an OpenCLIP model (open_clip:MODEL:TAG, "
+                                                           "open_clip:hf-hub:ORG/NAME, open_clip:local-dir:PATH); "
+                                                           "repeat for an ensemble")
     parser.add_argument("--teacher_image_size", type=int, default=224, help=f"input size of {FROZEN_PAIR}'s image "
                                                                              "encoder")
     parser.add_argument("--shard_size", type=int, default=10_000, help="source rows per shard")
