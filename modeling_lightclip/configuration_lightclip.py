@@ -42,6 +42,7 @@ LOSS_WEIGHT_FIELDS = {
     "ping_xnn": "ping_xnn_loss_weight",
     "relation": "relation_loss_weight",
     "distill": "distill_loss_weight",
+    "feature_distill": "feature_distill_loss_weight",
 }
 
 _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
@@ -244,6 +245,15 @@ class LightCLIPConfig(PretrainedConfig):
             The bias added to the teachers' scaled similarities by the sigmoid form of distillation (a SigLIP
             teacher's learned bias; set from the reinforced data's metadata when it records one). A softmax-trained
             (CLIP) teacher has none, and without one its sigmoid is no probability.
+        feature_distill_loss_weight (`float`, *optional*, defaults to 0):
+            Weight of feature distillation (CLIP-KD's FD): each modality's embedding goes through a training-only
+            linear projection into the teachers' feature space and, L2-normalised, is pulled toward the sample's
+            teacher features (squared distance; several teachers: their concatenation, each scaled 1/sqrt(T)).
+            Reads the teacher features every reinforced copy carries (any teacher, unimodal or multimodal). The
+            projections never run at inference (left out of an inference-only save). 0 switches it off.
+        feature_distill_teacher_dims (`list[int]`, *optional*):
+            [image, text] dimensions of the teacher features feature distillation matches: set from the training
+            data's teachers by the trainer.
         ping_negatives (`str`, *optional*, defaults to `"bank"`):
             What a CLIP-PING neighbour (a stale embedding from the memory bank) is contrasted with: `"bank"`, the
             other rows' neighbours from the same bank (equally stale); `"batch"`, the batch's current embeddings.
@@ -317,6 +327,8 @@ class LightCLIPConfig(PretrainedConfig):
         distill_temperature: float = 1.0,
         distill_teacher_logit_scale: float = 100.0,
         distill_teacher_logit_bias: float | None = None,
+        feature_distill_loss_weight: float = 0.0,
+        feature_distill_teacher_dims: list | None = None,
         mask_token_id: int | None = None,
         cls_token_id: int | None = None,
         sep_token_id: int | None = None,
@@ -379,6 +391,8 @@ class LightCLIPConfig(PretrainedConfig):
         self.distill_temperature = distill_temperature
         self.distill_teacher_logit_scale = distill_teacher_logit_scale
         self.distill_teacher_logit_bias = distill_teacher_logit_bias
+        self.feature_distill_loss_weight = feature_distill_loss_weight
+        self.feature_distill_teacher_dims = list(feature_distill_teacher_dims) if feature_distill_teacher_dims else None
         self.mask_token_id = mask_token_id
         self.cls_token_id = cls_token_id
         self.sep_token_id = sep_token_id
@@ -472,6 +486,10 @@ class LightCLIPConfig(PretrainedConfig):
         for name in LOSS_WEIGHT_FIELDS.values():
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
+        dims = self.feature_distill_teacher_dims
+        if dims is not None and (len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims)):
+            raise ValueError(f"feature_distill_teacher_dims={dims}: [image_dim, text_dim], two positive integers (set "
+                             "from the training data's teachers).")
         if not 0.0 < self.mlm_probability < 1.0:
             raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
         if self.ping_negatives not in PING_NEGATIVES:
@@ -543,10 +561,15 @@ class LightCLIPConfig(PretrainedConfig):
         return self.distill_loss_weight > 0
 
     @property
+    def uses_feature_distillation(self) -> bool:
+        """Feature distillation: each batch must carry the teachers' features; training-only projections."""
+        return self.feature_distill_loss_weight > 0
+
+    @property
     def uses_teacher_feature_batches(self) -> bool:
         """Whether each training batch carries the teachers' features of its samples (soft labels spread by their
-        similarities, relation distillation)."""
-        return self.uses_frozen_soft_labels or self.uses_relation_distillation
+        similarities, relation distillation, feature distillation)."""
+        return self.uses_frozen_soft_labels or self.uses_relation_distillation or self.uses_feature_distillation
 
     @property
     def uses_teacher_features(self) -> bool:

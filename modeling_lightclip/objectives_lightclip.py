@@ -512,6 +512,34 @@ class CrossModalDistillationLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
+class FeatureDistillationLoss(nn.Module):
+    """Feature distillation (CLIP-KD's FD): each modality's embedding, through a training-only linear projection into
+    the teachers' feature space and L2-normalised, is pulled toward the sample's teacher feature (unit length: one
+    teacher's normalised feature, or several teachers' concatenated and scaled by 1/sqrt(T)). Term
+    `feature_distill`: the mean over the global batch's rows of the squared distance (2 - 2 cos), averaged over the
+    two modalities; per sample, so each process sums its own rows (scaled so that DDP's gradient averaging gives the
+    global mean). The projections hold this objective's only parameters."""
+
+    def __init__(self, embed_dim: int, teacher_image_dim: int, teacher_text_dim: int):
+        super().__init__()
+        self.image_projection = nn.Linear(embed_dim, teacher_image_dim, bias=False)
+        self.text_projection = nn.Linear(embed_dim, teacher_text_dim, bias=False)
+
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, teacher_image: torch.Tensor,
+                teacher_text: torch.Tensor) -> dict[str, torch.Tensor]:
+        distances = []
+        normaliser = _global_mean_normaliser(image_embeds.new_tensor(float(image_embeds.shape[0])))  # global mean
+        for projection, student, teacher in ((self.image_projection, image_embeds, teacher_image),
+                                             (self.text_projection, text_embeds, teacher_text)):
+            if teacher.shape[-1] != projection.out_features:
+                raise ValueError(f"feature distillation was built for teacher features of {projection.out_features} "
+                                 f"dimensions and the batch carries {teacher.shape[-1]}: the training data's "
+                                 "teachers are not the ones the model was set up for (feature_distill_teacher_dims).")
+            projected = F.normalize(projection(student.to(projection.weight.dtype)).float(), dim=-1)
+            distances.append((projected - teacher.float()).pow(2).sum(-1).sum() * normaliser)
+        return {"feature_distill": 0.5 * (distances[0] + distances[1])}
+
+
 def _solve_assignments_scipy(similarity: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
     """Maximum-similarity one-to-one word->patch assignment per pair, on CPU with scipy's Hungarian solver.
 
@@ -1148,6 +1176,14 @@ class LightCLIPObjectives(nn.Module):
         self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
         self.distill = (CrossModalDistillationLoss(config.distill_temperature, config.instance_loss)
                         if config.uses_distillation else None)
+        self.feature_distill = None
+        if config.uses_feature_distillation:
+            if not config.feature_distill_teacher_dims:
+                raise ValueError("feature_distill_loss_weight > 0 projects the embeddings into the teachers' feature "
+                                 "space, whose dimensions come from the training data's teachers: train with "
+                                 "teacher features (a reinforced copy, or --teacher_features auto), which sets "
+                                 "feature_distill_teacher_dims.")
+            self.feature_distill = FeatureDistillationLoss(config.projection_dim, *config.feature_distill_teacher_dims)
 
     def mlm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text_kwargs: dict,
                    mlm_input_ids: torch.Tensor | None, mlm_labels: torch.Tensor | None,
@@ -1245,6 +1281,10 @@ class LightCLIPObjectives(nn.Module):
             terms.update(self.distill(image_embeds, text_embeds, logit_scale, targets["teacher_image_embeds"],
                                       targets["teacher_text_embeds"], config.distill_teacher_logit_scale,
                                       logit_bias, config.distill_teacher_logit_bias))
+        if self.feature_distill is not None and self.training:
+            _require_targets(targets, ("teacher_image_features", "teacher_text_features"),
+                             "feature_distill_loss_weight > 0", _TEACHER_HINT)
+            terms.update(self.feature_distill(image_embeds, text_embeds, teacher_image, teacher_text))
         loss = terms["instance"]
         for term, weight in config.loss_weights().items():
             if term in terms:
@@ -1267,6 +1307,7 @@ __all__ = [
     "TOWER_TARGETS",
     "TRAINING_TARGETS",
     "CrossModalDistillationLoss",
+    "FeatureDistillationLoss",
     "LightCLIPObjectives",
     "NeighbourContrastiveLoss",
     "NeighbourEmbeddingBank",

@@ -18,7 +18,9 @@ from ..configuration_lightclip import LightCLIPConfig
 
 
 _NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs",
-              "ping_bank_size"}  # set from the data: the training set's size (teacher_features.setup_teacher_features)
+              # set from the data (teacher_features.setup_teacher_features): the training set's size, the teachers'
+              # feature dimensions
+              "ping_bank_size", "feature_distill_teacher_dims"}
 
 
 def _flag_type(annotation, default):

@@ -140,7 +140,8 @@ def _tower_name(config) -> str:
 def describe_objectives(config) -> str:
     """One sentence naming what the model was trained with, read from its config."""
     recommended = (config.uses_frozen_soft_labels and config.uses_relation_distillation and not config.uses_token_loss
-                   and not config.uses_mlm and not config.uses_ping)
+                   and not config.uses_mlm and not config.uses_ping and not config.uses_distillation
+                   and not config.uses_feature_distillation)
     if recommended:
         return ("LightCLIP's **recommended objective**: the CLIP contrastive loss with soft labels spread by frozen "
                 "teacher encoders' similarities, plus distillation of the teachers' similarity structure into each "
@@ -160,6 +161,8 @@ def describe_objectives(config) -> str:
         parts.append("nearest-neighbour guidance (CLIP-PING)")
     if config.uses_distillation:
         parts.append("cross-modal distillation from a multimodal teacher")
+    if config.uses_feature_distillation:
+        parts.append("feature distillation (CLIP-KD)")
     if config.uses_sigmoid_loss:
         base = ("SigLIP's pairwise sigmoid loss over the global batch (a learned scale and bias; no softmax over the "
                 "batch)")
@@ -203,6 +206,11 @@ def _objectives_table(config) -> str:
             how = (f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
                    f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}")
         rows.append(("cross-modal distillation", config.distill_loss_weight, how))
+    if config.uses_feature_distillation:
+        image_dim, text_dim = config.feature_distill_teacher_dims or ("?", "?")
+        rows.append(("feature distillation", config.feature_distill_loss_weight,
+                     f"each embedding, through a training-only projection, toward the teachers' features "
+                     f"({image_dim}-d image, {text_dim}-d text; squared distance of unit vectors)"))
     if config.uses_ping:
         where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
                  else f"memory bank, {config.ping_negatives} negatives")

@@ -43,6 +43,8 @@ def teacher_objectives(config) -> list[tuple[str, str]]:
         uses.append(("frozen-relation distillation (relation_loss_weight)", "--relation_loss_weight 0"))
     if config.uses_distillation:
         uses.append(("cross-modal distillation (distill_loss_weight)", "--distill_loss_weight 0"))
+    if config.uses_feature_distillation:
+        uses.append(("feature distillation (feature_distill_loss_weight)", "--feature_distill_loss_weight 0"))
     if config.uses_ping:
         uses.append(("CLIP-PING (ping_nn_loss_weight / ping_xnn_loss_weight)",
                      "--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0"))
@@ -99,6 +101,14 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
             needs_rows = config.uses_teacher_feature_batches or config.uses_distillation
             train_dataset, teachers = attach_folder_features(train_dataset, Path(source), data_args,
                                                              with_features=needs_rows)
+    if config.uses_feature_distillation:
+        dims = teacher_feature_dims(train_dataset, teachers)
+        if config.feature_distill_teacher_dims and config.feature_distill_teacher_dims != dims:
+            raise ValueError(f"feature distillation: the model's projections were built for teacher features of "
+                             f"{config.feature_distill_teacher_dims} (image, text) dimensions, and this data's teachers "
+                             f"({', '.join(t['name'] for t in teachers)}) give {dims}. Train on data reinforced with "
+                             "the same teachers, or start the projections afresh from a recipe.")
+        config.feature_distill_teacher_dims = dims
     if config.uses_distillation:
         multimodal = [t for t in teachers if t.get("kind") == "multimodal"]
         if not multimodal:
@@ -123,6 +133,25 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
         config.ping_bank_size = len(train_dataset)
         train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
     return TeacherSetup(train_dataset, neighbours, teachers, skipped)
+
+
+def teacher_feature_dims(train_dataset, teachers: list) -> list[int]:
+    """[image, text] dimensions of the teacher features each batch carries (the teachers' concatenated), from what
+    the data records of its teachers, else from its feature columns' fixed lengths."""
+    features = getattr(train_dataset, "features", None) or {}
+    dims = []
+    for side in ("image", "text"):
+        total = 0
+        for teacher in teachers:
+            dim = teacher.get(f"{side}_dim") or getattr(features.get(teacher.get("columns", {}).get(side)), "length",
+                                                        None)
+            if not dim or dim < 0:
+                raise ValueError(f"feature distillation needs the size of teacher {teacher.get('name')!r}'s {side} "
+                                 "features, which this data does not record: rebuild the copy with "
+                                 "lightclip-reinforce.")
+            total += int(dim)
+        dims.append(total)
+    return dims
 
 
 def _teacher_value(config, field: str, recorded: list, given: frozenset) -> None:
@@ -230,4 +259,4 @@ def neighbour_table(train_dataset, teachers: list, source, data_args, training_a
 
 
 __all__ = ["REINFORCED_FOLDER", "TeacherSetup", "attach_folder_features", "auto_reinforced", "describe_teacher_objectives",
-           "neighbour_table", "setup_teacher_features", "teacher_objectives"]
+           "neighbour_table", "setup_teacher_features", "teacher_feature_dims", "teacher_objectives"]
