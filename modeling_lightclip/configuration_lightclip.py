@@ -31,6 +31,7 @@ PING_POSITIVES = ("bank", "in_batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
 INSTANCE_LOSSES = ("softmax", "sigmoid")
+DISTILL_ENSEMBLES = ("concatenate", "mean_probabilities")
 # each instance loss's initial log logit scale when none is given: CLIP's ln(1/0.07), SigLIP's ln 10
 DEFAULT_LOG_LOGIT_SCALE = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
 # Each weighted loss term (its name in `LightCLIPOutput.losses`) and the config field holding its weight. The instance
@@ -245,6 +246,14 @@ class LightCLIPConfig(PretrainedConfig):
             The bias added to the teachers' scaled similarities by the sigmoid form of distillation (a SigLIP
             teacher's learned bias; set from the reinforced data's metadata when it records one). A softmax-trained
             (CLIP) teacher has none, and without one its sigmoid is no probability.
+        distill_ensemble (`str`, *optional*, defaults to `"concatenate"`):
+            How several multimodal teachers make one distillation target: `"concatenate"`, one softmax of their
+            mean cosine similarity (their features concatenated, each scaled 1/sqrt(T)) at their mean logit scale;
+            `"mean_probabilities"`, the mean of each teacher's own softmax at its own logit scale (MobileCLIP's
+            ensemble). The same for one teacher. Softmax instance loss only.
+        distill_teacher_dims, distill_teacher_logit_scales (`list`, *optional*):
+            Each multimodal teacher's embedding size and logit scale, in the order the data stores them: set from
+            the training data's teachers by the trainer.
         feature_distill_loss_weight (`float`, *optional*, defaults to 0):
             Weight of feature distillation (CLIP-KD's FD): each modality's embedding goes through a training-only
             linear projection into the teachers' feature space and, L2-normalised, is pulled toward the sample's
@@ -327,6 +336,9 @@ class LightCLIPConfig(PretrainedConfig):
         distill_temperature: float = 1.0,
         distill_teacher_logit_scale: float = 100.0,
         distill_teacher_logit_bias: float | None = None,
+        distill_ensemble: str = "concatenate",
+        distill_teacher_dims: list | None = None,
+        distill_teacher_logit_scales: list | None = None,
         feature_distill_loss_weight: float = 0.0,
         feature_distill_teacher_dims: list | None = None,
         mask_token_id: int | None = None,
@@ -391,6 +403,9 @@ class LightCLIPConfig(PretrainedConfig):
         self.distill_temperature = distill_temperature
         self.distill_teacher_logit_scale = distill_teacher_logit_scale
         self.distill_teacher_logit_bias = distill_teacher_logit_bias
+        self.distill_ensemble = distill_ensemble
+        self.distill_teacher_dims = list(distill_teacher_dims) if distill_teacher_dims else None
+        self.distill_teacher_logit_scales = list(distill_teacher_logit_scales) if distill_teacher_logit_scales else None
         self.feature_distill_loss_weight = feature_distill_loss_weight
         self.feature_distill_teacher_dims = list(feature_distill_teacher_dims) if feature_distill_teacher_dims else None
         self.mask_token_id = mask_token_id
@@ -486,6 +501,12 @@ class LightCLIPConfig(PretrainedConfig):
         for name in LOSS_WEIGHT_FIELDS.values():
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
+        if self.distill_ensemble not in DISTILL_ENSEMBLES:
+            raise ValueError(f"distill_ensemble={self.distill_ensemble!r} (--distill_ensemble): choose one of "
+                             f"{DISTILL_ENSEMBLES}.")
+        if self.distill_ensemble == "mean_probabilities" and self.uses_sigmoid_loss and self.uses_distillation:
+            raise ValueError("distill_ensemble='mean_probabilities' averages the teachers' softmaxes; the sigmoid "
+                             "loss distils each pair's probability: use --distill_ensemble concatenate with it.")
         dims = self.feature_distill_teacher_dims
         if dims is not None and (len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims)):
             raise ValueError(f"feature_distill_teacher_dims={dims}: [image_dim, text_dim], two positive integers (set "

@@ -478,10 +478,13 @@ class CrossModalDistillationLoss(nn.Module):
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
                 teacher_image_embeds: torch.Tensor, teacher_text_embeds: torch.Tensor,
                 teacher_logit_scale: float = 100.0, logit_bias: torch.Tensor | None = None,
-                teacher_logit_bias: float | None = None) -> dict[str, torch.Tensor]:
+                teacher_logit_bias: float | None = None, ensemble: tuple | None = None) -> dict[str, torch.Tensor]:
         """Student embeddings (B, D) and the teachers' (B, D'), all L2-normalised; `logit_scale`: the student's
         exp'ed scale; `teacher_logit_scale`: the scale the teacher's cosine similarities are multiplied by; the
-        biases: the sigmoid form's (the student's learnable one, the teacher's)."""
+        biases: the sigmoid form's (the student's learnable one, the teacher's). `ensemble` (softmax form):
+        (each teacher's dimensions, each teacher's logit scale): the teachers' embeddings are their blocks of the
+        concatenation, and the target is the mean of each teacher's own softmax at its own scale (MobileCLIP's
+        ensemble) instead of one softmax of the concatenation's mean similarity."""
         t = self.temperature
         if self.form == "sigmoid":
             all_texts = gather_with_grad(text_embeds)
@@ -497,19 +500,21 @@ class CrossModalDistillationLoss(nn.Module):
         teacher_texts = gather_no_grad(teacher_text_embeds.float())
         student_i2t = logit_scale * image_embeds.float() @ all_texts.float().t() / t
         student_t2i = logit_scale * text_embeds.float() @ all_images.float().t() / t
-        teacher_i2t = teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() / t
-        teacher_t2i = teacher_logit_scale * teacher_text_embeds.float() @ teacher_images.t() / t
+        if ensemble is None:
+            target_i2t = (teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() / t).softmax(-1)
+            target_t2i = (teacher_logit_scale * teacher_text_embeds.float() @ teacher_images.t() / t).softmax(-1)
+        else:
+            dims, scales = ensemble
+            blocks = lambda x: [F.normalize(b, dim=-1) for b in x.split(list(dims), dim=-1)]  # noqa: E731
+            pairs = list(zip(scales, blocks(teacher_image_embeds.float()), blocks(teacher_text_embeds.float()),
+                             blocks(teacher_images), blocks(teacher_texts)))
+            target_i2t = torch.stack([(s * i @ ts.t() / t).softmax(-1) for s, i, _, _, ts in pairs]).mean(0)
+            target_t2i = torch.stack([(s * x @ ims.t() / t).softmax(-1) for s, _, x, ims, _ in pairs]).mean(0)
 
-        def _kl(student, teacher):
-            target = teacher.softmax(-1)
+        def _kl(student, target):
             return (target * (target.clamp_min(1e-12).log() - student.log_softmax(-1))).sum(-1).mean()
 
-        return {"distill": 0.5 * (_kl(student_i2t, teacher_i2t) + _kl(student_t2i, teacher_t2i))}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# token level
-# --------------------------------------------------------------------------------------------------------------
+        return {"distill": 0.5 * (_kl(student_i2t, target_i2t) + _kl(student_t2i, target_t2i))}
 
 
 class FeatureDistillationLoss(nn.Module):
@@ -538,6 +543,11 @@ class FeatureDistillationLoss(nn.Module):
             projected = F.normalize(projection(student.to(projection.weight.dtype)).float(), dim=-1)
             distances.append((projected - teacher.float()).pow(2).sum(-1).sum() * normaliser)
         return {"feature_distill": 0.5 * (distances[0] + distances[1])}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# token level
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _solve_assignments_scipy(similarity: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
@@ -1278,9 +1288,11 @@ class LightCLIPObjectives(nn.Module):
             _require_targets(targets, ("teacher_image_embeds", "teacher_text_embeds"), "distill_loss_weight > 0",
                              "train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce "
                              "--teacher PATH_OR_HUB_ID`")
+            ensemble = ((config.distill_teacher_dims, config.distill_teacher_logit_scales)
+                        if config.distill_ensemble == "mean_probabilities" else None)
             terms.update(self.distill(image_embeds, text_embeds, logit_scale, targets["teacher_image_embeds"],
                                       targets["teacher_text_embeds"], config.distill_teacher_logit_scale,
-                                      logit_bias, config.distill_teacher_logit_bias))
+                                      logit_bias, config.distill_teacher_logit_bias, ensemble))
         if self.feature_distill is not None and self.training:
             _require_targets(targets, ("teacher_image_features", "teacher_text_features"),
                              "feature_distill_loss_weight > 0", _TEACHER_HINT)

@@ -31,9 +31,11 @@ CAPTIONS = [
 PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
 REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch",
             "relation_loss_weight": 0.5, "distill_loss_weight": 0.5, "distill_temperature": 2.0,
-            "distill_teacher_logit_scale": 50.0, "feature_distill_loss_weight": 0.5,
-            "feature_distill_teacher_dims": [12, 6]}
-SIGMOID = {"instance_loss": "sigmoid", "soft_label_mode": "none", "distill_teacher_logit_bias": -4.0}
+            "distill_teacher_logit_scale": 50.0, "distill_ensemble": "mean_probabilities",
+            "distill_teacher_dims": [6, 4], "distill_teacher_logit_scales": [50.0, 20.0],
+            "feature_distill_loss_weight": 0.5, "feature_distill_teacher_dims": [12, 6]}
+SIGMOID = {"instance_loss": "sigmoid", "soft_label_mode": "none", "distill_teacher_logit_bias": -4.0,
+           "distill_ensemble": "concatenate"}
 
 
 def all_objectives_model_and_batch(tokenizer, variant: str = "paper"):

@@ -365,3 +365,54 @@ def test_an_open_clip_teacher_joins_an_ensemble_and_is_distilled(tmp_path):
     (teacher / "open_clip_model.safetensors").unlink()
     with pytest.raises(ValueError, match="has no weights"):
         load_teacher(spec)
+
+
+def test_the_ensemble_target_is_the_mean_of_each_teachers_softmax():
+    """`distill_ensemble="mean_probabilities"` (MobileCLIP's ensemble): the target of every row is the mean of
+    each teacher's own softmax at its own logit scale (a loop over teachers and rows here); with one teacher it is
+    the concatenation's target."""
+    from modeling_lightclip.objectives_lightclip import CrossModalDistillationLoss
+
+    g = torch.Generator().manual_seed(0)
+    n, dims, scales = 5, [6, 4], [50.0, 20.0]
+    image, text = F.normalize(torch.randn(n, 8, generator=g), dim=-1), F.normalize(torch.randn(n, 8, generator=g), dim=-1)
+    blocks = [(F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1))
+              for d in dims]
+    teacher_image = torch.cat([b[0] for b in blocks], 1) / math.sqrt(2)  # as the collator concatenates them
+    teacher_text = torch.cat([b[1] for b in blocks], 1) / math.sqrt(2)
+    loss = CrossModalDistillationLoss(temperature=2.0)
+    scale = torch.tensor(10.0)
+    term = loss(image, text, scale, teacher_image, teacher_text, ensemble=(dims, scales))["distill"]
+    expected = 0.0
+    for student, queries, keys in ((image, 0, 1), (text, 1, 0)):
+        others = text if queries == 0 else image
+        for r in range(n):
+            target = sum(torch.softmax(torch.tensor([s * float(b[queries][r] @ b[keys][c]) / 2.0 for c in range(n)]), 0)
+                         for s, b in zip(scales, blocks)) / len(scales)
+            log_student = torch.log_softmax(torch.tensor([10.0 * float(student[r] @ others[c]) / 2.0
+                                                          for c in range(n)]), 0)
+            expected += float((target * (target.log() - log_student)).sum()) / n
+    assert float(term) == pytest.approx(expected / 2, rel=1e-5)
+    one = loss(image, text, scale, blocks[0][0], blocks[0][1], teacher_logit_scale=50.0)["distill"]
+    assert float(loss(image, text, scale, blocks[0][0], blocks[0][1], ensemble=([6], [50.0]))["distill"]) == \
+        pytest.approx(float(one), rel=1e-6)
+
+
+def test_the_ensemble_settings_come_from_the_data(tokenizer, tiny_recipe):
+    from types import SimpleNamespace
+
+    from modeling_lightclip.training.recipes import build_model_config
+    from modeling_lightclip.training.teacher_features import setup_teacher_features
+
+    config = build_model_config(tiny_recipe["model"], tokenizer, distill_loss_weight=1.0,
+                                distill_ensemble="mean_probabilities")
+    teachers = [{"kind": "unimodal_pair", "name": "frozen-pair", "image_dim": 1280, "text_dim": 384},
+                {"kind": "multimodal", "name": "a", "logit_scale": 100.0, "image_dim": 512, "text_dim": 512},
+                {"kind": "multimodal", "name": "b", "logit_scale": 30.0, "image_dim": 768, "text_dim": 768}]
+    setup_teacher_features(config, [0], {"teachers": teachers}, SimpleNamespace(teacher_features=None,
+                                                                                streaming=False),
+                           SimpleNamespace(do_train=True))
+    assert config.distill_teacher_dims == [512, 768] and config.distill_teacher_logit_scales == [100.0, 30.0]
+    with pytest.raises(ValueError, match="--distill_ensemble concatenate"):
+        build_model_config(tiny_recipe["model"], tokenizer, distill_loss_weight=1.0, instance_loss="sigmoid",
+                           soft_label_mode="none", distill_ensemble="mean_probabilities")

@@ -20,7 +20,7 @@ from ..configuration_lightclip import LightCLIPConfig
 _NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs",
               # set from the data (teacher_features.setup_teacher_features): the training set's size, the teachers'
               # feature dimensions
-              "ping_bank_size", "feature_distill_teacher_dims"}
+              "ping_bank_size", "feature_distill_teacher_dims", "distill_teacher_dims", "distill_teacher_logit_scales"}
 
 
 def _flag_type(annotation, default):

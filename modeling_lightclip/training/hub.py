@@ -204,7 +204,11 @@ def _objectives_table(config) -> str:
                    f"{config.distill_teacher_logit_bias:g}")
         else:
             how = (f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
-                   f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}")
+                   f"{config.distill_temperature}, " + (
+                       "target: the mean of each teacher's softmax at its own scale ("
+                       + ", ".join(f"{v:g}" for v in config.distill_teacher_logit_scales or []) + ")"
+                       if config.distill_ensemble == "mean_probabilities"
+                       else f"teacher scale {config.distill_teacher_logit_scale:g}"))
         rows.append(("cross-modal distillation", config.distill_loss_weight, how))
     if config.uses_feature_distillation:
         image_dim, text_dim = config.feature_distill_teacher_dims or ("?", "?")

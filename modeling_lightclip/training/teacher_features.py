@@ -116,6 +116,10 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              f"data's teachers ({', '.join(t['name'] for t in teachers)}) are unimodal: reinforce it "
                              "with a CLIP-like teacher (`lightclip-reinforce --teacher ORG/clip-model ...`).")
         _teacher_value(config, "distill_teacher_logit_scale", [t.get("logit_scale") for t in multimodal], given)
+        if config.distill_ensemble == "mean_probabilities":  # each teacher's block of the embeddings, its own scale
+            config.distill_teacher_dims = [teacher_feature_dims(train_dataset, [t])[0] for t in multimodal]
+            config.distill_teacher_logit_scales = [float(t.get("logit_scale") or config.distill_teacher_logit_scale)
+                                                   for t in multimodal]
         _teacher_value(config, "distill_teacher_logit_bias", [t.get("logit_bias") for t in multimodal], given)
         if config.uses_sigmoid_loss and config.distill_teacher_logit_bias is None:
             raise ValueError("the sigmoid loss distils each pair's match probability, sigmoid(teacher scale x cosine + "
