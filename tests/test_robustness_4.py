@@ -2,6 +2,7 @@
 message naming the flag, the path, what is wrong and what to do, before any work."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -86,3 +87,52 @@ def test_a_good_folder_and_a_cached_hub_id_pass_the_check(tmp_path, tiny_model, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     assert check_pretrained_source("some-org/cached", "--flag") is None
+
+
+def test_a_checkpoint_whose_state_or_weights_do_not_fit_is_skipped_by_latest_and_refused_by_path(tmp_path,
+                                                                                                 tiny_recipe,
+                                                                                                 tokenizer):
+    """`trainer_state.json` that is a list or has a string step, and weights of another shape than the checkpoint's
+    config builds: `latest` skips the checkpoint naming why (and resumes from an older one), an explicit path is
+    refused in one line."""
+    import shutil
+
+    from modeling_lightclip import LightCLIPModel
+    from modeling_lightclip.training.recipes import build_model_config
+    from modeling_lightclip.training.trainer import checkpoint_problem, resolve_checkpoint
+
+    run = tmp_path / "run"
+    common = ["--recipe", "tiny", "--max_train_samples", "32", "--per_device_train_batch_size", "8", "--do_eval",
+              "false", "--output_dir", str(run), "--save_strategy", "steps", "--save_steps", "1",
+              "--dataloader_num_workers", "0", "--report_to", "none"]
+    train_lightclip.main([*common, "--max_steps", "2"])
+    good, newest = run / "checkpoint-1", run / "checkpoint-2"
+    assert checkpoint_problem(newest) is None
+    other = LightCLIPModel(build_model_config(tiny_recipe["model"], tokenizer, projection_dim=24))
+    damages = {
+        "a list": lambda: (newest / "trainer_state.json").write_text("[1, 2]"),
+        "a string step": lambda: (newest / "trainer_state.json").write_text(
+            json.dumps({**json.loads((good / "trainer_state.json").read_text()), "global_step": "2"})),
+        "other shapes": lambda: other.save_pretrained(newest),
+    }
+    expected = {"a list": "trainer_state.json is not a JSON object", "a string step": "global_step is '2'",
+                "other shapes": "weight\\(s\\) of another shape"}
+    pristine = tmp_path / "pristine"
+    shutil.copytree(newest, pristine)
+    for case, damage in damages.items():
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        if case == "other shapes":
+            (newest / "config.json").write_text((pristine / "config.json").read_text())  # the run's own config
+            damage()
+            (newest / "config.json").write_text((pristine / "config.json").read_text())
+        else:
+            damage()
+        with pytest.raises(ValueError, match=f"--resume_from_checkpoint {newest}: cannot resume, .*{expected[case]}"):
+            resolve_checkpoint(SimpleNamespace(resume_from_checkpoint=str(newest), output_dir=str(run)))
+        assert resolve_checkpoint(SimpleNamespace(resume_from_checkpoint="latest", output_dir=str(run))) == str(good)
+    with pytest.raises(ValueError, match="cannot resume"):  # the run itself refuses it before any work
+        train_lightclip.main([*common, "--max_steps", "3", "--resume_from_checkpoint", str(newest)])
+    trainer = train_lightclip.main([*common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
+                                    "--save_strategy", "no"])
+    assert trainer.state.global_step == 2  # resumed from checkpoint-1, skipping the damaged checkpoint-2

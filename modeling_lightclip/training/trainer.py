@@ -76,6 +76,28 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def _weights_problem(path: Path) -> str | None:
+    """None when the checkpoint's weights have the shapes its own config.json builds (the model is built on the
+    meta device: no memory, no initialisation)."""
+    from ..configuration_lightclip import LightCLIPConfig
+    from ..modeling_lightclip import LightCLIPModel
+
+    try:
+        with open(path / "model.safetensors", "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        with torch.device("meta"):
+            model = LightCLIPModel(LightCLIPConfig.from_pretrained(path))
+    except Exception as err:  # noqa: BLE001 - any config this version cannot build makes the checkpoint unusable
+        return f"not loadable with its config.json ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    wrong = [f"{name} {entry['shape']} (config: {expected[name]})" for name, entry in header.items()
+             if name in expected and list(entry.get("shape", [])) != expected[name]]
+    if wrong:
+        return (f"of another model than its config.json describes: {len(wrong)} weight(s) of another shape, e.g. "
+                + "; ".join(wrong[:2]))
+    return None
+
+
 def _torch_file_problem(path: Path) -> str | None:
     """None when `path` is a whole `torch.save` archive (a zip whose members all pass their CRC check)."""
     import zipfile
@@ -101,12 +123,18 @@ def checkpoint_problem(path, require_bank: bool | None = None) -> str | None:
     rng = sorted(path.glob("rng_state*.pth"))
     if not rng:
         return "rng_state.pth is missing"
+    parsed = {}
     for name in ("trainer_state.json", "config.json"):
         try:
-            json.loads((path / name).read_text())
+            parsed[name] = json.loads((path / name).read_text())
         except (OSError, ValueError) as err:
             return f"{name} is truncated or unreadable ({type(err).__name__})"
-    problem = _safetensors_problem(path / "model.safetensors")
+        if not isinstance(parsed[name], dict):
+            return f"{name} is not a JSON object (a {type(parsed[name]).__name__})"
+    step = parsed["trainer_state.json"].get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"trainer_state.json's global_step is {step!r}, not a step number"
+    problem = _safetensors_problem(path / "model.safetensors") or _weights_problem(path)
     if problem:
         return f"model.safetensors is {problem}"
     for file in [path / name for name in CHECKPOINT_STATE] + rng:
