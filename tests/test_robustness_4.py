@@ -136,3 +136,21 @@ def test_a_checkpoint_whose_state_or_weights_do_not_fit_is_skipped_by_latest_and
     trainer = train_lightclip.main([*common, "--max_steps", "2", "--resume_from_checkpoint", "latest",
                                     "--save_strategy", "no"])
     assert trainer.state.global_step == 2  # resumed from checkpoint-1, skipping the damaged checkpoint-2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shard_size", "0"], "--shard_size 0: must be at least 1"),
+    (["--shard_size", "-5"], "--shard_size -5: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--out_is_a_file"], "a file is there"),
+])
+def test_reinforce_flags_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    from modeling_lightclip.training.reinforce import main
+
+    out = tmp_path / "R"
+    if flags == ["--out_is_a_file"]:
+        out.write_text("not a folder")
+        flags = []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_file", str(tmp_path / "never_read.csv"), "--out", str(out), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -533,6 +533,12 @@ def main(argv=None) -> int:
     parser.add_argument("--streaming", action="store_true", help="read the source as a stream (never materialised)")
     parser.add_argument("--max_train_samples", type=int)
     args = parser.parse_args(argv)
+    for flag in ("shard_size", "batch_size", "teacher_image_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out}: a file is there; the reinforced copy is a folder. Choose another --out.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("modeling_lightclip").setLevel(logging.INFO)
     from .data import DataArguments, load_image_text_datasets
