@@ -154,3 +154,20 @@ def test_reinforce_flags_that_cannot_work_are_refused_before_any_work(tmp_path, 
     with pytest.raises(SystemExit) as exit_info:
         main(["--train_file", str(tmp_path / "never_read.csv"), "--out", str(out), *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_json_nested_deeper_than_the_parser_goes_is_a_malformed_row(tmp_path):
+    from PIL import Image
+
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "caption": "a red square"})
+    for depth in (5_000, 200_000):
+        deep = '{"image": "a.png", "caption": ' + "[" * depth + "]" * depth + "}"
+        (tmp_path / "rows.jsonl").write_text("\n".join([good, good, deep, good]) + "\n")
+        train = load_image_text_datasets(DataArguments(train_file=str(tmp_path / "rows.jsonl")))["train"]
+        assert len(train) == 3 and train[0]["caption"] == "a red square"
+    (tmp_path / "rows.json").write_text("[" + good + ", " + deep + "]")
+    with pytest.raises(ValueError, match="nests deeper than Python's parser goes"):
+        load_image_text_datasets(DataArguments(train_file=str(tmp_path / "rows.json")))

@@ -178,6 +178,9 @@ def _json_rows(text: str, kind: str, report: TableReport):
         except json.JSONDecodeError as err:
             raise TableFileError(f"{report.path}, line {err.lineno}: not valid JSON ({err.msg}); a file of one "
                                  "object per line (.jsonl) lets a broken row be skipped instead.") from None
+        except RecursionError:
+            raise TableFileError(f"{report.path}: its JSON nests deeper than Python's parser goes; a file of one "
+                                 "object per line (.jsonl) lets such a row be skipped instead.") from None
         for i, row in enumerate(rows):
             if isinstance(row, dict):
                 yield i + 1, row
@@ -189,7 +192,7 @@ def _json_rows(text: str, kind: str, report: TableReport):
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # RecursionError: nested deeper than the parser goes
             report.skip("malformed_json", number)
             continue
         if not isinstance(row, dict):
