@@ -171,3 +171,20 @@ def test_json_nested_deeper_than_the_parser_goes_is_a_malformed_row(tmp_path):
     (tmp_path / "rows.json").write_text("[" + good + ", " + deep + "]")
     with pytest.raises(ValueError, match="nests deeper than Python's parser goes"):
         load_image_text_datasets(DataArguments(train_file=str(tmp_path / "rows.json")))
+
+
+def test_a_clip_start_or_teacher_without_tokenizer_files_is_refused(tmp_path, tokenizer):
+    """transformers loads a CLIP folder without its tokenizer files as a tokenizer of two special tokens, which
+    would give every caption the same features: the start and the teacher are refused naming the folder."""
+    from test_reinforce import _clip_teacher
+
+    from modeling_lightclip.training.reinforce import load_teacher
+
+    folder = _clip_teacher(tmp_path / "clip", tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=f"--model_name_or_path {folder}: its tokenizer knows only 2 token"):
+        train_lightclip.main(["--model_name_or_path", str(folder), "--max_steps", "1", "--max_train_samples", "8",
+                              "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=f"--teacher {folder}: its tokenizer knows only 2 token"):
+        load_teacher(str(folder))

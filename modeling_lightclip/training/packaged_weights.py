@@ -164,6 +164,21 @@ def check_pretrained_source(source: str, flag: str, what: str = "a pretrained ch
     return config
 
 
+MIN_VOCABULARY = 20  # fewer tokens than this is no real tokenizer (one built from defaults alone has 2 or 3)
+
+
+def check_tokenizer(tokenizer, flag: str, source: str):
+    """Refuse the tokenizer loaded from `source` when it is no real vocabulary: a folder without its tokenizer files
+    loads as a tokenizer of a few special tokens, which gives every caption the same ids (and features)."""
+    size = len(tokenizer)
+    if size < MIN_VOCABULARY:
+        known = ", ".join(sorted(tokenizer.get_vocab())[:5])
+        raise ValueError(f"{flag} {source}: its tokenizer knows only {size} token(s) ({known}): the folder lacks its "
+                         "tokenizer files (tokenizer.json, or vocab.json + merges.txt, or vocab.txt), so every "
+                         "caption would get the same features. Copy them in from where the model came from.")
+    return tokenizer
+
+
 def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     """The (mean, std) a pretrained image tower was trained with: a timm checkpoint's `pretrained_cfg`, else the
     checkpoint's image processor; None when neither says."""
@@ -181,6 +196,7 @@ def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     return (list(mean), list(std)) if mean is not None and std is not None else None
 
 
-__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "efficientnet_lite0_folder",
+__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "check_tokenizer",
+           "efficientnet_lite0_folder",
            "image_normalisation",
            "minilm_folder", "pretrained_source"]

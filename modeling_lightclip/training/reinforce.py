@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .packaged_weights import check_pretrained_source
+from .packaged_weights import check_pretrained_source, check_tokenizer
 from .processes import process_state
 from .reinforced_copy import FORMAT, META_FILE, read_meta, teacher_columns
 
@@ -103,6 +103,7 @@ class ClipLikeTeacher:
         except (OSError, ValueError) as err:
             raise ValueError(f"--teacher {name_or_path}: cannot be loaded as a model with its processor "
                              f"({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+        check_tokenizer(self.processor.tokenizer, "--teacher", name_or_path)
         if not (hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")):
             raise ValueError(f"--teacher {name_or_path}: a {type(self.model).__name__} has no get_image_features / "
                              "get_text_features; a teacher is a CLIP-like model (or frozen-pair).")
