@@ -47,11 +47,13 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
             else:  # a tower start, lock or learning rate: a model or training argument of that name
                 owner = model_args if hasattr(model_args, key) else training_args
                 assert getattr(owner, key) == value, (name, key)
-        assert training_args.seed == 3 and training_args.max_steps == ablation.SETTINGS["cpu"]["max_steps"]
+        assert training_args.seed == 3  # an arm's own steps (the batch study's equal samples) override the setting's
+        assert training_args.max_steps == overrides.get("max_steps", ablation.SETTINGS["cpu"]["max_steps"])
         needs_folder = build_model_config(recipe["model"], **given).uses_frozen_features
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
                                          "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)
-                                or name.endswith(("+frozen_relation", "+frozen_soft_labels")) and not name.startswith("+")), name
+                                or name.endswith(("+frozen_relation", "+frozen_soft_labels")) and not name.startswith("+")
+                                or name.startswith("recommended@")), name
         if streamed:   # teacher features from a reinforced copy, streamed
             assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
             assert data_args.teacher_features != str(tmp_path / "nn")
@@ -194,3 +196,17 @@ def test_second_test_set_scores_saved_runs_against_a_baseline(tiny_model, tokeni
     assert result["arms"]["base"]["metrics"]["image_to_text_r1"]["mean"] == scored["image_to_text_r1"]
     saved = json.loads(out.read_text())
     assert saved["command"] and saved["provenance"] and (study / "runs" / "same" / "seed0" / "icons.json").is_file()
+
+
+def test_the_batch_study_arms_see_equal_samples(ablation):
+    """Batch 128 / 512 / 2048 for each loss: batch x steps the same for every arm, the larger batches accumulated
+    from micro-batches of 256, curves saved at the same numbers of samples, and each loss's switches as its arm."""
+    for arm in ablation.BATCH_ARMS:
+        spec = ablation.ARMS[arm]
+        batch = spec["per_device_train_batch_size"]
+        assert batch * spec["max_steps"] == ablation.BATCH_STUDY_SAMPLES, arm
+        assert spec["save_steps"] * batch == ablation.BATCH_STUDY_SAMPLES // 4, arm
+        assert spec.get("micro_batch_size") == (256 if batch > 256 else None), arm
+        loss = arm.split("@")[0]
+        assert (spec.get("instance_loss") == "sigmoid") == (loss == "sigmoid"), arm
+        assert (spec["relation_loss_weight"] > 0) == (loss == "recommended"), arm
