@@ -186,7 +186,8 @@ def test_compiled_towers_never_recompile_after_the_first_step(tmp_path, monkeypa
     assert type(model).__name__ == "LightCLIPModel"  # the Trainer did not wrap the whole model
     assert model.vision_model._compiled_call_impl is not None and model.text_model._compiled_call_impl is not None
     assert all(not key.startswith("_orig_mod") for key in model.state_dict())
-    saved = torch.load(tmp_path / "max_length" / "training_args.bin", weights_only=False)  # says what ran
+    saved = trainer.args  # what training_args.bin pickles: it says what ran
+    assert (tmp_path / "max_length" / "training_args.bin").is_file()
     assert saved.torch_compile and saved.torch_compile_backend == "eager" and saved.torch_compile_scope == "towers"
     card = (tmp_path / "max_length" / "README.md").read_text()
     assert "(fp32 precision, towers compiled with torch.compile (backend eager), 0 loader worker(s) per process)" in card
