@@ -505,11 +505,17 @@ class CrossModalDistillationLoss(nn.Module):
             target_t2i = (teacher_logit_scale * teacher_text_embeds.float() @ teacher_images.t() / t).softmax(-1)
         else:
             dims, scales = ensemble
-            blocks = lambda x: [F.normalize(b, dim=-1) for b in x.split(list(dims), dim=-1)]  # noqa: E731
-            pairs = list(zip(scales, blocks(teacher_image_embeds.float()), blocks(teacher_text_embeds.float()),
-                             blocks(teacher_images), blocks(teacher_texts)))
-            target_i2t = torch.stack([(s * i @ ts.t() / t).softmax(-1) for s, i, _, _, ts in pairs]).mean(0)
-            target_t2i = torch.stack([(s * x @ ims.t() / t).softmax(-1) for s, _, x, ims, _ in pairs]).mean(0)
+
+            def blocks(x):  # each teacher's own (unit) embeddings
+                return [F.normalize(b, dim=-1) for b in x.split(list(dims), dim=-1)]
+
+            i2t, t2i = [], []
+            for scale, image, text, images, texts in zip(scales, blocks(teacher_image_embeds.float()),
+                                                         blocks(teacher_text_embeds.float()), blocks(teacher_images),
+                                                         blocks(teacher_texts)):
+                i2t.append((scale * image @ texts.t() / t).softmax(-1))
+                t2i.append((scale * text @ images.t() / t).softmax(-1))
+            target_i2t, target_t2i = torch.stack(i2t).mean(0), torch.stack(t2i).mean(0)
 
         def _kl(student, target):
             return (target * (target.clamp_min(1e-12).log() - student.log_softmax(-1))).sum(-1).mean()

@@ -36,6 +36,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .evaluation import class_text_embeddings
+
 
 IMAGE_KEYS = ("webp", "png", "jpg", "jpeg")
 TASKS = {"classification": "zeroshot_classification", "retrieval": "zeroshot_retrieval"}
@@ -142,13 +144,6 @@ def _encode_images(model, image_processor, images: list) -> torch.Tensor:
     return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1).cpu()
 
 
-def zero_shot_classifier(model, tokenizer, classes: list[str], templates: list[str], batch_size: int = 256):
-    """(C, D): per class, the normalised mean of its normalised prompt embeddings (`{c}` = the class name)."""
-    rows = [F.normalize(_encode_texts(model, tokenizer, [t.format(c=name) for t in templates], batch_size).mean(0),
-                        dim=-1) for name in classes]
-    return torch.stack(rows)
-
-
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """clip_benchmark's: top-1 and top-5 accuracy (top-5 NaN under five classes) and the mean over the classes
     present of each class's recall."""
@@ -222,7 +217,8 @@ def evaluate_benchmark(model, processor, benchmark: BenchmarkSet, batch_size: in
             labels = torch.cat([g[1] for g in gathered])
             if not len(labels):
                 raise ValueError(f"{benchmark.name}: no samples in {', '.join(benchmark.shards)}.")
-            classifier = zero_shot_classifier(model, processor.tokenizer, benchmark.classes, benchmark.templates)
+            prompts = [t.replace("{c}", "{}") for t in benchmark.templates]  # clip_benchmark writes the class as {c}
+            classifier = class_text_embeddings(model, processor.tokenizer, benchmark.classes, prompts)
             if int(labels.max()) >= len(benchmark.classes) or int(labels.min()) < 0:
                 raise ValueError(f"{benchmark.name}: labels run from {int(labels.min())} to {int(labels.max())} "
                                  f"but classnames.txt names {len(benchmark.classes)} classes.")
@@ -332,7 +328,7 @@ def main(argv=None) -> int:
 
 
 __all__ = ["BenchmarkSet", "classification_metrics", "evaluate_benchmark", "open_benchmark", "results_record",
-           "retrieval_metrics", "zero_shot_classifier"]
+           "retrieval_metrics"]
 
 
 if __name__ == "__main__":

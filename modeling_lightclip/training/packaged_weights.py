@@ -148,12 +148,14 @@ def check_pretrained_source(source: str, flag: str, what: str = "a pretrained ch
         check_config(config)
     weights = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
     weights += sorted(path.glob("model-*-of-*.safetensors"))
-    if not weights and not any(path.glob("*.safetensors")):
+    # the model's own safetensors files, else any in the folder (a checkpoint saved under another name)
+    to_read = [w for w in weights if w.suffix == ".safetensors"] or sorted(path.glob("*.safetensors"))
+    if not weights and not to_read:
         raise ValueError(f"{flag} {source}: the folder has a config.json but no weights ({', '.join(_WEIGHT_FILES)}); "
                          "it was not saved completely. Save the model again, or pass another folder.")
     from safetensors import safe_open
 
-    for file in [w for w in weights if w.suffix == ".safetensors"] or sorted(path.glob("*.safetensors")):
+    for file in to_read:
         try:
             with safe_open(str(file), framework="pt"):
                 pass

@@ -86,6 +86,14 @@ class FrozenPairTeacher:
         return self.texts(texts)
 
 
+def learned_scale_and_bias(model) -> tuple[float, float | None]:
+    """A multimodal teacher's logit scale (exp'ed; 100 when it has none) and bias (a sigmoid-trained, SigLIP-style
+    teacher's; None for a softmax-trained one)."""
+    scale, bias = getattr(model, "logit_scale", None), getattr(model, "logit_bias", None)
+    return (float(scale.detach().exp()) if torch.is_tensor(scale) else 100.0,
+            float(bias.detach().flatten()[0]) if torch.is_tensor(bias) else None)
+
+
 class ClipLikeTeacher:
     """Any model with `get_image_features` / `get_text_features` (HF CLIPModel, SiglipModel, a LightCLIP folder),
     loaded with `AutoModel` and its own `AutoProcessor`; its image and text embeddings share one space."""
@@ -109,10 +117,7 @@ class ClipLikeTeacher:
                              "get_text_features; a teacher is a CLIP-like model (or frozen-pair).")
         self.name, self.device = name_or_path, device
         self.model_type = getattr(self.model.config, "model_type", "?")
-        scale = getattr(self.model, "logit_scale", None)
-        self.logit_scale = float(scale.detach().exp()) if torch.is_tensor(scale) else 100.0
-        bias = getattr(self.model, "logit_bias", None)  # a sigmoid-trained (SigLIP) teacher's learned bias
-        self.logit_bias = float(bias.detach().flatten()[0]) if torch.is_tensor(bias) else None
+        self.logit_scale, self.logit_bias = learned_scale_and_bias(self.model)
         self.image_dim = self.text_dim = None  # known after the first batch
 
     def describe(self) -> dict:
@@ -187,9 +192,7 @@ class OpenClipTeacher:
                              f"{str(err).splitlines()[0][:200] if str(err) else ''}).") from None
         self.model.eval()
         self.name, self.device, self.model_type = spec, device, f"open_clip {model_name.split('/')[-1]}"
-        self.logit_scale = float(self.model.logit_scale.detach().exp())
-        bias = getattr(self.model, "logit_bias", None)  # SigLIP-trained OpenCLIP models have one
-        self.logit_bias = float(bias.detach().flatten()[0]) if torch.is_tensor(bias) else None
+        self.logit_scale, self.logit_bias = learned_scale_and_bias(self.model)
         self.image_dim = self.text_dim = None
 
     def describe(self) -> dict:

@@ -59,32 +59,31 @@ def _checkpoint_needs_bank(path: Path) -> bool:
         return False
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    """None when `path` is a whole safetensors file: its header parses and its data reaches the file's end."""
+def _safetensors_header(path: Path) -> tuple[dict | None, str | None]:
+    """(its header, None) when `path` is a whole safetensors file: its header parses and its data reaches the file's
+    end; else (None, what is wrong)."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             length = int.from_bytes(f.read(8), "little")
             if length <= 0 or 8 + length > size:
-                return "truncated (header)"
+                return None, "truncated (header)"
             header = json.loads(f.read(length))
         ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
         if 8 + length + max(ends, default=0) > size:
-            return f"truncated ({size} of {8 + length + max(ends)} bytes)"
+            return None, f"truncated ({size} of {8 + length + max(ends)} bytes)"
     except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
-        return f"unreadable ({type(err).__name__})"
-    return None
+        return None, f"unreadable ({type(err).__name__})"
+    return header, None
 
 
-def _weights_problem(path: Path) -> str | None:
-    """None when the checkpoint's weights have the shapes its own config.json builds (the model is built on the
-    meta device: no memory, no initialisation)."""
+def _weights_problem(path: Path, header: dict) -> str | None:
+    """None when the checkpoint's weights (`header`: its model.safetensors header) have the shapes its own
+    config.json builds (the model is built on the meta device: no memory, no initialisation)."""
     from ..configuration_lightclip import LightCLIPConfig
     from ..modeling_lightclip import LightCLIPModel
 
     try:
-        with open(path / "model.safetensors", "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
         with torch.device("meta"):
             model = LightCLIPModel(LightCLIPConfig.from_pretrained(path))
     except Exception as err:  # noqa: BLE001 - any config this version cannot build makes the checkpoint unusable
@@ -134,7 +133,8 @@ def checkpoint_problem(path, require_bank: bool | None = None) -> str | None:
     step = parsed["trainer_state.json"].get("global_step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"trainer_state.json's global_step is {step!r}, not a step number"
-    problem = _safetensors_problem(path / "model.safetensors") or _weights_problem(path)
+    header, problem = _safetensors_header(path / "model.safetensors")
+    problem = problem or _weights_problem(path, header)
     if problem:
         return f"model.safetensors is {problem}"
     for file in [path / name for name in CHECKPOINT_STATE] + rng:
@@ -361,12 +361,12 @@ class LightCLIPTrainer(Trainer):
         self.class_names = class_names
         self.zero_shot_templates = zero_shot_templates
         training_args = kwargs.get("args")
-        if getattr(training_args, "compile_towers", False):  # in place; the Accelerator compiles nothing (below)
+        compiling_towers = getattr(training_args, "compile_towers", False)
+        if compiling_towers:  # in place; the Accelerator compiles nothing (below)
             compile_towers(unwrap_model(kwargs["model"]), **training_args.tower_compile_options)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, LightCLIPCallback) for c in callbacks):
             callbacks.append(LightCLIPCallback(kwargs.get("data_collator")))
-        compiling_towers = getattr(training_args, "compile_towers", False)
         if compiling_towers:  # the Accelerator built now gets no dynamo backend: it would compile the whole model
             given = training_args.torch_compile_backend, training_args.torch_compile_mode
             training_args.torch_compile_backend = training_args.torch_compile_mode = None
