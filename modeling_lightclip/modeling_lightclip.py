@@ -27,9 +27,9 @@ from .objectives_lightclip import (
     TRAINING_TARGETS,
     LightCLIPObjectives,
     TrainingFeatures,
-    _world,
     feature_map_tokens,
     find_text_layers,
+    first_global_row,
     mask_for_mlm,
     soft_label_alpha,
     training_targets_from,
@@ -610,8 +610,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         vision = self._encode_image(pixel_values, output_stages=for_objectives and self.objectives.needs_image_stages)
         masked = None
         if for_objectives:
-            if first_row is None:  # the rows of a process's share follow those of the processes before it
-                first_row = _world()[0] * input_ids.shape[0]
+            if first_row is None and self.objectives.mlm_active(self.training_progress):
+                first_row = first_global_row(input_ids.shape[0], input_ids.device)  # after the ranks before it
             masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
                                                 targets.get("mlm_labels"), self.training_progress, first_row)
         stored_text = targets.get("text_tower_outputs") if self.training else None

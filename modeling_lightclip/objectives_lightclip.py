@@ -65,39 +65,81 @@ def _loss_group():
     return _LOSS_GROUP[key]
 
 
+def batch_sizes(local: int, device=None) -> list[int]:
+    """Every rank's number of rows in this step, in rank order ([local] when not distributed). Ranks may hold
+    different numbers of rows (a bad sample skipped on one of them): the global batch is their concatenation."""
+    _, world = _world()
+    if world == 1:
+        return [int(local)]
+    sizes = torch.tensor([int(local)], dtype=torch.long, device=device).expand(world).clone()
+    mine = torch.tensor([int(local)], dtype=torch.long, device=device)
+    parts = list(sizes.split(1))
+    dist.all_gather(parts, mine, group=_loss_group())
+    return [int(p.item()) for p in parts]
+
+
+def first_global_row(local: int, device=None) -> int:
+    """Where this rank's rows start in the step's global batch: the rows of the ranks before it."""
+    rank, world = _world()
+    if world == 1:
+        return 0
+    return sum(batch_sizes(local, device)[:rank])
+
+
+def _own_global_rows(local: int, device) -> torch.Tensor:
+    """(local,) the global-batch index of each of this rank's rows."""
+    return torch.arange(local, device=device) + first_global_row(local, device)
+
+
+def row_mean(per_row: torch.Tensor) -> torch.Tensor:
+    """This rank's share of the mean of a per-row quantity over the global batch: the local sum times
+    world / global rows, so that DDP's gradient averaging gives the global mean whatever each rank's row count
+    (the plain mean when not distributed)."""
+    _, world = _world()
+    if world == 1:
+        return per_row.mean()
+    return per_row.sum() * _global_mean_normaliser(per_row.new_tensor(float(per_row.shape[0])))
+
+
+def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
+    """All-gather along dim 0; ranks may hold different numbers of rows (each is padded to the longest for the
+    collective, and the padding dropped again)."""
+    _, world = _world()
+    if world == 1:
+        return tensor
+    sizes = batch_sizes(tensor.shape[0], tensor.device)
+    longest = max(sizes)
+    tensor = tensor.contiguous() if with_grad else tensor.detach().contiguous()
+    padded = tensor if tensor.shape[0] == longest else torch.cat(
+        [tensor, tensor.new_zeros((longest - tensor.shape[0], *tensor.shape[1:]))])
+    group = _loss_group()
+    if with_grad:
+        from torch.distributed import _functional_collectives as fc
+
+        gathered = fc.all_gather_single_autograd(padded, gather_dim=0, group=group)
+        gathered = fc.wait_tensor(gathered) if hasattr(fc, "wait_tensor") else gathered
+        parts = gathered.split(longest)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+    if all(size == longest for size in sizes):
+        return torch.cat(list(parts))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather `tensor` along dim 0 from every rank, keeping autograd.
 
     The backward of the functional collective sums the gradient of the gathered tensor back onto each rank's
-    shard. With each rank computing the loss of its local rows against the global columns, and DDP averaging
-    parameter gradients, the result equals the gradient of one process holding the whole batch.
+    shard. With each rank computing its share of the loss of its local rows against the global columns (`row_mean`),
+    and DDP averaging parameter gradients, the result equals the gradient of one process holding the whole batch.
     """
-    rank, world = _world()
-    if world == 1:
-        return tensor
-    from torch.distributed import _functional_collectives as fc
-
-    group = _loss_group()
-    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device), group=group)
-    if len({int(s.item()) for s in sizes}) != 1:
-        raise ValueError(
-            f"global-batch contrastive loss needs the same batch size on every rank, got {[int(s) for s in sizes]}; "
-            "drop the last partial batch (TrainingArguments(dataloader_drop_last=True))."
-        )
-    gathered = fc.all_gather_single_autograd(tensor.contiguous(), gather_dim=0, group=group)
-    return fc.wait_tensor(gathered) if hasattr(fc, "wait_tensor") else gathered
+    return _gather(tensor, with_grad=True)
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     """All-gather `tensor` along dim 0 from every rank, without autograd (ids, masks, bank entries)."""
-    _, world = _world()
-    if world == 1:
-        return tensor
-    tensor = tensor.detach().contiguous()
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    dist.all_gather(parts, tensor, group=_loss_group())
-    return torch.cat(parts)
+    return _gather(tensor, with_grad=False)
 
 
 def _global_sum(value: torch.Tensor) -> torch.Tensor:
@@ -304,7 +346,7 @@ class InstanceContrastiveLoss(nn.Module):
     """Symmetric InfoNCE over the global batch with progressively softened labels (LightCLIP, instance level).
 
     Each rank scores its local rows against the columns of every rank (gathered with autograd); targets of local
-    row i point at global column `rank * B + i`. With `alpha > 0`, a share `alpha` of each row's target mass moves
+    row i point at its own pair's global column (the rows of the ranks before it, plus i). With `alpha > 0`, a share `alpha` of each row's target mass moves
     from the positive onto the negatives:
 
     * ``"uniform"``: evenly over the negatives (label smoothing restricted to negatives);
@@ -356,17 +398,15 @@ class InstanceContrastiveLoss(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """`image_embeds`, `text_embeds`: (B, D) L2-normalised local embeddings; `logit_scale`: the exp'ed scale;
         `frozen_*_features`: (B, D') L2-normalised frozen-encoder features (`source="frozen"` only)."""
-        rank, _ = _world()
         all_images = gather_with_grad(image_embeds)
         all_texts = gather_with_grad(text_embeds)
-        local = image_embeds.shape[0]
-        positives = torch.arange(local, device=image_embeds.device) + rank * local
+        positives = _own_global_rows(image_embeds.shape[0], image_embeds.device)
         logits_i2t = logit_scale * image_embeds @ all_texts.t()
         logits_t2i = logit_scale * text_embeds @ all_images.t()
         num_columns = all_texts.shape[0]
         if self.soft_label_mode == "none" or alpha <= 0.0:
-            loss_i2t = F.cross_entropy(logits_i2t, positives)
-            loss_t2i = F.cross_entropy(logits_t2i, positives)
+            loss_i2t = row_mean(F.cross_entropy(logits_i2t, positives, reduction="none"))
+            loss_t2i = row_mean(F.cross_entropy(logits_t2i, positives, reduction="none"))
         else:
             with torch.no_grad():
                 text_sim, image_sim = self._similarities(image_embeds, text_embeds, all_images, all_texts,
@@ -375,23 +415,22 @@ class InstanceContrastiveLoss(nn.Module):
                                            self.soft_label_temperature)
                 targets_t2i = soft_targets(image_sim, positives, num_columns, alpha, self.soft_label_mode,
                                            self.soft_label_temperature)
-            loss_i2t = F.cross_entropy(logits_i2t, targets_i2t)
-            loss_t2i = F.cross_entropy(logits_t2i, targets_t2i)
+            loss_i2t = row_mean(F.cross_entropy(logits_i2t, targets_i2t, reduction="none"))
+            loss_t2i = row_mean(F.cross_entropy(logits_t2i, targets_t2i, reduction="none"))
         return {"instance": 0.5 * (loss_i2t + loss_t2i)}
 
 
 def _own_columns(rows: int, num_columns: int, device) -> torch.Tensor:
-    """(rows, num_columns) bool, True at each local row's own pair in the global batch (column rank * rows + i)."""
-    rank, _ = _world()
-    own = torch.arange(rows, device=device) + rank * rows
+    """(rows, num_columns) bool, True at each local row's own pair in the global batch."""
+    own = _own_global_rows(rows, device)
     return F.one_hot(own, num_columns).bool()
 
 
 def sigmoid_pair_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     """SigLIP's loss of (rows, columns) pair logits: -sum over every pair of log sigmoid(label * logit), label +1 at
-    a row's own pair and -1 elsewhere, divided by the number of rows."""
+    a row's own pair and -1 elsewhere, divided by the number of rows (of the global batch: `row_mean`)."""
     signs = positive.to(logits.dtype) * 2.0 - 1.0
-    return -F.logsigmoid(signs * logits).sum() / logits.shape[0]
+    return row_mean(-F.logsigmoid(signs * logits).sum(-1))
 
 
 class SigmoidInstanceLoss(nn.Module):
@@ -432,15 +471,12 @@ class FrozenRelationLoss(nn.Module):
         self.temperature = temperature
 
     def _kl(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        rank, _ = _world()
-        local = student.shape[0]
         all_student, all_teacher = gather_with_grad(student), gather_no_grad(teacher)
-        rows = torch.arange(local, device=student.device)
-        self_column = F.one_hot(rows + rank * local, all_student.shape[0]).bool()
+        self_column = F.one_hot(_own_global_rows(student.shape[0], student.device), all_student.shape[0]).bool()
         student_logits = (student @ all_student.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
         teacher_logits = (teacher @ all_teacher.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
         target = teacher_logits.softmax(-1)
-        return (target * (target.clamp_min(1e-12).log() - student_logits.log_softmax(-1))).sum(-1).mean()
+        return row_mean((target * (target.clamp_min(1e-12).log() - student_logits.log_softmax(-1))).sum(-1))
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, frozen_image_features: torch.Tensor,
                 frozen_text_features: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -494,7 +530,7 @@ class CrossModalDistillationLoss(nn.Module):
             target = torch.sigmoid(teacher)
             kl = (target * (F.logsigmoid(teacher) - F.logsigmoid(student))
                   + (1 - target) * (F.logsigmoid(-teacher) - F.logsigmoid(-student)))
-            return {"distill": kl.sum() / student.shape[0]}
+            return {"distill": row_mean(kl.sum(-1))}
         all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
         teacher_images = gather_no_grad(teacher_image_embeds.float())
         teacher_texts = gather_no_grad(teacher_text_embeds.float())
@@ -518,7 +554,7 @@ class CrossModalDistillationLoss(nn.Module):
             target_i2t, target_t2i = torch.stack(i2t).mean(0), torch.stack(t2i).mean(0)
 
         def _kl(student, target):
-            return (target * (target.clamp_min(1e-12).log() - student.log_softmax(-1))).sum(-1).mean()
+            return row_mean((target * (target.clamp_min(1e-12).log() - student.log_softmax(-1))).sum(-1))
 
         return {"distill": 0.5 * (_kl(student_i2t, target_i2t) + _kl(student_t2i, target_t2i))}
 
@@ -713,16 +749,15 @@ class TokenAlignmentLoss(nn.Module):
         asks each word to find *its* patch among thousands, which the diagnosis found satisfiable through patches
         that only encode image identity (matches fell on the background); scoring whole pairs keeps the target the
         retrieval task itself, as FILIP does."""
-        rank, _ = _world()
-        local = patches.shape[0]
-        own = torch.arange(local, device=patches.device) + rank * local
+        own = _own_global_rows(patches.shape[0], patches.device)
         all_patches = gather_with_grad(patches)
         all_words, all_mask = _gather_words(words, word_mask)
         text_to_image = fine_grained_scores(words, word_mask, all_patches, self.matching, self.solver,
                                             self.sinkhorn_epsilon) / self.temperature  # (B, B_g)
         image_to_text = fine_grained_scores(all_words, all_mask, patches, self.matching, self.solver,
                                             self.sinkhorn_epsilon).t() / self.temperature  # (B, B_g)
-        return {"token": 0.5 * (F.cross_entropy(image_to_text, own) + F.cross_entropy(text_to_image, own))}
+        return {"token": 0.5 * (row_mean(F.cross_entropy(image_to_text, own, reduction="none"))
+                                + row_mean(F.cross_entropy(text_to_image, own, reduction="none")))}
 
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, word_mask: torch.Tensor,
                 return_matches: bool = False) -> dict[str, torch.Tensor]:
@@ -749,13 +784,12 @@ class TokenAlignmentLoss(nn.Module):
             p2w_logits = similarity[b_idx, :, p_idx].masked_fill(~word_mask[b_idx], float("-inf")) / self.temperature
             p2w_target = l_idx
         else:
-            rank, _ = _world()
-            local = patches.shape[0]
+            first_row = first_global_row(patches.shape[0], patches.device)
             all_patches = gather_with_grad(patches).flatten(0, 1)  # (B_g * P, d)
             all_words, all_word_mask = _gather_words(words, word_mask)
             length = all_words.shape[1]
             all_words, all_word_mask = all_words.flatten(0, 1), all_word_mask.flatten()  # (B_g * L, ...)
-            global_b = b_idx + rank * local
+            global_b = b_idx + first_row
             w2p_logits = words[b_idx, l_idx] @ all_patches.t() / self.temperature
             w2p_target = global_b * num_patches + p_idx
             p2w_logits = (patches[b_idx, p_idx] @ all_words.t()).masked_fill(~all_word_mask, float("-inf"))
@@ -1055,11 +1089,10 @@ class NeighbourContrastiveLoss(nn.Module):
         self.nn_weight, self.xnn_weight, self.negatives = nn_weight, xnn_weight, negatives
 
     @staticmethod
-    def _term(queries, all_candidates, positives, valid, logit_scale, rank, negatives: str = "bank"):
+    def _term(queries, all_candidates, positives, valid, logit_scale, first_row, negatives: str = "bank"):
         """One direction of one term; `all_candidates` (the gathered current embeddings) is read in "batch" mode
-        only."""
-        local = queries.shape[0]
-        own = torch.arange(local, device=queries.device) + rank * local
+        only; `first_row`: where this rank's rows start in the global batch."""
+        own = torch.arange(queries.shape[0], device=queries.device) + first_row
         if negatives == "bank":
             all_positives = gather_no_grad(positives)  # bank entries: detached
             all_valid = gather_no_grad(valid.to(torch.uint8)).bool()
@@ -1076,7 +1109,7 @@ class NeighbourContrastiveLoss(nn.Module):
 
     def forward(self, image_embeds, text_embeds, logit_scale, sample_ids, image_neighbour_ids, text_neighbour_ids,
                 update_bank: bool = True) -> dict[str, torch.Tensor]:
-        rank, _ = _world()
+        first_row = first_global_row(image_embeds.shape[0], image_embeds.device)
         all_images = all_texts = None  # "bank" negatives never look at the current batch's embeddings
         if self.negatives == "batch":
             all_images = gather_with_grad(image_embeds)
@@ -1088,12 +1121,12 @@ class NeighbourContrastiveLoss(nn.Module):
         losses = {}
         if self.nn_weight > 0:
             losses["ping_nn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, rank, self.negatives)
-                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, rank, self.negatives))
+                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, first_row, self.negatives)
+                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, first_row, self.negatives))
         if self.xnn_weight > 0:
             losses["ping_xnn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, rank, self.negatives)
-                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, rank,
+                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, first_row, self.negatives)
+                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, first_row,
                              self.negatives))
         if update_bank and self.training:
             self.bank.update(sample_ids, image_embeds, text_embeds)
@@ -1123,15 +1156,14 @@ class InBatchNeighbourLoss(nn.Module):
         self.nn_weight, self.xnn_weight = nn_weight, xnn_weight
 
     def forward(self, image_embeds, text_embeds, logit_scale, partner_rows, partner_spaces) -> dict[str, torch.Tensor]:
-        rank, _ = _world()
         local = image_embeds.shape[0]
-        own = torch.arange(local, device=image_embeds.device) + rank * local
+        first_row = first_global_row(local, image_embeds.device)
+        own = torch.arange(local, device=image_embeds.device) + first_row
         valid = partner_rows >= 0
-        partner = partner_rows.clamp(min=0) + rank * local
-        num_columns = local * _world()[1]
-        own_column = F.one_hot(own, num_columns).bool()
+        partner = partner_rows.clamp(min=0) + first_row
 
         def _direction(queries, candidates):
+            own_column = F.one_hot(own, candidates.shape[0]).bool()
             logits = (logit_scale * queries @ candidates.t()).masked_fill(own_column, _MASKED_LOGIT)
             return F.cross_entropy(logits, partner, reduction="none")
 

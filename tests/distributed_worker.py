@@ -2,8 +2,9 @@
 
 Each rank loads the same saved model and the same global batch, keeps its own contiguous slice (re-padded to its
 own longest caption, as a per-rank collator would), trains one step under DDP and reports the global loss and
-every parameter's gradient (rank 0 writes them). With a fourth argument, MICRO: the step is computed MICRO rows at a
-time by contrastive accumulation.
+every parameter's gradient (rank 0 writes them). With a fourth argument, MICRO ("-" for none): the step is computed
+MICRO rows at a time by contrastive accumulation. With a fifth, SPLIT ("2,6"): each rank's number of rows, as when a
+bad sample was skipped on one of them (default: equal shares).
 """
 
 import faulthandler
@@ -18,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from modeling_lightclip import LightCLIPModel
 
 
-def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = None) -> None:
+def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = None, split: str | None = None) -> None:
     faulthandler.dump_traceback_later(120, exit=True)  # a hang shows its stacks and fails instead of blocking CI
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -29,16 +30,17 @@ def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = Non
     if bank is not None:
         bank.load_state_dict(torch.load(Path(batch_path).with_name("bank.pt"), weights_only=True))
     batch = torch.load(batch_path, weights_only=True)
-    size = batch["input_ids"].shape[0] // world
-    local = {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}  # sample ids travel with the rows
+    rows_of = ([int(n) for n in split.split(",")] if split else [batch["input_ids"].shape[0] // world] * world)
+    start = sum(rows_of[:rank])
+    local = {k: v[start:start + rows_of[rank]] for k, v in batch.items()}  # sample ids travel with the rows
     if "ping_partner_rows" in local:  # in-batch partners are local row indices
         rows = local["ping_partner_rows"]
-        local["ping_partner_rows"] = torch.where(rows >= 0, rows - rank * size, rows)
+        local["ping_partner_rows"] = torch.where(rows >= 0, rows - start, rows)
     length = int(local["attention_mask"].sum(1).max())
     for key in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         local[key] = local[key][:, :length]
     ddp = DistributedDataParallel(model)
-    if micro is None:
+    if micro in (None, "-"):
         out = ddp(**local, return_loss=True)
         out.loss.backward()
         loss, losses = out.loss, out.losses
@@ -74,4 +76,4 @@ def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = Non
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])

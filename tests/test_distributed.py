@@ -18,9 +18,13 @@ from modeling_lightclip.training.recipes import build_model_config
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-@pytest.mark.parametrize("variant, micro", [("paper", None), ("redesign", None), ("paper", 3), ("sigmoid", 3)])
-def test_two_processes_equal_one_process(tokenizer, tmp_path, variant, micro):
-    """`micro`: each process computes its 4 rows 3 at a time (contrastive accumulation, micro-batches of 3 and 1)."""
+@pytest.mark.parametrize("variant, micro, split", [
+    ("paper", None, None), ("redesign", None, None), ("paper", 3, None), ("sigmoid", 3, None),
+    # a bad sample skipped on one process leaves the ranks unequal: the global batch is still their concatenation
+    ("paper", None, "2,6"), ("redesign", 3, "6,2"), ("sigmoid", None, "2,6")])
+def test_two_processes_equal_one_process(tokenizer, tmp_path, variant, micro, split):
+    """`micro`: each process computes its rows 3 at a time (contrastive accumulation, micro-batches of 3 and 1).
+    `split`: each process's number of rows, when they differ."""
     model, batch, bank = all_objectives_model_and_batch(tokenizer, variant)
     model.save_pretrained(tmp_path / "model")
     torch.save(batch, tmp_path / "batch.pt")
@@ -39,7 +43,7 @@ def test_two_processes_equal_one_process(tokenizer, tmp_path, variant, micro):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
          str(tmp_path / "model"), str(tmp_path / "batch.pt"), str(tmp_path / "grads.safetensors"),
-         *([str(micro)] if micro else [])],
+         str(micro) if micro else "-", *([split] if split else [])],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]

@@ -1,7 +1,12 @@
 """Robustness, round 4: pretrained-checkpoint paths (tower starts, a whole model, a teacher) that cannot load get one
-message naming the flag, the path, what is wrong and what to do, before any work."""
+message naming the flag, the path, what is wrong and what to do, before any work; bad samples under several processes
+are skipped and counted once."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -188,3 +193,80 @@ def test_a_clip_start_or_teacher_without_tokenizer_files_is_refused(tmp_path, to
                               "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match=f"--teacher {folder}: its tokenizer knows only 2 token"):
         load_teacher(str(folder))
+
+
+# ------------------------------------------------------------------------------------- bad samples, two processes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _images_with_bad_ones(folder: Path, n: int, bad: set) -> list[str]:
+    import numpy as np
+    from PIL import Image
+
+    from conftest import FIXTURES
+
+    photo = np.asarray(Image.open(FIXTURES / "astronaut.jpg").convert("RGB").resize((40, 40)))
+    names = []
+    for i in range(n):
+        name = f"img{i}.png"
+        if i in bad:
+            (folder / name).write_bytes(b"not an image at all")
+        else:
+            Image.fromarray(np.roll(photo, 3 * i, axis=1)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def _torchrun_train(out: Path, *flags) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(REPO / "train_lightclip.py"), "--recipe", "tiny", "--per_device_eval_batch_size", "8", "--logging_steps",
+         "1", "--dataloader_num_workers", "0", "--output_dir", str(out), "--label_column", "none", *flags],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def test_two_processes_skip_bad_images_and_count_each_once(tmp_path):
+    """One sample per process per step over exactly one epoch: each bad image empties its process's batch in some
+    step (the other process's sample that step is dropped with it and counted as such), every row is seen once, and
+    evaluation embeds every good row once."""
+    bad = {1, 5, 9}
+    names = _images_with_bad_ones(tmp_path, 24, bad)
+    data = tmp_path / "train.csv"
+    data.write_text("image,caption\n" + "".join(f"{n},a photo number {i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "run"
+    proc = _torchrun_train(out, "--train_file", str(data), "--validation_file", str(data),
+                           "--per_device_train_batch_size", "1", "--max_steps", "12")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["epoch"] == 1.0
+    assert train["train_skipped_undecodable_image"] == len(bad)
+    assert train["train_skipped_empty_batch"] == len(bad)  # a batch of one bad sample is empty
+    # a step with one bad sample drops the other process's good one; a step with two drops nothing more
+    assert train.get("train_skipped_other_process_batch_empty", 0) in (len(bad), len(bad) - 2)
+    evaluation = json.loads((out / "eval_results.json").read_text())
+    assert evaluation["eval_num_samples"] == 24 - len(bad)
+    assert evaluation["eval_skipped_undecodable_image"] == len(bad)
+
+
+def test_two_processes_stream_rows_with_junk_and_count_file_errors_once(tmp_path):
+    """A streamed JSON-lines file with malformed lines, a row without an image and undecodable images: both
+    processes train with batches of different sizes, and the file's malformed lines are counted once in all."""
+    names = _images_with_bad_ones(tmp_path, 24, {1, 5, 9})
+    lines = [json.dumps({"image": n, "caption": f"a photo number {i}"}) for i, n in enumerate(names)]
+    lines[4] = '{"image": "img2.png", "caption": "cut off'
+    lines[11] = "[1, 2, 3]"
+    lines[15] = json.dumps({"image": None, "caption": "no image"})
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    csv = tmp_path / "val.csv"
+    csv.write_text("image,caption\n" + "".join(f"{n},a photo number {i}\n" for i, n in enumerate(names)))
+    out = tmp_path / "run"
+    proc = _torchrun_train(out, "--train_file", str(data), "--validation_file", str(csv), "--streaming",
+                           "--per_device_train_batch_size", "4", "--max_steps", "3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    train = json.loads((out / "train_results.json").read_text())
+    assert train["train_skipped_malformed_json"] == 2
+    seen_bad = train.get("train_skipped_undecodable_image", 0) + train.get("train_skipped_missing_image", 0)
+    assert 0 < seen_bad <= 4  # 3 steps x 2 processes x 4 rows = 24 rows read: the 22 lines that parse, once each

@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..objectives_lightclip import TOWER_TARGETS, TrainingFeatures, _world, mask_for_mlm, training_targets_from
+from ..objectives_lightclip import (TOWER_TARGETS, TrainingFeatures, _world, first_global_row, mask_for_mlm,
+                                    training_targets_from)
 
 
 TOWER_INPUTS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "position_ids")
@@ -99,7 +100,7 @@ class ContrastiveAccumulation:
             targets["mlm_input_ids"], targets["mlm_labels"] = mask_for_mlm(
                 model.config, tower_inputs["input_ids"], tower_inputs.get("attention_mask"))
         pieces = micro_batches(rows, self.micro_batch_size)
-        first_row = _world()[0] * rows  # this process's rows follow those of the processes before it
+        first_row = first_global_row(rows, tower_inputs["input_ids"].device)  # after the ranks before it
 
         def piece_inputs(piece):
             chunk = {k: v[piece] for k, v in tower_inputs.items()}

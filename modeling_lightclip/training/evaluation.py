@@ -25,8 +25,11 @@ def load_metric(name: str):
 def embed_pairs(model, dataloader, accelerator=None, skipped: Counter | None = None):
     """(image embeddings, text embeddings, caption token ids, class labels or None) of every pair the collator
     keeps; embeddings normalised, on CPU. `model` is the `LightCLIPModel` itself (unwrapped by the caller).
-    `skipped`, when given, receives the collator's counts of the samples it dropped, read from the batches (so they
-    are right with loader workers) and summed over processes."""
+    With several processes (`accelerator`), `dataloader` reads this process's own share of the rows (no sample twice:
+    `split_dataset_by_node`) and every process gets all of them, in process order; the processes may keep different
+    numbers of pairs (bad samples are skipped where they are). `skipped`, when given, receives the collator's counts
+    of the samples it dropped, read from the batches (so they are right with loader workers) and summed over
+    processes."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -38,24 +41,22 @@ def embed_pairs(model, dataloader, accelerator=None, skipped: Counter | None = N
             continue
         pixel_values = batch["pixel_values"].to(device)
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        image = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(), dim=-1)
-        text = F.normalize(model.get_text_features(input_ids=input_ids,
-                                                   attention_mask=attention_mask).pooler_output.float(), dim=-1)
-        class_labels = batch.get("class_labels")
-        if class_labels is not None:
-            class_labels = class_labels.to(device)
-        if accelerator is not None:
-            image, text = accelerator.gather_for_metrics((image, text))
-            if class_labels is not None:
-                class_labels = accelerator.gather_for_metrics(class_labels)
-            input_ids = accelerator.gather_for_metrics(accelerator.pad_across_processes(input_ids, dim=1))
-            attention_mask = accelerator.gather_for_metrics(accelerator.pad_across_processes(attention_mask, dim=1))
-        images.append(image.cpu())
-        texts.append(text.cpu())
+        images.append(F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output.float(),
+                                  dim=-1).cpu())
+        texts.append(F.normalize(model.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+                                 .pooler_output.float(), dim=-1).cpu())
         ids.extend(tuple(row[mask.bool()].tolist()) for row, mask in zip(input_ids.cpu(), attention_mask.cpu()))
-        if class_labels is not None:
-            labels.append(class_labels.cpu())
+        if batch.get("class_labels") is not None:
+            labels.append(batch["class_labels"].cpu())
     model.train(was_training)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([(images, texts, ids, labels)])  # one entry per process, in process order
+        images = [t for part in parts for t in part[0]]
+        texts = [t for part in parts for t in part[1]]
+        ids = [row for part in parts for row in part[2]]
+        labels = [t for part in parts for t in part[3]]
     if skipped is not None:
         skipped.update(sum_over_processes(local_skips, accelerator))
     if not images:

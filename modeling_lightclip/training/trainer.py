@@ -383,11 +383,8 @@ class LightCLIPTrainer(Trainer):
 
     def _empty_batch_loss(self, model, return_outputs):
         """Every sample of this batch was bad (and skipped): a zero loss that still reaches every parameter, so
-        the optimiser step and DDP's gradient all-reduce happen as usual. Several processes would wait in the
-        loss's collectives for this one, so there it stops with a clear message instead."""
-        if self.accelerator.num_processes > 1:
-            raise RuntimeError("a whole batch was skipped as bad data on one process while the others train; "
-                               "clean the data (see the skipped_* counts) or use a larger batch.")
+        the optimiser step happens as usual. With several processes every process takes this path in the same step
+        (`_usable_on_every_process`), so the gradients are zero everywhere without an all-reduce."""
         loss = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
         return (loss, {"loss": loss}) if return_outputs else loss
 
@@ -432,6 +429,25 @@ class LightCLIPTrainer(Trainer):
         groups = optimizer_param_groups(model, self.get_decay_parameter_names(model), args)
         return optimizer_cls, {**optimizer_kwargs, "params": groups}
 
+    def _usable_on_every_process(self, inputs: dict) -> dict:
+        """The batch, or, when another process's batch holds no usable sample, the batch without its samples (each
+        counted as `other_process_batch_empty`). The objectives gather every process's rows, so a process left with
+        none cannot sit a step out alone: every process then skips this step's loss together. Processes may keep
+        different numbers of samples otherwise (the objectives' global batch is their concatenation). Costs one
+        all-reduce of a count per step with several processes."""
+        if self.accelerator.num_processes == 1:
+            return inputs
+        import torch.distributed as dist
+
+        rows = int(inputs["pixel_values"].shape[0]) if "pixel_values" in inputs else 0
+        fewest = torch.tensor([rows], dtype=torch.long, device=self.accelerator.device)
+        dist.all_reduce(fewest, op=dist.ReduceOp.MIN)
+        if int(fewest.item()) > 0 or rows == 0:
+            return inputs
+        skipped = Counter(inputs.get("skipped") or {})
+        skipped["other_process_batch_empty"] += rows
+        return {"skipped": dict(skipped), "empty_batch": torch.zeros(0, dtype=torch.long), "return_loss": True}
+
     def _model_inputs(self, model, inputs) -> dict | None:
         """The collator's batch as the model's inputs: bad-sample counts recorded (training), uint8 images
         normalised on the device (`--images_on_device`); None when no usable sample is left."""
@@ -473,6 +489,7 @@ class LightCLIPTrainer(Trainer):
                              "own (a weaker objective than the batch it reports): train with "
                              "LightCLIPTrainingArguments, which turns --gradient_accumulation_steps into contrastive "
                              "accumulation over the whole batch.")
+        inputs = self._usable_on_every_process(inputs)
         rows = inputs.get("input_ids")
         if micro and rows is not None and rows.shape[0] > micro:
             loss = self._accumulated_training_step(model, inputs, micro)
@@ -561,8 +578,9 @@ class LightCLIPTrainer(Trainer):
             self.data_collator, self.args.dataloader_drop_last = original, drop_last
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """A batch whose samples were all bad has no loss: left out of `eval_loss` rather than counted as 0."""
-        if "pixel_values" not in inputs:
+        """A batch whose samples were all bad has no loss: left out of `eval_loss` rather than counted as 0 (with
+        several processes, the step's batches of every process are left out together)."""
+        if "pixel_values" not in self._usable_on_every_process(inputs):
             return None, None, None
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
@@ -596,10 +614,14 @@ class LightCLIPTrainer(Trainer):
         from torch.utils.data import DataLoader
 
         dataset = dataset if dataset is not None else self.eval_dataset
+        accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
+        if accelerator is not None:  # each process embeds its own rows, once (`embed_pairs` gathers them)
+            from datasets.distributed import split_dataset_by_node
+
+            dataset = split_dataset_by_node(dataset, rank=accelerator.process_index,
+                                            world_size=accelerator.num_processes)
         loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
                             collate_fn=self.eval_collator, num_workers=self.args.dataloader_num_workers)
-        loader = self.accelerator.prepare_data_loader(loader) if self.accelerator.num_processes > 1 else loader
-        accelerator = self.accelerator if self.accelerator.num_processes > 1 else None
         this_pass = Counter()
         model = unwrap_model(self.model)
         images, texts, captions, labels = embed_pairs(model, loader, accelerator, skipped=this_pass)
