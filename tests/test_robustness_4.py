@@ -4,6 +4,7 @@ are skipped and counted once."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,101 @@ def test_two_processes_stream_rows_with_junk_and_count_file_errors_once(tmp_path
     assert train["train_skipped_malformed_json"] == 2
     seen_bad = train.get("train_skipped_undecodable_image", 0) + train.get("train_skipped_missing_image", 0)
     assert 0 < seen_bad <= 4  # 3 steps x 2 processes x 4 rows = 24 rows read: the 22 lines that parse, once each
+
+
+# ------------------------------------------------------------------------------------- reinforce reruns
+
+
+class _CountingTeacher:
+    """A stand-in teacher: features derived from the input (so a mixed copy would show), calls counted."""
+
+    kind = "multimodal"
+
+    def __init__(self, name="teacher-a"):
+        self.name, self.image_dim, self.text_dim, self.calls = name, 4, 3, 0
+
+    def describe(self):
+        return {"name": self.name, "kind": self.kind, "image_dim": self.image_dim, "text_dim": self.text_dim}
+
+    def image_features(self, images):
+        import torch
+
+        self.calls += 1
+        return torch.nn.functional.normalize(torch.tensor([[float(im.size[0]), 1.0, 2.0, 3.0] for im in images]), dim=-1)
+
+    def text_features(self, texts):
+        import torch
+
+        return torch.nn.functional.normalize(torch.tensor([[float(len(t)), 1.0, 1.0] for t in texts]), dim=-1)
+
+
+def _source(folder: Path, n: int, word: str = "cat"):
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = _images_with_bad_ones(folder, n, set())
+    return Dataset.from_dict({"image": [str(folder / name) for name in names],
+                              "caption": [f"{word} number {i}" for i in range(n)]})
+
+
+def _reinforce(dataset, out: Path, teacher=None, shard_size=4, stream=False):
+    from modeling_lightclip.training.reinforce import reinforce_split
+
+    source = dataset.to_iterable_dataset() if stream else dataset
+    return reinforce_split(source, out, [teacher or _CountingTeacher()], shard_size=shard_size, progress=False)
+
+
+def _rows_of(out: Path):
+    import pyarrow.parquet as pq
+
+    return sorted(row for path in sorted(out.glob("part-*.parquet"))
+                  for row in pq.read_table(path, columns=["source_row"]).column("source_row").to_pylist())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rerun_redoes_a_cut_short_shard_and_keeps_the_whole_ones(tmp_path, stream):
+    data = _source(tmp_path / "images", 10)
+    out = tmp_path / "R" / "train"
+    _reinforce(data, out, stream=stream)
+    whole = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name != "part-00001.parquet"}
+    cut = out / "part-00001.parquet"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a kill or a full disk half-way through
+    teacher = _CountingTeacher()
+    _reinforce(data, out, teacher, stream=stream)
+    assert teacher.calls == 1  # one shard of 4 rows written again, in one teacher call
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name != cut.name} == whole
+    assert _rows_of(out) == list(range(10))  # every row once
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("change, message", [
+    ("data", "holds other source rows"), ("shard_size", "shard_size 4 there, 5 now"),
+    ("teacher", "teachers ['teacher-a'] there, ['teacher-b'] now"), ("fewer_rows", "is past the 2 shard")])
+def test_a_rerun_into_a_copy_of_other_data_or_settings_is_refused(tmp_path, stream, change, message):
+    data = _source(tmp_path / "images", 10)
+    out = tmp_path / "R" / "train"
+    _reinforce(data, out, stream=stream)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = {"data": _source(tmp_path / "other", 10, word="dog"), "fewer_rows": data.select(range(8))}.get(change, data)
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        _reinforce(again, out, _CountingTeacher("teacher-b" if change == "teacher" else "teacher-a"),
+                   shard_size=5 if change == "shard_size" else 4, stream=stream)
+    assert "choose another --out, or delete" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing mixed in
+
+
+def test_a_full_disk_while_reinforcing_names_the_folder_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from datasets import Dataset
+
+    from modeling_lightclip.training.trainer import TrainingStopped
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Dataset, "to_parquet", full)
+    out = tmp_path / "R" / "train"
+    with pytest.raises(TrainingStopped, match="no space left on device while writing to .*rerun the same command"):
+        _reinforce(_source(tmp_path / "images", 6), out)
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.parquet"))

@@ -26,11 +26,16 @@ Teachers (`--teacher`, repeatable; several = an ensemble, stored per teacher):
 * an OpenCLIP model (`open_clip:MODEL:PRETRAINED`, `open_clip:hf-hub:ORG/NAME`, `open_clip:local-dir:PATH`; needs
   `open_clip_torch`), with OpenCLIP's own preprocessing and tokenizer: a multimodal teacher as above.
 
-Processes: under `accelerate launch` / `torchrun` each process takes every N-th shard. Resumable: a shard whose
-parquet and summary files exist is skipped. Bad rows are skipped and counted by the reasons training uses.
+Processes: under `accelerate launch` / `torchrun` each process takes every N-th shard. Resumable: rerun the same
+command and the finished shards are kept. Each shard's summary records the settings it was written with (teachers,
+`--shard_size`, columns) and a digest of its source rows' captions; a rerun keeps a shard only when both match and
+its parquet file is whole (a shard cut short by a kill or a full disk is written again), and refuses a folder that
+holds a copy of other data or other settings instead of mixing the two. Bad rows are skipped and counted by the
+reasons training uses.
 """
 
 import argparse
+import hashlib
 import io
 import json
 import logging
@@ -297,33 +302,119 @@ class ShardPaths:
     parquet: Path
     summary: Path
 
-    @property
-    def done(self) -> bool:
-        return self.parquet.is_file() and self.summary.is_file()
-
 
 def shard_paths(folder: Path, index: int) -> ShardPaths:
     return ShardPaths(folder / f"part-{index:05d}.parquet", folder / f"part-{index:05d}.json")
 
 
+def copy_settings(teachers: list, shard_size: int, image_column: str, caption_column: str, label_column,
+                  max_aspect_ratio: float) -> dict:
+    """What a shard's content depends on besides its source rows; a rerun keeps a shard only under equal settings."""
+    return {"shard_size": int(shard_size), "image_column": image_column, "caption_column": caption_column,
+            "label_column": label_column, "max_aspect_ratio": float(max_aspect_ratio),
+            "teachers": [{k: v for k, v in teacher.describe().items() if k not in ("image_dim", "text_dim")}
+                         for teacher in teachers]}
+
+
+def rows_digest(captions) -> str:
+    """A digest of a shard's source rows, read from their captions (cheap: no image is decoded): another dataset,
+    or the same one changed or re-ordered, gives other digests."""
+    digest = hashlib.sha1()
+    for caption in captions:
+        digest.update(repr(caption).encode("utf-8", "backslashreplace") + b"\0")
+    return digest.hexdigest()
+
+
+def _settings_differences(old, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "the summary records no settings (written by another version)"
+    parts = []
+    for key in new:
+        if old.get(key) != new[key]:
+            if key == "teachers":
+                parts.append(f"teachers {[t.get('name') for t in old.get(key) or []]} there, "
+                             f"{[t.get('name') for t in new[key]]} now")
+            else:
+                parts.append(f"{key} {old.get(key)!r} there, {new[key]!r} now")
+    return "; ".join(parts)
+
+
+def _refuse_other_copy(paths: ShardPaths, why: str):
+    folder = paths.summary.parent.parent
+    raise ValueError(f"--out {folder}: {paths.summary.parent.name}/{paths.summary.name} {why}. A rerun only completes "
+                     "a copy of the same data with the same --teacher, --shard_size and columns: choose another --out, "
+                     f"or delete {folder} to rebuild it.")
+
+
+def shard_is_kept(paths: ShardPaths, settings: dict, digest: str, feature_names) -> bool:
+    """Whether a rerun keeps shard `paths`: it was finished for these `settings` and these source rows (`digest`)
+    and its parquet file is whole (footer readable, the summary's row count, the expected columns). False when it
+    must be written (again): absent, or cut short by a kill or a full disk. A shard of other data or other settings
+    is refused (ValueError), never mixed into this copy."""
+    import pyarrow.parquet as pq
+
+    if not paths.summary.is_file():
+        return False
+    try:
+        summary = json.loads(paths.summary.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(summary, dict):
+        return False
+    if summary.get("settings") != settings:
+        _refuse_other_copy(paths, f"was written with other settings ({_settings_differences(summary.get('settings'), settings)})")
+    if summary.get("source_digest") != digest:
+        _refuse_other_copy(paths, "holds other source rows than this data has at its place (another dataset, or "
+                                  "the data changed since)")
+    if not paths.parquet.is_file():
+        return False
+    try:
+        rows = pq.read_metadata(paths.parquet).num_rows
+        names = pq.read_schema(paths.parquet).names
+    except Exception:  # noqa: BLE001 - pyarrow's errors for a cut-short or damaged file share no narrower base
+        logger.warning("%s is damaged or cut short: writing it again", paths.parquet)
+        return False
+    if rows != summary.get("rows") or set(names) != set(feature_names):
+        logger.warning("%s holds %s rows and columns %s, its summary says %s rows: writing it again",
+                       paths.parquet, rows, names, summary.get("rows"))
+        return False
+    return True
+
+
+def refuse_extra_shards(folder: Path, num_shards: int) -> None:
+    """Shards past the last one this data makes belong to other data (or another --max_train_samples)."""
+    for path in sorted(folder.glob("part-*.json")):
+        try:
+            index = int(path.stem.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if index >= num_shards:
+            _refuse_other_copy(shard_paths(folder, index), f"is past the {num_shards} shard(s) this data makes")
+
+
 def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> None:
     """Summary first, then the parquet file, each written to `.tmp` and renamed: a shard exists whole or not at all
-    (`ShardPaths.done` needs both)."""
+    (`shard_is_kept` checks both). A full disk ends in one message (`writing_to`); the `.tmp` left is removed."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
-    tmp = paths.summary.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary))
-    os.replace(tmp, paths.summary)
-    tmp = paths.parquet.with_suffix(".parquet.tmp")
+    from .trainer import writing_to
+
+    then = "free some space or point --out at a larger disk, then rerun the same command: the finished shards are kept."
+    temporary = [paths.summary.with_suffix(".json.tmp"), paths.parquet.with_suffix(".parquet.tmp")]
     shown = is_progress_bar_enabled()
-    disable_progress_bar()  # one bar per shard would drown the run's own
     try:
-        Dataset.from_dict(columns, features=features).to_parquet(str(tmp))
+        with writing_to(paths.parquet.parent, then=then):
+            temporary[0].write_text(json.dumps(summary))
+            os.replace(temporary[0], paths.summary)
+            disable_progress_bar()  # one bar per shard would drown the run's own
+            Dataset.from_dict(columns, features=features).to_parquet(str(temporary[1]))
+            os.replace(temporary[1], paths.parquet)
     finally:
         if shown:
             enable_progress_bar()
-    os.replace(tmp, paths.parquet)
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
 
 
 def _shard_features(teachers: list, with_label: bool, with_teachers: bool):
@@ -345,8 +436,9 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
                     batch_size: int = 64, rank: int = 0, world: int = 1, max_aspect_ratio: float = 20.0,
                     progress: bool = True) -> dict:
     """Write this process's shards of `dataset` (a `datasets` Dataset or IterableDataset) into `folder`: shard k holds
-    source rows [k * shard_size, (k + 1) * shard_size) and belongs to process k % world. Finished shards are
-    skipped. With `teachers` empty no feature columns are written (a validation split). Returns this process's
+    source rows [k * shard_size, (k + 1) * shard_size) and belongs to process k % world. Finished shards of the same
+    rows and settings are kept (`shard_is_kept`; every process checks every shard, so a refusal stops them all
+    alike). With `teachers` empty no feature columns are written (a validation split). Returns this process's
     {"shards": {index: summary}}."""
     from tqdm.auto import tqdm
 
@@ -360,49 +452,66 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     bar = tqdm(total=total, desc=f"reinforcing {folder.name} (rank {rank})", unit="sample", disable=not progress,
                dynamic_ncols=True)
     done = {}
-    current, rows, started = None, [], time.perf_counter()
+    current, rows, captions, started = None, [], [], time.perf_counter()
+    label = label_column if with_label else None
+    settings = copy_settings(teachers, shard_size, image_column, caption_column, label, max_aspect_ratio)
+    feature_names = list(_shard_features(teachers, bool(label), bool(teachers)))
 
-    def _flush(index, rows):
+    def _flush(index, rows, digest):
         paths = shard_paths(folder, index)
-        summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label_column if with_label
-                                else None, batch_size, max_aspect_ratio, rank, on_progress=bar.update)
+        summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label, batch_size,
+                                max_aspect_ratio, rank, on_progress=bar.update,
+                                provenance={"settings": settings, "source_digest": digest})
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
-    if total is not None:  # map-style: jump straight to this process's unfinished shards
-        for index in range(rank, math.ceil(total / shard_size), world):
+    if total is not None:  # map-style: check every shard, then write this process's unfinished ones
+        num_shards = math.ceil(total / shard_size)
+        column = (list(dataset[caption_column]) if caption_column in (dataset.column_names or [])
+                  else [None] * total)
+        digests = [rows_digest(column[i * shard_size:(i + 1) * shard_size]) for i in range(num_shards)]
+        kept = [shard_is_kept(shard_paths(folder, i), settings, digests[i], feature_names) for i in range(num_shards)]
+        refuse_extra_shards(folder, num_shards)
+        for index in range(rank, num_shards, world):
             start, stop = index * shard_size, min((index + 1) * shard_size, total)
-            paths = shard_paths(folder, index)
-            if paths.done:
-                done[index] = json.loads(paths.summary.read_text())
+            if kept[index]:
+                done[index] = json.loads(shard_paths(folder, index).summary.read_text())
                 bar.update(stop - start)
             else:
-                _flush(index, [(row, dataset[row]) for row in range(start, stop)])
-    else:  # a stream: read in order, keep this process's rows, never materialise the stream
+                _flush(index, [(row, dataset[row]) for row in range(start, stop)], digests[index])
+    else:  # a stream: read in order (every process reads every row), never materialise the stream
+
+        def _close(index, rows, captions):
+            digest = rows_digest(captions)
+            paths = shard_paths(folder, index)
+            if shard_is_kept(paths, settings, digest, feature_names):  # every process checks every shard
+                if index % world == rank:
+                    done[index] = json.loads(paths.summary.read_text())
+                    bar.update(len(rows))
+            elif index % world == rank:
+                _flush(index, rows, digest)
+
         for row, example in enumerate(dataset):
             index = row // shard_size
             if index != current:
-                if current is not None and rows:
-                    _flush(current, rows)
-                current, rows = index, []
-            if index % world != rank:
+                if current is not None:
+                    _close(current, rows, captions)
+                current, rows, captions = index, [], []
+            captions.append(example.get(caption_column))
+            if index % world == rank:
+                rows.append((row, example))
+            else:
                 bar.update(1)
-                continue
-            if shard_paths(folder, index).done:
-                bar.update(1)
-                if index not in done:
-                    done[index] = json.loads(shard_paths(folder, index).summary.read_text())
-                continue
-            rows.append((row, example))
-        if current is not None and rows:
-            _flush(current, rows)
+        if current is not None:
+            _close(current, rows, captions)
+        refuse_extra_shards(folder, 0 if current is None else current + 1)
     bar.close()
     logger.info("rank %d wrote %d shard(s) of %s in %.0f s", rank, len(done), folder, time.perf_counter() - started)
     return {"shards": done}
 
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
-                  max_aspect_ratio, rank: int = 0, on_progress=lambda n: None) -> dict:
+                  max_aspect_ratio, rank: int = 0, on_progress=lambda n: None, provenance: dict | None = None) -> dict:
     from .data import _label_id
 
     started = time.perf_counter()
@@ -434,7 +543,8 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
         on_progress(len(rows[begin:begin + batch_size]))
     features = _shard_features(teachers, bool(label_column), bool(teachers))
     summary = {"rows": len(columns["caption"]), "source_rows": [int(rows[0][0]), int(rows[-1][0]) + 1] if rows else [],
-               "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3), "rank": rank}
+               "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3), "rank": rank,
+               **(provenance or {})}
     _write_shard(paths, columns, features, summary)
     return summary
 
@@ -546,6 +656,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("modeling_lightclip").setLevel(logging.INFO)
     from .data import DataArguments, load_image_text_datasets
+    from .trainer import TrainingStopped
 
     try:
         data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
@@ -560,7 +671,7 @@ def main(argv=None) -> int:
         meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], args.image_column,
                          args.caption_column, args.label_column, args.shard_size, args.batch_size,
                          args.teacher_image_size, source=splits.source)
-    except ValueError as err:
+    except (ValueError, TrainingStopped) as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -234,10 +234,12 @@ def _has_errno(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def writing_to(folder):
+def writing_to(folder, then: str = "free some space or point --output_dir at a larger disk, then resume with "
+                                   "--resume_from_checkpoint latest."):
     """Turn a full disk while saving - wherever it surfaces: an OSError ENOSPC, safetensors' `SafetensorError ...
     (os error 28)`, torch's zip writer, or any of them chained under another error - into one message naming the
-    folder, the space left and the resume command; any other error passes unchanged."""
+    folder, the space left and `then`, what to do (by default: the resume command); any other error passes
+    unchanged."""
     try:
         yield
     except Exception as err:  # noqa: BLE001 - the writers' errors share no base class; others are re-raised
@@ -250,9 +252,7 @@ def writing_to(folder):
         if free is not None and free > 256 * 2**20 and not _has_errno(err):
             raise  # the words matched but the disk has room: a write failed for another reason, keep the error
         left = f"{free / 2**20:.0f} MiB free" if free is not None else "free space unknown"
-        raise TrainingStopped(f"no space left on device while writing to {folder} ({left}): free some space or "
-                              f"point --output_dir at a larger disk, then resume with --resume_from_checkpoint "
-                              f"latest.") from err
+        raise TrainingStopped(f"no space left on device while writing to {folder} ({left}): {then}") from err
 
 
 class LightCLIPCallback(TrainerCallback):
