@@ -369,3 +369,35 @@ def test_a_full_disk_while_reinforcing_names_the_folder_and_leaves_no_partial_fi
     with pytest.raises(TrainingStopped, match="no space left on device while writing to .*rerun the same command"):
         _reinforce(_source(tmp_path / "images", 6), out)
     assert not list(out.glob("*.tmp")) and not list(out.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut_shard", "part-00001.parquet: not a whole parquet file"),
+    ("dims", "column 'teacher0_image' holds features of 4 dimensions and reinforced.json says 8"),
+    ("column", "has no column 'teacher7_text'"),
+    ("not_json", "not readable as the copy's metadata"),
+    ("a_list", "holds a JSON list, not the copy's metadata")])
+def test_a_reinforced_copy_whose_shards_and_metadata_disagree_is_refused_naming_the_file(tmp_path, damage, message):
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+    from modeling_lightclip.training.reinforce import reinforce
+
+    out = tmp_path / "R"
+    reinforce({"train": _source(tmp_path / "images", 8)}, out, [], shard_size=4, teachers=[_CountingTeacher()])
+    assert load_image_text_datasets(DataArguments(train_file=str(out)))["train"].num_rows == 8  # whole: it loads
+    meta_file = out / "reinforced.json"
+    meta = json.loads(meta_file.read_text())
+    if damage == "cut_shard":
+        shard = out / "train" / "part-00001.parquet"
+        shard.write_bytes(shard.read_bytes()[:-40])
+    elif damage == "dims":
+        meta["teachers"][0]["image_dim"] = 8
+    elif damage == "column":
+        meta["teachers"][0]["columns"]["text"] = "teacher7_text"
+    elif damage == "not_json":
+        meta_file.write_text('{"format": "lightclip-reinforced/1", "teach')
+    elif damage == "a_list":
+        meta_file.write_text("[]")
+    if damage in ("dims", "column"):
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_image_text_datasets(DataArguments(train_file=str(out)))

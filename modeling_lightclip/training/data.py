@@ -330,16 +330,18 @@ def _from_reinforced(folder: Path, args: "DataArguments") -> "Splits":
     --validation_file says otherwise), streamed or memory-mapped by `datasets`' parquet builder."""
     from datasets import ClassLabel, load_dataset
 
-    from .reinforced_copy import read_meta, split_files
+    from .reinforced_copy import check_shards, read_meta, split_files
 
     meta = read_meta(folder)
     files = {args.train_split: split_files(folder, "train")}
     if not files[args.train_split]:
         raise ValueError(f"{folder} is a reinforced copy without training shards ({folder}/train/part-*.parquet): "
                          "finish it with lightclip-reinforce (it resumes).")
+    check_shards(folder, meta, "train")
     if args.validation_file:
         validation = _from_files(args, {args.validation_split: args.validation_file})[args.validation_split]
     elif split_files(folder, "validation"):
+        check_shards(folder, meta, "validation")
         files[args.validation_split] = split_files(folder, "validation")
     raw = Splits(load_dataset("parquet", data_files=files, streaming=args.streaming))
     if args.validation_file:

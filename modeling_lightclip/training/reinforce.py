@@ -362,7 +362,8 @@ def shard_is_kept(paths: ShardPaths, settings: dict, digest: str, feature_names)
     if not isinstance(summary, dict):
         return False
     if summary.get("settings") != settings:
-        _refuse_other_copy(paths, f"was written with other settings ({_settings_differences(summary.get('settings'), settings)})")
+        differences = _settings_differences(summary.get("settings"), settings)
+        _refuse_other_copy(paths, f"was written with other settings ({differences})")
     if summary.get("source_digest") != digest:
         _refuse_other_copy(paths, "holds other source rows than this data has at its place (another dataset, or "
                                   "the data changed since)")

@@ -19,7 +19,15 @@ def read_meta(folder) -> dict | None:
     path = Path(folder) / META_FILE
     if not path.is_file():
         return None
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not readable as the copy's metadata ({err}); rerun lightclip-reinforce with "
+                         "the command that made the copy: it keeps the finished shards and writes this file "
+                         "again.") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: holds a JSON {type(meta).__name__}, not the copy's metadata; rerun "
+                         "lightclip-reinforce with the command that made the copy to write it again.")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}; rebuild it with "
                          "lightclip-reinforce.")
@@ -31,4 +39,36 @@ def split_files(folder, split: str) -> list[str]:
     return sorted(str(p) for p in (Path(folder) / split).glob("part-*.parquet"))
 
 
-__all__ = ["FORMAT", "META_FILE", "read_meta", "split_files", "teacher_columns"]
+def check_shards(folder, meta: dict, split: str) -> None:
+    """Refuse, naming the file, a shard of `split` that is cut short or damaged, or whose columns or feature sizes
+    are not those `meta` (the copy's metadata) promises: training would otherwise stop deep inside a library at
+    the first batch that reaches it. Reads each shard's parquet footer only."""
+    import pyarrow.parquet as pq
+
+    rerun = "rerun lightclip-reinforce with the command that made the copy (it writes such shards again)"
+    teachers = meta.get("teachers") if split == "train" else []
+    if not isinstance(teachers, list) or not all(isinstance(t, dict) for t in teachers):
+        raise ValueError(f"{Path(folder) / META_FILE}: `teachers` should be a list of teacher records; {rerun}.")
+    columns = meta.get("columns") if isinstance(meta.get("columns"), dict) else {}
+    expected = {name: None for name in (columns.get("image"), columns.get("caption"), columns.get("label")) if name}
+    for i, teacher in enumerate(teachers):
+        names = teacher.get("columns") or teacher_columns(i)
+        for side in ("image", "text"):
+            expected[names.get(side)] = teacher.get(f"{side}_dim")
+    for path in split_files(folder, split):
+        try:
+            schema = pq.read_schema(path)
+        except Exception as err:  # noqa: BLE001 - pyarrow's errors for a cut-short or damaged file vary
+            raise ValueError(f"{path}: not a whole parquet file ({type(err).__name__}: {str(err)[:120]}); {rerun}.") \
+                from None
+        for name, size in expected.items():
+            if name not in schema.names:
+                raise ValueError(f"{path}: has no column {name!r}, which {META_FILE} lists ({', '.join(schema.names)} "
+                                 f"are there): the shards and the metadata come from different copies; {rerun}.")
+            width = getattr(schema.field(name).type, "list_size", None)
+            if size is not None and width is not None and width != size:
+                raise ValueError(f"{path}: column {name!r} holds features of {width} dimensions and {META_FILE} says "
+                                 f"{size}: the shards and the metadata come from different copies; {rerun}.")
+
+
+__all__ = ["FORMAT", "META_FILE", "check_shards", "read_meta", "split_files", "teacher_columns"]
