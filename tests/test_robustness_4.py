@@ -401,3 +401,167 @@ def test_a_reinforced_copy_whose_shards_and_metadata_disagree_is_refused_naming_
         meta_file.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=re.escape(message)):
         load_image_text_datasets(DataArguments(train_file=str(out)))
+
+
+# ------------------------------------------------------------------------------------- captions and labels kept
+
+
+def test_several_captions_per_image_are_all_kept_with_each_ones_features_and_the_drawn_ones_are_trained(
+        tmp_path, tokenizer):
+    import numpy as np
+    import torch
+    from datasets import Dataset
+
+    from conftest import CAPTIONS
+    from modeling_lightclip.training.data import DataArguments, ImageTextCollator, load_image_text_datasets
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.reinforce import reinforce
+
+    first, second = CAPTIONS[1], CAPTIONS[3]  # of different lengths: the stand-in teacher tells them apart
+    assert len(first) != len(second)
+    images = tmp_path / "images"
+    images.mkdir()
+    names = _images_with_bad_ones(images, 8, set())
+    lists = [[first, second] if i % 2 else [second, "  ", first] for i in range(8)]  # a blank one is no caption
+    teacher = _CountingTeacher()
+    out = tmp_path / "R"
+    reinforce({"train": Dataset.from_dict({"image": [str(images / n) for n in names], "caption": lists})}, out, [],
+              shard_size=4, teachers=[teacher])
+    copy = load_image_text_datasets(DataArguments(train_file=str(out)))
+    rows = list(copy["train"])
+    assert [row["caption"] for row in rows] == [[c for c in captions if c.strip()] for captions in lists]
+    for row in rows:
+        for caption, stored in zip(row["caption"], row["teacher0_text"]):
+            np.testing.assert_allclose(stored, teacher.text_features([caption])[0].numpy(), atol=2e-3)
+
+    config = SimpleNamespace(uses_mlm=False, uses_teacher_feature_batches=True, uses_distillation=False,
+                             uses_ping=False)
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, teachers=copy.reinforced["teachers"])
+    decoded = {tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True): c for c in (first, second)}
+    drawn = set()
+    for seed in range(4):  # a few draws: both captions come up
+        collator.seed = seed
+        batch = collator(rows)
+        for ids, features in zip(batch["input_ids"], batch["training_targets"]["teacher_text_features"]):
+            caption = decoded[tokenizer.decode(ids, skip_special_tokens=True)]
+            drawn.add(caption)
+            expected = torch.nn.functional.normalize(teacher.text_features([caption]).float(), dim=-1)[0]
+            torch.testing.assert_close(features, expected, atol=2e-3, rtol=0)
+    assert drawn == {first, second}
+
+
+def test_string_labels_are_kept_in_a_reinforced_copy_and_scored_by_their_names(tmp_path):
+    from datasets import Dataset
+
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets, prepare_zero_shot_labels
+    from modeling_lightclip.training.reinforce import reinforce
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = _images_with_bad_ones(images, 6, set())
+    labels = ["cat", "Dog", "cat", None, "dog", "bird"]
+    source = Dataset.from_dict({"image": [str(images / n) for n in names], "caption": [f"photo {i}" for i in range(6)],
+                                "label": labels})
+    out = tmp_path / "R"
+    reinforce({"train": source, "validation": source}, out, [], shard_size=4, teachers=[_CountingTeacher()])
+    copy = load_image_text_datasets(DataArguments(train_file=str(out)))
+    assert list(copy["validation"]["label"]) == ["cat", "Dog", "cat", None, "dog", "bird"]
+    scored, class_names = prepare_zero_shot_labels(copy["validation"], DataArguments(train_file=str(out)))
+    assert class_names == ["bird", "cat", "Dog"]  # the distinct strings, case-insensitively, sorted
+    assert list(scored["label"]) == [1, 2, 1, -1, 2, 0]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_unicode_line_separators_inside_a_caption_keep_the_row_and_the_whole_caption(tmp_path, suffix):
+    from modeling_lightclip.training.data import clean_caption
+    from modeling_lightclip.training.tables import read_table
+
+    captions = ["a line\u2028separator", "a next\u0085line", "a paragraph\u2029separator", "a form\x0cfeed",
+                "a vertical\x0btab", "plain", "a file\x1cseparator"]
+    if suffix == ".csv":
+        text = "image,caption\n" + "".join(f"img{i}.png,{c}\r\n" for i, c in enumerate(captions))
+    else:
+        text = "".join(json.dumps({"image": f"img{i}.png", "caption": c}, ensure_ascii=False) + "\n"
+                       for i, c in enumerate(captions))
+    path = tmp_path / f"pairs{suffix}"
+    path.write_bytes(text.encode("utf-8"))
+    columns, report = read_table(path, text_columns=("image", "caption"), caption_column="caption")
+    assert not report.skipped and columns["caption"] == captions and columns["image"][-1] == "img6.png"
+    assert [clean_caption(c)[0] for c in columns["caption"]] == [" ".join(c.replace("\x1c", " ").split())
+                                                                 for c in captions]
+
+
+def test_a_caption_that_is_an_object_or_a_nested_list_is_counted_not_trained_as_its_json(tmp_path):
+    from modeling_lightclip.training.data import clean_caption
+    from modeling_lightclip.training.tables import read_table
+
+    rows = [{"image": "a.png", "caption": {"text": "a cat"}}, {"image": "b.png", "caption": [["a", "b"]]},
+            {"image": "c.png", "caption": ["one", "two"]}, {"image": "d.png", "caption": "three"},
+            {"image": "e.png", "caption": [{"text": "x"}]}, {"image": "f.png", "caption": 1984}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    columns, report = read_table(path, text_columns=("image", "caption"), caption_column="caption")
+    assert report.skipped == {"caption_not_text": 3} and report.lines["caption_not_text"] == [1, 2, 5]
+    assert columns["caption"] == [["one", "two"], ["three"], ["1984"]]  # with lists present: every row a list
+    assert clean_caption({"text": "a cat"}) == (None, "caption_not_text")  # from parquet or a Hub dataset too
+
+
+# ------------------------------------------------------------------------------------- wide encodings, special files
+
+
+@pytest.mark.parametrize("written, given, outcome", [
+    ("utf-32", "utf-8", "read"),          # with a byte-order mark (FF FE 00 00: not UTF-16's FF FE)
+    ("utf-32-be", "utf-8", "read"),
+    ("utf-32-le", "utf-32-le", "read"),
+    ("utf-32-le", "utf-8", "Pass --file_encoding utf-32-le"),
+    ("utf-32-be", "utf-8", "Pass --file_encoding utf-32-be"),
+    ("utf-32-be", "utf-32", "--file_encoding utf-32-le or utf-32-be"),
+    ("utf-16-le", "utf-8", "Pass --file_encoding utf-16-le")])
+def test_utf32_files_are_read_or_refused_naming_the_encoding(tmp_path, written, given, outcome):
+    import codecs
+
+    from modeling_lightclip.training.tables import TableFileError, read_table
+
+    captions = [f"a photo {i} of a caf\u00e9 \u2615" for i in range(6)]
+    text = "image,caption\n" + "".join(f"img{i}.png,{c}\n" for i, c in enumerate(captions))
+    raw = text.encode(written)
+    if written == "utf-32-be" and outcome == "read":
+        raw = codecs.BOM_UTF32_BE + raw
+    path = tmp_path / "pairs.csv"
+    path.write_bytes(raw)
+    if outcome == "read":
+        columns, report = read_table(path, given, caption_column="caption")
+        assert columns["caption"] == captions and not report.skipped
+    else:
+        with pytest.raises(TableFileError, match=re.escape(outcome)):
+            read_table(path, given, caption_column="caption")
+
+
+def test_a_fifo_or_a_folder_as_an_image_path_is_skipped_without_opening_it(tmp_path):
+    from modeling_lightclip.training.data import ImageRejected, load_image
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it for reading would wait for a writer forever
+    for path in (fifo, tmp_path):
+        with pytest.raises(ImageRejected) as rejected:
+            load_image(str(path))
+        assert rejected.value.reason == "not_a_file"
+    with pytest.raises(ImageRejected):
+        load_image({"path": str(fifo), "bytes": None})
+    with pytest.raises(FileNotFoundError):
+        load_image(str(tmp_path / "gone.png"))
+
+
+def test_a_csv_with_a_fifo_among_its_images_trains_and_counts_it(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    names = _images_with_bad_ones(images, 8, set())
+    os.mkfifo(images / "pipe.png")
+    data = images / "train.csv"
+    data.write_text("image,caption\n" + "pipe.png,a pipe\n" + "".join(f"{n},a photo number {i}\n"
+                                                                      for i, n in enumerate(names)))
+    out = tmp_path / "run"
+    train_lightclip.main(["--recipe", "tiny", "--train_file", str(data), "--per_device_train_batch_size", "9",
+                          "--max_steps", "1", "--do_eval", "false", "--dataloader_num_workers", "0",
+                          "--output_dir", str(out)])
+    assert json.loads((out / "train_results.json").read_text())["train_skipped_not_a_file"] == 1

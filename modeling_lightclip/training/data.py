@@ -12,6 +12,7 @@
 import io
 import logging
 import math
+import os
 import random
 import sys
 import unicodedata
@@ -195,7 +196,8 @@ def _table_dataset(paths: list, args: "DataArguments"):
     merged, skipped = {}, Counter()
     total = 0
     for path in paths:
-        columns, report = read_table(path, args.file_encoding, text_columns=(args.image_column, args.caption_column))
+        columns, report = read_table(path, args.file_encoding, text_columns=(args.image_column, args.caption_column),
+                                     caption_column=args.caption_column)
         skipped.update(report.skipped)
         images = columns.get(args.image_column)
         if images is not None:
@@ -634,6 +636,18 @@ def _draft_jpeg(image: Image.Image, min_short_side: int) -> None:
     image.draft(image.mode, (math.ceil(width * scale), math.ceil(height * scale)))
 
 
+def _image_file(path):
+    """`path`, when it names a regular file: a FIFO, a device or a socket would block (or never end) when opened,
+    and a folder cannot be an image (`not_a_file`); a path that names nothing raises FileNotFoundError as `open`
+    would (`missing_file`)."""
+    import stat
+
+    mode = os.stat(path).st_mode  # FileNotFoundError when there is nothing
+    if not stat.S_ISREG(mode):
+        raise ImageRejected("not_a_file", f"{path} is not a regular file")
+    return path
+
+
 def load_image(value, repairs: Counter | None = None, max_side: int = MAX_IMAGE_SIDE,
                max_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO, min_short_side: int | None = None) -> Image.Image:
     """A PIL image from a PIL image, a path, raw bytes or a `datasets` {"bytes", "path"} dict, converted to RGB and
@@ -650,13 +664,13 @@ def load_image(value, repairs: Counter | None = None, max_side: int = MAX_IMAGE_
             if value.get("bytes"):
                 image = Image.open(io.BytesIO(value["bytes"]))
             elif value.get("path"):
-                image = Image.open(value["path"])
+                image = Image.open(_image_file(value["path"]))
             else:
                 raise ValueError("empty image record")
         elif isinstance(value, (bytes, bytearray)):
             image = Image.open(io.BytesIO(value))
         elif isinstance(value, (str, Path)):
-            image = Image.open(value)
+            image = Image.open(_image_file(value))
         else:
             raise TypeError(f"not an image: {type(value).__name__}")
         _check_shape(image, max_side, max_aspect_ratio)
@@ -685,8 +699,10 @@ def clean_caption(value, special_tokens=frozenset()) -> tuple[str | None, str | 
             return None, "non_utf8_caption"
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         value = str(value) if math.isfinite(value) else None  # NaN: pandas' empty cell
-    if not isinstance(value, str):
+    if value is None:
         return None, "missing_caption"
+    if not isinstance(value, str):  # an object, a nested list, an image...: no text to train on
+        return None, "caption_not_text"
     if not value.isprintable():  # the slow path only for text with controls, format characters or line breaks
         value = "".join(" " if ch.isspace() else ch for ch in value
                         if ch.isspace() or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
@@ -850,9 +866,13 @@ class ImageTextCollator:
         return image
 
     def _caption(self, example):
+        """The sample's caption (one drawn when it has several; `_drawn` says which, so the teachers' text features
+        of that caption are the ones read), or None, counted."""
         caption = example.get(self.caption_column)
+        self._drawn = None
         if isinstance(caption, (list, tuple)):  # several captions per image: draw one
-            caption = self._rng.choice(caption) if caption else None
+            self._drawn = self._rng.randrange(len(caption)) if caption else None
+            caption = caption[self._drawn] if caption else None
         caption, reason = self.clean(caption)
         if reason is not None:
             self._skip(reason)
@@ -885,7 +905,7 @@ class ImageTextCollator:
         self._rng = random.Random(batch_seed)
         generator = torch.Generator().manual_seed(batch_seed)
         self._batch_skipped = Counter()
-        images, captions, keep = [], [], []
+        images, captions, keep, drawn = [], [], [], []
         for i, example in enumerate(examples):
             caption = self._caption(example)
             image = self._image(example) if caption is not None else None
@@ -894,6 +914,7 @@ class ImageTextCollator:
             images.append(image)
             captions.append(caption)
             keep.append(i)
+            drawn.append(self._drawn)
         if not images:
             self._skip("empty_batch")
             # an empty tensor first: loaders that measure a batch (accelerate's, for streams) find size 0
@@ -914,15 +935,16 @@ class ImageTextCollator:
             batch["class_labels"] = torch.tensor([self._class_label(examples[i][self.label_column]) for i in keep],
                                                  dtype=torch.long)
         if self.train:
-            targets = self._training_targets(examples, keep, text, generator)
+            targets = self._training_targets(examples, keep, text, generator, drawn)
             if targets:
                 batch["training_targets"] = targets
         return batch
 
-    def _training_targets(self, examples: list[dict], keep: list[int], text, generator) -> dict:
+    def _training_targets(self, examples: list[dict], keep: list[int], text, generator, drawn=None) -> dict:
         """The per-sample inputs of the objectives the model's config switches on (`TRAINING_TARGETS`), decided
         here, in one place: MLM's masked copies, the teachers' features and embeddings read from each sample's own
-        row, CLIP-PING's neighbour ids or in-batch partners."""
+        row (of the caption drawn, `drawn`, when a row has several), CLIP-PING's neighbour ids or in-batch
+        partners."""
         config = self.model_config
         if config is None:
             return {}
@@ -934,10 +956,10 @@ class ImageTextCollator:
             kept = [examples[i] for i in keep]
             if config.uses_teacher_feature_batches:
                 targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
-                    kept, self.teachers)
+                    kept, self.teachers, drawn)
             if config.uses_distillation:
                 targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
-                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"])
+                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn)
         if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
             targets[STORED_TEXT_OUTPUTS] = torch.tensor(
                 np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))
@@ -956,17 +978,30 @@ class ImageTextCollator:
         return targets
 
 
-def teacher_tensors(examples: list[dict], teachers: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(image, text) teacher features of `examples`, read from each sample's own row. Each teacher's vectors are
-    L2-normalised and, with several teachers, scaled by 1/sqrt(T) and concatenated: a dot product of two such rows is
-    the mean of the teachers' cosine similarities (an ensemble), whatever the teachers' dimensions."""
+def caption_features(value, drawn: int | None):
+    """A row's stored text features of one caption: the row holds one vector, or one per caption (a reinforced copy
+    of data with several captions per image), of which the drawn caption's."""
+    if len(value) and isinstance(value[0], (list, tuple, np.ndarray)):
+        return value[drawn or 0]
+    return value
+
+
+def teacher_tensors(examples: list[dict], teachers: list[dict], drawn: list | None = None) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """(image, text) teacher features of `examples`, read from each sample's own row (text: of the caption `drawn`
+    for it, when the row stores several). Each teacher's vectors are L2-normalised and, with several teachers, scaled
+    by 1/sqrt(T) and concatenated: a dot product of two such rows is the mean of the teachers' cosine similarities (an
+    ensemble), whatever the teachers' dimensions."""
     scale = 1.0 / math.sqrt(len(teachers))
+    drawn = drawn or [None] * len(examples)
     out = []
     for side in ("image", "text"):
         parts = []
         for teacher in teachers:
             column = teacher["columns"][side]
-            values = torch.tensor(np.asarray([example[column] for example in examples], dtype=np.float32))
+            rows = [example[column] if side == "image" else caption_features(example[column], k)
+                    for example, k in zip(examples, drawn)]
+            values = torch.tensor(np.asarray(rows, dtype=np.float32))
             parts.append(torch.nn.functional.normalize(values, dim=-1) * scale)
         out.append(torch.cat(parts, dim=1))
     return out[0], out[1]

@@ -46,12 +46,13 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .packaged_weights import check_pretrained_source, check_tokenizer
 from .processes import process_state
-from .reinforced_copy import FORMAT, META_FILE, read_meta, teacher_columns
+from .reinforced_copy import FORMAT, META_FILE, feature_width, read_meta, teacher_columns
 
 
 logger = logging.getLogger(__name__)
@@ -257,18 +258,23 @@ def encoded_image(value) -> bytes:
 
 def _read_sample(example, image_column, caption_column, max_aspect_ratio, skipped: Counter):
     """(PIL image, encoded bytes, caption) of a usable sample, or None with the reason counted as training counts
-    it (`data.ImageTextCollator`'s reasons)."""
+    it (`data.ImageTextCollator`'s reasons). Several captions (a list) come back as the list of the usable ones."""
     from PIL import Image, UnidentifiedImageError
 
     from .data import ImageRejected, clean_caption, load_image
 
     caption = example.get(caption_column)
     if isinstance(caption, (list, tuple)):
-        caption = next((c for c in caption if clean_caption(c)[0] is not None), caption[0] if caption else None)
-    caption, reason = clean_caption(caption)
-    if reason is not None:
-        skipped[reason] += 1
-        return None
+        cleaned = [clean_caption(c) for c in caption]
+        caption = [text for text, _ in cleaned if text is not None]
+        if not caption:
+            skipped[cleaned[0][1] if cleaned else "missing_caption"] += 1
+            return None
+    else:
+        caption, reason = clean_caption(caption)
+        if reason is not None:
+            skipped[reason] += 1
+            return None
     value = example.get(image_column)
     if value is None:
         skipped["missing_image"] += 1
@@ -418,17 +424,40 @@ def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> N
             tmp.unlink(missing_ok=True)
 
 
-def _shard_features(teachers: list, with_label: bool, with_teachers: bool):
-    from datasets import Features, Image, Sequence, Value
+@dataclass
+class ShardLayout:
+    """What the source's columns hold, read from its features: several captions per image (a list column: the copy
+    keeps every usable caption, with each teacher's text features per caption), and labels as class ids, as
+    strings (kept as written: training maps them to class names as it does for any data), or none."""
 
-    spec = {"image": Image(), "caption": Value("string"), "source_row": Value("int64")}
-    if with_label:
-        spec["label"] = Value("int64")
+    caption_lists: bool = False
+    label: str | None = None  # "int", "string" or None
+
+    @classmethod
+    def of(cls, dataset, caption_column: str, label_column: str | None) -> "ShardLayout":
+        features = getattr(dataset, "features", None) or {}
+        names = getattr(dataset, "column_names", None) or list(features)
+        label = None
+        if label_column and label_column in names:
+            dtype = getattr(features.get(label_column), "dtype", None)
+            label = "string" if dtype in ("string", "large_string") else "int"
+        caption = features.get(caption_column)
+        return cls(caption_lists=isinstance(caption, list) or hasattr(caption, "feature"), label=label)
+
+
+def _shard_features(teachers: list, layout: ShardLayout, with_teachers: bool):
+    from datasets import Features, Image, List, Value
+
+    spec = {"image": Image(), "caption": List(Value("string")) if layout.caption_lists else Value("string"),
+            "source_row": Value("int64")}
+    if layout.label:
+        spec["label"] = Value("string") if layout.label == "string" else Value("int64")
     if with_teachers:
         for i, teacher in enumerate(teachers):
             names = teacher_columns(i)
-            spec[names["image"]] = Sequence(Value("float16"), length=teacher.image_dim)
-            spec[names["text"]] = Sequence(Value("float16"), length=teacher.text_dim)
+            spec[names["image"]] = List(Value("float16"), length=teacher.image_dim)
+            text = List(Value("float16"), length=teacher.text_dim)
+            spec[names["text"]] = List(text) if layout.caption_lists else text  # one vector per caption
     return Features(spec)
 
 
@@ -444,8 +473,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
-    with_label = bool(label_column) and label_column in (getattr(dataset, "column_names", None) or
-                                                         list(getattr(dataset, "features", None) or {}))
+    layout = ShardLayout.of(dataset, caption_column, label_column)
     try:
         total = len(dataset)
     except TypeError:
@@ -454,15 +482,15 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
                dynamic_ncols=True)
     done = {}
     current, rows, captions, started = None, [], [], time.perf_counter()
-    label = label_column if with_label else None
+    label = label_column if layout.label else None
     settings = copy_settings(teachers, shard_size, image_column, caption_column, label, max_aspect_ratio)
-    feature_names = list(_shard_features(teachers, bool(label), bool(teachers)))
+    feature_names = list(_shard_features(teachers, layout, bool(teachers)))
 
     def _flush(index, rows, digest):
         paths = shard_paths(folder, index)
         summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label, batch_size,
                                 max_aspect_ratio, rank, on_progress=bar.update,
-                                provenance={"settings": settings, "source_digest": digest})
+                                provenance={"settings": settings, "source_digest": digest}, layout=layout)
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
@@ -512,9 +540,11 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
-                  max_aspect_ratio, rank: int = 0, on_progress=lambda n: None, provenance: dict | None = None) -> dict:
+                  max_aspect_ratio, rank: int = 0, on_progress=lambda n: None, provenance: dict | None = None,
+                  layout: ShardLayout | None = None) -> dict:
     from .data import _label_id
 
+    layout = layout or ShardLayout(label="int" if label_column else None)
     started = time.perf_counter()
     skipped = Counter()
     columns = {"image": [], "caption": [], "source_row": []}
@@ -529,20 +559,33 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             if sample is None:
                 continue
             image, data, caption = sample
+            if layout.caption_lists and isinstance(caption, str):
+                caption = [caption]
+            elif not layout.caption_lists and isinstance(caption, list):  # the source declared one caption per row
+                skipped["caption_beyond_the_first"] += len(caption) - 1
+                caption = caption[0]
             images.append(image)
             keep.append(caption)
             columns["image"].append({"bytes": data, "path": None})
             columns["caption"].append(caption)
             columns["source_row"].append(int(row))
-            if label_column:
+            if layout.label == "string":  # kept as written; training maps label strings to class names
+                value = example.get(label_column)
+                columns["label"].append(value.strip() or None if isinstance(value, str) else None)
+            elif label_column:
                 columns["label"].append(_label_id(example.get(label_column), {}, set()))  # -1: no class id
         if images:
             for i, teacher in enumerate(teachers):
                 names = teacher_columns(i)
                 columns[names["image"]].extend(teacher.image_features(images).half().numpy())
-                columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
+                if layout.caption_lists:  # every caption's features, one call for the batch's captions
+                    flat = teacher.text_features([c for captions in keep for c in captions]).half().numpy()
+                    bounds = np.cumsum([0] + [len(captions) for captions in keep])
+                    columns[names["text"]].extend(flat[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
+                else:
+                    columns[names["text"]].extend(teacher.text_features(keep).half().numpy())
         on_progress(len(rows[begin:begin + batch_size]))
-    features = _shard_features(teachers, bool(label_column), bool(teachers))
+    features = _shard_features(teachers, layout, bool(teachers))
     summary = {"rows": len(columns["caption"]), "source_rows": [int(rows[0][0]), int(rows[-1][0]) + 1] if rows else [],
                "skipped": dict(skipped), "seconds": round(time.perf_counter() - started, 3), "rank": rank,
                **(provenance or {})}
@@ -617,7 +660,7 @@ def _dims_from_shards(folder: Path, index: int) -> dict:
     names = teacher_columns(index)
     for path in sorted(folder.glob("part-*.parquet")):
         schema = pq.read_schema(path)
-        return {f"{side}_dim": schema.field(names[side]).type.list_size for side in ("image", "text")}
+        return {f"{side}_dim": feature_width(schema.field(names[side]).type) for side in ("image", "text")}
     return {}
 
 

@@ -39,6 +39,14 @@ def split_files(folder, split: str) -> list[str]:
     return sorted(str(p) for p in (Path(folder) / split).glob("part-*.parquet"))
 
 
+def feature_width(arrow_type) -> int | None:
+    """The dimension of a stored feature column: a fixed-size list, or a list of them (one vector per caption)."""
+    width = getattr(arrow_type, "list_size", None)
+    if width is None and hasattr(arrow_type, "value_type"):
+        width = getattr(arrow_type.value_type, "list_size", None)
+    return width
+
+
 def check_shards(folder, meta: dict, split: str) -> None:
     """Refuse, naming the file, a shard of `split` that is cut short or damaged, or whose columns or feature sizes
     are not those `meta` (the copy's metadata) promises: training would otherwise stop deep inside a library at
@@ -65,10 +73,10 @@ def check_shards(folder, meta: dict, split: str) -> None:
             if name not in schema.names:
                 raise ValueError(f"{path}: has no column {name!r}, which {META_FILE} lists ({', '.join(schema.names)} "
                                  f"are there): the shards and the metadata come from different copies; {rerun}.")
-            width = getattr(schema.field(name).type, "list_size", None)
+            width = feature_width(schema.field(name).type)
             if size is not None and width is not None and width != size:
                 raise ValueError(f"{path}: column {name!r} holds features of {width} dimensions and {META_FILE} says "
                                  f"{size}: the shards and the metadata come from different copies; {rerun}.")
 
 
-__all__ = ["FORMAT", "META_FILE", "check_shards", "read_meta", "split_files", "teacher_columns"]
+__all__ = ["FORMAT", "META_FILE", "check_shards", "feature_width", "read_meta", "split_files", "teacher_columns"]

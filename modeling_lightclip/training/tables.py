@@ -10,7 +10,11 @@ by reason, with its line number, and the rest becomes a `datasets.Dataset` as be
   read whole, otherwise (and `.jsonl`) one object per line.
 * Encoding: `--file_encoding` (default utf-8). A byte-order mark wins (utf-8-sig, and the utf-16 of Excel's
   "Unicode text" export). Undecodable bytes skip their row (`undecodable_text`), and the warning names the fix.
+* Lines end at a line feed (or CR LF) only: a caption holding a Unicode line or paragraph separator (U+2028,
+  U+2029), NEL (U+0085) or a form feed stays one caption, as csv and JSON mean it (`str.splitlines` would cut it).
 * Cells stay text; other columns (labels) become integers when every filled cell is one. Empty cells are None.
+  A JSON caption may be a list of captions (several per image: training draws one); a caption that is an object,
+  or a list holding anything but text, is no caption (`caption_not_text`).
 """
 
 import codecs
@@ -66,6 +70,8 @@ def table_kind(path) -> str | None:
 def _sniff_encoding(raw: bytes, encoding: str) -> str:
     if raw.startswith(codecs.BOM_UTF8):
         return "utf-8-sig"
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00 starts with FF FE
+        return "utf-32"
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return "utf-16"
     return encoding
@@ -78,28 +84,45 @@ def _decode(raw: bytes, encoding: str, path) -> str:
         raise TableFileError(f"--file_encoding {encoding!r} is not an encoding Python knows (e.g. utf-8, cp1252, "
                              "latin-1, utf-16).") from None
     except UnicodeError as err:  # utf-16 cannot escape an odd byte count
+        family = encoding.lower().replace("_", "-").rstrip("-lebe")
+        hint = (f" A file without a byte-order mark needs its byte order named: --file_encoding {family}-le or "
+                f"{family}-be." if family in ("utf-16", "utf-32") else "")
         raise TableFileError(f"{path} cannot be decoded as {encoding} ({err}); pass the file's encoding with "
-                             "--file_encoding.") from None
+                             f"--file_encoding.{hint}") from None
 
 
-def _refuse_bomless_utf16(raw: bytes, encoding: str, path) -> None:
-    """A file saved as UTF-16 without a byte-order mark has a NUL byte beside every ASCII character; read as UTF-8 it
-    would become text full of NULs. Name the encoding to pass instead."""
-    if encoding.lower().replace("_", "-").startswith("utf-16"):
+def _refuse_bomless_wide(raw: bytes, encoding: str, path) -> None:
+    """A file saved as UTF-16 (or UTF-32) without a byte-order mark has one (three) NUL bytes beside every ASCII
+    character; read as UTF-8 it would become text full of NULs. Name the encoding to pass instead."""
+    if encoding.lower().replace("_", "-").startswith(("utf-16", "utf-32", "utf16", "utf32")):
         return
-    head = raw[:4096]
+    head = raw[:4096 - 4096 % 4]
     if len(head) < 4 or head.count(0) < len(head) // 4:
         return
-    odd = head[1::2].count(0)
-    order = "le" if odd >= head[0::2].count(0) else "be"
-    raise TableFileError(f"{path} has a NUL byte beside every character: it is UTF-16 saved without a byte-order "
-                         f"mark. Pass --file_encoding utf-16-{order}.")
+    if head.count(0) >= len(head) * 5 // 8:  # ASCII in UTF-32: 3 of every 4 bytes are NUL
+        order = "le" if head[0::4].count(0) <= head[3::4].count(0) else "be"
+        width, beside = "32", "three NUL bytes"
+    else:
+        order = "le" if head[1::2].count(0) >= head[0::2].count(0) else "be"
+        width, beside = "16", "a NUL byte"
+    raise TableFileError(f"{path} has {beside} beside every character: it is UTF-{width} saved without a "
+                         f"byte-order mark. Pass --file_encoding utf-{width}-{order}.")
+
+
+def physical_lines(text: str, keepends: bool = False) -> list[str]:
+    """The file's lines, split at line feeds only (a CR before one is kept with the line, as csv reads it; a file
+    with bare carriage returns only - classic Mac - splits at those)."""
+    separator = "\n" if "\n" in text or "\r" not in text else "\r"
+    lines = text.split(separator)
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line + separator for line in lines] if keepends else [line.rstrip("\r") for line in lines]
 
 
 def _csv_delimiter(text: str) -> str:
     """`,` unless the header line holds none and another separator a spreadsheet uses: `;` (Excel in locales with
     a decimal comma), a tab, or `|`."""
-    header = next((line for line in text.splitlines() if line.strip()), "")
+    header = next((line for line in physical_lines(text) if line.strip()), "")
     if "," in header:
         return ","
     counts = {d: header.count(d) for d in (";", "\t", "|")}
@@ -117,7 +140,7 @@ class _Lines:
     the reader restarts on the line after the record's first."""
 
     def __init__(self, text: str):
-        self.lines = text.splitlines(keepends=True)
+        self.lines = physical_lines(text, keepends=True)
         self.position = 0
 
     def __iter__(self):
@@ -187,7 +210,7 @@ def _json_rows(text: str, kind: str, report: TableReport):
             else:
                 report.skip("malformed_json", i + 1)
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(physical_lines(text), start=1):
         if not line.strip():
             continue
         try:
@@ -211,9 +234,21 @@ def _has(pattern: re.Pattern, value) -> bool:
     return False
 
 
-def _column_values(rows: list[dict], name: str, text_columns) -> list:
+def _is_text(value) -> bool:
+    return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
+def caption_is_text(value) -> bool:
+    """A caption cell a reader can keep: text (a number is text), empty, or a list of such (several captions)."""
+    return value is None or _is_text(value) or (isinstance(value, list) and all(_is_text(v) for v in value))
+
+
+def _column_values(rows: list[dict], name: str, text_columns, caption_column=None) -> list:
     values = [row.get(name) for row in rows]
     values = [None if (isinstance(v, str) and not v.strip()) else v for v in values]
+    if name == caption_column and any(isinstance(v, list) for v in values):  # several captions per image: lists
+        return [None if v is None else [c if isinstance(c, str) else str(c)
+                                        for c in (v if isinstance(v, list) else [v])] for v in values]
     filled = [v for v in values if v is not None]
     if name not in text_columns and filled and all(isinstance(v, str) and _INTEGER.fullmatch(v.strip())
                                                    for v in filled):
@@ -226,8 +261,9 @@ def _column_values(rows: list[dict], name: str, text_columns) -> list:
     return values
 
 
-def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, TableReport]:
+def read_table(path, encoding: str = "utf-8", text_columns=(), caption_column=None) -> tuple[dict, TableReport]:
     """The rows of a csv / tsv / json(-lines) file as columns ({name: [values]}), and what was skipped.
+    `caption_column`: a row whose caption is an object or a list of non-text is skipped (`caption_not_text`).
 
     Raises `TableFileError` (one message naming the file and the fix) for a file that is missing, empty, has only
     a header, or is a JSON array that does not parse; every other problem skips one row and is counted."""
@@ -242,7 +278,7 @@ def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, Ta
     if not raw.strip():
         raise TableFileError(f"{path} is empty.")
     encoding = _sniff_encoding(raw, encoding)
-    _refuse_bomless_utf16(raw, encoding, path)
+    _refuse_bomless_wide(raw, encoding, path)
     text = _decode(raw, encoding, path)
     if kind in ("csv", "tsv"):
         rows_iter = _csv_rows(text, "\t" if kind == "tsv" else _csv_delimiter(text), report)
@@ -256,6 +292,9 @@ def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, Ta
         if _has(_SURROGATE, row):  # half of an emoji escaped on its own: no text can be made of it
             report.skip("invalid_unicode", line)
             continue
+        if caption_column is not None and not caption_is_text(row.get(caption_column)):
+            report.skip("caption_not_text", line)
+            continue
         rows.append(row)
     report.rows = len(rows)
     if not rows:
@@ -265,7 +304,7 @@ def read_table(path, encoding: str = "utf-8", text_columns=()) -> tuple[dict, Ta
             raise TableFileError(f"no readable row in {report.summary()}.{hint}")
         raise TableFileError(f"{path} has a header but no rows.")
     names = list(dict.fromkeys(name for row in rows for name in row))
-    columns = {name: _column_values(rows, name, set(text_columns)) for name in names}
+    columns = {name: _column_values(rows, name, set(text_columns), caption_column) for name in names}
     if report.skipped:
         hint = (f" (rows that are not {encoding}: pass the file's encoding with --file_encoding, e.g. cp1252)"
                 if "undecodable_text" in report.skipped else "")

@@ -244,6 +244,16 @@ def attach_folder_features(train_dataset, folder: Path, data_args, with_features
                       "columns": columns}]
 
 
+def _one_point_per_row(values) -> np.ndarray:
+    """(rows, d) float32 of a stored feature column; a row with one vector per caption (several captions per image)
+    is the normalised mean of its captions' vectors."""
+    values = list(values)
+    if not values or not (len(values[0]) and isinstance(values[0][0], (list, tuple, np.ndarray))):
+        return np.asarray(values, dtype=np.float32)
+    means = np.stack([np.asarray(v, dtype=np.float32).mean(axis=0) for v in values])
+    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+
+
 def neighbour_table(train_dataset, teachers: list, source, data_args, training_args) -> NeighbourTable:
     """CLIP-PING's neighbours of every training row: those of a `neighbours build` folder, or found here (faiss or
     torch, exact) in the first teacher's feature spaces and kept beside the run, keyed by the rows' fingerprint."""
@@ -255,7 +265,7 @@ def neighbour_table(train_dataset, teachers: list, source, data_args, training_a
         if not (folder / FILES["text_neighbours"]).is_file():  # the main process finds them, the others read them
             folder.mkdir(parents=True, exist_ok=True)
             for side in ("image", "text"):
-                features = np.asarray(train_dataset[columns[side]], dtype=np.float32)
+                features = _one_point_per_row(train_dataset[columns[side]])
                 tmp = folder / ("tmp-" + FILES[f"{side}_neighbours"])
                 np.save(tmp, nearest_neighbours(features, 8))
                 tmp.replace(folder / FILES[f"{side}_neighbours"])
