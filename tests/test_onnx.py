@@ -64,8 +64,9 @@ def test_onnx_encoders_match_pytorch_with_dynamic_batch_and_length(tmp_path, tok
     assert changed["image_max_abs_diff"] > 1e-2
 
 
-def test_export_refuses_a_folder_without_a_model(tmp_path):
+def test_export_refuses_a_folder_without_a_model(tmp_path, capsys):
     from modeling_lightclip.training.onnx_export import main
 
-    with pytest.raises(SystemExit, match="no config.json"):
+    with pytest.raises(SystemExit) as stopped:
         main([str(tmp_path), "--out", str(tmp_path / "onnx")])
+    assert stopped.value.code == 2 and "no config.json" in capsys.readouterr().err

@@ -189,7 +189,7 @@ def test_a_clip_start_or_teacher_without_tokenizer_files_is_refused(tmp_path, to
     folder = _clip_teacher(tmp_path / "clip", tokenizer)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
-    with pytest.raises(ValueError, match=f"--model_name_or_path {folder}: its tokenizer knows only 2 token"):
+    with pytest.raises(ValueError, match=f"--model_name_or_path {folder}: the folder has no tokenizer files"):
         train_lightclip.main(["--model_name_or_path", str(folder), "--max_steps", "1", "--max_train_samples", "8",
                               "--output_dir", str(tmp_path / "run")])
     with pytest.raises(ValueError, match=f"--teacher {folder}: its tokenizer knows only 2 token"):
@@ -291,7 +291,8 @@ class _CountingTeacher:
         import torch
 
         self.calls += 1
-        return torch.nn.functional.normalize(torch.tensor([[float(im.size[0]), 1.0, 2.0, 3.0] for im in images]), dim=-1)
+        rows = [[float(image.size[0]), 1.0, 2.0, 3.0] for image in images]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
 
     def text_features(self, texts):
         import torch
@@ -436,7 +437,8 @@ def test_several_captions_per_image_are_all_kept_with_each_ones_features_and_the
 
     config = SimpleNamespace(uses_mlm=False, uses_teacher_feature_batches=True, uses_distillation=False,
                              uses_ping=False)
-    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, teachers=copy.reinforced["teachers"])
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config,
+                                 teachers=copy.reinforced["teachers"])
     decoded = {tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True): c for c in (first, second)}
     drawn = set()
     for seed in range(4):  # a few draws: both captions come up
@@ -565,3 +567,84 @@ def test_a_csv_with_a_fifo_among_its_images_trains_and_counts_it(tmp_path):
                           "--max_steps", "1", "--do_eval", "false", "--dataloader_num_workers", "0",
                           "--output_dir", str(out)])
     assert json.loads((out / "train_results.json").read_text())["train_skipped_not_a_file"] == 1
+
+
+# ------------------------------------------------------------------------------------- broken saved folders
+
+
+@pytest.fixture()
+def broken_saved_folders(tmp_path, tiny_model, tokenizer):
+    """A saved model folder (weights, config, tokenizer, processor) with one part missing or cut short each."""
+    import shutil
+
+    from modeling_lightclip.training.preprocessing import build_processor
+
+    good = tmp_path / "good"
+    tiny_model.save_pretrained(good)
+    build_processor(32, tokenizer).save_pretrained(good)
+    processor_configs = [p.name for p in good.glob("*processor_config.json")]
+    assert processor_configs and (good / "tokenizer.json").is_file()
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return str(folder)
+
+    def cut(file):
+        def change(folder):
+            (folder / file).write_bytes((folder / file).read_bytes()[: (folder / file).stat().st_size // 2])
+        return change
+
+    def remove(*files):
+        return lambda folder: [(folder / f).unlink() for f in files]
+
+    return str(good), {
+        "no weights": (variant("no_weights", remove("model.safetensors")), "no weights"),
+        "cut weights": (variant("cut_weights", cut("model.safetensors")), "model.safetensors cannot be read"),
+        "no tokenizer": (variant("no_tokenizer", remove("tokenizer.json", "tokenizer_config.json")),
+                         "no tokenizer files"),
+        "cut tokenizer": (variant("cut_tokenizer", cut("tokenizer.json")), "tokenizer.json cannot be read"),
+        "no processor": (variant("no_processor", remove(*processor_configs)), "no image processor"),
+    }
+
+
+def test_evaluation_and_export_of_a_broken_folder_end_in_one_message(broken_saved_folders, tmp_path, capsys):
+    from modeling_lightclip.training import benchmark, hub, onnx_export
+
+    good, broken = broken_saved_folders
+    commands = {
+        "hub card": lambda f: hub.main(["card", f]),
+        "hub export": lambda f: hub.main(["export", f, "--out", str(tmp_path / "native")]),
+        "onnx_export": lambda f: onnx_export.main([f, "--out", str(tmp_path / "onnx")]),
+        "--model": lambda f: benchmark.main(["--model", f, "--validation_file", "unused.csv"]),
+    }
+    for case, (folder, message) in broken.items():
+        for name, command in commands.items():
+            try:
+                code = command(folder)
+            except SystemExit as stopped:
+                code = stopped.code
+            err = capsys.readouterr().err
+            assert code == 2, (case, name, err[-600:])
+            expected = f"^error: {re.escape(name)} {re.escape(folder)}: .*{message}"
+            assert re.search(expected, err, re.M), (case, name, err)
+        with pytest.raises(ValueError, match=f"^--model_name_or_path {re.escape(folder)}: .*{message}"):
+            train_lightclip.main(["--do_train", "false", "--model_name_or_path", folder, "--max_eval_samples", "8",
+                                  "--output_dir", str(tmp_path / "eval")])
+    with pytest.raises(SystemExit) as stopped:  # export without --out
+        hub.main(["export", good])
+    assert stopped.value.code == 2 and "export needs --out" in capsys.readouterr().err
+    hub.main(["card", good])  # the whole folder passes the check
+    assert (Path(good) / "README.md").is_file()
+
+
+def test_reinforcing_data_where_every_row_is_bad_fails_with_the_counts(tmp_path, monkeypatch, capsys):
+    from modeling_lightclip.training import reinforce
+
+    monkeypatch.setattr(reinforce, "load_teacher", lambda *args, **kwargs: _CountingTeacher())
+    data = tmp_path / "pairs.csv"
+    data.write_text("image,caption\n" + "".join(f"gone{i}.png,a photo {i}\n" for i in range(5)) + "img.png,\n")
+    assert reinforce.main(["--train_file", str(data), "--out", str(tmp_path / "R")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable training sample" in err and "5 missing_file, 1 missing_caption" in err

@@ -298,11 +298,28 @@ def evaluate_trainer_source(model: str, data_flags: list[str], batch_size: int) 
 
 
 def main(argv=None) -> int:
-    from modeling_lightclip import LightCLIPModel, LightCLIPProcessor
+    """`lightclip-eval`: a problem with the model folder, a set or the data is one `error:` line and exit 2
+    (`LIGHTCLIP_TRACEBACK=1` shows the traceback)."""
+    import os
+    import sys
 
+    try:
+        return _main(argv)
+    except ValueError as err:
+        if os.environ.get("LIGHTCLIP_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
+    from modeling_lightclip import LightCLIPModel
+
+    from .packaged_weights import check_saved_model
     from .processes import process_state
 
     args, data_flags = _parse(argv)
+    processor = check_saved_model(args.model, "--model")
     sets = [open_benchmark(dataset_root(args.dataset_root, name), name, args.split) for name in args.dataset]
     state = process_state()
     if data_flags:
@@ -315,7 +332,6 @@ def main(argv=None) -> int:
                                        "task": "validation", "metrics": metrics, "language": "en"}, indent=2))
             print(f"{source}: " + ", ".join(f"{key} {value:.4g}" for key, value in metrics.items()) + f"  -> {out}")
     model = LightCLIPModel.from_pretrained(args.model).to(args.device or state.device).eval()
-    processor = LightCLIPProcessor.from_pretrained(args.model)
     for benchmark in sets:
         metrics = evaluate_benchmark(model, processor, benchmark, args.batch_size, tuple(args.recall_k))
         if state.is_main_process:

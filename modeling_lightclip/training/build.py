@@ -25,7 +25,7 @@ from .data import (
 from .locked_outputs import store_locked_text_outputs
 from .lora import apply_lora
 from .neighbours import NeighbourTable
-from .packaged_weights import check_pretrained_source, check_tokenizer, image_normalisation, pretrained_source
+from .packaged_weights import check_pretrained_source, image_normalisation, load_processor, pretrained_source
 from .preprocessing import build_processor, text_config_token_ids, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
 from .teacher_features import setup_teacher_features
@@ -149,9 +149,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
     source = checkpoint or model_args.model_name_or_path
     clip_start = bool(source) and not checkpoint and is_clip_checkpoint(source)
     if source:  # a checkpoint to resume, a trained LightCLIP to continue or a CLIPModel: its own tokenizer and config
-        processor = LightCLIPProcessor.from_pretrained(source)
-        check_tokenizer(processor.tokenizer, "--resume_from_checkpoint" if checkpoint else "--model_name_or_path",
-                        source)
+        processor = load_processor(source, "--resume_from_checkpoint" if checkpoint else "--model_name_or_path")
         config = _config_from_saved(source, overrides, processor.tokenizer if clip_start else None)
     else:
         tokenizer = training_tokenizer(recipe, model_args, train_dataset, data_args.caption_column, training_args,

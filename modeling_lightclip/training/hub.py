@@ -550,13 +550,22 @@ def main(argv=None):
     parser.add_argument("--out", help="export: output folder of the native CLIPModel")
     parser.add_argument("--license", help="card: the licence to declare (default: what training recorded)")
     args = parser.parse_args(argv)
+    if args.command == "export" and not args.out:
+        parser.error("export needs --out FOLDER (where the native CLIPModel is written)")
+    from .packaged_weights import check_saved_model
+
+    try:  # a folder that cannot load: one message naming the file, not a library's traceback
+        processor = check_saved_model(args.folder, f"hub {args.command}")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     if args.command == "card":
         print(write_model_card(args.folder, repo_id=args.hub_model_id, license=args.license))
     elif args.command == "export":
-        from .. import LightCLIPModel, LightCLIPProcessor
+        from .. import LightCLIPModel
 
         model = LightCLIPModel.from_pretrained(args.folder)
-        out = export_clip(model, LightCLIPProcessor.from_pretrained(args.folder), args.out)
+        out = export_clip(model, processor, args.out)
         for name in ("eval_results.json", "training_info.json", "trainer_state.json"):
             if (Path(args.folder) / name).is_file():
                 (out / name).write_text((Path(args.folder) / name).read_text())

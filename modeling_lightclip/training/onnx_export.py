@@ -15,6 +15,7 @@ with PyTorch: the largest absolute difference is reported and must stay within `
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -155,8 +156,13 @@ def main(argv=None):
     parser.add_argument("--captions", nargs="+", help="captions for the onnxruntime check")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args(argv)
-    if not Path(args.model_dir, "config.json").is_file():
-        raise SystemExit(f"error: {args.model_dir} has no config.json: pass a folder written by train_lightclip.py")
+    from .packaged_weights import check_saved_model
+
+    try:  # a folder that cannot load: one message naming the file, not a library's traceback
+        check_saved_model(args.model_dir, "onnx_export")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     try:
         report = export_onnx(args.model_dir, args.out, args.images, args.captions, args.tolerance)
     except ImportError as err:

@@ -181,6 +181,51 @@ def check_tokenizer(tokenizer, flag: str, source: str):
     return tokenizer
 
 
+_PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def load_processor(source: str, flag: str):
+    """The `LightCLIPProcessor` saved in `source` (a folder or Hub id), or one message naming the flag, the folder and
+    the file that is missing or damaged: no image-processor config, no tokenizer files, a JSON file cut short, a
+    tokenizer of no real vocabulary (`check_tokenizer`)."""
+    import json
+
+    from .. import LightCLIPProcessor
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        for file in sorted(folder.glob("*.json")):
+            if file.name in _PROCESSOR_CONFIGS or file.name.startswith(("tokenizer", "special_tokens", "vocab")):
+                try:
+                    json.loads(file.read_text())
+                except (OSError, UnicodeDecodeError, ValueError):
+                    raise ValueError(f"{flag} {source}: {file.name} cannot be read (cut short or damaged): copy it "
+                                     "again from where the model came from, or save the model again.") from None
+        if not any((folder / name).is_file() for name in _PROCESSOR_CONFIGS):
+            raise ValueError(f"{flag} {source}: the folder has no image processor ({' / '.join(_PROCESSOR_CONFIGS)}):"
+                             " it was not saved completely. Copy the file in from where the model came from, or save "
+                             "the model again (`processor.save_pretrained(folder)`).")
+        if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+            raise ValueError(f"{flag} {source}: the folder has no tokenizer files ({', '.join(_TOKENIZER_FILES)}): "
+                             "copy them in from where the model came from, or save the model again.")
+    try:
+        processor = LightCLIPProcessor.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - tokenizers, image processors and the Hub raise unrelated error types
+        raise ValueError(f"{flag} {source}: its processor (tokenizer and image processor) cannot be loaded "
+                         f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''})"
+                         ".") from None
+    check_tokenizer(processor.tokenizer, flag, source)
+    return processor
+
+
+def check_saved_model(source: str, flag: str):
+    """A saved LightCLIP folder's processor, after checking that its config, weights (whole) and processor files
+    load (`check_pretrained_source`, `load_processor`): one message naming the flag and the file otherwise."""
+    check_pretrained_source(source, flag, "a LightCLIP folder (train_lightclip.py's --output_dir)")
+    return load_processor(source, flag)
+
+
 def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     """The (mean, std) a pretrained image tower was trained with: a timm checkpoint's `pretrained_cfg`, else the
     checkpoint's image processor; None when neither says."""
@@ -198,7 +243,6 @@ def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
     return (list(mean), list(std)) if mean is not None and std is not None else None
 
 
-__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "check_tokenizer",
-           "efficientnet_lite0_folder",
-           "image_normalisation",
+__all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "check_saved_model",
+           "check_tokenizer", "efficientnet_lite0_folder", "image_normalisation", "load_processor",
            "minilm_folder", "pretrained_source"]

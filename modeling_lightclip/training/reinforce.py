@@ -722,6 +722,13 @@ def main(argv=None) -> int:
         return 2
     if meta is not None:
         print(json.dumps({split: info for split, info in meta["splits"].items()}))
+        train = meta["splits"].get("train") or {}
+        if not train.get("rows"):
+            skipped = ", ".join(f"{n} {reason}" for reason, n in Counter(train.get("skipped") or {}).most_common())
+            print(f"error: no usable training sample: every row was skipped ({skipped or 'no rows'}). Check "
+                  "--image_column / --caption_column and the image paths (relative to the table file).",
+                  file=sys.stderr)
+            return 2
     return 0
 
 
