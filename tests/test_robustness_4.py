@@ -26,7 +26,7 @@ def _folder_with(tmp_path, name, files: dict):
 @pytest.fixture()
 def damaged_folders(tmp_path, tiny_model):
     """Folders a user could point a flag at: missing, without weights, truncated / corrupted safetensors,
-    a config that is not JSON."""
+    a config that is not JSON, weights of other sizes than the config builds."""
     good = tmp_path / "good"
     tiny_model.save_pretrained(good)
     weights = (good / "model.safetensors").read_bytes()
@@ -46,6 +46,9 @@ def damaged_folders(tmp_path, tiny_model):
                                                                            "model.safetensors": weights})),
                             "config.json cannot be read"),
         "hub id not cached": ("some-org/not-downloaded", "not in the local Hugging Face cache.*hf download"),
+        "other sizes": (str(_folder_with(tmp_path, "other_sizes", {
+            "config.json": json.dumps({**json.loads(config), "projection_dim": 2 * tiny_model.config.projection_dim}),
+            "model.safetensors": weights})), "weights are of another model than its config.json describes"),
     }
 
 

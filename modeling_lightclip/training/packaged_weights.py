@@ -155,15 +155,49 @@ def check_pretrained_source(source: str, flag: str, what: str = "a pretrained ch
                          "it was not saved completely. Save the model again, or pass another folder.")
     from safetensors import safe_open
 
+    shapes = {}
     for file in to_read:
         try:
-            with safe_open(str(file), framework="pt"):
-                pass
+            with safe_open(str(file), framework="pt") as weights_file:
+                shapes.update({name: list(weights_file.get_slice(name).get_shape()) for name in weights_file.keys()})
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
             raise ValueError(f"{flag} {source}: {file.name} cannot be read ({str(err).strip() or type(err).__name__})"
                              ": the file is truncated or corrupted (an interrupted copy or download?). Copy or "
                              "download it again.") from None
+    wrong = shape_mismatches(_meta_model(path), shapes)
+    if wrong:
+        raise ValueError(f"{flag} {source}: its weights are of another model than its config.json describes "
+                         f"({len(wrong)} of another shape, e.g. {'; '.join(wrong[:2])}): the weights or the config "
+                         "were copied from elsewhere. Copy the folder again from one source.")
     return config
+
+
+def _meta_model(folder: Path):
+    """The model `folder`'s config.json builds, on the meta device (no memory, no initialisation); None when this
+    version cannot build it (the load reports that)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from .. import LightCLIPModel  # noqa: F401 - registers LightCLIP with the Auto classes
+
+    try:
+        with torch.device("meta"):
+            return AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    except Exception:  # noqa: BLE001 - an architecture this version cannot build: nothing to compare here
+        return None
+
+
+def shape_mismatches(model, shapes: dict) -> list[str]:
+    """'name [stored shape] (config: [shape])' for each stored weight (`shapes`: name -> shape) whose shape differs
+    from `model`'s weight of that name. Names are matched as stored, else after dropping a task model's prefix
+    (`bert.encoder...` stored for a `BertModel`'s `encoder...`)."""
+    if model is None or not shapes:
+        return []
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    if not set(shapes) & set(expected):
+        shapes = {name.split(".", 1)[1]: shape for name, shape in shapes.items() if "." in name}
+    return [f"{name} {shape} (config: {expected[name]})" for name, shape in sorted(shapes.items())
+            if name in expected and list(shape) != expected[name]]
 
 
 MIN_VOCABULARY = 20  # fewer tokens than this is no real tokenizer (one built from defaults alone has 2 or 3)
@@ -244,5 +278,5 @@ def image_normalisation(name_or_path: str) -> tuple[list, list] | None:
 
 
 __all__ = ["EFFICIENTNET_LITE0", "MINILM", "PACKAGED", "check_pretrained_source", "check_saved_model",
-           "check_tokenizer", "efficientnet_lite0_folder", "image_normalisation", "load_processor",
+           "check_tokenizer", "efficientnet_lite0_folder", "image_normalisation", "load_processor", "shape_mismatches",
            "minilm_folder", "pretrained_source"]

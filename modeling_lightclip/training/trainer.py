@@ -24,6 +24,7 @@ from transformers import Trainer, TrainerCallback
 
 from .benchmark import evaluate_benchmark
 from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, sum_over_processes, zero_shot_metrics
+from .packaged_weights import shape_mismatches
 
 
 logger = logging.getLogger(__name__)
@@ -88,9 +89,8 @@ def _weights_problem(path: Path, header: dict) -> str | None:
             model = LightCLIPModel(LightCLIPConfig.from_pretrained(path))
     except Exception as err:  # noqa: BLE001 - any config this version cannot build makes the checkpoint unusable
         return f"not loadable with its config.json ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
-    wrong = [f"{name} {entry['shape']} (config: {expected[name]})" for name, entry in header.items()
-             if name in expected and list(entry.get("shape", [])) != expected[name]]
+    wrong = shape_mismatches(model, {name: entry.get("shape", []) for name, entry in header.items()
+                                     if isinstance(entry, dict)})
     if wrong:
         return (f"of another model than its config.json describes: {len(wrong)} weight(s) of another shape, e.g. "
                 + "; ".join(wrong[:2]))
