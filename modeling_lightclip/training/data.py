@@ -42,6 +42,7 @@ MAX_IMAGE_SIDE = 32_768            # pixels on either side, checked from the hea
 MAX_IMAGE_ASPECT_RATIO = 20.0      # long side / short side, likewise (panoramas are ~10:1)
 _EXIF_ORIENTATION = 0x0112
 _CROP_ASPECTS = (3 / 4, 4 / 3)     # width / height range of the random resized crop
+AUGMENTATIONS = "augmentations"    # a reinforced copy's column of stored views (`draw_augmentation`'s parameters)
 _INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn"})  # control, format (zero-width), surrogate, private
 
 
@@ -739,11 +740,11 @@ def normalize_on_device(pixel_values: torch.Tensor, image_processor, dtype=torch
     return (pixel_values.to(dtype) * scale - mean) / std
 
 
-def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random) -> Image.Image:
-    """Crop a random square-ish region keeping at least `min_scale` of the area (aspect 3/4..4/3)."""
-    width, height = image.size
+def random_crop_box(width: int, height: int, min_scale: float, rng: random.Random) -> tuple | None:
+    """(left, top, right, bottom) of a random square-ish region keeping at least `min_scale` of the area (aspect
+    3/4..4/3); None for the whole image (no crop)."""
     if min_scale >= 1.0 or width < 2 or height < 2:
-        return image
+        return None
     area = width * height
     for _ in range(10):
         target = area * rng.uniform(min_scale, 1.0)
@@ -753,8 +754,35 @@ def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random
         if 0 < w <= width and 0 < h <= height:
             left = rng.randint(0, width - w)
             top = rng.randint(0, height - h)
-            return image.crop((left, top, left + w, top + h))
-    return image
+            return left, top, left + w, top + h
+    return None
+
+
+def random_resized_crop(image: Image.Image, min_scale: float, rng: random.Random) -> Image.Image:
+    """Crop a random square-ish region keeping at least `min_scale` of the area (aspect 3/4..4/3)."""
+    box = random_crop_box(*image.size, min_scale, rng)
+    return image if box is None else image.crop(box)
+
+
+def draw_augmentation(width: int, height: int, min_scale: float, horizontal_flip: bool,
+                      rng: random.Random) -> list[float]:
+    """One draw of the training augmentation as parameters that can be stored and re-applied (`apply_augmentation`):
+    [left, top, right, bottom] of the crop as fractions of the image's width and height, then 1.0 for a horizontal
+    flip (else 0.0). Fractions, so that a JPEG decoded reduced in training crops the same region."""
+    box = random_crop_box(width, height, min_scale, rng) or (0, 0, width, height)
+    flip = horizontal_flip and rng.random() < 0.5
+    return [box[0] / width, box[1] / height, box[2] / width, box[3] / height, 1.0 if flip else 0.0]
+
+
+def apply_augmentation(image: Image.Image, params) -> Image.Image:
+    """`image` cropped and flipped as `params` (`draw_augmentation`) say; the crop box in pixels is recovered
+    exactly at the size the parameters were drawn at."""
+    width, height = image.size
+    left, top, right, bottom, flip = (float(p) for p in params)
+    box = (round(left * width), round(top * height), round(right * width), round(bottom * height))
+    if box != (0, 0, width, height):
+        image = image.crop(box)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip >= 0.5 else image
 
 
 def _decode_short_side(image_processor, min_crop_scale: float) -> int | None:
@@ -859,6 +887,10 @@ class ImageTextCollator:
         except TypeError:
             self._skip("not_an_image")
             return None
+        if self.train and example.get(AUGMENTATIONS) is not None and len(example[AUGMENTATIONS]):
+            # a reinforced copy's stored views: one drawn, re-applied exactly, its teachers' features read with it
+            self._view = self._rng.randrange(len(example[AUGMENTATIONS]))
+            return apply_augmentation(image, example[AUGMENTATIONS][self._view])
         if self.train:
             image = random_resized_crop(image, self.random_resized_crop_scale, self._rng)
             if self.horizontal_flip and self._rng.random() < 0.5:
@@ -905,9 +937,10 @@ class ImageTextCollator:
         self._rng = random.Random(batch_seed)
         generator = torch.Generator().manual_seed(batch_seed)
         self._batch_skipped = Counter()
-        images, captions, keep, drawn = [], [], [], []
+        images, captions, keep, drawn, views = [], [], [], [], []
         for i, example in enumerate(examples):
             caption = self._caption(example)
+            self._view = None
             image = self._image(example) if caption is not None else None
             if image is None or caption is None:
                 continue
@@ -915,6 +948,7 @@ class ImageTextCollator:
             captions.append(caption)
             keep.append(i)
             drawn.append(self._drawn)
+            views.append(self._view)
         if not images:
             self._skip("empty_batch")
             # an empty tensor first: loaders that measure a batch (accelerate's, for streams) find size 0
@@ -935,16 +969,17 @@ class ImageTextCollator:
             batch["class_labels"] = torch.tensor([self._class_label(examples[i][self.label_column]) for i in keep],
                                                  dtype=torch.long)
         if self.train:
-            targets = self._training_targets(examples, keep, text, generator, drawn)
+            targets = self._training_targets(examples, keep, text, generator, drawn, views)
             if targets:
                 batch["training_targets"] = targets
         return batch
 
-    def _training_targets(self, examples: list[dict], keep: list[int], text, generator, drawn=None) -> dict:
+    def _training_targets(self, examples: list[dict], keep: list[int], text, generator, drawn=None,
+                          views=None) -> dict:
         """The per-sample inputs of the objectives the model's config switches on (`TRAINING_TARGETS`), decided
         here, in one place: MLM's masked copies, the teachers' features and embeddings read from each sample's own
-        row (of the caption drawn, `drawn`, when a row has several), CLIP-PING's neighbour ids or in-batch
-        partners."""
+        row (of the caption drawn, `drawn`, and the stored view drawn, `views`, when a row has several),
+        CLIP-PING's neighbour ids or in-batch partners."""
         config = self.model_config
         if config is None:
             return {}
@@ -956,10 +991,10 @@ class ImageTextCollator:
             kept = [examples[i] for i in keep]
             if config.uses_teacher_feature_batches:
                 targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
-                    kept, self.teachers, drawn)
+                    kept, self.teachers, drawn, views)
             if config.uses_distillation:
                 targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
-                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn)
+                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn, views)
         if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
             targets[STORED_TEXT_OUTPUTS] = torch.tensor(
                 np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))
@@ -978,29 +1013,28 @@ class ImageTextCollator:
         return targets
 
 
-def caption_features(value, drawn: int | None):
-    """A row's stored text features of one caption: the row holds one vector, or one per caption (a reinforced copy
-    of data with several captions per image), of which the drawn caption's."""
+def one_of_stored(value, index: int | None):
+    """A row's stored features of one caption or one view: the row holds one vector, or one per caption (several
+    captions per image) or per stored augmentation, of which the `index`-th (the one drawn for this step)."""
     if len(value) and isinstance(value[0], (list, tuple, np.ndarray)):
-        return value[drawn or 0]
+        return value[index or 0]
     return value
 
 
-def teacher_tensors(examples: list[dict], teachers: list[dict], drawn: list | None = None) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
-    """(image, text) teacher features of `examples`, read from each sample's own row (text: of the caption `drawn`
-    for it, when the row stores several). Each teacher's vectors are L2-normalised and, with several teachers, scaled
-    by 1/sqrt(T) and concatenated: a dot product of two such rows is the mean of the teachers' cosine similarities (an
-    ensemble), whatever the teachers' dimensions."""
+def teacher_tensors(examples: list[dict], teachers: list[dict], drawn: list | None = None,
+                    views: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, text) teacher features of `examples`, read from each sample's own row (image: of the stored view in
+    `views`, text: of the caption in `drawn`, when the row stores several). Each teacher's vectors are L2-normalised
+    and, with several teachers, scaled by 1/sqrt(T) and concatenated: a dot product of two such rows is the mean of
+    the teachers' cosine similarities (an ensemble), whatever the teachers' dimensions."""
     scale = 1.0 / math.sqrt(len(teachers))
-    drawn = drawn or [None] * len(examples)
+    chosen = {"image": views or [None] * len(examples), "text": drawn or [None] * len(examples)}
     out = []
     for side in ("image", "text"):
         parts = []
         for teacher in teachers:
             column = teacher["columns"][side]
-            rows = [example[column] if side == "image" else caption_features(example[column], k)
-                    for example, k in zip(examples, drawn)]
+            rows = [one_of_stored(example[column], k) for example, k in zip(examples, chosen[side])]
             values = torch.tensor(np.asarray(rows, dtype=np.float32))
             parts.append(torch.nn.functional.normalize(values, dim=-1) * scale)
         out.append(torch.cat(parts, dim=1))
@@ -1021,6 +1055,8 @@ __all__ = [
     "load_image_text_datasets",
     "normalize_on_device",
     "prepare_zero_shot_labels",
+    "apply_augmentation",
+    "draw_augmentation",
     "random_resized_crop",
     "to_rgb",
     "zero_shot_templates",

@@ -425,6 +425,33 @@ def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> N
 
 
 @dataclass
+class StoredAugmentation:
+    """`--num_augmentations K`: K draws of the training augmentation per image (random resized crop keeping at
+    least `random_resized_crop_scale` of the area, horizontal flip), stored as parameters with every teacher's image
+    features of each view; training re-applies one drawn view exactly, so the student sees the view its targets
+    describe. K = 0: one feature of the un-augmented image, as before. Each row's draws come from (seed, source
+    row): a rerun draws the same views."""
+
+    num_augmentations: int = 0
+    random_resized_crop_scale: float = 0.8
+    horizontal_flip: bool = True
+    seed: int = 0
+
+    def views(self, image, source_row: int) -> list[list[float]]:
+        import random
+        import zlib
+
+        from .data import draw_augmentation
+
+        rng = random.Random(zlib.crc32(f"{self.seed}:{source_row}".encode()))
+        return [draw_augmentation(*image.size, self.random_resized_crop_scale, self.horizontal_flip, rng)
+                for _ in range(self.num_augmentations)]
+
+    def describe(self) -> dict | None:
+        return dict(vars(self)) if self.num_augmentations else None
+
+
+@dataclass
 class ShardLayout:
     """What the source's columns hold, read from its features: several captions per image (a list column: the copy
     keeps every usable caption, with each teacher's text features per caption), and labels as class ids, as
@@ -432,6 +459,7 @@ class ShardLayout:
 
     caption_lists: bool = False
     label: str | None = None  # "int", "string" or None
+    num_augmentations: int = 0  # stored views per image (training split): features per view, parameters per view
 
     @classmethod
     def of(cls, dataset, caption_column: str, label_column: str | None) -> "ShardLayout":
@@ -448,14 +476,19 @@ class ShardLayout:
 def _shard_features(teachers: list, layout: ShardLayout, with_teachers: bool):
     from datasets import Features, Image, List, Value
 
+    from .data import AUGMENTATIONS
+
     spec = {"image": Image(), "caption": List(Value("string")) if layout.caption_lists else Value("string"),
             "source_row": Value("int64")}
     if layout.label:
         spec["label"] = Value("string") if layout.label == "string" else Value("int64")
+    if layout.num_augmentations:
+        spec[AUGMENTATIONS] = List(List(Value("float32"), length=5), length=layout.num_augmentations)
     if with_teachers:
         for i, teacher in enumerate(teachers):
             names = teacher_columns(i)
-            spec[names["image"]] = List(Value("float16"), length=teacher.image_dim)
+            image = List(Value("float16"), length=teacher.image_dim)
+            spec[names["image"]] = List(image, length=layout.num_augmentations) if layout.num_augmentations else image
             text = List(Value("float16"), length=teacher.text_dim)
             spec[names["text"]] = List(text) if layout.caption_lists else text  # one vector per caption
     return Features(spec)
@@ -464,7 +497,7 @@ def _shard_features(teachers: list, layout: ShardLayout, with_teachers: bool):
 def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "image",
                     caption_column: str = "caption", label_column: str | None = None, shard_size: int = 10_000,
                     batch_size: int = 64, rank: int = 0, world: int = 1, max_aspect_ratio: float = 20.0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, augmentation: StoredAugmentation | None = None) -> dict:
     """Write this process's shards of `dataset` (a `datasets` Dataset or IterableDataset) into `folder`: shard k holds
     source rows [k * shard_size, (k + 1) * shard_size) and belongs to process k % world. Finished shards of the same
     rows and settings are kept (`shard_is_kept`; every process checks every shard, so a refusal stops them all
@@ -473,7 +506,9 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
+    augmentation = augmentation or StoredAugmentation()
     layout = ShardLayout.of(dataset, caption_column, label_column)
+    layout.num_augmentations = augmentation.num_augmentations
     try:
         total = len(dataset)
     except TypeError:
@@ -483,14 +518,16 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     done = {}
     current, rows, captions, started = None, [], [], time.perf_counter()
     label = label_column if layout.label else None
-    settings = copy_settings(teachers, shard_size, image_column, caption_column, label, max_aspect_ratio)
+    settings = {**copy_settings(teachers, shard_size, image_column, caption_column, label, max_aspect_ratio),
+                "augmentation": augmentation.describe()}
     feature_names = list(_shard_features(teachers, layout, bool(teachers)))
 
     def _flush(index, rows, digest):
         paths = shard_paths(folder, index)
         summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label, batch_size,
                                 max_aspect_ratio, rank, on_progress=bar.update,
-                                provenance={"settings": settings, "source_digest": digest}, layout=layout)
+                                provenance={"settings": settings, "source_digest": digest}, layout=layout,
+                                augmentation=augmentation)
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
@@ -541,8 +578,8 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
                   max_aspect_ratio, rank: int = 0, on_progress=lambda n: None, provenance: dict | None = None,
-                  layout: ShardLayout | None = None) -> dict:
-    from .data import _label_id
+                  layout: ShardLayout | None = None, augmentation: StoredAugmentation | None = None) -> dict:
+    from .data import AUGMENTATIONS, _label_id, apply_augmentation
 
     layout = layout or ShardLayout(label="int" if label_column else None)
     started = time.perf_counter()
@@ -550,6 +587,8 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
     columns = {"image": [], "caption": [], "source_row": []}
     if label_column:
         columns["label"] = []
+    if layout.num_augmentations:
+        columns[AUGMENTATIONS] = []
     for i in range(len(teachers)):
         columns.update({name: [] for name in teacher_columns(i).values()})
     for begin in range(0, len(rows), batch_size):
@@ -564,7 +603,12 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             elif not layout.caption_lists and isinstance(caption, list):  # the source declared one caption per row
                 skipped["caption_beyond_the_first"] += len(caption) - 1
                 caption = caption[0]
-            images.append(image)
+            if layout.num_augmentations:  # the teachers see each stored view, as training will re-apply it
+                views = augmentation.views(image, row)
+                columns[AUGMENTATIONS].append(views)
+                images.extend(apply_augmentation(image, params) for params in views)
+            else:
+                images.append(image)
             keep.append(caption)
             columns["image"].append({"bytes": data, "path": None})
             columns["caption"].append(caption)
@@ -577,7 +621,10 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
         if images:
             for i, teacher in enumerate(teachers):
                 names = teacher_columns(i)
-                columns[names["image"]].extend(teacher.image_features(images).half().numpy())
+                image_features = teacher.image_features(images).half().numpy()
+                if layout.num_augmentations:  # (samples, views, d): each sample's views together
+                    image_features = image_features.reshape(len(keep), layout.num_augmentations, -1)
+                columns[names["image"]].extend(image_features)
                 if layout.caption_lists:  # every caption's features, one call for the batch's captions
                     flat = teacher.text_features([c for captions in keep for c in captions]).half().numpy()
                     bounds = np.cumsum([0] + [len(captions) for captions in keep])
@@ -599,7 +646,7 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
 def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "image", caption_column: str = "caption",
               label_column: str | None = "label", shard_size: int = 10_000, batch_size: int = 64,
               teacher_image_size: int = 224, source: dict | None = None, state=None, teachers: list | None = None,
-              max_aspect_ratio: float = 20.0) -> dict:
+              max_aspect_ratio: float = 20.0, augmentation: StoredAugmentation | None = None) -> dict:
     """Write a reinforced copy of `splits` ({"train": dataset, "validation": dataset}: teacher features on the
     training split only) into `out`, shards spread over the processes of `state` (accelerate's `PartialState`), and
     the metadata file (main process, once every process is done). Returns the metadata."""
@@ -615,7 +662,8 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
             continue
         results[split] = reinforce_split(dataset, out / split, teachers if split == "train" else [], image_column,
                                          caption_column, label_column, shard_size, batch_size, state.process_index,
-                                         state.num_processes, max_aspect_ratio, progress=state.is_local_main_process)
+                                         state.num_processes, max_aspect_ratio, progress=state.is_local_main_process,
+                                         augmentation=augmentation if split == "train" else None)
     state.wait_for_everyone()
     meta = None
     if state.is_main_process:
@@ -625,7 +673,7 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
         meta = {"format": FORMAT, "source": source, "columns": {"image": "image", "caption": "caption",
                                                                   "label": "label" if has_label else None},
                 "class_names": _class_names(splits, label_column), "teachers": [], "splits": {},
-                "provenance": stamp()}
+                "augmentation": (augmentation or StoredAugmentation()).describe(), "provenance": stamp()}
         for i, teacher in enumerate(teachers):
             described = teacher.describe()
             if described.get("image_dim") is None:  # a process with no sample to encode: read the dims back
@@ -690,10 +738,24 @@ def main(argv=None) -> int:
     parser.add_argument("--file_encoding", default="utf-8")
     parser.add_argument("--streaming", action="store_true", help="read the source as a stream (never materialised)")
     parser.add_argument("--max_train_samples", type=int)
+    parser.add_argument("--num_augmentations", type=int, default=0,
+                        help="store K views of each training image (the training augmentation's parameters) with "
+                             "every teacher's image features of each view; training re-applies one (0: one feature "
+                             "of the un-augmented image)")
+    parser.add_argument("--random_resized_crop_scale", type=float, default=0.8,
+                        help="with --num_augmentations: the smallest share of the area a stored crop keeps (as "
+                             "training's flag of that name)")
+    parser.add_argument("--no_horizontal_flip", action="store_true",
+                        help="with --num_augmentations: no stored view is flipped")
+    parser.add_argument("--seed", type=int, default=0, help="with --num_augmentations: the views' random seed")
     args = parser.parse_args(argv)
     for flag in ("shard_size", "batch_size", "teacher_image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
+    if args.num_augmentations < 0:
+        parser.error(f"--num_augmentations {args.num_augmentations}: 0 (no stored views) or more.")
+    if not 0.0 < args.random_resized_crop_scale <= 1.0:
+        parser.error(f"--random_resized_crop_scale {args.random_resized_crop_scale}: a share of the area in (0, 1].")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out}: a file is there; the reinforced copy is a folder. Choose another --out.")
@@ -714,7 +776,9 @@ def main(argv=None) -> int:
             raise ValueError("the data has no training split to reinforce (--train_split).")
         meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], args.image_column,
                          args.caption_column, args.label_column, args.shard_size, args.batch_size,
-                         args.teacher_image_size, source=splits.source)
+                         args.teacher_image_size, source=splits.source,
+                         augmentation=StoredAugmentation(args.num_augmentations, args.random_resized_crop_scale,
+                                                         not args.no_horizontal_flip, args.seed))
     except (ValueError, TrainingStopped) as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise

@@ -40,11 +40,11 @@ def split_files(folder, split: str) -> list[str]:
 
 
 def feature_width(arrow_type) -> int | None:
-    """The dimension of a stored feature column: a fixed-size list, or a list of them (one vector per caption)."""
-    width = getattr(arrow_type, "list_size", None)
-    if width is None and hasattr(arrow_type, "value_type"):
-        width = getattr(arrow_type.value_type, "list_size", None)
-    return width
+    """The dimension of a stored feature column: a fixed-size list of numbers, or a list of them (one vector per
+    caption, or per stored view)."""
+    while hasattr(getattr(arrow_type, "value_type", None), "value_type"):  # a list of lists: the vectors inside
+        arrow_type = arrow_type.value_type
+    return getattr(arrow_type, "list_size", None)
 
 
 def check_shards(folder, meta: dict, split: str) -> None:
