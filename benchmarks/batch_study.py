@@ -46,9 +46,9 @@ def _train() -> None:
                    "--arms", *ablation.BATCH_ARMS])
 
 
-def _finished_runs() -> dict:
+def _finished_runs(study: Path = STUDY) -> dict:
     runs = {}
-    for run_json in sorted(STUDY.glob("runs/*/seed*/run.json")):
+    for run_json in sorted(study.glob("runs/*/seed*/run.json")):
         runs.setdefault(run_json.parent.parent.name, {})[run_json.parent.name] = run_json.parent
     return runs
 
@@ -66,9 +66,9 @@ def _stats(rows: list[dict], keys: list[str]) -> dict:
                 "std": statistics.stdev([r[k] for r in rows]) if len(rows) > 1 else 0.0} for k in keys}
 
 
-def _compare(rows: dict, keys: list[str]) -> dict:
+def _compare(rows: dict, keys: list[str], comparisons=COMPARISONS) -> dict:
     out = {}
-    for arm, base in COMPARISONS:
+    for arm, base in comparisons:
         a, b = rows.get(arm), rows.get(base)
         if not a or not b or len(a) != len(b) or len(a) < 2:
             continue
@@ -104,14 +104,56 @@ def _choice(val_summary: dict) -> dict:
     return chosen
 
 
+def study_arguments(argv, doc: str, name: str):
+    """A study script's flags: --skip_training (score and report the finished runs only) and --out."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip_training", action="store_true", help="score and report the finished runs only")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / name))
+    return parser.parse_args(argv)
+
+
+def table(rows: dict, keys: list[str]) -> dict:
+    return {arm: {"seeds": len(r), "metrics": _stats(r, keys)} for arm, r in rows.items()}
+
+
+def validation_rows(finished: dict) -> dict:
+    return {arm: [json.loads((d / "run.json").read_text()) for _, d in sorted(seeds.items())]
+            for arm, seeds in finished.items()}
+
+
+def score_tests(finished: dict, final: set, data: Path) -> tuple[dict, dict]:
+    """(test rows of the final arms, icon rows of every arm), each run scored once and the scores kept beside it:
+    Fashion-MNIST test zero-shot and OpenClipart test retrieval, and the icon-theme second test set."""
+    test_files = {"zero_shot": data / "fashion_mnist" / "test.parquet",
+                  "retrieval": data / "openclipart" / "validation.parquet"}
+    icons = second_test_set.prepare_icons(data)
+    test, icon = {}, {}
+    for arm, seeds in finished.items():
+        for seed, run_dir in sorted(seeds.items()):
+            if arm in final:
+                test.setdefault(arm, []).append(_scored(run_dir, "test",
+                                                        lambda d: ablation.evaluate_run(d, test_files)))
+            icon.setdefault(arm, []).append(_scored(run_dir, "icons", lambda d: second_test_set.score(d, icons)))
+    return test, icon
+
+
 def _cell(stats: dict, key: str) -> str:
     return f"{100 * stats[key]['mean']:.1f} ± {100 * stats[key]['std']:.1f}"
 
 
 def _markdown(result: dict) -> str:
-    titles = dict(ablation.METRICS)
     lines = [f"Batch size at equal samples seen ({ablation.BATCH_STUDY_SAMPLES:,} per run): recipe `default` at 64 px, "
-             f"lr 2e-3, mean ± std over seeds (%).", ""]
+             f"lr 2e-3, mean ± std over seeds (%).", "", *markdown_tables(result, ablation.BATCH_ARMS)]
+    if result.get("choice"):
+        lines.append("Chosen on validation (best mean of the five validation metrics): " + ", ".join(
+            f"{loss} → batch {c['batch']}" for loss, c in result["choice"].items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_tables(result: dict, arm_order: list[str]) -> list[str]:
+    """Per split (validation, test, icons): a table of the arms' mean ± std and the comparisons beneath it."""
+    titles = dict(ablation.METRICS)
+    lines = []
     for split, keys, names in (("validation", VAL_KEYS, titles), ("test", VAL_KEYS, titles),
                                ("icons", ICON_KEYS, {k: "icons " + k.replace("_", " ") for k in ICON_KEYS})):
         summary = result[split]
@@ -119,7 +161,7 @@ def _markdown(result: dict) -> str:
             continue
         lines += [f"**{split}**", "", "| arm | seeds | " + " | ".join(names[k] for k in keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
-        for arm in ablation.BATCH_ARMS:
+        for arm in arm_order:
             if arm in summary:
                 lines.append(f"| `{arm}` | {summary[arm]['seeds']} | "
                              + " | ".join(_cell(summary[arm]['metrics'], k) for k in keys) + " |")
@@ -129,10 +171,7 @@ def _markdown(result: dict) -> str:
                 f"{names[k]} {100 * b['delta']:+.1f} [{100 * b['ci95'][0]:+.1f}, {100 * b['ci95'][1]:+.1f}; "
                 f"p_Holm={b['p_holm']:.3f}]" for k, b in boot.items()))
         lines.append("")
-    if result.get("choice"):
-        lines.append("Chosen on validation (best mean of the five validation metrics): " + ", ".join(
-            f"{loss} → batch {c['batch']}" for loss, c in result["choice"].items()) + ".")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -161,33 +200,16 @@ def _plot(curves: dict, path: Path) -> None:
 def main(argv=None):
     from modeling_lightclip.training.provenance import write_results
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip_training", action="store_true", help="score and report the finished runs only")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batch_study"))
-    args = parser.parse_args(argv)
+    args = study_arguments(argv, __doc__, "batch_study")
     if not args.skip_training:
         _train()
-    data = STUDY.parent / "data"
-    test_files = {"zero_shot": data / "fashion_mnist" / "test.parquet",
-                  "retrieval": data / "openclipart" / "validation.parquet"}
-    icons = second_test_set.prepare_icons(data)
-    def table(rows, keys):
-        return {arm: {"seeds": len(r), "metrics": _stats(r, keys)} for arm, r in rows.items()}
-
     finished = _finished_runs()
-    val = {arm: [json.loads((d / "run.json").read_text()) for _, d in sorted(seeds.items())]
-           for arm, seeds in finished.items()}
+    val = validation_rows(finished)
     val_summary = {arm: s["metrics"] for arm, s in table(val, VAL_KEYS).items()}
     choice = _choice(val_summary)
     # the test splits once per final arm: each loss at batch 128 (the baseline) and at its validation choice
     final = {f"{loss}@b128" for loss in LOSSES} | {f"{loss}@b{c['batch']}" for loss, c in choice.items()}
-    test, icon = {}, {}
-    for arm, seeds in finished.items():
-        for seed, run_dir in sorted(seeds.items()):
-            if arm in final:
-                test.setdefault(arm, []).append(_scored(run_dir, "test",
-                                                        lambda d: ablation.evaluate_run(d, test_files)))
-            icon.setdefault(arm, []).append(_scored(run_dir, "icons", lambda d: second_test_set.score(d, icons)))
+    test, icon = score_tests(finished, final, STUDY.parent / "data")
     result = {"samples_per_run": ablation.BATCH_STUDY_SAMPLES, "arms": {a: ablation.ARMS[a] for a in val},
               "validation": table(val, VAL_KEYS), "test": table(test, VAL_KEYS), "icons": table(icon, ICON_KEYS),
               "test_comparisons": _compare(test, VAL_KEYS), "icons_comparisons": _compare(icon, ICON_KEYS),

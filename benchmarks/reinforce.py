@@ -1,11 +1,14 @@
 """Samples/s of the reinforce pass (`lightclip-reinforce`) and its disk cost, on generated JPEG pairs.
 
     python benchmarks/reinforce.py --samples 512 --json benchmarks/results/reinforce_cpu.json
+    python benchmarks/reinforce.py --samples 256 --num_augmentations 0 4 8 --json benchmarks/results/reinforce_views_cpu.json
 
 Writes `--samples` JPEG image-caption pairs (photos re-encoded at `--photo_size`, captions of a few words), then
 reinforces them with the default teacher (frozen-pair: EfficientNet-Lite0 at `--teacher_image_size` + all-MiniLM-L6-v2)
 in one process, timing the whole pass (decode, both teachers, parquet writing); reports samples/s and the bytes the
-copy takes per sample: the image bytes as stored in the source plus the float16 features (1,280 + 384 values).
+copy takes per sample: the image bytes as stored in the source plus the float16 features (1,280 + 384 values; with
+`--num_augmentations K` stored views, 1,280 per view, and the views' parameters). Several K are measured in one run,
+one after the other on the same pairs, so their ratios compare.
 """
 
 import argparse
@@ -27,6 +30,8 @@ def main(argv=None):
     parser.add_argument("--photo_size", default="320x240")
     parser.add_argument("--teacher_image_size", type=int, default=224)
     parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_augmentations", type=int, nargs="+", default=[0],
+                        help="stored views per image (each K measured in turn)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
@@ -35,7 +40,7 @@ def main(argv=None):
     from PIL import Image
 
     from modeling_lightclip.training.provenance import write_results
-    from modeling_lightclip.training.reinforce import reinforce
+    from modeling_lightclip.training.reinforce import StoredAugmentation, load_teacher, reinforce
 
     work = Path(tempfile.mkdtemp(prefix="lightclip-reinforce-bench-"))
     width, height = (int(v) for v in args.photo_size.split("x"))
@@ -50,20 +55,26 @@ def main(argv=None):
                               "caption": [" ".join(words[(i + j) % len(words)] for j in range(6)) + f" {i}"
                                           for i in range(args.samples)]},
                              features=Features({"image": ImageFeature(decode=False), "caption": Value("string")}))
-    started = time.perf_counter()
-    meta = reinforce({"train": data}, work / "R", ["frozen-pair"], shard_size=max(args.samples // 4, 1),
-                     batch_size=args.batch_size, teacher_image_size=args.teacher_image_size)
-    seconds = time.perf_counter() - started
-    size = sum(p.stat().st_size for p in (work / "R" / "train").glob("*.parquet"))
+    teachers = [load_teacher("frozen-pair", image_size=args.teacher_image_size)]  # loaded once, outside the timing
     image_bytes = sum(len(photos[i % 2]) for i in range(args.samples))
+    runs = {}
+    for views in args.num_augmentations:
+        started = time.perf_counter()
+        meta = reinforce({"train": data}, work / f"R{views}", [], shard_size=max(args.samples // 4, 1),
+                         batch_size=args.batch_size, teachers=teachers,
+                         augmentation=StoredAugmentation(num_augmentations=views))
+        seconds = time.perf_counter() - started
+        size = sum(p.stat().st_size for p in (work / f"R{views}" / "train").glob("*.parquet"))
+        runs[views] = {"rows": meta["splits"]["train"]["rows"], "seconds": seconds,
+                       "samples_per_s": args.samples / seconds, "copy_bytes_per_sample": size / args.samples,
+                       "source_image_bytes_per_sample": image_bytes / args.samples,
+                       "feature_bytes_per_sample": 2 * (1280 * max(views, 1) + 384) + 4 * 5 * views}
+        print(f"K={views}: {args.samples} samples in {seconds:.1f} s: {runs[views]['samples_per_s']:.1f} samples/s; "
+              f"copy {runs[views]['copy_bytes_per_sample'] / 1024:.1f} KiB per sample (images "
+              f"{image_bytes / args.samples / 1024:.1f} KiB, features "
+              f"{runs[views]['feature_bytes_per_sample'] / 1024:.1f} KiB)")
     result = {"setting": vars(args) | {"threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available()
-                                       else "cpu"},
-              "rows": meta["splits"]["train"]["rows"], "seconds": seconds, "samples_per_s": args.samples / seconds,
-              "copy_bytes_per_sample": size / args.samples, "source_image_bytes_per_sample": image_bytes / args.samples,
-              "feature_bytes_per_sample": 2 * (1280 + 384)}
-    print(f"{args.samples} samples in {seconds:.1f} s: {result['samples_per_s']:.1f} samples/s; copy "
-          f"{result['copy_bytes_per_sample'] / 1024:.1f} KiB per sample (images {image_bytes / args.samples / 1024:.1f} "
-          f"KiB, features {result['feature_bytes_per_sample'] / 1024:.1f} KiB)")
+                                       else "cpu"}, **runs[args.num_augmentations[0]], "by_num_augmentations": runs}
     if args.json:
         write_results(args.json, result)
     shutil.rmtree(work, ignore_errors=True)
