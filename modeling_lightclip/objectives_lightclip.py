@@ -71,10 +71,8 @@ def batch_sizes(local: int, device=None) -> list[int]:
     _, world = _world()
     if world == 1:
         return [int(local)]
-    sizes = torch.tensor([int(local)], dtype=torch.long, device=device).expand(world).clone()
-    mine = torch.tensor([int(local)], dtype=torch.long, device=device)
-    parts = list(sizes.split(1))
-    dist.all_gather(parts, mine, group=_loss_group())
+    parts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(parts, torch.tensor([int(local)], dtype=torch.long, device=device), group=_loss_group())
     return [int(p.item()) for p in parts]
 
 
@@ -575,7 +573,6 @@ class FeatureDistillationLoss(nn.Module):
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, teacher_image: torch.Tensor,
                 teacher_text: torch.Tensor) -> dict[str, torch.Tensor]:
         distances = []
-        normaliser = _global_mean_normaliser(image_embeds.new_tensor(float(image_embeds.shape[0])))  # global mean
         for projection, student, teacher in ((self.image_projection, image_embeds, teacher_image),
                                              (self.text_projection, text_embeds, teacher_text)):
             if teacher.shape[-1] != projection.out_features:
@@ -583,7 +580,7 @@ class FeatureDistillationLoss(nn.Module):
                                  f"dimensions and the batch carries {teacher.shape[-1]}: the training data's "
                                  "teachers are not the ones the model was set up for (feature_distill_teacher_dims).")
             projected = F.normalize(projection(student.to(projection.weight.dtype)).float(), dim=-1)
-            distances.append((projected - teacher.float()).pow(2).sum(-1).sum() * normaliser)
+            distances.append(row_mean((projected - teacher.float()).pow(2).sum(-1)))  # over the global batch
         return {"feature_distill": 0.5 * (distances[0] + distances[1])}
 
 
