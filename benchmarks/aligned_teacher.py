@@ -55,9 +55,14 @@ def fit_alignment(image: np.ndarray, text: np.ndarray, dim: int = 256, steps: in
     return image_map, text_map, float(log_scale.detach().clamp(max=math.log(100.0)).exp()), float(loss.detach())
 
 
+def _features(table, column: str) -> np.ndarray:
+    """A stored feature column as float32: (rows, d), or (rows, views, d) in a copy with stored views."""
+    return np.asarray(table.column(column).to_pylist(), np.float32)
+
+
 def write_aligned_copy(source: Path, out: Path, dim: int = 256, steps: int = 600, seed: int = 0) -> dict:
     """`source`'s reinforced copy plus the aligned pair as teacher 1, written to `out` (shard by shard, so every row
-    keeps its own features)."""
+    keeps its own features; in a copy with stored views, one aligned image vector per view)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -69,21 +74,24 @@ def write_aligned_copy(source: Path, out: Path, dim: int = 256, steps: int = 600
     meta = read_meta(source)
     first = teacher_columns(0)
     tables = [pq.read_table(path) for path in split_files(source, "train")]
-    image = np.concatenate([np.asarray(t.column(first["image"]).to_pylist(), np.float32) for t in tables])
-    text = np.concatenate([np.asarray(t.column(first["text"]).to_pylist(), np.float32) for t in tables])
+    image = np.concatenate([_features(t, first["image"]) for t in tables])
+    text = np.concatenate([_features(t, first["text"]) for t in tables])
+    views = image.shape[1] if image.ndim == 3 else 0  # a copy with stored views: (rows, views, d)
     started = time.perf_counter()
-    image_map, text_map, scale, loss = fit_alignment(image, text, dim, steps, seed=seed)
+    # with stored views, every view is paired with its image's caption (the alignment sees what training distils)
+    image_map, text_map, scale, loss = fit_alignment(image.reshape(-1, image.shape[-1]),
+                                                     np.repeat(text, views, axis=0) if views else text, dim, steps,
+                                                     seed=seed)
     fitted = time.perf_counter() - started
     second = teacher_columns(1)
     (out / "train").mkdir(parents=True, exist_ok=True)
     for path, table in zip(split_files(source, "train"), tables):
         with torch.no_grad():
-            a = F.normalize(image_map(torch.tensor(np.asarray(table.column(first["image"]).to_pylist(), np.float32))),
-                            dim=-1)
-            b = F.normalize(text_map(torch.tensor(np.asarray(table.column(first["text"]).to_pylist(), np.float32))),
-                            dim=-1)
+            a = F.normalize(image_map(torch.from_numpy(_features(table, first["image"]))), dim=-1)
+            b = F.normalize(text_map(torch.from_numpy(_features(table, first["text"]))), dim=-1)
         kind = pa.list_(pa.float16(), dim)
-        table = table.append_column(second["image"], pa.array(a.half().numpy().tolist(), type=kind))
+        image_kind = pa.list_(kind, views) if views else kind  # one aligned vector per stored view
+        table = table.append_column(second["image"], pa.array(a.half().numpy().tolist(), type=image_kind))
         table = table.append_column(second["text"], pa.array(b.half().numpy().tolist(), type=kind))
         name = Path(path).name
         pq.write_table(table, out / "train" / (name + ".tmp"))
