@@ -332,7 +332,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
     if arm_config(setting, overrides).uses_frozen_features and reinforced is None:
-        argv += ["--ping_neighbours_dir", str(neighbours)]
+        argv += ["--teacher_features", str(neighbours)]
     return argv
 
 

@@ -65,7 +65,7 @@ def main(argv=None):
                     "no", "--logging_steps", "50", "--report_to", "none", "--dataloader_num_workers",
                     str(args.workers), *ablation.arm_flags(ablation.ARMS[arm])]
             if ablation.arm_config({"recipe": args.recipe}, ablation.ARMS[arm]).uses_frozen_features:
-                argv += ["--ping_neighbours_dir", str(frozen)]
+                argv += ["--teacher_features", str(frozen)]
             for flag, value in (("--max_train_samples", args.max_train_samples),
                                 ("--max_eval_samples", args.max_eval_samples)):
                 if value is not None:

@@ -157,7 +157,7 @@ class LightCLIPConfig(PretrainedConfig):
         soft_label_source (`str`, *optional*, defaults to `"frozen"`):
             Whose intra-modal similarity spreads the softened mass in `"similarity"` mode: `"student"` (the model's
             own detached embeddings, the LightCLIP paper's reading) or `"frozen"` (the frozen pretrained unimodal
-            encoders of CLIP-PING, whose features the collator reads from `--ping_neighbours_dir`: their
+            encoders of CLIP-PING, whose features the collator reads from `--teacher_features`: their
             neighbourhood structure is distilled into the student, and it is informative from the first step,
             whereas a student trained from scratch knows nothing early on).
         soft_label_modality (`str`, *optional*, defaults to `"candidates"`):
@@ -229,7 +229,7 @@ class LightCLIPConfig(PretrainedConfig):
             distribution of every sample over the other samples of the global batch is pulled toward the frozen
             pretrained encoder's (KL, `relation_temperature` on both sides). It passes the frozen encoders' notion
             of which images / which captions are alike into each tower directly, rather than only through the
-            contrastive targets. Needs the frozen encoders' folder (`--ping_neighbours_dir`). 0 switches it off.
+            contrastive targets. Needs the frozen encoders' features (`--teacher_features`). 0 switches it off.
         relation_temperature (`float`, *optional*, defaults to 0.1):
             Temperature of both similarity softmaxes of the relation term.
         distill_loss_weight (`float`, *optional*, defaults to 0):

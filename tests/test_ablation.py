@@ -58,7 +58,7 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
             assert data_args.streaming and data_args.train_file == str(tmp_path / "R")
             assert data_args.teacher_features != str(tmp_path / "nn")
             continue
-        assert (data_args.teacher_features == str(tmp_path / "nn")) == needs_folder   # the old flag name, an alias
+        assert (data_args.teacher_features == str(tmp_path / "nn")) == needs_folder
     # the arms differ from the baseline in exactly the objectives they name
     base = ablation.ARMS["clip"]
     changed = {name: {k for k in base if arm[k] != base[k]} for name, arm in ablation.ARMS.items()}

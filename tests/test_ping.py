@@ -344,7 +344,7 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
     common = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8",
               "--do_eval", "false", "--logging_steps", "1"]
     train_lightclip.main(common + ["--max_steps", "2", "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight",
-                                   "0.5", "--ping_neighbours_dir", str(neighbours), "--output_dir", str(first)])
+                                   "0.5", "--teacher_features", str(neighbours), "--output_dir", str(first)])
     assert LightCLIPConfig.from_pretrained(first).uses_ping
 
     with pytest.raises(ValueError, match="saved config.*--teacher_features"):
@@ -353,7 +353,7 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
 
     second = tmp_path / "second"
     trainer = train_lightclip.main(common + ["--max_steps", "4", "--model_name_or_path", str(first),
-                                             "--ping_neighbours_dir", str(neighbours), "--output_dir", str(second)])
+                                             "--teacher_features", str(neighbours), "--output_dir", str(second)])
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 4 and all("loss_ping_nn" in h and "loss_ping_xnn" in h for h in logged[1:])
     assert trainer.model.config.ping_bank_size == 64
@@ -478,7 +478,7 @@ def test_train_with_in_batch_neighbours(tmp_path):
                                     "8", "--do_eval", "false", "--logging_steps", "1", "--max_steps", "3",
                                     "--save_strategy", "steps", "--save_steps", "3", "--ping_nn_loss_weight", "0.5",
                                     "--ping_xnn_loss_weight", "0.5", "--ping_positives", "in_batch",
-                                    "--ping_neighbours_dir", str(neighbours), "--output_dir", str(out)])
+                                    "--teacher_features", str(neighbours), "--output_dir", str(out)])
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(h["loss_ping_nn"] > 0 and h["loss_ping_xnn"] > 0 for h in logged)
     assert not (out / "checkpoint-3" / PING_BANK_FILE).exists()
@@ -496,7 +496,7 @@ def test_auto_writes_a_reinforced_copy_once(tmp_path):
     out = tmp_path / "run"
     args = ["--recipe", "tiny", "--max_train_samples", "24", "--per_device_train_batch_size", "8", "--do_eval",
             "false", "--max_steps", "2", "--soft_label_mode", "similarity", "--soft_label_source", "frozen",
-            "--soft_label_schedule", "constant", "--ping_neighbours_dir", "auto", "--output_dir", str(out)]
+            "--soft_label_schedule", "constant", "--teacher_features", "auto", "--output_dir", str(out)]
     train_lightclip.main(args)   # the old flag name still works
     (shard,) = (out / "_reinforced").glob("*/train/part-00000.parquet")
     copy = load_dataset("parquet", data_files=str(shard), split="train")

@@ -201,7 +201,7 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
         "8", "--max_steps", "1", "--do_eval", "false", "--dataloader_num_workers", "0", "--soft_label_mode",
         "similarity", "--token_loss_weight", "0.5", "--vision_token_stage", "-2", "--mlm_loss_weight", "0.5",
         "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight", "0.5", "--relation_loss_weight", "1.0",
-        "--ping_neighbours_dir", "auto", "--output_dir", str(folder)])
+        "--teacher_features", "auto", "--output_dir", str(folder)])
     trained = LightCLIPModel.from_pretrained(folder).eval()
     expected = _expected(trained, LightCLIPProcessor.from_pretrained(folder).tokenizer, photo_paths, folder)
     _check(_run_client(python, folder, photo_paths, tmp_path), expected)  # timm brought torchvision there

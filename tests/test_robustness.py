@@ -306,7 +306,7 @@ def test_ping_bank_is_checkpointed_and_restored(tmp_path):
     out = tmp_path / "run"
     args = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--save_strategy",
             "steps", "--save_steps", "3", "--do_eval", "false", "--ping_nn_loss_weight", "0.5",
-            "--ping_xnn_loss_weight", "0.5", "--ping_neighbours_dir", str(neighbours), "--output_dir", str(out)]
+            "--ping_xnn_loss_weight", "0.5", "--teacher_features", str(neighbours), "--output_dir", str(out)]
     train_lightclip.main(args + ["--max_steps", "3"])
     checkpoint = out / "checkpoint-3"
     assert (checkpoint / PING_BANK_FILE).is_file()

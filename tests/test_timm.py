@@ -117,7 +117,7 @@ def test_mobilenetv4_recipe_trains_with_every_objective_and_runs_the_pipeline(tm
         "--logging_steps", "1", "--dataloader_num_workers", "0",
         "--soft_label_mode", "similarity", "--token_loss_weight", "0.5", "--vision_token_stage", "-2",
         "--mlm_loss_weight", "0.5", "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight", "0.5",
-        "--relation_loss_weight", "1.0", "--ping_neighbours_dir", "auto", "--output_dir", str(out)])
+        "--relation_loss_weight", "1.0", "--teacher_features", "auto", "--output_dir", str(out)])
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert len(logged) == 2

@@ -119,13 +119,13 @@ class DataArguments:
                 "of the decoding work) when the smallest random crop still has at least the model's input size; a "
                 "12-megapixel phone photo trained at 224 px then decodes at 1/8. Evaluation always decodes in full, "
                 "as the processor does at inference."})
-    teacher_features: str | None = field(default=None, metadata={"aliases": ["--ping_neighbours_dir"], "help":
+    teacher_features: str | None = field(default=None, metadata={"help":
         "Where the objectives that learn from teachers (soft_label_source=frozen, relation_loss_weight, "
         "distill_loss_weight, CLIP-PING) get each sample's teacher features when the training data is not a "
         "reinforced copy (`lightclip-reinforce`, which carries them): `auto` writes a reinforced copy of the training "
         "split once with the packaged teachers (EfficientNet-Lite0, all-MiniLM-L6-v2) into OUTPUT_DIR/_reinforced and "
         "trains from it; a folder built by `python -m modeling_lightclip.training.neighbours build` is attached to "
-        "its rows. (--ping_neighbours_dir is the old name.)"})
+        "its rows."})
     ping_top_k: int | None = field(default=None, metadata={
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 

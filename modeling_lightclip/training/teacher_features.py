@@ -93,7 +93,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
             raise ValueError(f"{what} (from the flags, the recipe or the saved config) need(s) teacher features: pass "
                              "--teacher_features auto (a reinforced copy of the training data is built once with the "
                              "packaged teachers) or a folder from `python -m modeling_lightclip.training.neighbours "
-                             "build` (--ping_neighbours_dir is its old name), train on a copy written by "
+                             "build`, train on a copy written by "
                              f"`lightclip-reinforce`, or switch {_switches(config)}.")
         if source == "auto":
             train_dataset, teachers, skipped = auto_reinforced(train_dataset, config, data_args, training_args)
