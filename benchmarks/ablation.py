@@ -6,7 +6,7 @@
 
 One command, rerunnable (finished runs are kept and skipped; delete `outputs/ablation/` to start over):
 
-1. **Data** (`modeling_lightclip.training.offline_data`, from Debian's packages, no Hub): Fashion-MNIST (the balanced 10k
+1. **Data** (`benchmarks/offline_data.py`, from Debian's packages, no Hub): Fashion-MNIST (the balanced 10k
    train subset, captions = class name in a prompt template; the *whole* official test split, 10k images, for
    zero-shot) and OpenClipart (8k clip-art rasters with captions from their own metadata; fixed 90/10 split by
    path hash). Each run trains on the union of the two train splits (17k pairs) and is scored on Fashion-MNIST
@@ -182,7 +182,7 @@ def prepare_data(data_dir: Path, fashion_mnist_root: str | None, openclipart_roo
     """Fashion-MNIST and OpenClipart in `datasets` format, and their union as the training file."""
     from datasets import concatenate_datasets, load_dataset
 
-    from modeling_lightclip.training.offline_data import debian_package, write_fashion_mnist, write_openclipart
+    from offline_data import debian_package, write_fashion_mnist, write_openclipart
 
     fm, oc = data_dir / "fashion_mnist", data_dir / "openclipart"
     if not (fm / "test.parquet").is_file():
@@ -352,7 +352,7 @@ def evaluate_run(run_dir: Path, files: dict, batch_size: int = 256) -> dict:
         zero_shot_hits,
         zero_shot_metrics,
     )
-    from modeling_lightclip.training.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
+    from offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
 
     model = LightCLIPModel.from_pretrained(run_dir).eval()
     processor = LightCLIPProcessor.from_pretrained(run_dir)

@@ -168,7 +168,7 @@ def main(argv=None):
             else:
                 print(f"  batch {batch:6d} {how}: {figures}")
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, results)
     if any("failed" in arm for arm in results["arms"]):

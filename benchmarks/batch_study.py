@@ -198,7 +198,7 @@ def _plot(curves: dict, path: Path) -> None:
 
 
 def main(argv=None):
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
 
     args = study_arguments(argv, __doc__, "batch_study")
     if not args.skip_training:

@@ -85,7 +85,7 @@ def main():
               f"{1000 / (rate / max(workers, 1)):.2f} ms per image)")
 
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, results)
 

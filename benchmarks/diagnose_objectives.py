@@ -134,7 +134,7 @@ def match_report(model, files: dict, processor, limit: int, device) -> dict:
     from datasets import load_dataset
 
     from modeling_lightclip.training.data import load_image
-    from modeling_lightclip.training.offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
+    from offline_data import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
 
     fm = load_dataset("parquet", data_files=str(files["zero_shot"]), split="train").select(range(limit))
     was = model.training
@@ -284,7 +284,7 @@ def main(argv=None):
     result = {"settings": vars(args), "history": history, "matches": matches}
     print(json.dumps(summarise(result), indent=2))
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, result)
     return result

@@ -117,7 +117,7 @@ def main():
     identical = torch.equal(a.image_embeds, b[0]) and torch.equal(a.text_embeds, b[1])
     print(f"  embeddings identical: {identical}")
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, {"setting": vars(args), "clipmodel_step_ms": theirs_ms, "lightclip_step_ms": ours_ms,
                                   "step_ratio": ours_ms / theirs_ms, "inference_ms": results,

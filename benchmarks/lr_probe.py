@@ -74,7 +74,7 @@ def main(argv=None):
         print(f"towers at {rate:g}: mean training loss {result['train_loss']:.3f}; every {args.log_every} steps: "
               f"{curve}")
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, {"arm": args.arm, "steps": args.steps, "seed": args.seed,
                                   "batch_size": setting["batch_size"],

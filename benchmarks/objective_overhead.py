@@ -199,7 +199,7 @@ def main():
     results["matching_share_of_full_step"] = share
     print(f"matching share of the full step: {100 * share:.1f}% (median)")
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         results["setting"] = vars(args) | {"torch": torch.__version__, "caption_tokens": batch["input_ids"].shape[1]}
         write_results(args.json, results)

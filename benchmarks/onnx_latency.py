@@ -86,7 +86,7 @@ def main():
               f"{figures['text_onnxruntime_ms']:>8.2f}ms{figures['text_torch_ms']:>10.2f}ms")
     scratch.cleanup()
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, results)
 

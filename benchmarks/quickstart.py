@@ -27,7 +27,7 @@ def main(argv=None):
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags added to the training command")
     args = parser.parse_args(argv)
 
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
 
     with tempfile.TemporaryDirectory(prefix="lightclip-quickstart-") as scratch:  # removed when the run ends
         out = Path(scratch) / "run"

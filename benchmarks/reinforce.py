@@ -39,7 +39,7 @@ def main(argv=None):
     from datasets import Dataset, Features, Image as ImageFeature, Value
     from PIL import Image
 
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
     from modeling_lightclip.training.reinforce import StoredAugmentation, load_teacher, reinforce
 
     work = Path(tempfile.mkdtemp(prefix="lightclip-reinforce-bench-"))

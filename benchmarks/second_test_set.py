@@ -26,7 +26,7 @@ THEME = ("elementary-xfce-icon-theme", "elementary-xfce")
 
 
 def prepare_icons(data_dir: Path, image_size: int = 64, package_root: str | None = None) -> Path:
-    from modeling_lightclip.training.offline_data import debian_package, write_icon_theme
+    from offline_data import debian_package, write_icon_theme
 
     out = data_dir / f"icons_{THEME[1]}_{image_size}"
     if not (out / "test.parquet").is_file():
@@ -59,7 +59,7 @@ def score(run_dir: Path, test_file: Path) -> dict:
 def main(argv=None):
     from ablation import bootstrap_with_holm
 
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", action="append", required=True, help="a study folder (repeatable)")

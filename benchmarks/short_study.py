@@ -47,7 +47,7 @@ def main(argv=None):
     import train_lightclip
     from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
     from modeling_lightclip.training.neighbours import build_folder
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
 
     out = Path(args.out)
     frozen = out / "frozen_encoders"

@@ -77,7 +77,7 @@ def main(argv=None):
         results["arms"][name] = {"median_step_ms": round(median * 1000, 1), "ratio": round(median / base, 3)}
         print(f"  {name:15s} {median * 1000:8.1f} ms  ({median / base:.2f}x)")
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, results)
 

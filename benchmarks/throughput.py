@@ -281,7 +281,7 @@ def main():
     print(header)
     print("\n".join(rows))
     if args.json:
-        from modeling_lightclip.training.provenance import write_results
+        from results_file import write_results
 
         write_results(args.json, results)
 

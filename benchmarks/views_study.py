@@ -55,7 +55,7 @@ def _markdown(result: dict) -> str:
 
 
 def main(argv=None):
-    from modeling_lightclip.training.provenance import write_results
+    from results_file import write_results
 
     args = study_arguments(argv, __doc__, "views_study")
     if not args.skip_training:

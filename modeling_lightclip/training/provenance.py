@@ -61,18 +61,4 @@ def stamp() -> dict:
             "python": platform.python_version()}
 
 
-def write_results(path, results: dict, argv: list | None = None) -> Path:
-    """Write a benchmark's `results` as JSON to `path`, with the command that produced them and `stamp()`."""
-    import json
-    import shlex
-    import sys
-
-    argv = sys.argv if argv is None else argv
-    command = "python " + " ".join(shlex.quote(a) for a in argv)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**results, "command": command, "provenance": stamp()}, indent=2))
-    return path
-
-
-__all__ = ["git_commit", "hardware", "library_versions", "stamp", "write_results"]
+__all__ = ["git_commit", "hardware", "library_versions", "stamp"]

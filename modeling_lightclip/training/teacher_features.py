@@ -188,17 +188,22 @@ def auto_reinforced(train_dataset, config, data_args, training_args):
     from datasets import Image as ImageFeature, load_dataset
 
     from .processes import process_state
+    from .trainer import writing_to
 
     image_size = max(64, int(config.image_size))
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER / _fingerprint(
         train_dataset, data_args.image_column, data_args.caption_column, FROZEN_PAIR, image_size)
-    try:
-        meta = reinforce({"train": train_dataset}, folder, [FROZEN_PAIR], data_args.image_column,
-                         data_args.caption_column, None, teacher_image_size=image_size, state=process_state(),
-                         max_aspect_ratio=data_args.max_image_aspect_ratio)
-    except ValueError as err:
-        raise ValueError(f"--teacher_features auto: {err}") from None
-    copy = load_dataset("parquet", data_files={"train": split_files(folder, "train")})["train"]
+    then = ("--teacher_features auto writes a reinforced copy of the training data there before training: free some "
+            "space or point --output_dir at a larger disk, then rerun the same command (the copy's finished shards "
+            "are kept).")
+    with writing_to(folder, then=then):  # the copy's shards, and datasets' cache of them
+        try:
+            meta = reinforce({"train": train_dataset}, folder, [FROZEN_PAIR], data_args.image_column,
+                             data_args.caption_column, None, teacher_image_size=image_size, state=process_state(),
+                             max_aspect_ratio=data_args.max_image_aspect_ratio)
+        except ValueError as err:
+            raise ValueError(f"--teacher_features auto: {err}") from None
+        copy = load_dataset("parquet", data_files={"train": split_files(folder, "train")})["train"]
     copy = copy.cast_column("image", ImageFeature(decode=False))  # the collator decodes, skips and counts
     renames = {old: new for old, new in (("image", data_args.image_column), ("caption", data_args.caption_column))
                if old != new}

@@ -2,7 +2,7 @@
 
 Fashion-MNIST (`dataset-fashion-mnist`): zero-shot classification.
 
-    python -m modeling_lightclip.training.offline_data fashion-mnist --out data/fashion_mnist --train_per_class 1000 \
+    python benchmarks/offline_data.py fashion-mnist --out data/fashion_mnist --train_per_class 1000 \
         --validation_per_class 200
 
 fetches the package with `apt-get download` + `dpkg -x` (no root needed for those two; an existing extraction can
@@ -13,7 +13,7 @@ The repository ships the output of the command above under `data/fashion_mnist/`
 
 OpenClipart (`openclipart-svg`, 8,121 public-domain SVGs with human-written metadata): image-caption retrieval.
 
-    python -m modeling_lightclip.training.offline_data openclipart --out data/openclipart --image_size 64
+    python benchmarks/offline_data.py openclipart --out data/openclipart --image_size 64
 
 rasterises every SVG with `cairosvg` (pip) onto white, builds its caption from the work's own metadata (title,
 category path, keywords) and writes `train.parquet` / `validation.parquet` with a fixed split (a stable hash of the
@@ -31,23 +31,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import sys
+
 import numpy as np
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# Training captions: each image gets one template, drawn with a fixed seed; zero-shot evaluation averages the same
+# templates per class (the CLIP prompt-ensemble recipe), the trainer's default for its embedded Fashion-MNIST data
+from modeling_lightclip.training.data import EMBEDDED_CAPTION_TEMPLATES as CAPTION_TEMPLATES  # noqa: E402
 
 
 FASHION_MNIST_CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
                          "ankle boot"]
-# Training captions: each image gets one template, drawn with a fixed seed. Zero-shot evaluation averages the
-# same templates per class (the CLIP prompt-ensemble recipe).
-CAPTION_TEMPLATES = [
-    "a photo of a {}.",
-    "a black and white photo of a {}.",
-    "a low resolution photo of a {}.",
-    "a grayscale picture of the {}.",
-    "a small photo of a {}, a piece of clothing.",
-    "a centered photo of a {} on a black background.",
-    "a product photo of a {}.",
-    "an image of a {}.",
-]
 _IDX = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
         "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 
