@@ -24,13 +24,9 @@ from modeling_lightclip.training.data import DataArguments, StreamForProcesses, 
 from modeling_lightclip.training.hub import HubUploadError, push_folder, write_model_card, write_training_info
 from modeling_lightclip.training.lora import merge_lora
 from modeling_lightclip.training.recipes import load_recipe
-from modeling_lightclip.training.trainer import (
-    LightCLIPTrainer,
-    TrainingStopped,
-    skip_metric_name,
-    unwrap_model,
-    writing_to,
-)
+from modeling_lightclip.training.processes import unwrap_model
+from modeling_lightclip.training.stops import TrainingStopped, writing_to
+from modeling_lightclip.training.trainer import LightCLIPTrainer, skip_metric_name
 
 
 logger = logging.getLogger("train_lightclip")

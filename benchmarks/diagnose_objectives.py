@@ -201,7 +201,7 @@ def main(argv=None):
     from modeling_lightclip.training.neighbours import NeighbourTable
     from modeling_lightclip.training.preprocessing import build_processor, load_tokenizer
     from modeling_lightclip.training.recipes import build_model_config, load_recipe
-    from modeling_lightclip.training.trainer import decay_parameter_names
+    from modeling_lightclip.training.optimizer_groups import decay_parameter_names
 
     data_dir = Path(args.data_dir)
     files = ablation.prepare_data(data_dir, None, None)

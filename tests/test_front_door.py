@@ -155,7 +155,7 @@ def test_a_full_disk_at_the_final_save_is_one_message(tmp_path, monkeypatch, cap
 
 
 def test_disk_full_is_recognised_through_chained_errors(tmp_path, monkeypatch):
-    from modeling_lightclip.training.trainer import TrainingStopped, is_disk_full, writing_to
+    from modeling_lightclip.training.stops import TrainingStopped, is_disk_full, writing_to
 
     try:
         try:

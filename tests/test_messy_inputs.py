@@ -331,7 +331,7 @@ def test_counts_survive_workers_and_exclude_prefetched_batches(tmp_path, monkeyp
 def test_nan_losses_are_logged_as_nan_and_stop_the_run(tmp_path, monkeypatch, capsys):
     import train_lightclip
     from modeling_lightclip.modeling_lightclip import LightCLIPModel
-    from modeling_lightclip.training.trainer import TrainingStopped
+    from modeling_lightclip.training.stops import TrainingStopped
 
     original = LightCLIPModel.forward
 
@@ -402,7 +402,7 @@ def test_a_tokenizer_without_a_pad_token_is_refused(tmp_path, tokenizer):
 
 def test_latest_skips_incomplete_checkpoints_and_says_why(tmp_path, caplog):
     import train_lightclip
-    from modeling_lightclip.training.trainer import checkpoint_problem, latest_complete_checkpoint
+    from modeling_lightclip.training.checkpoints import checkpoint_problem, latest_complete_checkpoint
 
     out = tmp_path / "run"
     train_lightclip.main(_tiny(out, "--max_train_samples", "64", "--max_steps", "2", "--save_strategy", "steps",
@@ -441,7 +441,7 @@ def test_a_full_disk_names_the_folder(tmp_path, monkeypatch):
     import shutil as shutil_module
     from collections import namedtuple
 
-    from modeling_lightclip.training.trainer import TrainingStopped, writing_to
+    from modeling_lightclip.training.stops import TrainingStopped, writing_to
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10 * 2**30, 10 * 2**30, 0))
@@ -495,7 +495,7 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_with_the_message(tmp_path
     from collections import namedtuple
 
     import train_lightclip
-    from modeling_lightclip.training.trainer import TrainingStopped
+    from modeling_lightclip.training.stops import TrainingStopped
 
     def full(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 832 vs 640: "

@@ -480,7 +480,8 @@ def test_gradient_checkpointing_keeps_the_fused_mlm_gradients(tiny_recipe, token
 def test_weight_decay_groups_and_callback(tiny_model):
     from types import SimpleNamespace
 
-    from modeling_lightclip.training.trainer import LightCLIPCallback, decay_parameter_names
+    from modeling_lightclip.training.optimizer_groups import decay_parameter_names
+    from modeling_lightclip.training.trainer import LightCLIPCallback
 
     decayed = set(decay_parameter_names(tiny_model))
     names = dict(tiny_model.named_parameters())

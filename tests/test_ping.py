@@ -470,7 +470,7 @@ def test_neighbour_pair_sampler_and_collator_partners(tmp_path, tiny_recipe, tok
 def test_train_with_in_batch_neighbours(tmp_path):
     """End to end: the trainer samples pairs, the loss logs both CLIP-PING terms, no bank is saved."""
     import train_lightclip
-    from modeling_lightclip.training.trainer import PING_BANK_FILE
+    from modeling_lightclip.training.checkpoints import PING_BANK_FILE
 
     neighbours = _fake_neighbours(tmp_path / "ping")
     out = tmp_path / "run"

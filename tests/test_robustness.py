@@ -182,7 +182,7 @@ def test_sigkill_then_resume_reaches_the_same_end(tmp_path, one_thread):
     half = out / "checkpoint-12"
     half.mkdir()
     (half / "model.safetensors").write_bytes(b"\x00" * 100)
-    from modeling_lightclip.training.trainer import latest_complete_checkpoint
+    from modeling_lightclip.training.checkpoints import latest_complete_checkpoint
 
     picked = latest_complete_checkpoint(out)
     assert picked is not None and Path(picked).name in ("checkpoint-4", "checkpoint-6", "checkpoint-8")
@@ -294,7 +294,7 @@ def test_ping_bank_is_checkpointed_and_restored(tmp_path):
     import numpy as np
     import train_lightclip
     from modeling_lightclip.training.neighbours import FILES
-    from modeling_lightclip.training.trainer import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
+    from modeling_lightclip.training.checkpoints import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
     from modeling_lightclip import LightCLIPModel
 
     neighbours = tmp_path / "ping"

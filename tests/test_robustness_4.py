@@ -108,7 +108,7 @@ def test_a_checkpoint_whose_state_or_weights_do_not_fit_is_skipped_by_latest_and
 
     from modeling_lightclip import LightCLIPModel
     from modeling_lightclip.training.recipes import build_model_config
-    from modeling_lightclip.training.trainer import checkpoint_problem, resolve_checkpoint
+    from modeling_lightclip.training.checkpoints import checkpoint_problem, resolve_checkpoint
 
     run = tmp_path / "run"
     common = ["--recipe", "tiny", "--max_train_samples", "32", "--per_device_train_batch_size", "8", "--do_eval",
@@ -363,7 +363,7 @@ def test_a_full_disk_while_reinforcing_names_the_folder_and_leaves_no_partial_fi
 
     from datasets import Dataset
 
-    from modeling_lightclip.training.trainer import TrainingStopped
+    from modeling_lightclip.training.stops import TrainingStopped
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -16,8 +16,11 @@ Never imported by the remote-code files (`configuration_lightclip`, `modeling_li
 * `neighbours` - CLIP-PING's frozen-encoder features and nearest-neighbour tables
 * `locked_outputs` - a locked text tower's outputs stored with each training row
 * `accumulation` - contrastive gradient accumulation (a batch larger than memory trained as one batch)
-* `processes` - accelerate's view of the launch's processes
-* `trainer` - `LightCLIPTrainer`, its callback, checkpoints
+* `processes` - accelerate's view of the launch's processes and of the wrapped model
+* `trainer` - `LightCLIPTrainer` and its callback
+* `checkpoints` - whether a checkpoint is whole, which one `latest` means, the CLIP-PING bank beside it
+* `optimizer_groups` - weight decay on matrices only, each tower at its learning rate
+* `stops` - `TrainingStopped`, and a full disk turned into one message
 * `evaluation` + `metrics/` - zero-shot accuracy and retrieval recall (local `evaluate` modules)
 * `benchmark` + `clip_benchmark_model` - `lightclip-eval` on clip_benchmark-format sets, and the model inside
   clip_benchmark

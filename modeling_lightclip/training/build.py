@@ -8,13 +8,13 @@ mutates the parsed arguments.
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from ..configuration_lightclip import LightCLIPConfig
 from ..modeling_lightclip import LightCLIPModel
 from ..processing_lightclip import LightCLIPProcessor
 from .arguments import config_overrides, resolve_switch
 from .benchmark import open_benchmark
+from .checkpoints import load_ping_bank, resolve_checkpoint
 from .data import (
     ImageTextCollator,
     captions_are_text,
@@ -29,7 +29,6 @@ from .packaged_weights import check_pretrained_source, image_normalisation, load
 from .preprocessing import build_processor, text_config_token_ids, training_tokenizer
 from .recipes import build_model_config, check_tokenizer_fits
 from .teacher_features import setup_teacher_features
-from .trainer import load_ping_bank, resolve_checkpoint
 
 
 @dataclass

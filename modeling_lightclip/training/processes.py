@@ -11,4 +11,14 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-__all__ = ["process_state"]
+def unwrap_model(model):
+    """The LightCLIPModel inside DDP/DeepSpeed/compile wrappers (accelerate's unwrapping) and a peft wrapper."""
+    from accelerate.utils import extract_model_from_parallel
+
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=True, keep_torch_compile=False)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+__all__ = ["process_state", "unwrap_model"]

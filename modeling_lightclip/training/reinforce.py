@@ -451,7 +451,7 @@ def _write_shard(paths: ShardPaths, columns: dict, features, summary: dict) -> N
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
 
-    from .trainer import writing_to
+    from .stops import writing_to
 
     then = "free some space or point --out at a larger disk, then rerun the same command: the finished shards are kept."
     temporary = [paths.summary.with_suffix(".json.tmp"), paths.parquet.with_suffix(".parquet.tmp")]
@@ -842,7 +842,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
     logging.getLogger("modeling_lightclip").setLevel(logging.INFO)
     from .data import DataArguments, load_image_text_datasets
-    from .trainer import TrainingStopped
+    from .stops import TrainingStopped
 
     try:
         data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,

@@ -188,7 +188,7 @@ def auto_reinforced(train_dataset, config, data_args, training_args):
     from datasets import Image as ImageFeature, load_dataset
 
     from .processes import process_state
-    from .trainer import writing_to
+    from .stops import writing_to
 
     image_size = max(64, int(config.image_size))
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER / _fingerprint(
