@@ -151,3 +151,27 @@ def test_views_flags_that_cannot_work_are_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "R"), *flags])
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, refused", [
+    ([], True),                                                          # training's default crop (0.8) differs
+    (["--random_resized_crop_scale", "0.5", "--horizontal_flip", "false"], True),    # flips differ
+    (["--random_resized_crop_scale", "0.5"], False),                     # the copy's augmentation: trains
+])
+def test_augmentation_flags_that_a_copy_with_views_would_ignore_are_refused(copy_with_views, tmp_path, flags,
+                                                                              refused):
+    """Training re-applies a copy's stored views, so augmentation flags other than the copy's would be ignored:
+    refused with one message naming the copy's values; the copy's values train."""
+    import train_lightclip
+
+    out, _, _ = copy_with_views
+    argv = ["--recipe", "tiny", "--train_file", str(out), "--max_steps", "1", "--per_device_train_batch_size", "3",
+            "--soft_label_mode", "none", "--token_loss_weight", "0", "--mlm_loss_weight", "0",
+            "--relation_loss_weight", "0", "--ping_nn_loss_weight", "0", "--ping_xnn_loss_weight", "0",
+            "--do_eval", "false", "--save_strategy", "no", "--output_dir", str(tmp_path / "run"), *flags]
+    if refused:
+        with pytest.raises(ValueError, match=r"stores 3 views per image drawn with --random_resized_crop_scale 0\.5 "
+                                             r"and horizontal flips on.*would not apply"):
+            train_lightclip.main(argv)
+    else:
+        assert train_lightclip.main(argv).state.global_step == 1

@@ -200,6 +200,17 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                   pad_to_max_length=resolve_switch("caption_padding", data_args.caption_padding,
                                                     training_args.compiles, on="max_length", off="longest"))
     stored_views = (reinforced or {}).get("augmentation")  # a copy's stored views are the crops trained on
+    if stored_views:
+        given = (data_args.random_resized_crop_scale, data_args.horizontal_flip)
+        stored = (stored_views["random_resized_crop_scale"], stored_views["horizontal_flip"])
+        if given != stored:  # training re-applies the stored views: other flags would be ignored, so say so
+            raise ValueError(f"this training data stores {stored_views['num_augmentations']} views per image drawn "
+                             f"with --random_resized_crop_scale {stored[0]} and horizontal flips "
+                             f"{'on' if stored[1] else 'off'}, and training re-applies them; this run asks for "
+                             f"--random_resized_crop_scale {given[0]} and flips {'on' if given[1] else 'off'}, which "
+                             f"would not apply. Pass --random_resized_crop_scale {stored[0]} --horizontal_flip "
+                             f"{str(stored[1]).lower()} (the copy's), or write a copy with the augmentation you want "
+                             "(lightclip-reinforce takes the same two flags).")
     if not 0.0 <= data_args.synthetic_caption_ratio <= 1.0:
         raise ValueError(f"--synthetic_caption_ratio {data_args.synthetic_caption_ratio}: a share between 0 and 1.")
     if data_args.synthetic_caption_ratio and not (reinforced or {}).get("caption_model"):
@@ -208,9 +219,7 @@ def build_run(recipe: dict, model_args, data_args, training_args, train_dataset,
                          "from it (--train_file COPY).")
     train_collator = ImageTextCollator(
         **common, train=True, synthetic_caption_ratio=data_args.synthetic_caption_ratio,
-        random_resized_crop_scale=(stored_views["random_resized_crop_scale"] if stored_views
-                                   else data_args.random_resized_crop_scale),
-        horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
+        random_resized_crop_scale=data_args.random_resized_crop_scale, horizontal_flip=data_args.horizontal_flip, seed=training_args.seed, neighbours=neighbours, model_config=config,
         teachers=teacher_setup.teachers,
         uint8_images=resolve_switch("images_on_device", data_args.images_on_device, training_args.on_cuda),
         jpeg_draft_decoding=data_args.jpeg_draft_decoding)

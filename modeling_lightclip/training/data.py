@@ -68,8 +68,9 @@ class ImageRejected(ValueError):
 
 
 @dataclass
-class DataArguments:
-    """Where the image-text pairs come from (run_clip-style flags)."""
+class DataSourceArguments:
+    """Where the image-caption pairs come from and how their files are read (run_clip-style flags): the same flags
+    for training and for `lightclip-reinforce`."""
 
     dataset_name: str | None = field(default=None, metadata={
         "help": "Hub dataset id, or a packaged builder: imagefolder, webdataset, parquet, csv, json. "
@@ -78,22 +79,14 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "data_dir for the builder."})
     train_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet training file."})
     validation_file: str | None = field(default=None, metadata={"help": "csv / json lines / parquet eval file."})
-    benchmark_dirs: list[str] | None = field(default=None, metadata={
-        "help": "Benchmark sets in clip_benchmark's webdataset layout (folders, e.g. wds_imagenet1k downloaded from "
-                "the clip-benchmark datasets on the Hub): scored at every evaluation as `lightclip-eval` scores "
-                "them, logged as eval_<set>_<metric> (e.g. eval_imagenet1k_acc1) with the time they took."})
     train_split: str = field(default="train")
     validation_split: str = field(default="validation")
     image_column: str = field(default="image", metadata={"help": "Column holding images (PIL, path or bytes)."})
     caption_column: str = field(default="caption", metadata={"help": "Column holding captions."})
     label_column: str | None = field(default="label", metadata={
-        "help": "Class column of the eval split for zero-shot classification (a ClassLabel, or ints with "
-                "--class_names). Zero-shot is skipped when the split has no such column."})
-    class_names: str | None = field(default=None, metadata={
-        "help": "Comma-separated class names, or a file with one per line, when the label column is plain ints."})
-    zero_shot_templates: str | None = field(default=None, metadata={
-        "help": "Prompt templates with {} for zero-shot, '|'-separated or a file with one per line. "
-                "Default: the Fashion-MNIST caption templates."})
+        "help": "Class column, where the data has one: kept with each row, and read by zero-shot classification of "
+                "the eval split (a ClassLabel, or ints with --class_names; skipped when the split has no such "
+                "column)."})
     file_encoding: str = field(default="utf-8", metadata={
         "help": "Text encoding of --train_file / --validation_file (csv, tsv, json): e.g. cp1252 or latin-1 for a "
                 "spreadsheet exported on Windows. Rows with bytes it cannot decode are skipped and counted; a "
@@ -103,11 +96,35 @@ class DataArguments:
                 "read from the file's header before decoding: a 1 x 300,000 strip has few pixels but resizing its "
                 "short side to the model's needs gigabytes."})
     streaming: bool = field(default=False, metadata={"help": "Stream the dataset (IterableDataset)."})
+    max_train_samples: int | None = field(default=None)
+
+
+@dataclass
+class AugmentationArguments:
+    """The training augmentation (also what `lightclip-reinforce --num_augmentations` draws its stored views from)."""
+
+    random_resized_crop_scale: float = field(default=0.8, metadata={
+        "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
+    horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
+
+
+@dataclass
+class DataArguments(DataSourceArguments, AugmentationArguments):
+    """The data flags of a training run: the source, the augmentation, and how training reads and batches the rows."""
+
+    benchmark_dirs: list[str] | None = field(default=None, metadata={
+        "help": "Benchmark sets in clip_benchmark's webdataset layout (folders, e.g. wds_imagenet1k downloaded from "
+                "the clip-benchmark datasets on the Hub): scored at every evaluation as `lightclip-eval` scores "
+                "them, logged as eval_<set>_<metric> (e.g. eval_imagenet1k_acc1) with the time they took."})
+    class_names: str | None = field(default=None, metadata={
+        "help": "Comma-separated class names, or a file with one per line, when the label column is plain ints."})
+    zero_shot_templates: str | None = field(default=None, metadata={
+        "help": "Prompt templates with {} for zero-shot, '|'-separated or a file with one per line. "
+                "Default: the Fashion-MNIST caption templates."})
     shuffle_buffer_size: int = field(default=10_000, metadata={
         "help": "With --streaming: training rows are shuffled through a buffer of this many (datasets' "
                 "IterableDataset.shuffle: the shards' order and the rows within the buffer, reseeded every epoch "
                 "from --seed); 0 reads the stream in order."})
-    max_train_samples: int | None = field(default=None)
     max_eval_samples: int | None = field(default=None)
     max_caption_length: int | None = field(default=None, metadata={
         "help": "Truncate captions to this many tokens (default: the tokenizer's model_max_length)."})
@@ -119,9 +136,6 @@ class DataArguments:
         "help": "Training batches carry uint8 images (resized and augmented on the CPU) that are scaled and "
                 "normalised on the accelerator, a quarter of the bytes to copy and no float work in the loader "
                 "workers: auto (on with CUDA), true, false."})
-    random_resized_crop_scale: float = field(default=0.8, metadata={
-        "help": "Train-time augmentation: random crop keeping at least this share of the area (1.0 disables)."})
-    horizontal_flip: bool = field(default=True, metadata={"help": "Train-time random horizontal flip."})
     synthetic_caption_ratio: float = field(default=0.0, metadata={
         "help": "Training from a reinforced copy written with --caption_model: the share of samples, drawn anew each "
                 "step, that train on one of the image's synthetic captions (with the teachers' features of that "

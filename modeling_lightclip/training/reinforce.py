@@ -43,7 +43,7 @@ import math
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -783,50 +783,48 @@ def _dims_from_shards(folder: Path, index: int) -> dict:
 # ------------------------------------------------------------------------------------------------------ command
 
 
+@dataclass
+class ReinforceArguments:
+    """`lightclip-reinforce`'s own flags; where the data comes from and the augmentation its stored views are drawn
+    from are training's flags (`DataSourceArguments`, `AugmentationArguments`)."""
+
+    out: str = field(metadata={"help": "folder of the reinforced copy"})
+    teacher: list[str] | None = field(default=None, metadata={
+        "action": "append", "help": f"{FROZEN_PAIR} (default), a CLIP-like model's Hub id or folder, or an OpenCLIP "
+                                    "model (open_clip:MODEL:TAG, open_clip:hf-hub:ORG/NAME, open_clip:local-dir:PATH); "
+                                    "repeat for an ensemble"})
+    teacher_image_size: int = field(default=224, metadata={"help": f"input size of {FROZEN_PAIR}'s image encoder"})
+    shard_size: int = field(default=10_000, metadata={"help": "source rows per shard"})
+    batch_size: int = field(default=64, metadata={"help": "samples per teacher call"})
+    num_augmentations: int = field(default=0, metadata={
+        "help": "store K views of each training image (the training augmentation's parameters: "
+                "--random_resized_crop_scale, --horizontal_flip) with every teacher's image features of each view; "
+                "training re-applies one (0: one feature of the un-augmented image)"})
+    seed: int = field(default=0, metadata={"help": "the random seed of the stored views and of the synthetic captions' "
+                                                   "sampling"})
+    caption_model: str | None = field(default=None, metadata={
+        "help": "an image-to-text model (Hub id or folder; BLIP, GIT, Florence-2, ...: AutoModelForImageTextToText) "
+                "that writes synthetic captions for every training image, stored with the teachers' features"})
+    num_synthetic_captions: int = field(default=2, metadata={"help": "with --caption_model: captions sampled per "
+                                                                     "image"})
+    caption_max_new_tokens: int = field(default=30, metadata={"help": "with --caption_model: the longest synthetic "
+                                                                      "caption, in tokens"})
+    caption_prompt: str | None = field(default=None, metadata={
+        "help": "with --caption_model: a text prompt the model needs (e.g. Florence-2's <MORE_DETAILED_CAPTION>)"})
+
+
 def main(argv=None) -> int:
     import sys
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder of the reinforced copy")
-    parser.add_argument("--teacher", action="append", help=f"{FROZEN_PAIR} (default), a CLIP-like model's Hub id "
-                                                           "or folder, or an OpenCLIP model (open_clip:MODEL:TAG, "
-                                                           "open_clip:hf-hub:ORG/NAME, open_clip:local-dir:PATH); "
-                                                           "repeat for an ensemble")
-    parser.add_argument("--teacher_image_size", type=int, default=224, help=f"input size of {FROZEN_PAIR}'s image "
-                                                                             "encoder")
-    parser.add_argument("--shard_size", type=int, default=10_000, help="source rows per shard")
-    parser.add_argument("--batch_size", type=int, default=64, help="samples per teacher call")
-    for name in ("dataset_name", "dataset_config_name", "data_dir", "train_file", "validation_file"):
-        parser.add_argument(f"--{name}")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--validation_split", default="validation")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--label_column", default="label")
-    parser.add_argument("--file_encoding", default="utf-8")
-    parser.add_argument("--streaming", action="store_true", help="read the source as a stream (never materialised)")
-    parser.add_argument("--max_train_samples", type=int)
-    parser.add_argument("--num_augmentations", type=int, default=0,
-                        help="store K views of each training image (the training augmentation's parameters) with "
-                             "every teacher's image features of each view; training re-applies one (0: one feature "
-                             "of the un-augmented image)")
-    parser.add_argument("--random_resized_crop_scale", type=float, default=0.8,
-                        help="with --num_augmentations: the smallest share of the area a stored crop keeps (as "
-                             "training's flag of that name)")
-    parser.add_argument("--no_horizontal_flip", action="store_true",
-                        help="with --num_augmentations: no stored view is flipped")
-    parser.add_argument("--seed", type=int, default=0, help="the random seed of the stored views and of the "
-                                                                "synthetic captions' sampling")
-    parser.add_argument("--caption_model", help="an image-to-text model (Hub id or folder; BLIP, GIT, Florence-2, "
-                                                "...: AutoModelForImageTextToText) that writes synthetic captions "
-                                                "for every training image, stored with the teachers' features")
-    parser.add_argument("--num_synthetic_captions", type=int, default=2, help="with --caption_model: captions "
-                                                                             "sampled per image")
-    parser.add_argument("--caption_max_new_tokens", type=int, default=30, help="with --caption_model: the longest "
-                                                                              "synthetic caption, in tokens")
-    parser.add_argument("--caption_prompt", help="with --caption_model: a text prompt the model needs (e.g. "
-                                                 "Florence-2's <MORE_DETAILED_CAPTION>)")
-    args = parser.parse_args(argv)
+    from transformers import HfArgumentParser
+
+    from .data import AugmentationArguments, DataSourceArguments
+
+    parser = HfArgumentParser((ReinforceArguments, DataSourceArguments, AugmentationArguments), description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    args, data_args, augmentation_args = parser.parse_args_into_dataclasses(args=argv)
+    # `--teacher A --teacher B` and `--teacher A B` both name two teachers
+    args.teacher = [name for group in args.teacher or [] for name in (group if isinstance(group, list) else [group])]
     for flag in ("shard_size", "batch_size", "teacher_image_size"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
@@ -834,8 +832,9 @@ def main(argv=None) -> int:
         parser.error("--num_synthetic_captions and --caption_max_new_tokens: at least 1.")
     if args.num_augmentations < 0:
         parser.error(f"--num_augmentations {args.num_augmentations}: 0 (no stored views) or more.")
-    if not 0.0 < args.random_resized_crop_scale <= 1.0:
-        parser.error(f"--random_resized_crop_scale {args.random_resized_crop_scale}: a share of the area in (0, 1].")
+    if not 0.0 < augmentation_args.random_resized_crop_scale <= 1.0:
+        parser.error(f"--random_resized_crop_scale {augmentation_args.random_resized_crop_scale}: a share of the area "
+                     "in (0, 1].")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         parser.error(f"--out {args.out}: a file is there; the reinforced copy is a folder. Choose another --out.")
@@ -845,24 +844,19 @@ def main(argv=None) -> int:
     from .stops import TrainingStopped
 
     try:
-        data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                                  data_dir=args.data_dir, train_file=args.train_file,
-                                  validation_file=args.validation_file, train_split=args.train_split,
-                                  validation_split=args.validation_split, image_column=args.image_column,
-                                  caption_column=args.caption_column, file_encoding=args.file_encoding,
-                                  streaming=args.streaming, max_train_samples=args.max_train_samples)
-        splits = load_image_text_datasets(data_args)
+        splits = load_image_text_datasets(DataArguments(**vars(data_args), **vars(augmentation_args)))
         if "train" not in splits:
             raise ValueError("the data has no training split to reinforce (--train_split).")
         captioner = (ImageCaptioner(args.caption_model, str(process_state().device), args.num_synthetic_captions,
                                     args.caption_max_new_tokens, args.caption_prompt, args.seed)
                      if args.caption_model else None)
-        meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], args.image_column,
-                         args.caption_column, args.label_column, args.shard_size, args.batch_size,
+        meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], data_args.image_column,
+                         data_args.caption_column, data_args.label_column, args.shard_size, args.batch_size,
                          args.teacher_image_size, source=splits.source,
-                         augmentation=StoredAugmentation(args.num_augmentations, args.random_resized_crop_scale,
-                                                         not args.no_horizontal_flip, args.seed),
-                         captioner=captioner)
+                         augmentation=StoredAugmentation(args.num_augmentations,
+                                                         augmentation_args.random_resized_crop_scale,
+                                                         augmentation_args.horizontal_flip, args.seed),
+                         captioner=captioner, max_aspect_ratio=data_args.max_image_aspect_ratio)
     except (ValueError, TrainingStopped) as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise
