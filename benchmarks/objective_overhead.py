@@ -117,9 +117,9 @@ def main():
     ping_inputs = {k: v.to(device) for k, v in ping_inputs.items()}
     pairs = torch.arange(args.batch_size) ^ 1  # rows (0,1), (2,3), ... are (anchor, neighbour) pairs
     extra_inputs = {
-        "frozen": {"frozen_image_features": torch.nn.functional.normalize(
+        "frozen": {"teacher_image_features": torch.nn.functional.normalize(
                        torch.randn(args.batch_size, FROZEN_DIMS[0], generator=generator), dim=-1).to(device),
-                   "frozen_text_features": torch.nn.functional.normalize(
+                   "teacher_text_features": torch.nn.functional.normalize(
                        torch.randn(args.batch_size, FROZEN_DIMS[1], generator=generator), dim=-1).to(device)},
         "in_batch": {"ping_partner_rows": pairs.to(device),
                      "ping_partner_spaces": ((torch.arange(args.batch_size) // 2) % 2).to(device)},

@@ -679,8 +679,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             training_targets (`dict[str, torch.Tensor]`, *optional*): the per-sample inputs of the training
                 objectives, from the collator; each objective reads what it needs (`TRAINING_TARGETS` lists the
                 keys: teacher features and embeddings, MLM's masked copies, CLIP-PING's ids and partners). The same
-                keys are also accepted as keyword arguments (and `frozen_image_features` / `frozen_text_features` as
-                the old names of the teacher features).
+                keys are also accepted as keyword arguments.
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
         targets = training_targets_from(training_targets, targets)

@@ -204,17 +204,15 @@ TRAINING_TARGETS = {
 # the training targets the towers read (one entry per row, split with the rows into micro-batches); every other
 # target is read by the objectives only, which see the whole batch
 TOWER_TARGETS = ("mlm_input_ids", "mlm_labels", "text_tower_outputs")
-_OLD_TARGET_NAMES = {"frozen_image_features": "teacher_image_features", "frozen_text_features": "teacher_text_features"}
 
 
 def training_targets_from(training_targets: dict | None, keywords: dict) -> dict:
-    """One dict of training targets from `training_targets` and targets given as keyword arguments (old names
-    mapped); anything else is refused, naming the keys `forward` knows."""
+    """One dict of training targets from `training_targets` and targets given as keyword arguments; anything else is
+    refused, naming the keys `forward` knows."""
     merged = dict(training_targets or {})
-    for key, value in keywords.items():
-        name = _OLD_TARGET_NAMES.get(key, key)
+    for name, value in keywords.items():
         if name not in TRAINING_TARGETS:
-            raise TypeError(f"LightCLIPModel.forward got an unexpected argument {key!r}; training targets are "
+            raise TypeError(f"LightCLIPModel.forward got an unexpected argument {name!r}; training targets are "
                             f"{sorted(TRAINING_TARGETS)}.")
         if value is not None:
             merged[name] = value
@@ -392,10 +390,10 @@ class InstanceContrastiveLoss(nn.Module):
 
     def forward(
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor, alpha: float = 0.0,
-        frozen_image_features: torch.Tensor | None = None, frozen_text_features: torch.Tensor | None = None,
+        teacher_image_features: torch.Tensor | None = None, teacher_text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`image_embeds`, `text_embeds`: (B, D) L2-normalised local embeddings; `logit_scale`: the exp'ed scale;
-        `frozen_*_features`: (B, D') L2-normalised frozen-encoder features (`source="frozen"` only)."""
+        `teacher_*_features`: (B, D') L2-normalised teacher features (`source="frozen"` only)."""
         all_images = gather_with_grad(image_embeds)
         all_texts = gather_with_grad(text_embeds)
         positives = _own_global_rows(image_embeds.shape[0], image_embeds.device)
@@ -408,7 +406,7 @@ class InstanceContrastiveLoss(nn.Module):
         else:
             with torch.no_grad():
                 text_sim, image_sim = self._similarities(image_embeds, text_embeds, all_images, all_texts,
-                                                         frozen_image_features, frozen_text_features)
+                                                         teacher_image_features, teacher_text_features)
                 targets_i2t = soft_targets(text_sim, positives, num_columns, alpha, self.soft_label_mode,
                                            self.soft_label_temperature)
                 targets_t2i = soft_targets(image_sim, positives, num_columns, alpha, self.soft_label_mode,
@@ -476,11 +474,11 @@ class FrozenRelationLoss(nn.Module):
         target = teacher_logits.softmax(-1)
         return row_mean((target * (target.clamp_min(1e-12).log() - student_logits.log_softmax(-1))).sum(-1))
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, frozen_image_features: torch.Tensor,
-                frozen_text_features: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, teacher_image_features: torch.Tensor,
+                teacher_text_features: torch.Tensor) -> dict[str, torch.Tensor]:
         """All inputs (B, D) and L2-normalised; the frozen features may have other widths than the embeddings."""
-        image = self._kl(image_embeds.float(), frozen_image_features.float())
-        text = self._kl(text_embeds.float(), frozen_text_features.float())
+        image = self._kl(image_embeds.float(), teacher_image_features.float())
+        text = self._kl(text_embeds.float(), teacher_text_features.float())
         return {"relation": 0.5 * (image + text)}
 
 
@@ -1295,7 +1293,7 @@ class LightCLIPObjectives(nn.Module):
             terms = dict(self.instance(image_embeds, text_embeds, logit_scale, logit_bias))
         else:
             terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
-                                       frozen_image_features=teacher_image, frozen_text_features=teacher_text))
+                                       teacher_image_features=teacher_image, teacher_text_features=teacher_text))
         if self.token is not None:
             terms.update(self.token(features.image_tokens, features.text_tokens, features.word_mask))
         if self.mlm is not None and features.masked_states is None:  # MLM not started yet (mlm_start)

@@ -85,8 +85,8 @@ def all_objectives_model_and_batch(tokenizer, variant: str = "paper"):
     if variant != "paper":
         for key in ("sample_ids", "image_neighbour_ids", "text_neighbour_ids"):
             batch.pop(key)
-        batch["frozen_image_features"] = F.normalize(torch.randn(8, 12, generator=generator), dim=-1)
-        batch["frozen_text_features"] = F.normalize(torch.randn(8, 6, generator=generator), dim=-1)
+        batch["teacher_image_features"] = F.normalize(torch.randn(8, 12, generator=generator), dim=-1)
+        batch["teacher_text_features"] = F.normalize(torch.randn(8, 6, generator=generator), dim=-1)
         batch["teacher_image_embeds"] = F.normalize(torch.randn(8, 10, generator=generator), dim=-1)
         batch["teacher_text_embeds"] = F.normalize(torch.randn(8, 10, generator=generator), dim=-1)
         batch["ping_partner_rows"] = torch.tensor([1, 0, 3, 2, 5, 4, -1, -1])  # pairs never straddle two ranks

@@ -95,21 +95,21 @@ def test_frozen_feature_soft_labels_equal_second_implementation():
     image, text = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
     frozen_image, frozen_text = F.normalize(torch.randn(6, 20), dim=-1), F.normalize(torch.randn(6, 12), dim=-1)
     loss = InstanceContrastiveLoss("similarity", 0.2, source="frozen")(
-        image, text, torch.tensor(7.0), alpha=0.3, frozen_image_features=frozen_image,
-        frozen_text_features=frozen_text)["instance"]
+        image, text, torch.tensor(7.0), alpha=0.3, teacher_image_features=frozen_image,
+        teacher_text_features=frozen_text)["instance"]
     expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, frozen_image, frozen_text)
     torch.testing.assert_close(loss, expected)
     student = InstanceContrastiveLoss("similarity", 0.2)(image, text, torch.tensor(7.0), alpha=0.3)["instance"]
     assert abs(student.item() - loss.item()) > 1e-4
     both = InstanceContrastiveLoss("similarity", 0.2, source="frozen", modality="both")(
-        image, text, torch.tensor(7.0), alpha=0.3, frozen_image_features=frozen_image,
-        frozen_text_features=frozen_text)["instance"]
+        image, text, torch.tensor(7.0), alpha=0.3, teacher_image_features=frozen_image,
+        teacher_text_features=frozen_text)["instance"]
     joint = torch.cat([frozen_image, frozen_text], dim=1) / 2 ** 0.5  # joint_i . joint_j = mean of the two similarities
     expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, joint, joint)
     torch.testing.assert_close(both, expected)
     text_only = InstanceContrastiveLoss("similarity", 0.2, source="frozen", modality="text")(
-        image, text, torch.tensor(7.0), alpha=0.3, frozen_image_features=frozen_image,
-        frozen_text_features=frozen_text)["instance"]
+        image, text, torch.tensor(7.0), alpha=0.3, teacher_image_features=frozen_image,
+        teacher_text_features=frozen_text)["instance"]
     expected = _soft_clip_loss_reference(image, text, 7.0, 0.3, "similarity", 0.2, frozen_text, frozen_text)
     torch.testing.assert_close(text_only, expected)
     with pytest.raises(ValueError, match="teachers' features"):
