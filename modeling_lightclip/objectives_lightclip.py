@@ -65,15 +65,37 @@ def _loss_group():
     return _LOSS_GROUP[key]
 
 
+# (local rows, every rank's rows) of the objectives' call in progress (`rows_of_this_step`)
+_STEP_ROWS: list = []
+
+
 def batch_sizes(local: int, device=None) -> list[int]:
     """Every rank's number of rows in this step, in rank order ([local] when not distributed). Ranks may hold
-    different numbers of rows (a bad sample skipped on one of them): the global batch is their concatenation."""
+    different numbers of rows (a bad sample skipped on one of them): the global batch is their concatenation.
+    Inside `rows_of_this_step`, the counts it gathered for `local` rows are reused."""
     _, world = _world()
     if world == 1:
         return [int(local)]
+    if _STEP_ROWS and _STEP_ROWS[-1][0] == int(local):
+        return list(_STEP_ROWS[-1][1])
     parts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
     dist.all_gather(parts, torch.tensor([int(local)], dtype=torch.long, device=device), group=_loss_group())
     return [int(p.item()) for p in parts]
+
+
+@contextlib.contextmanager
+def rows_of_this_step(local: int, device=None):
+    """Every rank's row count gathered once for the objectives' call in progress: the gathers, row offsets and
+    per-row means inside it read it instead of gathering it again (one small collective per step rather than one
+    per gathered tensor)."""
+    _, world = _world()
+    if world > 1:
+        _STEP_ROWS.append((int(local), batch_sizes(local, device)))
+    try:
+        yield
+    finally:
+        if world > 1:
+            _STEP_ROWS.pop()
 
 
 def first_global_row(local: int, device=None) -> int:
@@ -96,6 +118,8 @@ def row_mean(per_row: torch.Tensor) -> torch.Tensor:
     _, world = _world()
     if world == 1:
         return per_row.mean()
+    if _STEP_ROWS and _STEP_ROWS[-1][0] == per_row.shape[0]:  # the step's row counts are known
+        return per_row.sum() * (world / max(sum(_STEP_ROWS[-1][1]), 1))
     return per_row.sum() * _global_mean_normaliser(per_row.new_tensor(float(per_row.shape[0])))
 
 
@@ -1284,6 +1308,10 @@ class LightCLIPObjectives(nn.Module):
                 objectives reach into a tower's weights).
             targets: the batch's per-sample training targets (`TRAINING_TARGETS`): each objective reads its own.
         """
+        with rows_of_this_step(features.num_rows, features.image_embeds.device):
+            return self._terms(features, logit_scale, logit_bias, soft_label_alpha, word_embeddings, targets)
+
+    def _terms(self, features, logit_scale, logit_bias, soft_label_alpha, word_embeddings, targets) -> dict:
         config = self.config
         targets = targets or {}
         image_embeds, text_embeds = features.image_embeds, features.text_embeds

@@ -4,7 +4,8 @@ Each rank loads the same saved model and the same global batch, keeps its own co
 own longest caption, as a per-rank collator would), trains one step under DDP and reports the global loss and
 every parameter's gradient (rank 0 writes them). With a fourth argument, MICRO ("-" for none): the step is computed
 MICRO rows at a time by contrastive accumulation. With a fifth, SPLIT ("2,6"): each rank's number of rows, as when a
-bad sample was skipped on one of them (default: equal shares).
+bad sample was skipped on one of them (default: equal shares). Also reports how many times the step gathered the
+ranks' row counts.
 """
 
 import faulthandler
@@ -40,6 +41,7 @@ def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = Non
     for key in ("input_ids", "attention_mask", "mlm_input_ids", "mlm_labels"):
         local[key] = local[key][:, :length]
     ddp = DistributedDataParallel(model)
+    row_count_gathers = _count_row_count_gathers()
     if micro in (None, "-"):
         out = ddp(**local, return_loss=True)
         out.loss.backward()
@@ -67,12 +69,27 @@ def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = Non
             tensors["bank_valid"] = bank.valid.clone()
             tensors["bank_text"] = bank.text.clone()
         tensors["loss"] = terms[0]
+        tensors["row_count_gathers"] = torch.tensor(row_count_gathers[0])
         for i, k in enumerate(sorted(losses)):
             tensors[f"term.{k}"] = terms[i + 1]
         save_file(tensors, out_path)
     dist.barrier()
     # No destroy_process_group() here: tearing the groups down while the DDP wrapper is still alive can leave its
     # destructor waiting on a dead communicator (seen as a rare hang at exit); the process exit releases them.
+
+
+def _count_row_count_gathers() -> list:
+    """Count, from now on, the all-gathers of one row count (a rank's number of rows: a (1,) long tensor)."""
+    count = [0]
+    original = dist.all_gather
+
+    def counting(tensors, tensor, *args, **kwargs):
+        if tensor.numel() == 1 and tensor.dtype == torch.long:
+            count[0] += 1
+        return original(tensors, tensor, *args, **kwargs)
+
+    dist.all_gather = counting
+    return count
 
 
 if __name__ == "__main__":
