@@ -8,7 +8,8 @@
 #                     and recompiles                                              -> RESULTS_DIR/throughput_gpu.json
 # 2. objective_overhead.py --bf16 - each objective's step vs the CLIP step (ResNet-18 and MobileNetV2, 224 px)
 #                                                                                 -> RESULTS_DIR/objective_overhead_*_gpu.json
-# 3. reinforce.py  - samples/s of the reinforce pass (frozen-pair teacher at 224 px) -> RESULTS_DIR/reinforce_gpu.json
+# 3. reinforce.py  - samples/s of the reinforce pass (frozen-pair teacher at 224 px; 0 and 4 stored views)
+#                     -> RESULTS_DIR/reinforce_gpu.json
 # 4. short_study.py - plain CLIP vs the recommended objective, 3 seeds, fixed steps, embedded data
 #                                                                                 -> RESULTS_DIR/short_study_gpu.json
 # 5. accumulation.py - ResNet-18 at 224 px, bf16: peak memory and step time of batches 512 / 2048 / 8192 from
@@ -64,7 +65,7 @@ if [ "$DRY" = 1 ]; then   # toy sizes on the CPU: every stage, every flag path, 
   STUDY=(--recipe default --image_size 32 --batch_size 16 --max_steps 2 --seeds 0 1 --max_train_samples 64
          --max_eval_samples 32 --workers 0)
   OVERHEAD_RECIPES=(resnet18)
-  REINFORCE=(--samples 16 --teacher_image_size 64 --batch_size 8)
+  REINFORCE=(--samples 16 --teacher_image_size 64 --batch_size 8 --num_augmentations 0 2)
   ACCUMULATION=(--recipe tiny --image_size 32 --batches 16 --micro 8 --steps 1 --warmup 0 --cpu)
 else
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
@@ -75,7 +76,7 @@ else
   OVERHEAD=(--image_size 224 --batch_size 256 --steps 10 --warmup 3 --bf16)
   STUDY=(--recipe resnet18 --image_size 64 --batch_size 256 --max_steps 300 --seeds 0 1 2 --bf16)
   OVERHEAD_RECIPES=(resnet18 mobilenetv2)
-  REINFORCE=(--samples 4096 --teacher_image_size 224 --batch_size 256)
+  REINFORCE=(--samples 2048 --teacher_image_size 224 --batch_size 256 --num_augmentations 0 4)
   ACCUMULATION=(--recipe resnet18 --image_size 224 --batches 512 2048 8192 --micro 64 256 --steps 2 --warmup 1
                 --bf16 --timeout 60)
 fi
@@ -98,7 +99,7 @@ for recipe in "${OVERHEAD_RECIPES[@]}"; do
   stage "objective_overhead_$recipe" 40 "$PY" benchmarks/objective_overhead.py --recipe "$recipe" "${OVERHEAD[@]}" \
     --json "$OUT/objective_overhead_${recipe}_gpu.json"
 done
-stage reinforce 45 "$PY" benchmarks/reinforce.py "${REINFORCE[@]}" --json "$OUT/reinforce_gpu.json"
+stage reinforce 60 "$PY" benchmarks/reinforce.py "${REINFORCE[@]}" --json "$OUT/reinforce_gpu.json"
 STUDY_RUNS=$(mktemp -d -t lightclip-short-study.XXXXXX)   # fresh: features built for another checkout's rows differ
 stage short_study 135 "$PY" benchmarks/short_study.py "${STUDY[@]}" --out "$STUDY_RUNS" \
   --json "$OUT/short_study_gpu.json"
