@@ -8,10 +8,12 @@ feature distillation against logit distillation, at equal steps, 3 seeds.
    `default` at 64 px, batch 128, 250 steps, lr 2e-3): every run on the selection split's training pairs, streamed
    from a reinforced copy of them (frozen-pair teacher at 64 px), scored on the selection split's validation.
    - the recommended objective (frozen soft labels + frozen-relation distillation) reading features of the
-     un-augmented image (`+frozen_relation_streamed`, K = 0) or of 4 stored views per image re-applied in training
-     (`+frozen_relation_views4`, `lightclip-reinforce --num_augmentations 4`);
+     un-augmented image (`+frozen_relation_streamed`, K = 0) or of 4 or 8 stored views per image re-applied in
+     training (`+frozen_relation_views4`, `+frozen_relation_views8`: `lightclip-reinforce --num_augmentations K`);
    - distillation from the aligned teacher (the frozen pair aligned into one space on the training pairs,
-     `aligned_teacher.py`): logit distillation (`+distill_aligned`) or feature distillation (`+feature_distill_aligned`).
+     `aligned_teacher.py`): logit distillation (`+distill_aligned`) or feature distillation
+     (`+feature_distill_aligned`) from the un-augmented image's features, and logit distillation from 4 or 8 stored
+     views (`+distill_aligned_views4`, `+distill_aligned_views8`: the alignment fitted and applied per view).
 2. **Test, once per arm**: Fashion-MNIST test zero-shot and OpenClipart test retrieval, and the icon-theme second test
    set (`second_test_set.py`), which no choice saw. Differences with a paired bootstrap over test items (seeds averaged
    per item) and Holm's correction across each comparison's metrics; Welch's t over seeds beside them.
@@ -37,6 +39,9 @@ STUDY = ROOT / "outputs" / "ablation" / "views_val"
 VAL_KEYS = [key for key, _ in ablation.METRICS]
 ICON_KEYS = second_test_set.METRICS
 COMPARISONS = [("+frozen_relation_views4", "+frozen_relation_streamed"),
+               ("+frozen_relation_views8", "+frozen_relation_streamed"),
+               ("+distill_aligned_views4", "+distill_aligned"),
+               ("+distill_aligned_views8", "+distill_aligned"),
                ("+feature_distill_aligned", "+distill_aligned")]
 
 
