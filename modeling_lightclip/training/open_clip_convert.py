@@ -21,6 +21,28 @@ from pathlib import Path
 import torch
 
 
+def open_clip_source(name: str, prefix: str = "") -> tuple[str, str | None]:
+    """(model name, weights tag) for OpenCLIP's loaders from NAME: `MODEL:TAG` (a built-in architecture and its
+    weights tag), `hf-hub:ORG/NAME`, or `local-dir:PATH` (a folder with `open_clip_config.json` and the weights, as
+    OpenCLIP pushes models to the Hub). A built-in architecture without a tag and a folder that is not an OpenCLIP
+    model are refused: either would load randomly initialised weights. `prefix`: what precedes NAME where the user
+    wrote it (`open_clip:` in a teacher spec), for the suggestion."""
+    if name.startswith(("hf-hub:", "local-dir:")):
+        folder = Path(name[len("local-dir:"):]).expanduser() if name.startswith("local-dir:") else None
+        if folder is not None and not (folder / "open_clip_config.json").is_file():
+            raise ValueError(f"{folder} has no open_clip_config.json (an OpenCLIP model folder holds it and the "
+                             "weights, open_clip_model.safetensors or open_clip_pytorch_model.bin).")
+        if folder is not None and not any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth")):
+            raise ValueError(f"{folder} has no weights (open_clip_model.safetensors or open_clip_pytorch_model.bin): "
+                             "the model would be randomly initialised.")
+        return name, None
+    model_name, _, pretrained = name.partition(":")
+    if not pretrained:
+        raise ValueError(f"name the weights too, {prefix}{model_name}:TAG (the tags open_clip.list_pretrained() lists "
+                         f"for {model_name}); without them the model would be randomly initialised.")
+    return model_name, pretrained
+
+
 def _model_config(open_clip, name: str) -> dict:
     from open_clip.factory import get_model_config
 
@@ -206,11 +228,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="the CLIPModel folder to write")
     parser.add_argument("--no_check", action="store_true", help="skip comparing the two models' outputs")
     args = parser.parse_args(argv)
-    name, pretrained = args.model, None
-    if not name.startswith(("hf-hub:", "local-dir:")):
-        name, _, pretrained = name.partition(":")
-        if not pretrained:
-            parser.error(f"{name}: name the weights too, {name}:TAG (open_clip.list_pretrained() lists them).")
+    try:
+        name, pretrained = open_clip_source(args.model)
+    except ValueError as err:
+        parser.error(f"{args.model}: {err}")
     try:
         differences = convert(name, args.out, pretrained, check=not args.no_check)
     except ValueError as err:
@@ -223,7 +244,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["clip_config", "clip_state_dict", "compare", "convert", "unmappable"]
+__all__ = ["clip_config", "clip_state_dict", "compare", "convert", "open_clip_source", "unmappable"]
 
 
 if __name__ == "__main__":

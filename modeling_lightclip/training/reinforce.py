@@ -173,22 +173,12 @@ class OpenClipTeacher:
         except ImportError:
             raise ValueError(f"--teacher {spec}: OpenCLIP teachers need the open_clip_torch package: "
                              "pip install 'lightclip[openclip]' (or open_clip_torch).") from None
-        name = spec[len(OPEN_CLIP):]
-        if name.startswith(("hf-hub:", "local-dir:")):
-            model_name, pretrained = name, None
-            folder = Path(name[len("local-dir:"):]).expanduser() if name.startswith("local-dir:") else None
-            if folder is not None and not (folder / "open_clip_config.json").is_file():
-                raise ValueError(f"--teacher {spec}: {folder} has no open_clip_config.json (an OpenCLIP model folder "
-                                 "holds it and the weights, open_clip_model.safetensors or open_clip_pytorch_model.bin).")
-            if folder is not None and not any(any(folder.glob(p)) for p in ("*.safetensors", "*.bin", "*.pth")):
-                raise ValueError(f"--teacher {spec}: {folder} has no weights (open_clip_model.safetensors or "
-                                 "open_clip_pytorch_model.bin): the teacher would be a randomly initialised model.")
-        else:
-            model_name, _, pretrained = name.partition(":")
-            if not pretrained:
-                raise ValueError(f"--teacher {spec}: name the weights too, open_clip:{model_name}:TAG (the tags "
-                                 f"open_clip.list_pretrained() lists for {model_name}); without them the teacher "
-                                 "would be randomly initialised.")
+        from .open_clip_convert import open_clip_source
+
+        try:
+            model_name, pretrained = open_clip_source(spec[len(OPEN_CLIP):], prefix=OPEN_CLIP)
+        except ValueError as err:
+            raise ValueError(f"--teacher {spec}: {err}") from None
         try:
             self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
                                                                                    device=device)
