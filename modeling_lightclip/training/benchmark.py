@@ -156,7 +156,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict:
             "mean_per_class_recall": sum(recalls) / len(recalls)}
 
 
-def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor,
+def clip_benchmark_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image: torch.Tensor,
                       ks=(1, 5, 10)) -> dict:
     """clip_benchmark's recall@k: a caption's query is a hit when its image is in the top k images
     (`image_retrieval_recall@k`); an image's, when any of its captions is in the top k captions
@@ -231,7 +231,7 @@ def evaluate_benchmark(model, processor, benchmark: BenchmarkSet, batch_size: in
             offsets.append(offsets[-1] + len(part[0]))
         if not offsets[-1]:
             raise ValueError(f"{benchmark.name}: no samples in {', '.join(benchmark.shards)}.")
-        return retrieval_metrics(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
+        return clip_benchmark_recall(torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered]),
                                  torch.cat([g[2] + offset for g, offset in zip(gathered, offsets)]), recall_k)
     finally:
         model.train(was_training)
@@ -344,7 +344,7 @@ def _main(argv=None) -> int:
 
 
 __all__ = ["BenchmarkSet", "classification_metrics", "evaluate_benchmark", "open_benchmark", "results_record",
-           "retrieval_metrics"]
+           "clip_benchmark_recall"]
 
 
 if __name__ == "__main__":
