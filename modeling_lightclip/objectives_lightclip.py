@@ -98,6 +98,30 @@ def rows_of_this_step(local: int, device=None):
             _STEP_ROWS.pop()
 
 
+# (rows scored, this rank's row count) of a row-blocked objectives call in progress (`scoring_rows`)
+_ROW_BLOCK: list = []
+
+
+@contextlib.contextmanager
+def scoring_rows(rows: slice, local: int):
+    """Inside: the row-decomposable objectives (`row_decomposable = True`) score only the rows `rows` of this rank's `local`
+    rows, each against every column of the global batch, and their per-row means keep the global batch's
+    normaliser. The terms of the blocks of a partition of the rows then sum to the terms of the whole batch, and so
+    do their gradients, while no objective holds more than `rows` x global-batch of any matrix (contrastive
+    accumulation's objectives pass, computed block by block)."""
+    _ROW_BLOCK.append((rows, int(local)))
+    try:
+        yield
+    finally:
+        _ROW_BLOCK.pop()
+
+
+def own_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The rows of a per-row tensor of this rank that the objectives score: all of them, or the block of
+    `scoring_rows`."""
+    return tensor[_ROW_BLOCK[-1][0]] if _ROW_BLOCK else tensor
+
+
 def first_global_row(local: int, device=None) -> int:
     """Where this rank's rows start in the step's global batch: the rows of the ranks before it."""
     rank, world = _world()
@@ -107,15 +131,19 @@ def first_global_row(local: int, device=None) -> int:
 
 
 def _own_global_rows(local: int, device) -> torch.Tensor:
-    """(local,) the global-batch index of each of this rank's rows."""
-    return torch.arange(local, device=device) + first_global_row(local, device)
+    """The global-batch index of each of this rank's `local` rows that the objectives score (`own_rows`)."""
+    return own_rows(torch.arange(local, device=device) + first_global_row(local, device))
 
 
 def row_mean(per_row: torch.Tensor) -> torch.Tensor:
     """This rank's share of the mean of a per-row quantity over the global batch: the local sum times
     world / global rows, so that DDP's gradient averaging gives the global mean whatever each rank's row count
-    (the plain mean when not distributed)."""
+    (the plain mean when not distributed). Inside `scoring_rows`, `per_row` holds the block's rows and the
+    normaliser stays the global batch's row count."""
     _, world = _world()
+    if _ROW_BLOCK:
+        local = _ROW_BLOCK[-1][1]
+        return per_row.sum() * (world / max(sum(batch_sizes(local, per_row.device)), 1))
     if world == 1:
         return per_row.mean()
     if _STEP_ROWS and _STEP_ROWS[-1][0] == per_row.shape[0]:  # the step's row counts are known
@@ -382,6 +410,9 @@ class InstanceContrastiveLoss(nn.Module):
     structure is distilled into the student through the targets.
     """
 
+    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
+    row_decomposable = True
+
     def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1, source: str = "student",
                  modality: str = "candidates"):
         super().__init__()
@@ -400,11 +431,11 @@ class InstanceContrastiveLoss(nn.Module):
                 raise ValueError("soft_label_source='frozen' needs the teachers' features in the batch "
                                  f"(teacher_image_features / teacher_text_features): {_TEACHER_HINT}.")
             frozen_image, frozen_text = frozen_image.float(), frozen_text.float()
-            text_sim = frozen_text @ gather_no_grad(frozen_text).t()
-            image_sim = frozen_image @ gather_no_grad(frozen_image).t()
+            text_sim = own_rows(frozen_text) @ gather_no_grad(frozen_text).t()
+            image_sim = own_rows(frozen_image) @ gather_no_grad(frozen_image).t()
         else:
-            text_sim = text_embeds.detach() @ all_texts.detach().t()
-            image_sim = image_embeds.detach() @ all_images.detach().t()
+            text_sim = own_rows(text_embeds).detach() @ all_texts.detach().t()
+            image_sim = own_rows(image_embeds).detach() @ all_images.detach().t()
         if self.modality == "both":
             both = 0.5 * (text_sim + image_sim)
             return both, both
@@ -421,8 +452,8 @@ class InstanceContrastiveLoss(nn.Module):
         all_images = gather_with_grad(image_embeds)
         all_texts = gather_with_grad(text_embeds)
         positives = _own_global_rows(image_embeds.shape[0], image_embeds.device)
-        logits_i2t = logit_scale * image_embeds @ all_texts.t()
-        logits_t2i = logit_scale * text_embeds @ all_images.t()
+        logits_i2t = logit_scale * own_rows(image_embeds) @ all_texts.t()
+        logits_t2i = logit_scale * own_rows(text_embeds) @ all_images.t()
         num_columns = all_texts.shape[0]
         if self.soft_label_mode == "none" or alpha <= 0.0:
             loss_i2t = row_mean(F.cross_entropy(logits_i2t, positives, reduction="none"))
@@ -467,10 +498,13 @@ class SigmoidInstanceLoss(nn.Module):
     the whole batch (the paper's chunked neighbour exchange computes the same sum with less memory per device).
     """
 
+    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
+    row_decomposable = True
+
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
         all_texts = gather_with_grad(text_embeds)
-        logits = logit_scale * image_embeds.float() @ all_texts.float().t() + logit_bias
+        logits = logit_scale * own_rows(image_embeds).float() @ all_texts.float().t() + logit_bias
         own = _own_columns(image_embeds.shape[0], all_texts.shape[0], image_embeds.device)
         return {"instance": sigmoid_pair_loss(logits, own)}
 
@@ -486,6 +520,9 @@ class FrozenRelationLoss(nn.Module):
     The student's columns are gathered with gradient (as the instance loss's are), the teacher's without.
     """
 
+    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
+    row_decomposable = True
+
     def __init__(self, temperature: float = 0.1):
         super().__init__()
         self.temperature = temperature
@@ -493,8 +530,10 @@ class FrozenRelationLoss(nn.Module):
     def _kl(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         all_student, all_teacher = gather_with_grad(student), gather_no_grad(teacher)
         self_column = F.one_hot(_own_global_rows(student.shape[0], student.device), all_student.shape[0]).bool()
-        student_logits = (student @ all_student.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
-        teacher_logits = (teacher @ all_teacher.t() / self.temperature).masked_fill(self_column, _MASKED_LOGIT)
+        student_logits = (own_rows(student) @ all_student.t() / self.temperature).masked_fill(self_column,
+                                                                                               _MASKED_LOGIT)
+        teacher_logits = (own_rows(teacher) @ all_teacher.t() / self.temperature).masked_fill(self_column,
+                                                                                               _MASKED_LOGIT)
         target = teacher_logits.softmax(-1)
         return row_mean((target * (target.clamp_min(1e-12).log() - student_logits.log_softmax(-1))).sum(-1))
 
@@ -524,6 +563,9 @@ class CrossModalDistillationLoss(nn.Module):
     product for them and inference nothing.
     """
 
+    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
+    row_decomposable = True
+
     def __init__(self, temperature: float = 1.0, form: str = "softmax"):
         super().__init__()
         if form not in ("softmax", "sigmoid"):
@@ -545,8 +587,9 @@ class CrossModalDistillationLoss(nn.Module):
         if self.form == "sigmoid":
             all_texts = gather_with_grad(text_embeds)
             teacher_texts = gather_no_grad(teacher_text_embeds.float())
-            student = (logit_scale * image_embeds.float() @ all_texts.float().t() + logit_bias) / t
-            teacher = (teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() + teacher_logit_bias) / t
+            student = (logit_scale * own_rows(image_embeds).float() @ all_texts.float().t() + logit_bias) / t
+            teacher = (teacher_logit_scale * own_rows(teacher_image_embeds).float() @ teacher_texts.t()
+                       + teacher_logit_bias) / t
             target = torch.sigmoid(teacher)
             kl = (target * (F.logsigmoid(teacher) - F.logsigmoid(student))
                   + (1 - target) * (F.logsigmoid(-teacher) - F.logsigmoid(-student)))
@@ -554,11 +597,12 @@ class CrossModalDistillationLoss(nn.Module):
         all_images, all_texts = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
         teacher_images = gather_no_grad(teacher_image_embeds.float())
         teacher_texts = gather_no_grad(teacher_text_embeds.float())
-        student_i2t = logit_scale * image_embeds.float() @ all_texts.float().t() / t
-        student_t2i = logit_scale * text_embeds.float() @ all_images.float().t() / t
+        student_i2t = logit_scale * own_rows(image_embeds).float() @ all_texts.float().t() / t
+        student_t2i = logit_scale * own_rows(text_embeds).float() @ all_images.float().t() / t
+        teacher_image_rows, teacher_text_rows = own_rows(teacher_image_embeds), own_rows(teacher_text_embeds)
         if ensemble is None:
-            target_i2t = (teacher_logit_scale * teacher_image_embeds.float() @ teacher_texts.t() / t).softmax(-1)
-            target_t2i = (teacher_logit_scale * teacher_text_embeds.float() @ teacher_images.t() / t).softmax(-1)
+            target_i2t = (teacher_logit_scale * teacher_image_rows.float() @ teacher_texts.t() / t).softmax(-1)
+            target_t2i = (teacher_logit_scale * teacher_text_rows.float() @ teacher_images.t() / t).softmax(-1)
         else:
             dims, scales = ensemble
 
@@ -566,8 +610,8 @@ class CrossModalDistillationLoss(nn.Module):
                 return [F.normalize(b, dim=-1) for b in x.split(list(dims), dim=-1)]
 
             i2t, t2i = [], []
-            for scale, image, text, images, texts in zip(scales, blocks(teacher_image_embeds.float()),
-                                                         blocks(teacher_text_embeds.float()), blocks(teacher_images),
+            for scale, image, text, images, texts in zip(scales, blocks(teacher_image_rows.float()),
+                                                         blocks(teacher_text_rows.float()), blocks(teacher_images),
                                                          blocks(teacher_texts)):
                 i2t.append((scale * image @ texts.t() / t).softmax(-1))
                 t2i.append((scale * text @ images.t() / t).softmax(-1))
@@ -587,6 +631,9 @@ class FeatureDistillationLoss(nn.Module):
     two modalities; per sample, so each process sums its own rows (scaled so that DDP's gradient averaging gives the
     global mean). The projections hold this objective's only parameters."""
 
+    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
+    row_decomposable = True
+
     def __init__(self, embed_dim: int, teacher_image_dim: int, teacher_text_dim: int):
         super().__init__()
         self.image_projection = nn.Linear(embed_dim, teacher_image_dim, bias=False)
@@ -601,8 +648,8 @@ class FeatureDistillationLoss(nn.Module):
                 raise ValueError(f"feature distillation was built for teacher features of {projection.out_features} "
                                  f"dimensions and the batch carries {teacher.shape[-1]}: the training data's "
                                  "teachers are not the ones the model was set up for (feature_distill_teacher_dims).")
-            projected = F.normalize(projection(student.to(projection.weight.dtype)).float(), dim=-1)
-            distances.append(row_mean((projected - teacher.float()).pow(2).sum(-1)))  # over the global batch
+            projected = F.normalize(projection(own_rows(student).to(projection.weight.dtype)).float(), dim=-1)
+            distances.append(row_mean((projected - own_rows(teacher).float()).pow(2).sum(-1)))  # over the global batch
         return {"feature_distill": 0.5 * (distances[0] + distances[1])}
 
 
@@ -1284,6 +1331,15 @@ class LightCLIPObjectives(nn.Module):
         return self.mlm is not None or (self.token is not None and self.config.vision_token_stage is not None)
 
     @property
+    def row_decomposable(self) -> bool:
+        """Whether every active objective is row-decomposable (`scoring_rows`): contrastive accumulation then
+        computes them a block of rows at a time. Token alignment, MLM and CLIP-PING are computed on the whole
+        batch at once."""
+        active = [module for module in (self.instance, self.token, self.mlm, self.ping, self.relation, self.distill,
+                                        self.feature_distill) if module is not None]
+        return all(getattr(module, "row_decomposable", False) for module in active)
+
+    @property
     def needs_tokens(self) -> bool:
         """Whether `forward` reads token states (patch tokens, word states and the word mask): token alignment."""
         return self.token is not None
@@ -1400,6 +1456,7 @@ __all__ = [
     "mask_for_mlm",
     "mask_tokens",
     "mlm_row_indices",
+    "scoring_rows",
     "sigmoid_pair_loss",
     "soft_label_alpha",
     "sinkhorn_partial_matching",

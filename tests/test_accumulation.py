@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import all_objectives_model_and_batch, make_batch
 from modeling_lightclip import LightCLIPModel
@@ -66,6 +67,48 @@ def test_micro_batches_train_the_objective_of_the_whole_batch(tokenizer, variant
     if bank is not None:
         for name, value in reference.objectives.ping.bank.state_dict().items():
             torch.testing.assert_close(model.objectives.ping.bank.state_dict()[name], value, msg=name)
+
+
+class _ScoreMatrixRows(TorchDispatchMode):
+    """Records the most rows of any matrix product with `columns` columns: the objectives' score matrices against a
+    global batch of `columns` samples (rows @ columnsᵀ)."""
+
+    def __init__(self, columns: int):
+        super().__init__()
+        self.columns, self.most_rows = columns, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default) and out.shape[1] == self.columns:
+            self.most_rows = max(self.most_rows, out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("variant", ["paper", "redesign", "sigmoid"])
+@pytest.mark.parametrize("micro", [1, 3])
+def test_row_decomposable_objectives_are_scored_a_micro_batch_of_rows_at_a_time(tokenizer, variant, micro):
+    """Instance loss (softmax with soft labels from the student or the frozen encoders, or sigmoid), relation,
+    cross-modal (ensemble) and feature distillation: the step equals one call on the 8 rows, and no score matrix
+    against the 8 columns of the batch has more rows than a micro-batch (the whole-batch objectives, the control,
+    build 8 x 8 ones)."""
+    model, batch, _ = all_objectives_model_and_batch(tokenizer, variant, row_decomposable_only=True)
+    assert model.objectives.row_decomposable
+    model.train()
+    model.set_training_progress(1.0)
+    reference, out = _one_batch(model, batch)
+    rows = batch["input_ids"].shape[0]
+    with _ScoreMatrixRows(rows) as recorded:
+        terms = ContrastiveAccumulation(micro).step(model, _engine_inputs(batch))
+    _assert_same_step(reference, out, model, terms)
+    assert recorded.most_rows == micro
+
+    control, control_batch, _ = all_objectives_model_and_batch(tokenizer, variant)
+    control.train()
+    control.set_training_progress(1.0)
+    assert not control.objectives.row_decomposable
+    with _ScoreMatrixRows(rows) as recorded:
+        ContrastiveAccumulation(micro).step(control, _engine_inputs(control_batch))
+    assert recorded.most_rows == rows
 
 
 @pytest.mark.parametrize("fields", [

@@ -9,12 +9,15 @@ al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
 
 1. every micro-batch through both towers without a graph, keeping only what the objectives read
    (`TrainingFeatures`: embeddings, token states, MLM's fused masked captions);
-2. the objectives once, on the features of the whole batch made leaves: the loss, and its gradient with respect to
-   those features (and to the parameters the objectives use directly: logit scale and bias, the MLM decoder);
+2. the objectives of the whole batch, on its features made leaves: the loss, and its gradient with respect to
+   those features (and to the parameters the objectives use directly: logit scale and bias, the MLM decoder) -
+   when every active objective is row-decomposable (the instance losses, soft labels, relation, cross-modal and
+   feature distillation), one micro-batch of rows at a time against the whole batch's columns, else in one piece;
 3. every micro-batch through the towers again, this time with a graph, back-propagating its slice of that gradient.
 
 Memory is that of one micro-batch's towers plus the whole batch's features (B x D embeddings, and the token states
-when token alignment or MLM is on); compute is one extra forward pass of the towers. The loss, the terms and the
+when token alignment or MLM is on) plus the objectives' matrices: b x B by row blocks (micro-batch b), B x B when
+token alignment, MLM or CLIP-PING is on. Compute is one extra forward pass of the towers. The loss, the terms and the
 gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
 tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not
 the same as one big call would; BatchNorm normalises each micro-batch by its own statistics (as DDP does each
@@ -32,8 +35,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..objectives_lightclip import (TOWER_TARGETS, TrainingFeatures, _world, first_global_row, mask_for_mlm,
-                                    training_targets_from)
+from ..objectives_lightclip import (TOWER_TARGETS, TrainingFeatures, _world, batch_sizes, first_global_row,
+                                    mask_for_mlm, rows_of_this_step, scoring_rows, training_targets_from)
 
 
 TOWER_INPUTS = ("input_ids", "pixel_values", "attention_mask", "token_type_ids", "position_ids")
@@ -128,9 +131,12 @@ class ContrastiveAccumulation:
                 leaf = value.detach().requires_grad_(True)
                 setattr(features, name, leaf)
                 leaves[name] = leaf
-        with self.autocast():
-            terms = model.objective_terms(features, targets)
-        self.backward(terms["loss"])
+        if model.objectives.row_decomposable:
+            terms = self._objectives_by_row_blocks(model, features, targets, rows)
+        else:
+            with self.autocast():
+                terms = model.objective_terms(features, targets)
+            self.backward(terms["loss"])
 
         # pass 3: each micro-batch's towers again, with a graph, fed its slice of the features' gradient
         masked_start = 0
@@ -160,6 +166,29 @@ class ContrastiveAccumulation:
             average_gradients(model)
             broadcast_batch_norm_buffers(model)
         return {name: value.detach() for name, value in terms.items() if torch.is_tensor(value)}
+
+
+    def _objectives_by_row_blocks(self, model: nn.Module, features: TrainingFeatures, targets: dict,
+                                  rows: int) -> dict:
+        """Pass 2 for row-decomposable objectives: `micro_batch_size` of this rank's rows at a time scored against the
+        whole global batch (`scoring_rows`), each block's loss back-propagated at once, so no objective ever holds more
+        than micro-batch x global-batch of a matrix. The blocks' terms and gradients sum to the whole batch's. Every
+        rank runs as many blocks as the rank with the most rows (the gathers are collectives); a rank out of rows
+        scores an empty block."""
+        device = features.image_embeds.device
+        with rows_of_this_step(rows, device):
+            longest = max(batch_sizes(rows, device))
+            totals = {}
+            for start in range(0, max(longest, 1), self.micro_batch_size):
+                block = slice(min(start, rows), min(start + self.micro_batch_size, rows))
+                with scoring_rows(block, rows):
+                    with self.autocast():
+                        terms = model.objective_terms(features, targets)
+                    self.backward(terms["loss"])
+                for name, value in terms.items():
+                    if torch.is_tensor(value):
+                        totals[name] = totals.get(name, 0) + value.detach()
+        return totals
 
 
 def average_gradients(model: nn.Module) -> None:
