@@ -104,8 +104,8 @@ _ROW_BLOCK: list = []
 
 @contextlib.contextmanager
 def scoring_rows(rows: slice, local: int):
-    """Inside: the row-decomposable objectives (`row_decomposable = True`) score only the rows `rows` of this rank's `local`
-    rows, each against every column of the global batch, and their per-row means keep the global batch's
+    """Inside: the row-decomposable objectives (`row_decomposable = True`) score only the rows `rows` of this rank's
+    `local` rows, each against every column of the global batch, and their per-row means keep the global batch's
     normaliser. The terms of the blocks of a partition of the rows then sum to the terms of the whole batch, and so
     do their gradients, while no objective holds more than `rows` x global-batch of any matrix (contrastive
     accumulation's objectives pass, computed block by block)."""

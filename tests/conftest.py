@@ -70,9 +70,10 @@ def all_objectives_model_and_batch(tokenizer, variant: str = "paper", row_decomp
     }, tokenizer)
     torch.manual_seed(0)
     model = LightCLIPModel(config)
-    with torch.no_grad():
-        for block in (model.objectives.mlm.fusion if model.objectives.mlm is not None else []):
-            block.attention_gate.fill_(0.5)
+    if model.objectives.mlm is not None:
+        with torch.no_grad():
+            for block in model.objectives.mlm.fusion:
+                block.attention_gate.fill_(0.5)
     generator = torch.Generator().manual_seed(1)
     # captions of different lengths so that the two ranks pad differently
     texts = [CAPTIONS[i % len(CAPTIONS)] + (" with a hat" * (i % 3)) for i in range(8)]

@@ -167,7 +167,6 @@ class ContrastiveAccumulation:
             broadcast_batch_norm_buffers(model)
         return {name: value.detach() for name, value in terms.items() if torch.is_tensor(value)}
 
-
     def _objectives_by_row_blocks(self, model: nn.Module, features: TrainingFeatures, targets: dict,
                                   rows: int) -> dict:
         """Pass 2 for row-decomposable objectives: `micro_batch_size` of this rank's rows at a time scored against the
