@@ -331,7 +331,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if arm_config(setting, overrides).uses_frozen_features and reinforced is None:
+    if arm_config(setting, overrides).uses_teacher_features and reinforced is None:
         argv += ["--teacher_features", str(neighbours)]
     return argv
 
@@ -762,7 +762,7 @@ def main(argv=None):
         if args.eval_split == "val":
             files, files_dir = prepare_selection_data(data_dir, files), data_dir / "selection"
         tokenizer = setting_tokenizer(files_dir, files, setting)
-        needs_frozen = any(arm_config(setting, arms[a]).uses_frozen_features for a in selected)
+        needs_frozen = any(arm_config(setting, arms[a]).uses_teacher_features for a in selected)
         neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
         reinforced = {kind: prepare_reinforced(files_dir, files["train"], setting["image_size"], kind)
                       for kind in sorted({STREAMED_ARMS[a] for a in selected if a in STREAMED_ARMS})}

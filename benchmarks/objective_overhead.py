@@ -131,7 +131,7 @@ def main():
             extra.update(ping_inputs)
         elif config.uses_ping_in_batch:
             extra.update(extra_inputs["in_batch"])
-        if config.uses_frozen_feature_batches:
+        if config.uses_teacher_feature_batches:
             extra.update(extra_inputs["frozen"])
         return extra
 

@@ -12,39 +12,36 @@ projections) never depends on them.
 This file is saved beside the weights as remote code: it imports only torch/transformers at top level.
 """
 
+import dataclasses
 import math
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
+from .objectives_lightclip import (  # noqa: F401  (the objectives' choices, re-exported where fields are documented)
+    DISTILL_ENSEMBLES,
+    MAX_LOG_LOGIT_SCALE,
+    MIN_TEMPERATURE,
+    OBJECTIVES,
+    PING_NEGATIVES,
+    PING_POSITIVES,
+    SOFT_LABEL_MODALITIES,
+    SOFT_LABEL_MODES,
+    SOFT_LABEL_SCHEDULES,
+    SOFT_LABEL_SOURCES,
+    loss_weight_fields,
+    require_choice,
+    require_field,
+)
+
 
 logger = logging.get_logger(__name__)
 
-MIN_TEMPERATURE = 1e-4                          # smallest temperature any loss divides by
-MAX_LOG_LOGIT_SCALE = math.log(1 / MIN_TEMPERATURE)   # the largest logit scale is 1 / MIN_TEMPERATURE
-SOFT_LABEL_MODES = ("none", "uniform", "similarity")
-SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
-SOFT_LABEL_SOURCES = ("student", "frozen")
-SOFT_LABEL_MODALITIES = ("candidates", "both", "text")
-PING_NEGATIVES = ("bank", "batch")
-PING_POSITIVES = ("bank", "in_batch")
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
 INSTANCE_LOSSES = ("softmax", "sigmoid")
-DISTILL_ENSEMBLES = ("concatenate", "mean_probabilities")
 # each instance loss's initial log logit scale when none is given: CLIP's ln(1/0.07), SigLIP's ln 10
 DEFAULT_LOG_LOGIT_SCALE = {"softmax": math.log(1 / 0.07), "sigmoid": math.log(10.0)}
-# Each weighted loss term (its name in `LightCLIPOutput.losses`) and the config field holding its weight. The instance
-# loss always runs with weight 1; a term whose weight is 0 is off, and its modules are not built.
-LOSS_WEIGHT_FIELDS = {
-    "token": "token_loss_weight",
-    "mlm": "mlm_loss_weight",
-    "ping_nn": "ping_nn_loss_weight",
-    "ping_xnn": "ping_xnn_loss_weight",
-    "relation": "relation_loss_weight",
-    "distill": "distill_loss_weight",
-    "feature_distill": "feature_distill_loss_weight",
-}
 
 _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes": [32, 64, 128, 256],
                    "depths": [1, 1, 1, 1], "layer_type": "basic"}
@@ -75,16 +72,6 @@ def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
             "Use one transformers knows (e.g. resnet, mobilenet_v2, efficientnet, vit, clip_vision_model for "
             "images; bert, clip_text_model for text)."
         ) from err
-
-
-def _require(name: str, value, test, what: str) -> None:
-    """One message naming the field and its flag when `value` is not a finite number passing `test`."""
-    try:
-        ok = math.isfinite(float(value)) and test(value)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}={value!r} (--{name}): {what}.")
 
 
 class LightCLIPConfig(PretrainedConfig):
@@ -286,134 +273,89 @@ class LightCLIPConfig(PretrainedConfig):
                            "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads", "mlm_tie_head",
                            "mlm_fusion")
 
-    def __init__(
-        self,
-        vision_config=None,
-        text_config=None,
-        projection_dim: int = 256,
-        instance_loss: str = "softmax",
-        logit_scale_init_value: float | None = None,
-        logit_bias_init_value: float = -10.0,
-        logit_scale_max: float = math.log(100.0),
-        image_size: int | None = None,
-        vision_pooling: str = "auto",
-        text_pooling: str = "auto",
-        vision_token_stage: int | None = None,
-        cnn_init: str = "kaiming",
-        token_projection_dim: int = 128,
-        soft_label_mode: str = "none",
-        soft_label_max: float = 0.3,
-        soft_label_schedule: str = "constant",
-        soft_label_temperature: float = 0.1,
-        soft_label_source: str = "frozen",
-        soft_label_modality: str = "candidates",
-        token_loss_weight: float = 0.0,
-        token_match_threshold: float | None = None,
-        token_temperature: float = 0.1,
-        token_negatives: str = "batch",
-        token_solver: str = "auto",
-        token_objective: str = "word_patch",
-        token_matching: str = "hungarian",
-        mlm_loss_weight: float = 0.0,
-        mlm_probability: float = 0.3,
-        mlm_batch_fraction: float = 0.25,
-        mlm_tie_head: bool = True,
-        mlm_fusion: bool = True,
-        mlm_start: float = 0.0,
-        fusion_text_layers: list | None = None,
-        fusion_vision_stages: list | None = None,
-        fusion_num_heads: int = 4,
-        save_training_modules: bool = True,
-        ping_nn_loss_weight: float = 0.0,
-        ping_xnn_loss_weight: float = 0.0,
-        ping_bank_size: int = 0,
-        ping_temperature: float | None = None,
-        ping_negatives: str = "bank",
-        ping_positives: str = "bank",
-        relation_loss_weight: float = 0.0,
-        relation_temperature: float = 0.1,
-        distill_loss_weight: float = 0.0,
-        distill_temperature: float = 1.0,
-        distill_teacher_logit_scale: float = 100.0,
-        distill_teacher_logit_bias: float | None = None,
-        distill_ensemble: str = "concatenate",
-        distill_teacher_dims: list | None = None,
-        distill_teacher_logit_scales: list | None = None,
-        feature_distill_loss_weight: float = 0.0,
-        feature_distill_teacher_dims: list | None = None,
-        mask_token_id: int | None = None,
-        cls_token_id: int | None = None,
-        sep_token_id: int | None = None,
-        **kwargs,
-    ):
-        self.vision_config = _as_sub_config(vision_config, _DEFAULT_VISION, "vision_config")
-        self.text_config = _as_sub_config(text_config, _DEFAULT_TEXT, "text_config")
-        self.projection_dim = projection_dim
-        self.instance_loss = instance_loss
-        if logit_scale_init_value is None:
-            logit_scale_init_value = DEFAULT_LOG_LOGIT_SCALE.get(instance_loss, DEFAULT_LOG_LOGIT_SCALE["softmax"])
-        self.logit_scale_init_value = logit_scale_init_value
-        self.logit_bias_init_value = logit_bias_init_value
-        self.logit_scale_max = logit_scale_max
-        if image_size is None:
-            image_size = getattr(self.vision_config, "image_size", None) or 224
-        self.image_size = int(image_size)
-        self.vision_pooling = vision_pooling
-        self.text_pooling = text_pooling
-        self.vision_token_stage = vision_token_stage
-        self.cnn_init = cnn_init
-        self.token_projection_dim = token_projection_dim
-        self.soft_label_mode = soft_label_mode
-        self.soft_label_max = soft_label_max
-        self.soft_label_schedule = soft_label_schedule
-        self.soft_label_temperature = soft_label_temperature
-        self.soft_label_source = soft_label_source
-        self.soft_label_modality = soft_label_modality
-        self.token_loss_weight = token_loss_weight
-        self.token_match_threshold = token_match_threshold
-        self.token_temperature = token_temperature
-        self.token_negatives = token_negatives
-        self.token_solver = token_solver
-        self.token_objective = token_objective
-        self.token_matching = token_matching
-        self.mlm_loss_weight = mlm_loss_weight
-        self.mlm_probability = mlm_probability
-        self.mlm_batch_fraction = mlm_batch_fraction
-        self.mlm_tie_head = mlm_tie_head
-        self.mlm_fusion = mlm_fusion
-        self.mlm_start = mlm_start
+    vision_config: dict | PretrainedConfig | None = None
+    text_config: dict | PretrainedConfig | None = None
+    projection_dim: int = 256
+    instance_loss: str = "softmax"
+    logit_scale_init_value: float | None = None
+    logit_bias_init_value: float = -10.0
+    logit_scale_max: float = math.log(100.0)
+    image_size: int | None = None
+    vision_pooling: str = "auto"
+    text_pooling: str = "auto"
+    vision_token_stage: int | None = None
+    cnn_init: str = "kaiming"
+    token_projection_dim: int = 128
+    soft_label_mode: str = "none"
+    soft_label_max: float = 0.3
+    soft_label_schedule: str = "constant"
+    soft_label_temperature: float = 0.1
+    soft_label_source: str = "frozen"
+    soft_label_modality: str = "candidates"
+    token_loss_weight: float = 0.0
+    token_match_threshold: float | None = None
+    token_temperature: float = 0.1
+    token_negatives: str = "batch"
+    token_solver: str = "auto"
+    token_objective: str = "word_patch"
+    token_matching: str = "hungarian"
+    mlm_loss_weight: float = 0.0
+    mlm_probability: float = 0.3
+    mlm_batch_fraction: float = 0.25
+    mlm_tie_head: bool = True
+    mlm_fusion: bool = True
+    mlm_start: float = 0.0
+    fusion_text_layers: list | None = None
+    fusion_vision_stages: list | None = None
+    fusion_num_heads: int = 4
+    save_training_modules: bool = True
+    ping_nn_loss_weight: float = 0.0
+    ping_xnn_loss_weight: float = 0.0
+    ping_bank_size: int = 0
+    ping_temperature: float | None = None
+    ping_negatives: str = "bank"
+    ping_positives: str = "bank"
+    relation_loss_weight: float = 0.0
+    relation_temperature: float = 0.1
+    distill_loss_weight: float = 0.0
+    distill_temperature: float = 1.0
+    distill_teacher_logit_scale: float = 100.0
+    distill_teacher_logit_bias: float | None = None
+    distill_ensemble: str = "concatenate"
+    distill_teacher_dims: list | None = None
+    distill_teacher_logit_scales: list | None = None
+    feature_distill_loss_weight: float = 0.0
+    feature_distill_teacher_dims: list | None = None
+    mask_token_id: int | None = None
+    cls_token_id: int | None = None
+    sep_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        self.vision_config = _as_sub_config(self.vision_config, _DEFAULT_VISION, "vision_config")
+        self.text_config = _as_sub_config(self.text_config, _DEFAULT_TEXT, "text_config")
+        if self.logit_scale_init_value is None:
+            self.logit_scale_init_value = DEFAULT_LOG_LOGIT_SCALE.get(self.instance_loss,
+                                                                      DEFAULT_LOG_LOGIT_SCALE["softmax"])
+        if self.image_size is None:
+            self.image_size = getattr(self.vision_config, "image_size", None) or 224
+        self.image_size = int(self.image_size)
         num_text_layers = getattr(self.text_config, "num_hidden_layers", 2)
-        if fusion_text_layers is None:
-            fusion_text_layers = sorted({max(num_text_layers // 2 - 1, 0), num_text_layers - 1})
-        if fusion_vision_stages is None:
-            fusion_vision_stages = [-2, -1][-len(fusion_text_layers):]
-        self.fusion_text_layers = list(fusion_text_layers)
-        self.fusion_vision_stages = list(fusion_vision_stages)
-        self.fusion_num_heads = fusion_num_heads
-        self.save_training_modules = save_training_modules
-        self.ping_nn_loss_weight = ping_nn_loss_weight
-        self.ping_xnn_loss_weight = ping_xnn_loss_weight
-        self.ping_bank_size = ping_bank_size
-        self.ping_temperature = ping_temperature
-        self.ping_negatives = ping_negatives
-        self.ping_positives = ping_positives
-        self.relation_loss_weight = relation_loss_weight
-        self.relation_temperature = relation_temperature
-        self.distill_loss_weight = distill_loss_weight
-        self.distill_temperature = distill_temperature
-        self.distill_teacher_logit_scale = distill_teacher_logit_scale
-        self.distill_teacher_logit_bias = distill_teacher_logit_bias
-        self.distill_ensemble = distill_ensemble
-        self.distill_teacher_dims = list(distill_teacher_dims) if distill_teacher_dims else None
-        self.distill_teacher_logit_scales = list(distill_teacher_logit_scales) if distill_teacher_logit_scales else None
-        self.feature_distill_loss_weight = feature_distill_loss_weight
-        self.feature_distill_teacher_dims = list(feature_distill_teacher_dims) if feature_distill_teacher_dims else None
-        self.mask_token_id = mask_token_id
-        self.cls_token_id = cls_token_id
-        self.sep_token_id = sep_token_id
+        if self.fusion_text_layers is None:
+            self.fusion_text_layers = sorted({max(num_text_layers // 2 - 1, 0), num_text_layers - 1})
+        if self.fusion_vision_stages is None:
+            self.fusion_vision_stages = [-2, -1][-len(self.fusion_text_layers):]
+        self.fusion_text_layers = list(self.fusion_text_layers)
+        self.fusion_vision_stages = list(self.fusion_vision_stages)
+        for name in ("distill_teacher_dims", "distill_teacher_logit_scales", "feature_distill_teacher_dims"):
+            setattr(self, name, list(getattr(self, name)) if getattr(self, name) else None)
         kwargs.setdefault("pad_token_id", getattr(self.text_config, "pad_token_id", None))
-        super().__init__(**kwargs)
+        super().__post_init__(**kwargs)
         self.validate_lightclip()
+
+    @classmethod
+    def own_fields(cls) -> dict:
+        """This class's own fields (not `PreTrainedConfig`'s): {name: dataclasses.Field}."""
+        return {item.name: item for item in dataclasses.fields(cls) if item.name in cls.__annotations__}
 
     @classmethod
     def from_clip_config(cls, clip_config, **kwargs) -> "LightCLIPConfig":
@@ -431,108 +373,35 @@ class LightCLIPConfig(PretrainedConfig):
 
     def validate_lightclip(self):
         """Check the fields alone and against each other; each failure names the field (the training script's flag
-        of the same name) and the fix."""
+        of the same name) and the fix. Each objective checks its own fields (`Objective.validate`)."""
         # floors that keep every loss finite: similarities in [-1, 1] divided by a temperature, or multiplied by the
         # logit scale, stay far inside float16/bfloat16/float32 range (a denormal 1e-45 passes "> 0" but is 1/0)
-        for name in ("soft_label_temperature", "token_temperature", "relation_temperature", "distill_temperature"):
-            _require(name, getattr(self, name), lambda v: v >= MIN_TEMPERATURE,
-                     f"must be finite and at least {MIN_TEMPERATURE:g} (smaller makes the loss overflow)")
-        if self.ping_temperature is not None:
-            _require("ping_temperature", self.ping_temperature, lambda v: v >= MIN_TEMPERATURE,
-                     f"must be finite and at least {MIN_TEMPERATURE:g} (or None for the learned logit scale)")
-        _require("logit_scale_max", self.logit_scale_max, lambda v: 0 < v <= MAX_LOG_LOGIT_SCALE,
-                 f"is the log of the largest logit scale: positive and at most {MAX_LOG_LOGIT_SCALE:.3f} = ln "
-                 f"{1 / MIN_TEMPERATURE:g} (CLIP: ln 100 = 4.605)")
-        _require("distill_teacher_logit_scale", self.distill_teacher_logit_scale,
-                 lambda v: 0 < v <= 1 / MIN_TEMPERATURE, f"must be positive, finite and at most {1 / MIN_TEMPERATURE:g}")
-        _require("logit_scale_init_value", self.logit_scale_init_value, lambda v: v <= self.logit_scale_max,
-                 f"is the log of the initial logit scale: finite and at most logit_scale_max "
-                 f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")
-        _require("image_size", self.image_size, lambda v: v >= 1 and float(v).is_integer(),
-                 "must be a positive number of pixels")
+        require_field("logit_scale_max", self.logit_scale_max, lambda v: 0 < v <= MAX_LOG_LOGIT_SCALE,
+                      f"is the log of the largest logit scale: positive and at most {MAX_LOG_LOGIT_SCALE:.3f} = ln "
+                      f"{1 / MIN_TEMPERATURE:g} (CLIP: ln 100 = 4.605)")
+        require_field("logit_scale_init_value", self.logit_scale_init_value, lambda v: v <= self.logit_scale_max,
+                      f"is the log of the initial logit scale: finite and at most logit_scale_max "
+                      f"({self.logit_scale_max:g}) (CLIP: ln(1/0.07) = 2.659)")
+        require_field("image_size", self.image_size, lambda v: v >= 1 and float(v).is_integer(),
+                      "must be a positive number of pixels")
         patch = getattr(self.vision_config, "patch_size", None)
         if isinstance(patch, int) and self.image_size < patch:
             raise ValueError(f"image_size={self.image_size} (--image_size) is smaller than one {patch}-pixel patch of "
                              "the image tower.")
-        for name in ("soft_label_max", "mlm_probability", "mlm_start", "mlm_batch_fraction", *LOSS_WEIGHT_FIELDS.values()):
-            _require(name, getattr(self, name), lambda v: True, "must be a finite number")
-        if self.instance_loss not in INSTANCE_LOSSES:
-            raise ValueError(f"instance_loss={self.instance_loss!r} (--instance_loss): choose one of {INSTANCE_LOSSES}.")
-        _require("logit_bias_init_value", self.logit_bias_init_value, lambda v: True, "must be a finite number")
-        if self.distill_teacher_logit_bias is not None:
-            _require("distill_teacher_logit_bias", self.distill_teacher_logit_bias, lambda v: True,
-                     "must be a finite number")
-        if self.soft_label_mode not in SOFT_LABEL_MODES:
-            raise ValueError(f"soft_label_mode={self.soft_label_mode!r}: choose one of {SOFT_LABEL_MODES}.")
-        if self.soft_label_schedule not in SOFT_LABEL_SCHEDULES:
-            raise ValueError(
-                f"soft_label_schedule={self.soft_label_schedule!r}: choose one of {SOFT_LABEL_SCHEDULES}."
-            )
-        if self.soft_label_source not in SOFT_LABEL_SOURCES:
-            raise ValueError(f"soft_label_source={self.soft_label_source!r}: choose one of {SOFT_LABEL_SOURCES}.")
-        if self.soft_label_modality not in SOFT_LABEL_MODALITIES:
-            raise ValueError(f"soft_label_modality={self.soft_label_modality!r}: choose one of {SOFT_LABEL_MODALITIES}.")
-        if not 0.0 <= self.soft_label_max < 1.0:
-            raise ValueError(f"soft_label_max={self.soft_label_max}: must lie in [0, 1).")
-        if self.uses_sigmoid_loss and self.uses_soft_labels:
-            raise ValueError("soft labels (soft_label_mode) move a softmax's target mass from the positive onto the "
-                             "negatives; the sigmoid loss has no such mass to move (each pair is its own binary "
-                             "problem). Use --instance_loss softmax, or --soft_label_mode none with --instance_loss "
-                             "sigmoid (relation distillation still works with it).")
-        if self.text_pooling not in TEXT_POOLING:
-            raise ValueError(f"text_pooling={self.text_pooling!r}: choose one of {TEXT_POOLING}.")
-        if self.token_negatives not in ("batch", "image"):
-            raise ValueError(f"token_negatives={self.token_negatives!r}: choose 'batch' or 'image'.")
-        if self.token_objective not in ("word_patch", "filip"):
-            raise ValueError(f"token_objective={self.token_objective!r}: choose 'word_patch' or 'filip'.")
-        if self.token_matching not in ("hungarian", "sinkhorn"):
-            raise ValueError(f"token_matching={self.token_matching!r}: choose 'hungarian' or 'sinkhorn'.")
-        if self.token_matching == "sinkhorn" and self.token_objective != "filip":
-            raise ValueError("token_matching='sinkhorn' relaxes the matching of the fine-grained score: use it with "
-                             "token_objective='filip' (word_patch contrasts hard matches).")
-        if self.token_solver not in ("auto", "scipy", "batched"):
-            raise ValueError(f"token_solver={self.token_solver!r}: choose 'auto', 'scipy' or 'batched'.")
+        require_choice("instance_loss", self.instance_loss, INSTANCE_LOSSES, flag=True)
+        for name in loss_weight_fields().values():
+            weight = getattr(self, name, 0.0)  # a field an objective registered later may be absent: off
+            require_field(name, weight, lambda v: True, "must be a finite number")
+            if weight < 0:
+                raise ValueError(f"{name}={weight}: a loss weight cannot be negative (0 switches it off).")
+        require_choice("text_pooling", self.text_pooling, TEXT_POOLING)
+        require_choice("vision_pooling", self.vision_pooling, VISION_POOLING)
         if self.cnn_init not in ("kaiming", "transformers"):
             raise ValueError(f"cnn_init={self.cnn_init!r}: choose 'kaiming' or 'transformers'.")
-        if self.vision_pooling not in VISION_POOLING:
-            raise ValueError(f"vision_pooling={self.vision_pooling!r}: choose one of {VISION_POOLING}.")
         if self.projection_dim <= 0 or self.token_projection_dim <= 0:
             raise ValueError("projection_dim and token_projection_dim must be positive.")
-        for name in LOSS_WEIGHT_FIELDS.values():
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)}: a loss weight cannot be negative (0 switches it off).")
-        if self.distill_ensemble not in DISTILL_ENSEMBLES:
-            raise ValueError(f"distill_ensemble={self.distill_ensemble!r} (--distill_ensemble): choose one of "
-                             f"{DISTILL_ENSEMBLES}.")
-        if self.distill_ensemble == "mean_probabilities" and self.uses_sigmoid_loss and self.uses_distillation:
-            raise ValueError("distill_ensemble='mean_probabilities' averages the teachers' softmaxes; the sigmoid "
-                             "loss distils each pair's probability: use --distill_ensemble concatenate with it.")
-        dims = self.feature_distill_teacher_dims
-        if dims is not None and (len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims)):
-            raise ValueError(f"feature_distill_teacher_dims={dims}: [image_dim, text_dim], two positive integers (set "
-                             "from the training data's teachers).")
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ValueError(f"mlm_probability={self.mlm_probability}: must lie in (0, 1).")
-        if self.ping_negatives not in PING_NEGATIVES:
-            raise ValueError(f"ping_negatives={self.ping_negatives!r}: choose one of {PING_NEGATIVES}.")
-        if self.ping_positives not in PING_POSITIVES:
-            raise ValueError(f"ping_positives={self.ping_positives!r}: choose one of {PING_POSITIVES}.")
-        if not 0.0 <= self.mlm_start < 1.0:
-            raise ValueError(f"mlm_start={self.mlm_start}: the share of training before MLM starts lies in [0, 1).")
-        if not 0.0 < self.mlm_batch_fraction <= 1.0:
-            raise ValueError(f"mlm_batch_fraction={self.mlm_batch_fraction}: must lie in (0, 1].")
-        if len(self.fusion_text_layers) != len(self.fusion_vision_stages):
-            raise ValueError(
-                f"fusion_text_layers {self.fusion_text_layers} and fusion_vision_stages {self.fusion_vision_stages} "
-                "must have the same length: each text layer draws on one image stage."
-            )
-        num_text_layers = getattr(self.text_config, "num_hidden_layers", None)
-        if num_text_layers is not None:
-            bad = [i for i in self.fusion_text_layers if not -num_text_layers <= i < num_text_layers]
-            if bad:
-                raise ValueError(
-                    f"fusion_text_layers {bad} out of range for a text tower of {num_text_layers} layers."
-                )
+        for objective in OBJECTIVES:
+            objective.validate(self)
 
     # ------------------------------------------------------------------ the one "is this objective on?" test
 
@@ -598,14 +467,10 @@ class LightCLIPConfig(PretrainedConfig):
         reinforced data), or CLIP-PING's neighbours of those features."""
         return self.uses_ping or self.uses_teacher_feature_batches or self.uses_distillation
 
-    # the names these had when the frozen encoders served CLIP-PING alone
-    uses_frozen_feature_batches = uses_teacher_feature_batches
-    uses_frozen_features = uses_teacher_features
-
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""
-        return {term: float(getattr(self, name)) for term, name in LOSS_WEIGHT_FIELDS.items()
-                if getattr(self, name) > 0}
+        return {term: float(getattr(self, name)) for term, name in loss_weight_fields().items()
+                if getattr(self, name, 0.0) > 0}
 
     def special_token_ids(self) -> list[int]:
         """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM. The one rule both the
@@ -622,4 +487,4 @@ class LightCLIPConfig(PretrainedConfig):
         return output
 
 
-__all__ = ["LOSS_WEIGHT_FIELDS", "LightCLIPConfig"]
+__all__ = ["LightCLIPConfig"]

@@ -22,7 +22,7 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .configuration_lightclip import LOSS_WEIGHT_FIELDS, LightCLIPConfig
+from .configuration_lightclip import LightCLIPConfig
 from .objectives_lightclip import (
     TRAINING_TARGETS,
     LightCLIPObjectives,
@@ -30,6 +30,7 @@ from .objectives_lightclip import (
     feature_map_tokens,
     find_text_layers,
     first_global_row,
+    loss_weight_fields,
     mask_for_mlm,
     soft_label_alpha,
     training_targets_from,
@@ -730,7 +731,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         objective weights). Projections start fresh.
         """
         scratch = {"vision": kwargs.pop("vision_config", None), "text": kwargs.pop("text_config", None)}
-        own = set(inspect.signature(LightCLIPConfig.__init__).parameters)  # vision_pooling etc. stay config fields
+        own = set(LightCLIPConfig.own_fields())  # vision_pooling etc. stay config fields
         vision_kwargs = {k[len("vision_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("vision_")
                          and k not in own}
         text_kwargs = {k[len("text_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("text_") and k not in own}
@@ -803,7 +804,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("objectives.")}
         original = self.config
         inference_config = copy.deepcopy(original)
-        for name in LOSS_WEIGHT_FIELDS.values():
+        for name in loss_weight_fields().values():
             setattr(inference_config, name, 0.0)
         self.config = inference_config
         try:

@@ -16,9 +16,14 @@ Objectives
   unmasked image's multi-stage features into the masked caption by cross-attention.
 * `NeighbourContrastiveLoss` - CLIP-PING: contrastive supervision from nearest neighbours (NN) and cross nearest
   neighbours (XNN) found offline with frozen pretrained unimodal encoders.
+* `FrozenRelationLoss`, `CrossModalDistillationLoss`, `FeatureDistillationLoss` - what teachers know, distilled.
 * `LightCLIPObjectives` - builds the enabled objectives from the config and is the one place their terms are
   computed and summed (`forward`); `LightCLIPModel.forward` calls it with the towers' outputs for the objectives
   (`TrainingFeatures`), which is also what contrastive gradient accumulation caches per micro-batch.
+
+An objective is one `Objective` subclass: its switch, the checks of its config fields, the training targets it
+reads, its card row and its terms live in the class, and `OBJECTIVES` lists the classes (CONTRIBUTING.md, "Add an
+objective"). The model, the config, the collator and the model card ask this list; none names an objective.
 
 Every term is normalised over the *global* batch (counts are all-reduced), so that with DDP's gradient averaging
 the loss and gradients of N processes equal those of one process holding the whole batch.
@@ -33,7 +38,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration_lightclip import PING_NEGATIVES
+
+MIN_TEMPERATURE = 1e-4                          # smallest temperature any loss divides by
+MAX_LOG_LOGIT_SCALE = math.log(1 / MIN_TEMPERATURE)   # the largest logit scale is 1 / MIN_TEMPERATURE
+SOFT_LABEL_MODES = ("none", "uniform", "similarity")
+SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
+SOFT_LABEL_SOURCES = ("student", "frozen")
+SOFT_LABEL_MODALITIES = ("candidates", "both", "text")
+PING_NEGATIVES = ("bank", "batch")
+PING_POSITIVES = ("bank", "in_batch")
+DISTILL_ENSEMBLES = ("concatenate", "mean_probabilities")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -253,6 +267,10 @@ TRAINING_TARGETS = {
     "text_tower_outputs": "(B, H) the locked text tower's pooled outputs, stored with each training row: used instead "
                           "of running the tower (`LightCLIPModel.locked_text_outputs`)",
 }
+TEACHER_FEATURES = ("teacher_image_features", "teacher_text_features")
+# the targets that carry teacher knowledge: the teachers' features and embeddings, or neighbours found with them
+TEACHER_TARGETS = {*TEACHER_FEATURES, "teacher_image_embeds", "teacher_text_embeds", "sample_ids",
+                   "image_neighbour_ids", "text_neighbour_ids", "ping_partner_rows", "ping_partner_spaces"}
 # the training targets the towers read (one entry per row, split with the rows into micro-batches); every other
 # target is read by the objectives only, which see the whole batch
 TOWER_TARGETS = ("mlm_input_ids", "mlm_labels", "text_tower_outputs")
@@ -340,6 +358,127 @@ class TrainingFeatures:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# the objective unit
+# --------------------------------------------------------------------------------------------------------------
+
+
+def require_field(name: str, value, test, what: str) -> None:
+    """One message naming the config field and its flag when `value` is not a finite number passing `test`."""
+    try:
+        ok = math.isfinite(float(value)) and test(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} (--{name}): {what}.")
+
+
+def require_choice(name: str, value, choices: tuple, flag: bool = False) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}{f' (--{name})' if flag else ''}: choose one of {choices}.")
+
+
+def require_temperature(config, name: str) -> None:
+    require_field(name, getattr(config, name), lambda v: v >= MIN_TEMPERATURE,
+                  f"must be finite and at least {MIN_TEMPERATURE:g} (smaller makes the loss overflow)")
+
+
+_TEACHER_HINT = ("train on a reinforced copy of the data (`lightclip-reinforce`), or let the trainer build one with "
+                 "--teacher_features auto")
+
+
+@dataclass
+class TowerDims:
+    """The tower widths an objective's own layers are built for: the token alignment's stage (`vision_token`), every
+    image stage (`vision_stages`, MLM's fusion) and the text tower (`text`)."""
+
+    vision_token: int
+    vision_stages: list
+    text: int
+
+
+@dataclass
+class ObjectiveStep:
+    """What one objectives call hands every objective besides the features and the targets."""
+
+    config: object
+    logit_scale: torch.Tensor            # the exp'ed scale
+    logit_bias: torch.Tensor | None      # the sigmoid loss's learnable bias (None for softmax)
+    soft_label_alpha: float              # softening weight of the instance targets (0 outside training)
+    word_embeddings: torch.Tensor | None  # the text tower's word embeddings: the one hook into a tower (MLM's decoder)
+
+
+class Objective(nn.Module):
+    """One training objective. A subclass declares what it is and `OBJECTIVES` lists it; everything that needs to
+    know about objectives (the config's checks and loss weights, `LightCLIPObjectives`, the collator, the model
+    card, the teacher set-up) asks the classes in that list.
+
+    Class attributes:
+        slot: its attribute on `LightCLIPObjectives` (its parameters save as `objectives.<slot>.*`); alternatives
+            of one objective (softmax or sigmoid instance loss) share a slot and are never on together.
+        weights: {term: config field of its weight}; a weight of 0 switches the term off.
+        targets: the per-sample training targets it reads (`TRAINING_TARGETS`).
+        title: what cards and messages call it.
+        training_only: computed in training only (teacher targets and neighbours exist for training rows only).
+        row_decomposable: its terms are means over the global batch's rows of a function of the row and the
+            batch's columns (`scoring_rows`): contrastive accumulation computes them a block of rows at a time.
+    """
+
+    slot = ""
+    weights: dict = {}
+    title = ""
+    targets: tuple = ()  # the training targets it reads (`reads`), when they do not depend on the config
+    missing_fix = _TEACHER_HINT  # the fix named when a training batch lacks a target it requires
+    training_only = True
+    row_decomposable = False
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        """Whether `config` switches it on: by default, a weight above 0."""
+        return any(getattr(config, field, 0.0) > 0 for field in cls.weights.values())
+
+    @classmethod
+    def validate(cls, config) -> None:
+        """Check its config fields (on or off), each failure naming the field and the fix."""
+
+    @classmethod
+    def reads(cls, config) -> tuple:
+        """The per-sample training targets (`TRAINING_TARGETS`) it reads: the collator builds them."""
+        return cls.targets
+
+    @classmethod
+    def required(cls, config) -> tuple:
+        """The targets a training step cannot do without (checked before `compute`)."""
+        return cls.reads(config) if cls.training_only else ()
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "Objective":
+        return cls()
+
+    @classmethod
+    def named(cls, config) -> str:
+        """The objective and its switch, for messages."""
+        return f"{cls.title} ({' / '.join(cls.weights.values())})"
+
+    @classmethod
+    def switch_off(cls, config) -> str:
+        return " ".join(f"--{field} 0" for field in cls.weights.values())
+
+    @classmethod
+    def summary(cls, config) -> str:
+        """Its words in the card's sentence naming what the model was trained with."""
+        return cls.title
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        """(name, weight, settings): its row of the card's objectives table."""
+        return cls.title, getattr(config, next(iter(cls.weights.values()))), ""
+
+    def compute(self, features: "TrainingFeatures", step: ObjectiveStep, targets: dict) -> dict[str, torch.Tensor]:
+        """Its named, unweighted terms for one batch."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------------------------------
 # instance level
 # --------------------------------------------------------------------------------------------------------------
 
@@ -390,7 +529,19 @@ def soft_targets(
     return (1.0 - alpha) * one_hot + alpha * q
 
 
-class InstanceContrastiveLoss(nn.Module):
+class InstanceLoss(Objective):
+    """What the two instance losses share: always on (weight 1), one of them by `config.instance_loss`, computed in
+    evaluation too, row-decomposable."""
+
+    slot, training_only, row_decomposable = "instance", False, True
+    form = ""  # the `instance_loss` value that picks it
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.instance_loss == cls.form
+
+
+class InstanceContrastiveLoss(InstanceLoss):
     """Symmetric InfoNCE over the global batch with progressively softened labels (LightCLIP, instance level).
 
     Each rank scores its local rows against the columns of every rank (gathered with autograd); targets of local
@@ -410,8 +561,61 @@ class InstanceContrastiveLoss(nn.Module):
     structure is distilled into the student through the targets.
     """
 
-    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
-    row_decomposable = True
+    form, title = "softmax", "soft labels from the teachers"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        require_temperature(config, "soft_label_temperature")
+        require_field("soft_label_max", config.soft_label_max, lambda v: True, "must be a finite number")
+        for name, choices in (("soft_label_mode", SOFT_LABEL_MODES), ("soft_label_schedule", SOFT_LABEL_SCHEDULES),
+                              ("soft_label_source", SOFT_LABEL_SOURCES),
+                              ("soft_label_modality", SOFT_LABEL_MODALITIES)):
+            require_choice(name, getattr(config, name), choices)
+        if not 0.0 <= config.soft_label_max < 1.0:
+            raise ValueError(f"soft_label_max={config.soft_label_max}: must lie in [0, 1).")
+        if config.uses_sigmoid_loss and config.uses_soft_labels:
+            raise ValueError("soft labels (soft_label_mode) move a softmax's target mass from the positive onto the "
+                             "negatives; the sigmoid loss has no such mass to move (each pair is its own binary "
+                             "problem). Use --instance_loss softmax, or --soft_label_mode none with --instance_loss "
+                             "sigmoid (relation distillation still works with it).")
+
+    @classmethod
+    def reads(cls, config) -> tuple:
+        return TEACHER_FEATURES if config.uses_frozen_soft_labels else ()
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "InstanceContrastiveLoss":
+        return cls(config.soft_label_mode, config.soft_label_temperature, config.soft_label_source,
+                   config.soft_label_modality)
+
+    @classmethod
+    def named(cls, config) -> str:
+        return "soft labels from the teachers (soft_label_source=frozen)"
+
+    @classmethod
+    def switch_off(cls, config) -> str:
+        return "--soft_label_mode none"
+
+    @classmethod
+    def summary(cls, config) -> str:
+        if not config.uses_soft_labels:
+            return ""
+        source = "frozen teacher encoders'" if config.uses_frozen_soft_labels else "the student's own"
+        return (f"soft labels ({config.soft_label_mode}"
+                + (f", from {source} similarities" if config.soft_label_mode == "similarity" else "") + ")")
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        return ("instance contrastive (CLIP, global batch)", 1.0,
+                f"soft labels: {config.soft_label_mode}" + (
+                    f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
+                    f"similarities ({config.soft_label_modality}), max α {config.soft_label_max}, "
+                    f"{config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        return self(features.image_embeds, features.text_embeds, step.logit_scale, alpha=step.soft_label_alpha,
+                    teacher_image_features=targets.get("teacher_image_features"),
+                    teacher_text_features=targets.get("teacher_text_features"))
 
     def __init__(self, soft_label_mode: str = "none", soft_label_temperature: float = 0.1, source: str = "student",
                  modality: str = "candidates"):
@@ -484,7 +688,7 @@ def sigmoid_pair_loss(logits: torch.Tensor, positive: torch.Tensor) -> torch.Ten
     return row_mean(-F.logsigmoid(signs * logits).sum(-1))
 
 
-class SigmoidInstanceLoss(nn.Module):
+class SigmoidInstanceLoss(InstanceLoss):
     """SigLIP's pairwise sigmoid loss over the global batch (Zhai et al., 2023), the alternative instance loss
     (`instance_loss="sigmoid"`).
 
@@ -498,8 +702,24 @@ class SigmoidInstanceLoss(nn.Module):
     the whole batch (the paper's chunked neighbour exchange computes the same sum with less memory per device).
     """
 
-    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
-    row_decomposable = True
+    form, title = "sigmoid", "SigLIP's sigmoid loss"
+
+    @classmethod
+    def validate(cls, config) -> None:
+        require_field("logit_bias_init_value", config.logit_bias_init_value, lambda v: True, "must be a finite number")
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return ""  # the card's sentence starts with the instance loss
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        return ("instance sigmoid (SigLIP, global batch)", 1.0,
+                f"every image-caption pair a binary problem; scale starts at "
+                f"{math.exp(config.logit_scale_init_value):g}, bias at {config.logit_bias_init_value:g}")
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        return self(features.image_embeds, features.text_embeds, step.logit_scale, step.logit_bias)
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -509,7 +729,7 @@ class SigmoidInstanceLoss(nn.Module):
         return {"instance": sigmoid_pair_loss(logits, own)}
 
 
-class FrozenRelationLoss(nn.Module):
+class FrozenRelationLoss(Objective):
     """Relation distillation from the frozen pretrained unimodal encoders (training only).
 
     Within each modality, every local sample's similarity distribution over the *other* samples of the global
@@ -520,8 +740,25 @@ class FrozenRelationLoss(nn.Module):
     The student's columns are gathered with gradient (as the instance loss's are), the teacher's without.
     """
 
-    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
-    row_decomposable = True
+    slot, title, row_decomposable = "relation", "frozen-relation distillation", True
+    weights = {"relation": "relation_loss_weight"}
+    targets = TEACHER_FEATURES
+
+    @classmethod
+    def validate(cls, config) -> None:
+        require_temperature(config, "relation_temperature")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "FrozenRelationLoss":
+        return cls(config.relation_temperature)
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        return (cls.title, config.relation_loss_weight, f"per-modality similarity distributions toward the frozen "
+                f"teachers', temperature {config.relation_temperature}")
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        return self(features.image_embeds, features.text_embeds, *(targets[key] for key in TEACHER_FEATURES))
 
     def __init__(self, temperature: float = 0.1):
         super().__init__()
@@ -545,7 +782,7 @@ class FrozenRelationLoss(nn.Module):
         return {"relation": 0.5 * (image + text)}
 
 
-class CrossModalDistillationLoss(nn.Module):
+class CrossModalDistillationLoss(Objective):
     """Cross-modal distillation from multimodal (CLIP-like) teachers, CLIP-KD / MobileCLIP style (training only).
 
     Softmax form (the softmax instance loss): for every local image, the teacher's distribution over the captions of
@@ -563,8 +800,56 @@ class CrossModalDistillationLoss(nn.Module):
     product for them and inference nothing.
     """
 
-    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
-    row_decomposable = True
+    slot, title, row_decomposable = "distill", "cross-modal distillation", True
+    weights = {"distill": "distill_loss_weight"}
+    missing_fix = ("train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce --teacher "
+                   "PATH_OR_HUB_ID`")
+    targets = ("teacher_image_embeds", "teacher_text_embeds")
+
+    @classmethod
+    def validate(cls, config) -> None:
+        require_temperature(config, "distill_temperature")
+        require_field("distill_teacher_logit_scale", config.distill_teacher_logit_scale,
+                      lambda v: 0 < v <= 1 / MIN_TEMPERATURE,
+                      f"must be positive, finite and at most {1 / MIN_TEMPERATURE:g}")
+        if config.distill_teacher_logit_bias is not None:
+            require_field("distill_teacher_logit_bias", config.distill_teacher_logit_bias, lambda v: True,
+                          "must be a finite number")
+        require_choice("distill_ensemble", config.distill_ensemble, DISTILL_ENSEMBLES, flag=True)
+        if config.distill_ensemble == "mean_probabilities" and config.uses_sigmoid_loss and cls.enabled(config):
+            raise ValueError("distill_ensemble='mean_probabilities' averages the teachers' softmaxes; the sigmoid "
+                             "loss distils each pair's probability: use --distill_ensemble concatenate with it.")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "CrossModalDistillationLoss":
+        return cls(config.distill_temperature, config.instance_loss)
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return "cross-modal distillation from a multimodal teacher"
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        if config.uses_sigmoid_loss:
+            how = (f"Bernoulli KL to the teachers' sigmoid of every pair of the global batch, temperature "
+                   f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}, bias "
+                   f"{config.distill_teacher_logit_bias:g}")
+        else:
+            how = (f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
+                   f"{config.distill_temperature}, " + (
+                       "target: the mean of each teacher's softmax at its own scale ("
+                       + ", ".join(f"{v:g}" for v in config.distill_teacher_logit_scales or []) + ")"
+                       if config.distill_ensemble == "mean_probabilities"
+                       else f"teacher scale {config.distill_teacher_logit_scale:g}"))
+        return cls.title, config.distill_loss_weight, how
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        config = step.config
+        ensemble = ((config.distill_teacher_dims, config.distill_teacher_logit_scales)
+                    if config.distill_ensemble == "mean_probabilities" else None)
+        return self(features.image_embeds, features.text_embeds, step.logit_scale, targets["teacher_image_embeds"],
+                    targets["teacher_text_embeds"], config.distill_teacher_logit_scale, step.logit_bias,
+                    config.distill_teacher_logit_bias, ensemble)
 
     def __init__(self, temperature: float = 1.0, form: str = "softmax"):
         super().__init__()
@@ -623,7 +908,7 @@ class CrossModalDistillationLoss(nn.Module):
         return {"distill": 0.5 * (_kl(student_i2t, target_i2t) + _kl(student_t2i, target_t2i))}
 
 
-class FeatureDistillationLoss(nn.Module):
+class FeatureDistillationLoss(Objective):
     """Feature distillation (CLIP-KD's FD): each modality's embedding, through a training-only linear projection into
     the teachers' feature space and L2-normalised, is pulled toward the sample's teacher feature (unit length: one
     teacher's normalised feature, or several teachers' concatenated and scaled by 1/sqrt(T)). Term
@@ -631,8 +916,39 @@ class FeatureDistillationLoss(nn.Module):
     two modalities; per sample, so each process sums its own rows (scaled so that DDP's gradient averaging gives the
     global mean). The projections hold this objective's only parameters."""
 
-    # a mean over the global batch's rows of a function of the row and the batch's columns (`scoring_rows`)
-    row_decomposable = True
+    slot, title, row_decomposable = "feature_distill", "feature distillation", True
+    weights = {"feature_distill": "feature_distill_loss_weight"}
+    targets = TEACHER_FEATURES
+
+    @classmethod
+    def validate(cls, config) -> None:
+        dims = config.feature_distill_teacher_dims
+        if dims is not None and (len(dims) != 2 or not all(isinstance(d, int) and d > 0 for d in dims)):
+            raise ValueError(f"feature_distill_teacher_dims={dims}: [image_dim, text_dim], two positive integers (set "
+                             "from the training data's teachers).")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "FeatureDistillationLoss":
+        if not config.feature_distill_teacher_dims:
+            raise ValueError("feature_distill_loss_weight > 0 projects the embeddings into the teachers' feature "
+                             "space, whose dimensions come from the training data's teachers: train with "
+                             "teacher features (a reinforced copy, or --teacher_features auto), which sets "
+                             "feature_distill_teacher_dims.")
+        return cls(config.projection_dim, *config.feature_distill_teacher_dims)
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return "feature distillation (CLIP-KD)"
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        image_dim, text_dim = config.feature_distill_teacher_dims or ("?", "?")
+        return (cls.title, config.feature_distill_loss_weight, f"each embedding, through a training-only projection, "
+                f"toward the teachers' features ({image_dim}-d image, {text_dim}-d text; squared distance of unit "
+                "vectors)")
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        return self(features.image_embeds, features.text_embeds, *(targets[key] for key in TEACHER_FEATURES))
 
     def __init__(self, embed_dim: int, teacher_image_dim: int, teacher_text_dim: int):
         super().__init__()
@@ -774,7 +1090,7 @@ def fine_grained_scores(words: torch.Tensor, word_mask: torch.Tensor, patches: t
     return (matched * (matches >= 0)).sum(-1) / counts
 
 
-class TokenAlignmentLoss(nn.Module):
+class TokenAlignmentLoss(Objective):
     """Relaxed bipartite token alignment (LightCLIP, token level).
 
     Words (special and padding tokens excluded) and image patches are projected into a shared token space. For
@@ -793,6 +1109,38 @@ class TokenAlignmentLoss(nn.Module):
     Matching is solved on detached similarities (it is a discrete choice); gradients flow through the contrastive
     terms. Assignments are solved for the B positive pairs only, from one device-to-host transfer.
     """
+
+    slot, title, training_only = "token", "token alignment (relaxed bipartite matching)", False
+    weights = {"token": "token_loss_weight"}
+
+    @classmethod
+    def validate(cls, config) -> None:
+        require_temperature(config, "token_temperature")
+        for name, choices in (("token_negatives", ("batch", "image")), ("token_objective", ("word_patch", "filip")),
+                              ("token_matching", ("hungarian", "sinkhorn")),
+                              ("token_solver", ("auto", "scipy", "batched"))):
+            require_choice(name, getattr(config, name), choices)
+        if config.token_matching == "sinkhorn" and config.token_objective != "filip":
+            raise ValueError("token_matching='sinkhorn' relaxes the matching of the fine-grained score: use it with "
+                             "token_objective='filip' (word_patch contrasts hard matches).")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "TokenAlignmentLoss":
+        return cls(dims.vision_token, dims.text, config.token_projection_dim, temperature=config.token_temperature,
+                   match_threshold=config.token_match_threshold, negatives=config.token_negatives,
+                   solver=config.token_solver, objective=config.token_objective, matching=config.token_matching)
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return "token alignment (LightCLIP)"
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        return (cls.title, config.token_loss_weight, f"{config.token_objective} objective, {config.token_matching} "
+                f"matching, negatives: {config.token_negatives}, temperature {config.token_temperature}")
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        return self(features.image_tokens, features.text_tokens, features.word_mask)
 
     def __init__(self, vision_dim: int, text_dim: int, token_dim: int, temperature: float = 0.1,
                  match_threshold: float | None = None, negatives: str = "batch", solver: str = "auto",
@@ -974,7 +1322,7 @@ def find_text_layers(text_model: nn.Module, num_layers: int) -> nn.ModuleList:
                      " for the MLM fusion module; set mlm_loss_weight=0 for this tower.")
 
 
-class MaskedLanguageModelling(nn.Module):
+class MaskedLanguageModelling(Objective):
     """MLM on the text tower, helped by a training-only fusion module (LightCLIP).
 
     The masked caption runs through the text tower; after each layer in `text_layers` a `FusionBlock` lets the
@@ -990,6 +1338,57 @@ class MaskedLanguageModelling(nn.Module):
     embedding is built from; `fusion` - False runs plain MLM on the text tower (no image features), the control that
     tells whether the image helps at all.
     """
+
+    slot, title, training_only = "mlm", "masked language modelling", False
+    weights = {"mlm": "mlm_loss_weight"}
+    targets = ("mlm_input_ids", "mlm_labels")  # masked by the collator; the model masks any batch without them
+
+    @classmethod
+    def validate(cls, config) -> None:
+        for name in ("mlm_probability", "mlm_start", "mlm_batch_fraction"):
+            require_field(name, getattr(config, name), lambda v: True, "must be a finite number")
+        if not 0.0 < config.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability={config.mlm_probability}: must lie in (0, 1).")
+        if not 0.0 <= config.mlm_start < 1.0:
+            raise ValueError(f"mlm_start={config.mlm_start}: the share of training before MLM starts lies in [0, 1).")
+        if not 0.0 < config.mlm_batch_fraction <= 1.0:
+            raise ValueError(f"mlm_batch_fraction={config.mlm_batch_fraction}: must lie in (0, 1].")
+        if len(config.fusion_text_layers) != len(config.fusion_vision_stages):
+            raise ValueError(f"fusion_text_layers {config.fusion_text_layers} and fusion_vision_stages "
+                             f"{config.fusion_vision_stages} must have the same length: each text layer draws on one "
+                             "image stage.")
+        num_text_layers = getattr(config.text_config, "num_hidden_layers", None)
+        if num_text_layers is not None:
+            bad = [i for i in config.fusion_text_layers if not -num_text_layers <= i < num_text_layers]
+            if bad:
+                raise ValueError(f"fusion_text_layers {bad} out of range for a text tower of {num_text_layers} layers.")
+
+    @classmethod
+    def required(cls, config) -> tuple:
+        return ()
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "MaskedLanguageModelling":
+        return cls(dims.text, dims.vision_stages, config.fusion_text_layers, config.fusion_vision_stages,
+                   config.fusion_num_heads, config.text_config.vocab_size,
+                   layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12), tie_head=config.mlm_tie_head,
+                   fusion=config.mlm_fusion)
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return cls.title + (" with image fusion (LightCLIP)" if config.mlm_fusion else "")
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        return (cls.title + (" + fusion" if config.mlm_fusion else ""), config.mlm_loss_weight,
+                f"mask {config.mlm_probability} of the words on {config.mlm_batch_fraction:g} of each batch" +
+                (f", fusion after text layers {config.fusion_text_layers} from image stages "
+                 f"{config.fusion_vision_stages}" if config.mlm_fusion else ""))
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        if features.masked_states is None:  # MLM not started yet (mlm_start)
+            return self.skipped(features.text_embeds)
+        return self(features.masked_states, features.mlm_labels, step.word_embeddings)
 
     def __init__(self, text_dim: int, vision_stage_dims: list, text_layers: list, vision_stages: list,
                  num_heads: int, vocab_size: int, layer_norm_eps: float = 1e-12, tie_head: bool = True,
@@ -1119,7 +1518,44 @@ class NeighbourEmbeddingBank:
             self.image, self.text, self.valid = state["image"], state["text"], state["valid"]
 
 
-class NeighbourContrastiveLoss(nn.Module):
+class NeighbourGuidance(Objective):
+    """What CLIP-PING's two forms share: their switches, settings, card row and scale."""
+
+    slot, title = "ping", "CLIP-PING"
+    weights = {"ping_nn": "ping_nn_loss_weight", "ping_xnn": "ping_xnn_loss_weight"}
+    missing_fix = "train with --teacher_features (the neighbours of the teachers' features)"
+
+    @classmethod
+    def enabled(cls, config) -> bool:
+        return config.uses_ping and config.ping_positives == cls.positives
+
+    @classmethod
+    def validate(cls, config) -> None:
+        if config.ping_temperature is not None:
+            require_field("ping_temperature", config.ping_temperature, lambda v: v >= MIN_TEMPERATURE,
+                          f"must be finite and at least {MIN_TEMPERATURE:g} (or None for the learned logit scale)")
+        require_choice("ping_negatives", config.ping_negatives, PING_NEGATIVES)
+        require_choice("ping_positives", config.ping_positives, PING_POSITIVES)
+
+    @classmethod
+    def summary(cls, config) -> str:
+        return "nearest-neighbour guidance (CLIP-PING)"
+
+    @classmethod
+    def card_row(cls, config) -> tuple:
+        where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
+                 else f"memory bank, {config.ping_negatives} negatives")
+        return ("CLIP-PING NN / XNN", f"{config.ping_nn_loss_weight} / {config.ping_xnn_loss_weight}",
+                f"frozen-encoder neighbours, {where}")
+
+    def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
+        temperature = step.config.ping_temperature
+        scale = step.logit_scale if temperature is None else step.logit_scale.new_tensor(1.0 / temperature)
+        return self(features.image_embeds, features.text_embeds, scale,
+                    *(targets[key] for key in self.reads(step.config)))
+
+
+class NeighbourContrastiveLoss(NeighbourGuidance):
     """CLIP-PING: contrastive supervision from nearest neighbours (NN) and cross nearest neighbours (XNN) found
     offline in the feature spaces of frozen pretrained unimodal encoders.
 
@@ -1144,6 +1580,14 @@ class NeighbourContrastiveLoss(nn.Module):
     Rows whose neighbour has not been seen yet are skipped (and are no candidates). Terms are normalised over the
     global count of usable rows.
     """
+
+    positives = "bank"
+    targets = ("sample_ids", "image_neighbour_ids", "text_neighbour_ids")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "NeighbourContrastiveLoss":
+        return cls(config.ping_bank_size, config.projection_dim, config.ping_nn_loss_weight,
+                   config.ping_xnn_loss_weight, config.ping_negatives)
 
     def __init__(self, bank_size: int, dim: int, nn_weight: float, xnn_weight: float, negatives: str = "bank"):
         super().__init__()
@@ -1199,7 +1643,7 @@ class NeighbourContrastiveLoss(nn.Module):
         return losses
 
 
-class InBatchNeighbourLoss(nn.Module):
+class InBatchNeighbourLoss(NeighbourGuidance):
     """CLIP-PING with fresh neighbours: the neighbour is in the same global batch, so its embedding is current.
 
     Why: with the memory bank the positive is a stale embedding, written up to an epoch earlier by an older student;
@@ -1216,6 +1660,14 @@ class InBatchNeighbourLoss(nn.Module):
     * NN is the direction that stays in the space of the neighbour search (image -> text for image-space partners,
       text -> image for text-space ones), XNN the crossing one, as in the bank version.
     """
+
+    positives = "in_batch"
+    missing_fix = "the trainer samples neighbour pairs from the teachers' neighbours (--teacher_features)"
+    targets = ("ping_partner_rows", "ping_partner_spaces")
+
+    @classmethod
+    def build(cls, config, dims: TowerDims) -> "InBatchNeighbourLoss":
+        return cls(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
 
     def __init__(self, nn_weight: float, xnn_weight: float):
         super().__init__()
@@ -1246,58 +1698,72 @@ class InBatchNeighbourLoss(nn.Module):
         return losses
 
 
+# Every objective, in the order its terms are computed and summed. Adding one: its class + one line here
+# (CONTRIBUTING.md, "Add an objective"), or `register_objective(cls)` from outside the package.
+OBJECTIVES = [
+    InstanceContrastiveLoss,
+    SigmoidInstanceLoss,
+    TokenAlignmentLoss,
+    MaskedLanguageModelling,
+    NeighbourContrastiveLoss,
+    InBatchNeighbourLoss,
+    FrozenRelationLoss,
+    CrossModalDistillationLoss,
+    FeatureDistillationLoss,
+]
+
+
+def register_objective(objective: type) -> type:
+    """Add an `Objective` subclass to `OBJECTIVES` (usable as a class decorator); models built afterwards train it
+    when their config switches it on."""
+    if not (isinstance(objective, type) and issubclass(objective, Objective)):
+        raise TypeError(f"register_objective takes an Objective subclass, not {objective!r}.")
+    if objective not in OBJECTIVES:
+        OBJECTIVES.append(objective)
+    return objective
+
+
+def loss_weight_fields() -> dict[str, str]:
+    """Each weighted term (its name in `LightCLIPOutput.losses`) and the config field holding its weight."""
+    return {term: field for objective in OBJECTIVES for term, field in objective.weights.items()}
+
+
+def enabled_objectives(config) -> list:
+    """The classes of the objectives `config` switches on, in `OBJECTIVES`' order."""
+    return [objective for objective in OBJECTIVES if objective.enabled(config)]
+
+
+def training_targets_read(config) -> set:
+    """Every training target an objective of `config` reads: what the collator builds."""
+    return {key for objective in enabled_objectives(config) for key in objective.reads(config)}
+
+
 class LightCLIPObjectives(nn.Module):
     """Every training objective of a LightCLIP model, built from its config, and the one place their terms are
     computed and summed.
 
-    Holds the instance loss (no parameters) and, when their weight is > 0, the token alignment loss with its token
-    projections, the MLM head with its fusion module, and CLIP-PING's neighbour loss with its bank. Objectives whose
-    weight is 0 are not built: they cost nothing and hold no parameters. `forward` takes what the towers produced
-    and returns the dict of named unweighted terms plus `"loss"`, their weighted sum (weights:
-    `config.loss_weights()`; the instance term has weight 1).
+    Builds each objective of `OBJECTIVES` that the config switches on into its slot (`self.instance`, `self.token`,
+    `self.mlm`, `self.ping`, ...; None when off: objectives whose weight is 0 cost nothing and hold no parameters).
+    `forward` takes what the towers produced and returns the dict of named unweighted terms plus `"loss"`, their
+    weighted sum (weights: `config.loss_weights()`; the instance term has weight 1).
     """
 
     def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
         super().__init__()
         self.config = config
-        if config.uses_sigmoid_loss:
-            self.instance = SigmoidInstanceLoss()
-        else:
-            self.instance = InstanceContrastiveLoss(config.soft_label_mode, config.soft_label_temperature,
-                                                    config.soft_label_source, config.soft_label_modality)
-        self.token = None
-        if config.uses_token_loss:
-            self.token = TokenAlignmentLoss(
-                vision_token_dim, text_dim, config.token_projection_dim, temperature=config.token_temperature,
-                match_threshold=config.token_match_threshold, negatives=config.token_negatives,
-                solver=config.token_solver, objective=config.token_objective, matching=config.token_matching,
-            )
-        self.mlm = None
-        if config.uses_mlm:
-            self.mlm = MaskedLanguageModelling(
-                text_dim, vision_stage_dims, config.fusion_text_layers, config.fusion_vision_stages,
-                config.fusion_num_heads, config.text_config.vocab_size,
-                layer_norm_eps=getattr(config.text_config, "layer_norm_eps", 1e-12), tie_head=config.mlm_tie_head,
-                fusion=config.mlm_fusion,
-            )
-        self.ping = None
-        if config.uses_ping_bank:
-            self.ping = NeighbourContrastiveLoss(config.ping_bank_size, config.projection_dim,
-                                                 config.ping_nn_loss_weight, config.ping_xnn_loss_weight,
-                                                 config.ping_negatives)
-        elif config.uses_ping_in_batch:
-            self.ping = InBatchNeighbourLoss(config.ping_nn_loss_weight, config.ping_xnn_loss_weight)
-        self.relation = FrozenRelationLoss(config.relation_temperature) if config.uses_relation_distillation else None
-        self.distill = (CrossModalDistillationLoss(config.distill_temperature, config.instance_loss)
-                        if config.uses_distillation else None)
-        self.feature_distill = None
-        if config.uses_feature_distillation:
-            if not config.feature_distill_teacher_dims:
-                raise ValueError("feature_distill_loss_weight > 0 projects the embeddings into the teachers' feature "
-                                 "space, whose dimensions come from the training data's teachers: train with "
-                                 "teacher features (a reinforced copy, or --teacher_features auto), which sets "
-                                 "feature_distill_teacher_dims.")
-            self.feature_distill = FeatureDistillationLoss(config.projection_dim, *config.feature_distill_teacher_dims)
+        dims = TowerDims(vision_token_dim, list(vision_stage_dims), text_dim)
+        self._slots = tuple(dict.fromkeys(objective.slot for objective in OBJECTIVES))
+        for slot in self._slots:
+            setattr(self, slot, None)
+        for objective in enabled_objectives(config):
+            if getattr(self, objective.slot) is not None:
+                raise ValueError(f"{objective.__name__} and {type(getattr(self, objective.slot)).__name__} are both "
+                                 f"switched on and are alternatives ({objective.slot!r}): choose one.")
+            setattr(self, objective.slot, objective.build(config, dims))
+
+    def active(self) -> list:
+        """The built objectives, in `OBJECTIVES`' order."""
+        return [getattr(self, slot) for slot in self._slots if getattr(self, slot) is not None]
 
     def mlm_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, text_kwargs: dict,
                    mlm_input_ids: torch.Tensor | None, mlm_labels: torch.Tensor | None,
@@ -1335,9 +1801,7 @@ class LightCLIPObjectives(nn.Module):
         """Whether every active objective is row-decomposable (`scoring_rows`): contrastive accumulation then
         computes them a block of rows at a time. Token alignment, MLM and CLIP-PING are computed on the whole
         batch at once."""
-        active = [module for module in (self.instance, self.token, self.mlm, self.ping, self.relation, self.distill,
-                                        self.feature_distill) if module is not None]
-        return all(getattr(module, "row_decomposable", False) for module in active)
+        return all(objective.row_decomposable for objective in self.active())
 
     @property
     def needs_tokens(self) -> bool:
@@ -1364,75 +1828,41 @@ class LightCLIPObjectives(nn.Module):
                 objectives reach into a tower's weights).
             targets: the batch's per-sample training targets (`TRAINING_TARGETS`): each objective reads its own.
         """
-        with rows_of_this_step(features.num_rows, features.image_embeds.device):
-            return self._terms(features, logit_scale, logit_bias, soft_label_alpha, word_embeddings, targets)
-
-    def _terms(self, features, logit_scale, logit_bias, soft_label_alpha, word_embeddings, targets) -> dict:
-        config = self.config
         targets = targets or {}
-        image_embeds, text_embeds = features.image_embeds, features.text_embeds
-        alpha = soft_label_alpha if self.training else 0.0
-        teacher_image, teacher_text = targets.get("teacher_image_features"), targets.get("teacher_text_features")
-        if config.uses_sigmoid_loss:
-            terms = dict(self.instance(image_embeds, text_embeds, logit_scale, logit_bias))
-        else:
-            terms = dict(self.instance(image_embeds, text_embeds, logit_scale, alpha=alpha,
-                                       teacher_image_features=teacher_image, teacher_text_features=teacher_text))
-        if self.token is not None:
-            terms.update(self.token(features.image_tokens, features.text_tokens, features.word_mask))
-        if self.mlm is not None and features.masked_states is None:  # MLM not started yet (mlm_start)
-            terms.update(self.mlm.skipped(text_embeds))
-        elif self.mlm is not None:
-            terms.update(self.mlm(features.masked_states, features.mlm_labels, word_embeddings))
-        if self.ping is not None and self.training:  # neighbours are training samples only
-            ping_scale = logit_scale if config.ping_temperature is None else logit_scale.new_tensor(
-                1.0 / config.ping_temperature)
-            if isinstance(self.ping, InBatchNeighbourLoss):
-                needed = ("ping_partner_rows", "ping_partner_spaces")
-                _require_targets(targets, needed, "ping_positives='in_batch'", "the trainer samples neighbour pairs "
-                                 "from the teachers' neighbours (--teacher_features)")
-                terms.update(self.ping(image_embeds, text_embeds, ping_scale, *(targets[k] for k in needed)))
-            else:
-                needed = ("sample_ids", "image_neighbour_ids", "text_neighbour_ids")
-                _require_targets(targets, needed, "CLIP-PING (ping_*_loss_weight > 0)",
-                                 "train with --teacher_features (the neighbours of the teachers' features)")
-                terms.update(self.ping(image_embeds, text_embeds, ping_scale, *(targets[k] for k in needed)))
-        if self.relation is not None and self.training:  # teacher features exist for training samples only
-            _require_targets(targets, ("teacher_image_features", "teacher_text_features"), "relation_loss_weight > 0",
-                             _TEACHER_HINT)
-            terms.update(self.relation(image_embeds, text_embeds, teacher_image, teacher_text))
-        if self.distill is not None and self.training:
-            _require_targets(targets, ("teacher_image_embeds", "teacher_text_embeds"), "distill_loss_weight > 0",
-                             "train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce "
-                             "--teacher PATH_OR_HUB_ID`")
-            ensemble = ((config.distill_teacher_dims, config.distill_teacher_logit_scales)
-                        if config.distill_ensemble == "mean_probabilities" else None)
-            terms.update(self.distill(image_embeds, text_embeds, logit_scale, targets["teacher_image_embeds"],
-                                      targets["teacher_text_embeds"], config.distill_teacher_logit_scale,
-                                      logit_bias, config.distill_teacher_logit_bias, ensemble))
-        if self.feature_distill is not None and self.training:
-            _require_targets(targets, ("teacher_image_features", "teacher_text_features"),
-                             "feature_distill_loss_weight > 0", _TEACHER_HINT)
-            terms.update(self.feature_distill(image_embeds, text_embeds, teacher_image, teacher_text))
+        step = ObjectiveStep(self.config, logit_scale, logit_bias, soft_label_alpha if self.training else 0.0,
+                             word_embeddings)
+        terms = {}
+        with rows_of_this_step(features.num_rows, features.image_embeds.device):
+            for objective in self.active():
+                if objective.training_only and not self.training:
+                    continue  # teacher targets and neighbours exist for training samples only
+                _require_targets(targets, objective, self.config)
+                terms.update(objective.compute(features, step, targets))
         loss = terms["instance"]
-        for term, weight in config.loss_weights().items():
+        for term, weight in self.config.loss_weights().items():
             if term in terms:
                 loss = loss + weight * terms[term]
         terms["loss"] = loss
         return terms
 
 
-_TEACHER_HINT = ("train on a reinforced copy of the data (`lightclip-reinforce`), or let the trainer build one with "
-                 "--teacher_features auto")
-
-
-def _require_targets(targets: dict, keys: tuple, what: str, fix: str) -> None:
-    missing = [key for key in keys if key not in targets]
+def _require_targets(targets: dict, objective: Objective, config) -> None:
+    missing = [key for key in objective.required(config) if key not in targets]
     if missing:
-        raise ValueError(f"{what} needs {', '.join(missing)} in the batch's training targets: {fix}.")
+        raise ValueError(f"{objective.named(config)} needs {', '.join(missing)} in the batch's training targets: "
+                         f"{objective.missing_fix}.")
 
 
 __all__ = [
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveStep",
+    "TowerDims",
+    "enabled_objectives",
+    "loss_weight_fields",
+    "register_objective",
+    "training_targets_read",
+    "TEACHER_TARGETS",
     "TOWER_TARGETS",
     "TRAINING_TARGETS",
     "CrossModalDistillationLoss",

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import all_objectives_model_and_batch
-from modeling_lightclip import LightCLIPModel
-from modeling_lightclip.training.recipes import build_model_config
 
 
 WORKER = Path(__file__).parent / "distributed_worker.py"

@@ -16,7 +16,6 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import CAPTIONS, FIXTURES, REPO
 
@@ -43,15 +42,15 @@ def test_the_documented_plain_clip_command_trains_plain_clip(tmp_path):
 
     import train_lightclip
     from modeling_lightclip import LightCLIPConfig
-    from modeling_lightclip.configuration_lightclip import LOSS_WEIGHT_FIELDS
+    from modeling_lightclip.objectives_lightclip import loss_weight_fields
 
     flags = _readme_command("# plain CLIP")
     out = tmp_path / "clip"
     train_lightclip.main([*flags, *_tiny_data(out)])
     config = LightCLIPConfig.from_pretrained(out)
-    assert not config.uses_soft_labels and not config.uses_frozen_features
-    assert {name: getattr(config, name) for name in LOSS_WEIGHT_FIELDS.values()} == \
-        dict.fromkeys(LOSS_WEIGHT_FIELDS.values(), 0.0)
+    assert not config.uses_soft_labels and not config.uses_teacher_features
+    assert {name: getattr(config, name) for name in loss_weight_fields().values()} == \
+        dict.fromkeys(loss_weight_fields().values(), 0.0)
     assert not (out / "_reinforced").exists()               # no teacher features were built or read
     card = ModelCard.load(out / "README.md").text
     assert "**plain CLIP**" in card and "No teacher" in card

@@ -4,9 +4,7 @@ which bytes were written), never from running the code under test first."""
 
 import json
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -438,8 +438,9 @@ def test_several_captions_per_image_are_all_kept_with_each_ones_features_and_the
         for caption, stored in zip(row["caption"], row["teacher0_text"]):
             np.testing.assert_allclose(stored, teacher.text_features([caption])[0].numpy(), atol=2e-3)
 
-    config = SimpleNamespace(uses_mlm=False, uses_teacher_feature_batches=True, uses_distillation=False,
-                             uses_ping=False)
+    from modeling_lightclip import LightCLIPConfig
+
+    config = LightCLIPConfig(relation_loss_weight=1.0)  # reads the teachers' features
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config,
                                  teachers=copy.reinforced["teachers"])
     decoded = {tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True): c for c in (first, second)}

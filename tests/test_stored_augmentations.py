@@ -8,7 +8,6 @@ each stored view to find which one it drew."""
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -106,8 +105,9 @@ def test_training_reapplies_the_drawn_view_and_reads_that_views_features(copy_wi
     rows = _rows(out)
     processor = build_processor(32, tokenizer)
     meta = json.loads((out / "reinforced.json").read_text())
-    config = SimpleNamespace(uses_mlm=False, uses_teacher_feature_batches=True, uses_distillation=False,
-                             uses_ping=False)
+    from modeling_lightclip import LightCLIPConfig
+
+    config = LightCLIPConfig(relation_loss_weight=1.0)  # reads the teachers' features
     collator = ImageTextCollator(processor, model_config=config, teachers=meta["teachers"])
     drawn = set()
     for seed in range(3):

@@ -7,7 +7,6 @@ and teacher features matched against the row's own captions (real or synthetic) 
 import json
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,8 +108,9 @@ def test_training_draws_synthetic_captions_at_the_ratio_with_their_features(tmp_
     out = _copy(tmp_path, tiny_captioner)
     rows = _rows(out)
     meta = json.loads((out / "reinforced.json").read_text())
-    config = SimpleNamespace(uses_mlm=False, uses_teacher_feature_batches=True, uses_distillation=True,
-                             uses_ping=False)
+    from modeling_lightclip import LightCLIPConfig
+
+    config = LightCLIPConfig(relation_loss_weight=1.0, distill_loss_weight=1.0)  # teacher features and embeddings
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, teachers=meta["teachers"],
                                  synthetic_caption_ratio=ratio)
     kinds = set()

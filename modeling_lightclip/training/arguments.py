@@ -1,12 +1,11 @@
 """Command-line arguments of `train_lightclip.py` (training side; not remote code).
 
-`ModelArguments` is generated from `LightCLIPConfig.__init__`: every scalar or list config field (objective
+`ModelArguments` is generated from `LightCLIPConfig`'s fields: every scalar or list config field (objective
 weights, soft-label schedule, fusion layers, ...) is a flag of the same name whose default `None` means "as the
 recipe says". `LightCLIPTrainingArguments` is `TrainingArguments` with defaults right for contrastive training.
 """
 
 import dataclasses
-import inspect
 import os
 import types
 import typing
@@ -17,16 +16,14 @@ from transformers import TrainingArguments
 from ..configuration_lightclip import LightCLIPConfig
 
 
-_NOT_FLAGS = {"self", "vision_config", "text_config", "kwargs",
+_NOT_FLAGS = {"vision_config", "text_config",
               # set from the data (teacher_features.setup_teacher_features): the training set's size, the teachers'
               # feature dimensions
               "ping_bank_size", "feature_distill_teacher_dims", "distill_teacher_dims", "distill_teacher_logit_scales"}
 
 
-def _flag_type(annotation, default):
-    """An argparse-friendly `X | None` type for a config parameter."""
-    if annotation is inspect.Parameter.empty:
-        annotation = type(default) if default is not None else str
+def _flag_type(annotation):
+    """An argparse-friendly `X | None` type for a config field."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)] if isinstance(
         annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union else [annotation]
     base = args[0] if args else str
@@ -37,11 +34,11 @@ def _flag_type(annotation, default):
 
 def _config_field_specs():
     specs = []
-    for name, param in inspect.signature(LightCLIPConfig.__init__).parameters.items():
+    for name, config_field in LightCLIPConfig.own_fields().items():
         if name in _NOT_FLAGS:
             continue
-        default = None if param.default is inspect.Parameter.empty else param.default
-        specs.append((name, _flag_type(param.annotation, default),
+        default = None if config_field.default is dataclasses.MISSING else config_field.default
+        specs.append((name, _flag_type(config_field.type),
                       field(default=None, metadata={"help": f"LightCLIPConfig.{name} (recipe/config default: "
                                                             f"{default!r})"})))
     return specs

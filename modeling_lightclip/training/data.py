@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..objectives_lightclip import mask_for_mlm
+from ..objectives_lightclip import mask_for_mlm, training_targets_read
 from .reinforced_copy import SYNTHETIC_CAPTIONS
 from .tables import read_table, table_kind
 
@@ -1014,37 +1014,37 @@ class ImageTextCollator:
 
     def _training_targets(self, examples: list[dict], keep: list[int], text, generator, drawn=None,
                           views=None) -> dict:
-        """The per-sample inputs of the objectives the model's config switches on (`TRAINING_TARGETS`), decided
-        here, in one place: MLM's masked copies, the teachers' features and embeddings read from each sample's own
-        row (of the caption drawn, `drawn`, and the stored view drawn, `views`, when a row has several),
-        CLIP-PING's neighbour ids or in-batch partners."""
+        """The per-sample training targets the model's objectives read (`training_targets_read`: each objective
+        declares its own), built here, in one place, one builder per target: MLM's masked copies, the teachers'
+        features and embeddings read from each sample's own row (of the caption drawn, `drawn`, and the stored view
+        drawn, `views`, when a row has several), CLIP-PING's neighbour ids or in-batch partners."""
         config = self.model_config
         if config is None:
             return {}
+        wanted = training_targets_read(config)
         targets = {}
-        if config.uses_mlm:
+        if "mlm_input_ids" in wanted:
             targets["mlm_input_ids"], targets["mlm_labels"] = mask_for_mlm(
                 config, text["input_ids"], text["attention_mask"], generator)
-        if self.teachers and (config.uses_teacher_feature_batches or config.uses_distillation):
-            kept = [examples[i] for i in keep]
-            if config.uses_teacher_feature_batches:
-                targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
-                    kept, self.teachers, drawn, views)
-            if config.uses_distillation:
-                targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
-                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn, views)
+        kept = [examples[i] for i in keep]
+        if self.teachers and "teacher_image_features" in wanted:
+            targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
+                kept, self.teachers, drawn, views)
+        if self.teachers and "teacher_image_embeds" in wanted:
+            targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
+                kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn, views)
         if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
             targets[STORED_TEXT_OUTPUTS] = torch.tensor(
                 np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))
-        if self.neighbours is not None and config.uses_ping:
+        if self.neighbours is not None and wanted & {"sample_ids", "ping_partner_rows"}:
             if "sample_id" not in examples[0]:
                 raise ValueError("CLIP-PING needs a sample_id column in the training set (its row index).")
             ids = [int(examples[i]["sample_id"]) for i in keep]
-            if config.uses_ping_bank:
+            if "sample_ids" in wanted:
                 targets["sample_ids"] = torch.tensor(ids, dtype=torch.long)
                 targets["image_neighbour_ids"], targets["text_neighbour_ids"] = self.neighbours.sample(
                     ids, np.random.default_rng(self._rng.getrandbits(63)))
-            else:  # the sampler laid the batch out in (anchor, neighbour) pairs
+            if "ping_partner_rows" in wanted:  # the sampler laid the batch out in (anchor, neighbour) pairs
                 kept_rows = set(keep)
                 layout = [int(e["sample_id"]) if i in kept_rows else None for i, e in enumerate(examples)]
                 targets["ping_partner_rows"], targets["ping_partner_spaces"] = self.neighbours.pair_partners(layout)

@@ -11,13 +11,14 @@ The card is rendered from the repository's `model_card.md` template with `huggin
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from ..objectives_lightclip import enabled_objectives
 
 
 _TEMPLATE_CANDIDATES = (Path(__file__).resolve().parents[2] / "model_card.md",
@@ -146,23 +147,7 @@ def describe_objectives(config) -> str:
         return ("LightCLIP's **recommended objective**: the CLIP contrastive loss with soft labels spread by frozen "
                 "teacher encoders' similarities, plus distillation of the teachers' similarity structure into each "
                 "tower (frozen-relation distillation)")
-    parts = []
-    if config.uses_soft_labels:
-        source = "frozen teacher encoders'" if config.uses_frozen_soft_labels else "the student's own"
-        parts.append(f"soft labels ({config.soft_label_mode}" +
-                     (f", from {source} similarities" if config.soft_label_mode == "similarity" else "") + ")")
-    if config.uses_relation_distillation:
-        parts.append("frozen-relation distillation")
-    if config.uses_token_loss:
-        parts.append("token alignment (LightCLIP)")
-    if config.uses_mlm:
-        parts.append("masked language modelling" + (" with image fusion (LightCLIP)" if config.mlm_fusion else ""))
-    if config.uses_ping:
-        parts.append("nearest-neighbour guidance (CLIP-PING)")
-    if config.uses_distillation:
-        parts.append("cross-modal distillation from a multimodal teacher")
-    if config.uses_feature_distillation:
-        parts.append("feature distillation (CLIP-KD)")
+    parts = [part for part in (objective.summary(config) for objective in enabled_objectives(config)) if part]
     if config.uses_sigmoid_loss:
         base = ("SigLIP's pairwise sigmoid loss over the global batch (a learned scale and bias; no softmax over the "
                 "batch)")
@@ -173,53 +158,8 @@ def describe_objectives(config) -> str:
 
 
 def _objectives_table(config) -> str:
-    """The objectives that were on, with their weights and settings."""
-    if config.uses_sigmoid_loss:
-        rows = [("instance sigmoid (SigLIP, global batch)", 1.0,
-                 f"every image-caption pair a binary problem; scale starts at "
-                 f"{math.exp(config.logit_scale_init_value):g}, bias at {config.logit_bias_init_value:g}")]
-    else:
-        rows = [("instance contrastive (CLIP, global batch)", 1.0,
-                 f"soft labels: {config.soft_label_mode}" + (
-                     f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
-                     f"similarities ({config.soft_label_modality}), max α "
-                     f"{config.soft_label_max}, {config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))]
-    if config.uses_relation_distillation:
-        rows.append(("frozen-relation distillation", config.relation_loss_weight,
-                     f"per-modality similarity distributions toward the frozen teachers', temperature "
-                     f"{config.relation_temperature}"))
-    if config.uses_token_loss:
-        rows.append(("token alignment (relaxed bipartite matching)", config.token_loss_weight,
-                     f"{config.token_objective} objective, {config.token_matching} matching, negatives: "
-                     f"{config.token_negatives}, temperature {config.token_temperature}"))
-    if config.uses_mlm:
-        rows.append(("masked language modelling" + (" + fusion" if config.mlm_fusion else ""), config.mlm_loss_weight,
-                     f"mask {config.mlm_probability} of the words on {config.mlm_batch_fraction:g} of each batch" +
-                     (f", fusion after text layers {config.fusion_text_layers} from image stages "
-                      f"{config.fusion_vision_stages}" if config.mlm_fusion else "")))
-    if config.uses_distillation:
-        if config.uses_sigmoid_loss:
-            how = (f"Bernoulli KL to the teachers' sigmoid of every pair of the global batch, temperature "
-                   f"{config.distill_temperature}, teacher scale {config.distill_teacher_logit_scale:g}, bias "
-                   f"{config.distill_teacher_logit_bias:g}")
-        else:
-            how = (f"KL to the teachers' image→text and text→image distributions over the global batch, temperature "
-                   f"{config.distill_temperature}, " + (
-                       "target: the mean of each teacher's softmax at its own scale ("
-                       + ", ".join(f"{v:g}" for v in config.distill_teacher_logit_scales or []) + ")"
-                       if config.distill_ensemble == "mean_probabilities"
-                       else f"teacher scale {config.distill_teacher_logit_scale:g}"))
-        rows.append(("cross-modal distillation", config.distill_loss_weight, how))
-    if config.uses_feature_distillation:
-        image_dim, text_dim = config.feature_distill_teacher_dims or ("?", "?")
-        rows.append(("feature distillation", config.feature_distill_loss_weight,
-                     f"each embedding, through a training-only projection, toward the teachers' features "
-                     f"({image_dim}-d image, {text_dim}-d text; squared distance of unit vectors)"))
-    if config.uses_ping:
-        where = ("in the same batch (fresh)" if config.ping_positives == "in_batch"
-                 else f"memory bank, {config.ping_negatives} negatives")
-        rows.append(("CLIP-PING NN / XNN", f"{config.ping_nn_loss_weight} / {config.ping_xnn_loss_weight}",
-                     f"frozen-encoder neighbours, {where}"))
+    """The objectives that were on, with their weights and settings: each objective's own row."""
+    rows = [objective.card_row(config) for objective in enabled_objectives(config)]
     return "\n".join(f"| {name} | {weight} | {setting} |" for name, weight, setting in rows)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..objectives_lightclip import TEACHER_TARGETS, enabled_objectives
 from .neighbours import FILES, NeighbourTable, nearest_neighbours
 from .reinforce import FROZEN_PAIR, reinforce
 from .reinforced_copy import split_files, teacher_columns
@@ -35,20 +36,10 @@ REINFORCED_FOLDER = "_reinforced"  # `--teacher_features auto` writes here (the 
 
 
 def teacher_objectives(config) -> list[tuple[str, str]]:
-    """(what, the flags that switch it off) for each objective of `config` that reads teacher features."""
-    uses = []
-    if config.uses_frozen_soft_labels:
-        uses.append(("soft labels from the teachers (soft_label_source=frozen)", "--soft_label_mode none"))
-    if config.uses_relation_distillation:
-        uses.append(("frozen-relation distillation (relation_loss_weight)", "--relation_loss_weight 0"))
-    if config.uses_distillation:
-        uses.append(("cross-modal distillation (distill_loss_weight)", "--distill_loss_weight 0"))
-    if config.uses_feature_distillation:
-        uses.append(("feature distillation (feature_distill_loss_weight)", "--feature_distill_loss_weight 0"))
-    if config.uses_ping:
-        uses.append(("CLIP-PING (ping_nn_loss_weight / ping_xnn_loss_weight)",
-                     "--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0"))
-    return uses
+    """(what, the flags that switch it off) for each objective of `config` that reads teacher knowledge (teacher
+    features or embeddings, or CLIP-PING's neighbours of those features)."""
+    return [(objective.named(config), objective.switch_off(config)) for objective in enabled_objectives(config)
+            if set(objective.reads(config)) & TEACHER_TARGETS]
 
 
 def describe_teacher_objectives(config) -> str:
