@@ -352,6 +352,12 @@ class LightCLIPConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_lightclip()
 
+    # the fields of the model itself (towers, embedding space, pooling, special tokens); every other field belongs to
+    # one objective's config group (`Objective.config_fields`)
+    model_fields = ("vision_config", "text_config", "projection_dim", "instance_loss", "logit_scale_init_value",
+                    "logit_scale_max", "image_size", "vision_pooling", "text_pooling", "cnn_init",
+                    "save_training_modules", "mask_token_id", "cls_token_id", "sep_token_id")
+
     @classmethod
     def own_fields(cls) -> dict:
         """This class's own fields (not `PreTrainedConfig`'s): {name: dataclasses.Field}."""

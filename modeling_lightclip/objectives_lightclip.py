@@ -417,6 +417,8 @@ class Objective(nn.Module):
             of one objective (softmax or sigmoid instance loss) share a slot and are never on together.
         weights: {term: config field of its weight}; a weight of 0 switches the term off.
         targets: the per-sample training targets it reads (`TRAINING_TARGETS`).
+        config_fields: its config group, the `LightCLIPConfig` fields that belong to it (its weights among them);
+            every field of the config belongs to one objective or to the model (`LightCLIPConfig.model_fields`).
         title: what cards and messages call it.
         training_only: computed in training only (teacher targets and neighbours exist for training rows only).
         row_decomposable: its terms are means over the global batch's rows of a function of the row and the
@@ -427,6 +429,7 @@ class Objective(nn.Module):
     weights: dict = {}
     title = ""
     targets: tuple = ()  # the training targets it reads (`reads`), when they do not depend on the config
+    config_fields: tuple = ()  # its config group: the LightCLIPConfig fields only it reads (weights included)
     missing_fix = _TEACHER_HINT  # the fix named when a training batch lacks a target it requires
     training_only = True
     row_decomposable = False
@@ -469,9 +472,16 @@ class Objective(nn.Module):
         return cls.title
 
     @classmethod
+    def settings(cls, config) -> dict:
+        """Its config group's values."""
+        return {name: getattr(config, name, None) for name in cls.config_fields}
+
+    @classmethod
     def card_row(cls, config) -> tuple:
         """(name, weight, settings): its row of the card's objectives table."""
-        return cls.title, getattr(config, next(iter(cls.weights.values()))), ""
+        weights = set(cls.weights.values())
+        return (cls.title, " / ".join(f"{getattr(config, field, 0.0)}" for field in cls.weights.values()),
+                ", ".join(f"{name} {value}" for name, value in cls.settings(config).items() if name not in weights))
 
     def compute(self, features: "TrainingFeatures", step: ObjectiveStep, targets: dict) -> dict[str, torch.Tensor]:
         """Its named, unweighted terms for one batch."""
@@ -562,6 +572,8 @@ class InstanceContrastiveLoss(InstanceLoss):
     """
 
     form, title = "softmax", "soft labels from the teachers"
+    config_fields = ("soft_label_mode", "soft_label_max", "soft_label_schedule", "soft_label_temperature",
+                     "soft_label_source", "soft_label_modality")
 
     @classmethod
     def validate(cls, config) -> None:
@@ -703,6 +715,7 @@ class SigmoidInstanceLoss(InstanceLoss):
     """
 
     form, title = "sigmoid", "SigLIP's sigmoid loss"
+    config_fields = ("logit_bias_init_value",)
 
     @classmethod
     def validate(cls, config) -> None:
@@ -742,6 +755,7 @@ class FrozenRelationLoss(Objective):
 
     slot, title, row_decomposable = "relation", "frozen-relation distillation", True
     weights = {"relation": "relation_loss_weight"}
+    config_fields = ("relation_loss_weight", "relation_temperature")
     targets = TEACHER_FEATURES
 
     @classmethod
@@ -802,6 +816,9 @@ class CrossModalDistillationLoss(Objective):
 
     slot, title, row_decomposable = "distill", "cross-modal distillation", True
     weights = {"distill": "distill_loss_weight"}
+    config_fields = ("distill_loss_weight", "distill_temperature", "distill_teacher_logit_scale",
+                     "distill_teacher_logit_bias", "distill_ensemble", "distill_teacher_dims",
+                     "distill_teacher_logit_scales")
     missing_fix = ("train on data reinforced with a multimodal (CLIP-like) teacher: `lightclip-reinforce --teacher "
                    "PATH_OR_HUB_ID`")
     targets = ("teacher_image_embeds", "teacher_text_embeds")
@@ -918,6 +935,7 @@ class FeatureDistillationLoss(Objective):
 
     slot, title, row_decomposable = "feature_distill", "feature distillation", True
     weights = {"feature_distill": "feature_distill_loss_weight"}
+    config_fields = ("feature_distill_loss_weight", "feature_distill_teacher_dims")
     targets = TEACHER_FEATURES
 
     @classmethod
@@ -1112,6 +1130,9 @@ class TokenAlignmentLoss(Objective):
 
     slot, title, training_only = "token", "token alignment (relaxed bipartite matching)", False
     weights = {"token": "token_loss_weight"}
+    config_fields = ("token_loss_weight", "token_match_threshold", "token_temperature", "token_negatives",
+                     "token_solver", "token_objective", "token_matching", "token_projection_dim",
+                     "vision_token_stage")
 
     @classmethod
     def validate(cls, config) -> None:
@@ -1341,6 +1362,8 @@ class MaskedLanguageModelling(Objective):
 
     slot, title, training_only = "mlm", "masked language modelling", False
     weights = {"mlm": "mlm_loss_weight"}
+    config_fields = ("mlm_loss_weight", "mlm_probability", "mlm_batch_fraction", "mlm_tie_head", "mlm_fusion",
+                     "mlm_start", "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads")
     targets = ("mlm_input_ids", "mlm_labels")  # masked by the collator; the model masks any batch without them
 
     @classmethod
@@ -1523,6 +1546,8 @@ class NeighbourGuidance(Objective):
 
     slot, title = "ping", "CLIP-PING"
     weights = {"ping_nn": "ping_nn_loss_weight", "ping_xnn": "ping_xnn_loss_weight"}
+    config_fields = ("ping_nn_loss_weight", "ping_xnn_loss_weight", "ping_bank_size", "ping_temperature",
+                     "ping_negatives", "ping_positives")
     missing_fix = "train with --teacher_features (the neighbours of the teachers' features)"
 
     @classmethod

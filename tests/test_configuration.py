@@ -66,3 +66,20 @@ def test_defaults_fill_fusion_layers_from_text_depth():
 def test_invalid_fields_fail_with_a_named_message(bad, message):
     with pytest.raises((ValueError, TypeError), match=message):
         LightCLIPConfig(**bad)
+
+
+def test_every_config_field_belongs_to_the_model_or_to_one_objective():
+    """Each objective owns its config group: the config's own dataclass fields are split, with nothing left over and
+    nothing claimed twice, between the model's fields and the objectives' groups (alternatives of one objective,
+    such as CLIP-PING's two forms, share one group); each objective's weights are in its group."""
+    import dataclasses
+
+    from modeling_lightclip.objectives_lightclip import OBJECTIVES
+
+    groups = {}
+    for objective in OBJECTIVES:
+        groups.setdefault(objective.config_fields, []).append(objective.__name__)
+        assert set(objective.weights.values()) <= set(objective.config_fields), objective.__name__
+    claimed = [name for group in groups for name in group] + list(LightCLIPConfig.model_fields)
+    declared = [f.name for f in dataclasses.fields(LightCLIPConfig) if f.name in LightCLIPConfig.__annotations__]
+    assert sorted(claimed) == sorted(declared)
