@@ -27,6 +27,48 @@ CAPTIONS = [
 ]
 
 
+
+def tiny_train_argv(out: Path, *flags) -> list[str]:
+    """train_lightclip's flags for two steps of the tiny recipe into `out`, then `flags`."""
+    return ["--recipe", "tiny", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "16",
+            "--max_steps", "2", "--logging_steps", "1", "--dataloader_num_workers", "0", "--output_dir", str(out),
+            *flags]
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+    """train_lightclip's command line: (exit code, what it wrote to stderr)."""
+    import train_lightclip
+
+    code = train_lightclip.cli(argv)
+    return code, capsys.readouterr().err
+
+
+def image_files(folder: Path, n: int, bad: set = frozenset()) -> list[str]:
+    """`n` distinct 40-px PNGs (a photo shifted by a few pixels each) written into `folder`, named img0.png...; the
+    ones whose index is in `bad` are files of bytes that are no image."""
+    import numpy as np
+    from PIL import Image
+
+    photo = np.asarray(Image.open(FIXTURES / "astronaut.jpg").convert("RGB").resize((40, 40)))
+    names = []
+    for i in range(n):
+        name = f"img{i}.png"
+        if i in bad:
+            (folder / name).write_bytes(b"not an image at all")
+        else:
+            Image.fromarray(np.roll(photo, 3 * i, axis=1)).save(folder / name)
+        names.append(name)
+    return names
+
+
+def saved_tokenizer(folder: Path) -> Path:
+    """A small WordPiece tokenizer trained on CAPTIONS, saved into folder/tokenizer."""
+    from modeling_lightclip.training.preprocessing import train_wordpiece_tokenizer
+
+    path = folder / "tokenizer"
+    train_wordpiece_tokenizer(CAPTIONS * 4, vocab_size=300, model_max_length=32).save_pretrained(path)
+    return path
+
 # the objectives' settings of all_objectives_model_and_batch's variants
 PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
 REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch",

@@ -12,6 +12,7 @@ from modeling_lightclip import LightCLIPModel
 from modeling_lightclip.training.hub import HubUploadError, export_clip, push_folder
 from modeling_lightclip.training.preprocessing import build_processor
 from modeling_lightclip.training.recipes import build_model_config
+import train_lightclip
 
 
 CLIP_SHAPED = {
@@ -192,3 +193,70 @@ def test_lora_fine_tuning_run_saves_a_plain_model(trained_folder, tmp_path):
     assert not (out / "adapter_config.json").exists()
     metrics = json.loads((out / "eval_results.json").read_text())
     assert "eval_zero_shot_top1" in metrics
+
+
+@pytest.fixture()
+def broken_saved_folders(tmp_path, tiny_model, tokenizer):
+    """A saved model folder (weights, config, tokenizer, processor) with one part missing or cut short each."""
+    import shutil
+
+    from modeling_lightclip.training.preprocessing import build_processor
+
+    good = tmp_path / "good"
+    tiny_model.save_pretrained(good)
+    build_processor(32, tokenizer).save_pretrained(good)
+    processor_configs = [p.name for p in good.glob("*processor_config.json")]
+    assert processor_configs and (good / "tokenizer.json").is_file()
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        change(folder)
+        return str(folder)
+
+    def cut(file):
+        def change(folder):
+            (folder / file).write_bytes((folder / file).read_bytes()[: (folder / file).stat().st_size // 2])
+        return change
+
+    def remove(*files):
+        return lambda folder: [(folder / f).unlink() for f in files]
+
+    return str(good), {
+        "no weights": (variant("no_weights", remove("model.safetensors")), "no weights"),
+        "cut weights": (variant("cut_weights", cut("model.safetensors")), "model.safetensors cannot be read"),
+        "no tokenizer": (variant("no_tokenizer", remove("tokenizer.json", "tokenizer_config.json")),
+                         "no tokenizer files"),
+        "cut tokenizer": (variant("cut_tokenizer", cut("tokenizer.json")), "tokenizer.json cannot be read"),
+        "no processor": (variant("no_processor", remove(*processor_configs)), "no image processor"),
+    }
+
+
+def test_evaluation_and_export_of_a_broken_folder_end_in_one_message(broken_saved_folders, tmp_path, capsys):
+    from modeling_lightclip.training import benchmark, hub, onnx_export
+
+    good, broken = broken_saved_folders
+    commands = {
+        "hub card": lambda f: hub.main(["card", f]),
+        "hub export": lambda f: hub.main(["export", f, "--out", str(tmp_path / "native")]),
+        "onnx_export": lambda f: onnx_export.main([f, "--out", str(tmp_path / "onnx")]),
+        "--model": lambda f: benchmark.main(["--model", f, "--validation_file", "unused.csv"]),
+    }
+    for case, (folder, message) in broken.items():
+        for name, command in commands.items():
+            try:
+                code = command(folder)
+            except SystemExit as stopped:
+                code = stopped.code
+            err = capsys.readouterr().err
+            assert code == 2, (case, name, err[-600:])
+            expected = f"^error: {re.escape(name)} {re.escape(folder)}: .*{message}"
+            assert re.search(expected, err, re.M), (case, name, err)
+        with pytest.raises(ValueError, match=f"^--model_name_or_path {re.escape(folder)}: .*{message}"):
+            train_lightclip.main(["--do_train", "false", "--model_name_or_path", folder, "--max_eval_samples", "8",
+                                  "--output_dir", str(tmp_path / "eval")])
+    with pytest.raises(SystemExit) as stopped:  # export without --out
+        hub.main(["export", good])
+    assert stopped.value.code == 2 and "export needs --out" in capsys.readouterr().err
+    hub.main(["card", good])  # the whole folder passes the check
+    assert (Path(good) / "README.md").is_file()

