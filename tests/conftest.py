@@ -69,6 +69,23 @@ def saved_tokenizer(folder: Path) -> Path:
     train_wordpiece_tokenizer(CAPTIONS * 4, vocab_size=300, model_max_length=32).save_pretrained(path)
     return path
 
+
+def neighbours_folder(folder: Path, rows: int = 64, k: int = 4) -> Path:
+    """A folder as `neighbours build` writes it for `rows` training rows: random unit features (6-d image, 4-d
+    text) and k random neighbours each, never the row itself."""
+    import numpy as np
+
+    from modeling_lightclip.training.neighbours import FILES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for modality, dim in (("image", 6), ("text", 4)):
+        table = np.stack([rng.permutation(np.delete(np.arange(rows), i))[:k] for i in range(rows)])
+        np.save(folder / FILES[f"{modality}_neighbours"], table)
+        features = rng.normal(size=(rows, dim)).astype("float32")
+        np.save(folder / FILES[f"{modality}_features"], features / np.linalg.norm(features, axis=1, keepdims=True))
+    return folder
+
 # the objectives' settings of all_objectives_model_and_batch's variants
 PAPER = {"soft_label_source": "student", "soft_label_modality": "candidates", "ping_positives": "bank"}
 REDESIGN = {"soft_label_source": "frozen", "soft_label_modality": "both", "ping_positives": "in_batch",

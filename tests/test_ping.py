@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CAPTIONS, FIXTURES
+from conftest import CAPTIONS, FIXTURES, neighbours_folder
 from modeling_lightclip.training.neighbours import (
     FrozenImageEncoder,
     FrozenTextEncoder,
@@ -349,18 +349,6 @@ def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer)
     assert terms[None] != pytest.approx(terms[0.5])
 
 
-def _fake_neighbours(folder, rows: int = 64, k: int = 4):
-    """A neighbour folder for `rows` training rows: k random neighbours each, never the row itself."""
-    from modeling_lightclip.training.neighbours import FILES
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for modality in ("image", "text"):
-        table = np.stack([rng.permutation(np.delete(np.arange(rows), i))[:k] for i in range(rows)])
-        np.save(folder / FILES[f"{modality}_neighbours"], table)
-    return folder
-
-
 def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
     """CLIP-PING is decided from the built config: a folder trained with CLIP-PING continues with CLIP-PING even
     when no PING flag is given - asking for its neighbour files when they are missing, training with them (and a
@@ -370,7 +358,7 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
     import train_lightclip
     from modeling_lightclip import LightCLIPConfig
 
-    neighbours = _fake_neighbours(tmp_path / "ping")
+    neighbours = neighbours_folder(tmp_path / "ping")
     first = tmp_path / "first"
     common = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8",
               "--do_eval", "false", "--logging_steps", "1"]
@@ -401,17 +389,19 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
 
 def test_collator_reads_teacher_features_from_each_row(tmp_path, tiny_recipe, tokenizer, photo_paths):
     """With soft_label_source="frozen" the collator reads each sample's teacher features from its own row (and
-    gives no neighbour ids unless CLIP-PING is on); a `neighbours build` folder's features are attached to the rows
-    they were computed for, once; the config says when teacher features are needed."""
+    gives no neighbour ids unless CLIP-PING is on); a `neighbours build` folder is converted into a reinforced copy
+    whose rows carry the features computed for them; the config says when teacher features are needed."""
+    from types import SimpleNamespace
+
     from datasets import Dataset
 
     from modeling_lightclip.training.data import DataArguments, ImageTextCollator
     from modeling_lightclip.training.neighbours import FILES
     from modeling_lightclip.training.preprocessing import build_processor
     from modeling_lightclip.training.recipes import build_model_config
-    from modeling_lightclip.training.teacher_features import attach_folder_features
+    from modeling_lightclip.training.teacher_features import reinforced_for_training
 
-    folder = _fake_neighbours(tmp_path / "ping", rows=10, k=3)
+    folder = neighbours_folder(tmp_path / "ping", rows=10, k=3)
     rng = np.random.default_rng(1)
     image_features, text_features = rng.normal(size=(10, 6)).astype("float32"), rng.normal(size=(10, 4)).astype("float32")
     np.save(folder / FILES["image_features"], image_features)
@@ -421,14 +411,20 @@ def test_collator_reads_teacher_features_from_each_row(tmp_path, tiny_recipe, to
     assert not build_model_config(tiny_recipe["model"], tokenizer).uses_teacher_features
     rows = Dataset.from_dict({"image": [str(photo_paths[i % 2]) for i in range(10)],
                               "caption": [f"a cat number {i}" for i in range(10)]})
-    rows, teachers = attach_folder_features(rows, folder, DataArguments())
+    copy, teachers, skipped = reinforced_for_training(rows, str(folder), config, DataArguments(),
+                                                      SimpleNamespace(output_dir=str(tmp_path / "run")))
+    assert not skipped and copy["source_row"] == list(range(10))
+    assert teachers[0]["converted_from"] == str(folder) and (teachers[0]["image_dim"], teachers[0]["text_dim"]) == (6, 4)
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, teachers=teachers)
     ids = [7, 2, 9]
-    targets = collator([rows[i] for i in ids])["training_targets"]
+    targets = collator([copy[i] for i in ids])["training_targets"]
     normalised = lambda a: F.normalize(torch.from_numpy(a).half().float(), dim=-1)  # noqa: E731 - stored as float16
     torch.testing.assert_close(targets["teacher_image_features"], normalised(image_features[ids]))
     torch.testing.assert_close(targets["teacher_text_features"], normalised(text_features[ids]))
     assert "image_neighbour_ids" not in targets and "sample_ids" not in targets
+    with pytest.raises(ValueError, match="holds features of 10 rows and the training set has 9"):
+        reinforced_for_training(rows.select(range(9)), str(folder), config, DataArguments(),
+                                SimpleNamespace(output_dir=str(tmp_path / "other")))
 
 
 def _in_batch_reference(image, text, scale, partners, spaces):
@@ -473,7 +469,7 @@ def test_neighbour_pair_sampler_and_collator_partners(tmp_path, tiny_recipe, tok
     from modeling_lightclip.training.preprocessing import build_processor
     from modeling_lightclip.training.recipes import build_model_config
 
-    table = NeighbourTable(_fake_neighbours(tmp_path / "ping", rows=20, k=3), 20)
+    table = NeighbourTable(neighbours_folder(tmp_path / "ping", rows=20, k=3), 20)
     sampler = NeighbourPairSampler(table, 20, seed=1)
     order = list(sampler)
     assert len(order) == 20 and order == list(sampler)
@@ -503,7 +499,7 @@ def test_train_with_in_batch_neighbours(tmp_path):
     import train_lightclip
     from modeling_lightclip.training.checkpoints import PING_BANK_FILE
 
-    neighbours = _fake_neighbours(tmp_path / "ping")
+    neighbours = neighbours_folder(tmp_path / "ping")
     out = tmp_path / "run"
     trainer = train_lightclip.main(["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size",
                                     "8", "--do_eval", "false", "--logging_steps", "1", "--max_steps", "3",

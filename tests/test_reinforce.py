@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import CAPTIONS, FIXTURES, REPO, image_files
+from conftest import CAPTIONS, FIXTURES, REPO, image_files, neighbours_folder
 import re
 from types import SimpleNamespace
 import train_lightclip
@@ -635,3 +635,35 @@ def test_reinforcing_data_where_every_row_is_bad_fails_with_the_counts(tmp_path,
     assert reinforce.main(["--train_file", str(data), "--out", str(tmp_path / "R")]) == 2
     err = capsys.readouterr().err
     assert "no usable training sample" in err and "5 missing_file, 1 missing_caption" in err
+
+
+def test_a_neighbours_folder_converts_into_a_reinforced_copy_by_source_row(tmp_path, capsys):
+    """`lightclip-reinforce --features_folder DIR` stores the folder's features of each kept row with that row (a bad
+    image is skipped and its features never read); combined with a teacher it is refused."""
+    from datasets import load_dataset
+
+    from modeling_lightclip.training.reinforce import main
+    from modeling_lightclip.training.reinforced_copy import read_meta, split_files
+    from modeling_lightclip.training.neighbours import FILES
+
+    images = tmp_path / "images"
+    images.mkdir()
+    names = image_files(images, 6, bad={2})
+    table = tmp_path / "pairs.csv"
+    table.write_text("image,caption\n" + "".join(f"images/{n},{CAPTIONS[i]}\n" for i, n in enumerate(names)))
+    folder = neighbours_folder(tmp_path / "frozen", rows=6, k=2)
+    out = tmp_path / "R"
+    assert main(["--train_file", str(table), "--out", str(out), "--features_folder", str(folder)]) == 0
+    meta = read_meta(out)
+    assert meta["splits"]["train"]["rows"] == 5 and meta["splits"]["train"]["skipped"] == {"undecodable_image": 1}
+    (teacher,) = meta["teachers"]
+    assert teacher["converted_from"] == str(folder) and (teacher["image_dim"], teacher["text_dim"]) == (6, 4)
+    rows = load_dataset("parquet", data_files={"train": split_files(out, "train")})["train"]
+    assert rows["source_row"] == [0, 1, 3, 4, 5]
+    for side in ("image", "text"):
+        stored = np.asarray(rows[teacher["columns"][side]], dtype=np.float32)
+        expected = np.load(folder / FILES[f"{side}_features"])[rows["source_row"]].astype(np.float16)
+        np.testing.assert_array_equal(stored, expected.astype(np.float32))
+    with pytest.raises(SystemExit):
+        main(["--train_file", str(table), "--out", str(tmp_path / "R2"), "--features_folder", str(folder),
+              "--teacher", "frozen-pair"])

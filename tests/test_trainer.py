@@ -4,10 +4,9 @@ run out of disk stopped with the message, checkpoints verified, resumed runs equ
 import json
 import shutil
 from pathlib import Path
-import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_cli, saved_tokenizer, tiny_train_argv
+from conftest import REPO, neighbours_folder, run_cli, saved_tokenizer, tiny_train_argv
 import os
 import signal
 import subprocess
@@ -273,16 +272,10 @@ def test_changing_an_architecture_field_of_a_checkpoint_is_refused(tmp_path):
 def test_ping_bank_is_checkpointed_and_restored(tmp_path):
     """The CLIP-PING bank is not in the weights: it travels in each checkpoint and comes back on resume."""
     import train_lightclip
-    from modeling_lightclip.training.neighbours import FILES
     from modeling_lightclip.training.checkpoints import PING_BANK_FILE, latest_complete_checkpoint, load_ping_bank
     from modeling_lightclip import LightCLIPModel
 
-    neighbours = tmp_path / "ping"
-    neighbours.mkdir()
-    rng = np.random.default_rng(0)
-    for modality in ("image", "text"):  # 64 training rows, 4 neighbours each (never itself)
-        table = np.stack([rng.permutation(np.delete(np.arange(64), i))[:4] for i in range(64)])
-        np.save(neighbours / FILES[f"{modality}_neighbours"], table)
+    neighbours = neighbours_folder(tmp_path / "ping")  # features of the 64 training rows
     out = tmp_path / "run"
     args = ["--recipe", "tiny", "--max_train_samples", "64", "--per_device_train_batch_size", "8", "--save_strategy",
             "steps", "--save_steps", "3", "--do_eval", "false", "--ping_nn_loss_weight", "0.5",

@@ -12,8 +12,9 @@ Never imported by the remote-code files (`configuration_lightclip`, `modeling_li
 * `data` - dataset loading, augmentation (and stored views), the collator that skips and counts bad samples
 * `reinforce` + `reinforced_copy` - `lightclip-reinforce`: teacher features (and views, synthetic captions) stored
   with every sample, and the copy's format
-* `teacher_features` - the one path of teacher features from the data to the objectives
-* `neighbours` - CLIP-PING's frozen-encoder features and nearest-neighbour tables
+* `teacher_features` - the one path of teacher features from the data to the objectives: every run with teachers
+  trains on a reinforced copy (given, written by `--teacher_features auto`, or converted from a `neighbours` folder)
+* `neighbours` - frozen-encoder features and nearest-neighbour tables (CLIP-PING's neighbours, the study's folders)
 * `locked_outputs` - a locked text tower's outputs stored with each training row
 * `accumulation` - contrastive gradient accumulation (a batch larger than memory trained as one batch)
 * `processes` - accelerate's view of the launch's processes and of the wrapped model

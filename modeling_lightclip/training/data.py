@@ -150,8 +150,8 @@ class DataArguments(DataSourceArguments, AugmentationArguments):
         "distill_loss_weight, CLIP-PING) get each sample's teacher features when the training data is not a "
         "reinforced copy (`lightclip-reinforce`, which carries them): `auto` writes a reinforced copy of the training "
         "split once with the packaged teachers (EfficientNet-Lite0, all-MiniLM-L6-v2) into OUTPUT_DIR/_reinforced and "
-        "trains from it; a folder built by `python -m modeling_lightclip.training.neighbours build` is attached to "
-        "its rows."})
+        "trains from it; a folder built by `python -m modeling_lightclip.training.neighbours build` is converted "
+        "the same way into a reinforced copy of its features."})
     ping_top_k: int | None = field(default=None, metadata={
         "help": "Draw each step's neighbour among the top-k (default: all k stored)."})
 

@@ -8,7 +8,10 @@
 `build` = `extract` (features of every training sample, L2-normalised, written into memory-mapped .npy files in
 row order; batched, with a progress bar, resumable after an interruption, rows sharded across processes) +
 `search` (top-k neighbours of each sample in each feature space, itself excluded: exact inner product with faiss
-when installed, else chunked torch matmul, which gives the same result). Train with `--teacher_features DIR`.
+when installed, else chunked torch matmul, which gives the same result). Train with `--teacher_features DIR`: the
+folder's features are converted into a reinforced copy of the training data, the format every teacher reaches
+training through; `lightclip-reinforce --features_folder DIR --out R` (with the same data flags) writes that copy
+once, to train on with `--train_file R`.
 
 Encoders: any transformers `AutoModel` checkpoint (Hub id or folder: image towers pool their `pooler_output`
 or CLS token, text towers take the attention-masked mean, as sentence-transformers does), plus two that install

@@ -25,6 +25,8 @@ Teachers (`--teacher`, repeatable; several = an ensemble, stored per teacher):
   and text embeddings share a space, so it can also be distilled cross-modally (`--distill_loss_weight`);
 * an OpenCLIP model (`open_clip:MODEL:PRETRAINED`, `open_clip:hf-hub:ORG/NAME`, `open_clip:local-dir:PATH`; needs
   `open_clip_torch`), with OpenCLIP's own preprocessing and tokenizer: a multimodal teacher as above.
+* `--features_folder DIR` instead of a teacher: the frozen-encoder features a `neighbours build` folder holds for
+  these rows (computed earlier), stored with each row - the folder converted into a reinforced copy.
 
 Processes: under `accelerate launch` / `torchrun` each process takes every N-th shard. Resumable: rerun the same
 command and the finished shards are kept. Each shard's summary records the settings it was written with (teachers,
@@ -90,6 +92,58 @@ class FrozenPairTeacher:
 
     def text_features(self, texts) -> torch.Tensor:
         return self.texts(texts)
+
+
+class FolderFeatures:
+    """The frozen-encoder features a `neighbours build` folder holds (row-indexed .npy files), served by source row:
+    the teacher with which `reinforce` converts such a folder into a reinforced copy (`--teacher_features DIR`,
+    `neighbours convert`). The folder must hold this split's rows, every one the copy keeps with features."""
+
+    kind = "unimodal_pair"
+    by_row = True  # `reinforce` asks for the features of source rows, not of images and captions
+
+    def __init__(self, folder: Path, dataset):
+        from .neighbours import FILES
+
+        self.folder = folder = Path(folder)
+        missing = [FILES[key] for key in ("image_features", "text_features") if not (folder / FILES[key]).is_file()]
+        if missing:
+            raise ValueError(f"{folder} has no {', '.join(missing)}: a folder from `python -m "
+                             "modeling_lightclip.training.neighbours build` holds the frozen encoders' features of "
+                             "every training row. Build one for this data, or use --teacher_features auto.")
+        meta_path = folder / FILES["meta"]
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        recorded, current = meta.get("dataset_fingerprint"), getattr(dataset, "_fingerprint", None)
+        if recorded and current and recorded != current:
+            raise ValueError(f"{folder} was built for other rows (its data fingerprint differs): the training data "
+                             "was edited, reordered or filtered since. Rebuild it, or use --teacher_features auto.")
+        self.image, self.text = (np.load(folder / FILES[key], mmap_mode="r")
+                                 for key in ("image_features", "text_features"))
+        valid = folder / FILES["valid"]
+        self.valid = np.load(valid) if valid.is_file() else np.ones(len(self.image), dtype=bool)
+        if len(self.image) != len(dataset):
+            raise ValueError(f"{folder} holds features of {len(self.image)} rows and the training set has "
+                             f"{len(dataset)}: rebuild it for this data (same rows, same order).")
+        self.image_dim, self.text_dim = int(self.image.shape[1]), int(self.text.shape[1])
+        self.image_encoder = meta.get("image_encoder", "efficientnet-lite0")
+        self.text_encoder = meta.get("text_encoder", "all-MiniLM-L6-v2")
+        packaged = (self.image_encoder, self.text_encoder) == ("efficientnet-lite0", "all-MiniLM-L6-v2")
+        self.name = FROZEN_PAIR if packaged else "unimodal pair"
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "image_encoder": self.image_encoder,
+                "text_encoder": self.text_encoder, "image_dim": self.image_dim, "text_dim": self.text_dim,
+                "converted_from": str(self.folder)}
+
+    def features_of_rows(self, rows: list[int]):
+        """(image features, text features) of source rows `rows`, float32 tensors."""
+        rows = np.asarray(rows, dtype=np.int64)
+        unusable = rows[~self.valid[rows]]
+        if len(unusable):
+            raise ValueError(f"{self.folder} has no features of rows {unusable[:5].tolist()} (their images failed "
+                             "when the folder was built) and the copy reads them now: rebuild the folder.")
+        return tuple(torch.from_numpy(np.ascontiguousarray(table[rows], dtype=np.float32))
+                     for table in (self.image, self.text))
 
 
 def learned_scale_and_bias(model) -> tuple[float, float | None]:
@@ -552,6 +606,10 @@ def reinforce_split(dataset, folder: Path, teachers: list, image_column: str = "
     layout = ShardLayout.of(dataset, caption_column, label_column)
     layout.num_augmentations = augmentation.num_augmentations
     layout.synthetic_captions = captioner is not None
+    if any(getattr(t, "by_row", False) for t in teachers) and (
+            layout.num_augmentations or layout.synthetic_captions or layout.caption_lists):
+        raise ValueError("stored features (a `neighbours build` folder) describe each row's one image and one caption: "
+                         "they cannot give stored views, synthetic captions or several captions per image.")
     try:
         total = len(dataset)
     except TypeError:
@@ -671,6 +729,11 @@ def _encode_shard(rows, paths: ShardPaths, teachers, image_column, caption_colum
         if images:
             for i, teacher in enumerate(teachers):
                 names = teacher_columns(i, layout.synthetic_captions)
+                if getattr(teacher, "by_row", False):  # stored features of the kept source rows (a converted folder)
+                    image_features, text_features = teacher.features_of_rows(columns["source_row"][-len(keep):])
+                    columns[names["image"]].extend(image_features.half().numpy())
+                    columns[names["text"]].extend(text_features.half().numpy())
+                    continue
                 if layout.synthetic_captions:  # every synthetic caption's features, one call for the batch
                     flat = [c for captions in synthetic for c in captions]
                     vectors = teacher.text_features(flat).half().numpy() if flat else np.zeros((0, teacher.text_dim))
@@ -783,6 +846,9 @@ class ReinforceArguments:
         "action": "append", "help": f"{FROZEN_PAIR} (default), a CLIP-like model's Hub id or folder, or an OpenCLIP "
                                     "model (open_clip:MODEL:TAG, open_clip:hf-hub:ORG/NAME, open_clip:local-dir:PATH); "
                                     "repeat for an ensemble"})
+    features_folder: str | None = field(default=None, metadata={
+        "help": "instead of running a teacher: the frozen-encoder features a `python -m "
+                "modeling_lightclip.training.neighbours build` folder holds for these rows, stored with each row"})
     teacher_image_size: int = field(default=224, metadata={"help": f"input size of {FROZEN_PAIR}'s image encoder"})
     shard_size: int = field(default=10_000, metadata={"help": "source rows per shard"})
     batch_size: int = field(default=64, metadata={"help": "samples per teacher call"})
@@ -820,6 +886,9 @@ def main(argv=None) -> int:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
     if args.caption_model and (args.num_synthetic_captions < 1 or args.caption_max_new_tokens < 1):
         parser.error("--num_synthetic_captions and --caption_max_new_tokens: at least 1.")
+    if args.features_folder and (args.teacher or args.caption_model or args.num_augmentations):
+        parser.error("--features_folder stores a folder's features of each row's one image and caption: it takes no "
+                     "--teacher, --caption_model or --num_augmentations.")
     if args.num_augmentations < 0:
         parser.error(f"--num_augmentations {args.num_augmentations}: 0 (no stored views) or more.")
     if not 0.0 < augmentation_args.random_resized_crop_scale <= 1.0:
@@ -840,13 +909,14 @@ def main(argv=None) -> int:
         captioner = (ImageCaptioner(args.caption_model, str(process_state().device), args.num_synthetic_captions,
                                     args.caption_max_new_tokens, args.caption_prompt, args.seed)
                      if args.caption_model else None)
+        teachers = [FolderFeatures(Path(args.features_folder), splits["train"])] if args.features_folder else None
         meta = reinforce(dict(splits), args.out, args.teacher or [FROZEN_PAIR], data_args.image_column,
                          data_args.caption_column, data_args.label_column, args.shard_size, args.batch_size,
                          args.teacher_image_size, source=splits.source,
                          augmentation=StoredAugmentation(args.num_augmentations,
                                                          augmentation_args.random_resized_crop_scale,
                                                          augmentation_args.horizontal_flip, args.seed),
-                         captioner=captioner, max_aspect_ratio=data_args.max_image_aspect_ratio)
+                         captioner=captioner, max_aspect_ratio=data_args.max_image_aspect_ratio, teachers=teachers)
     except (ValueError, TrainingStopped) as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise

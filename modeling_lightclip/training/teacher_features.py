@@ -10,14 +10,14 @@ sample's features. `setup_teacher_features` decides, once, where those rows come
   teacher and trained from (edited, reordered or filtered data has another fingerprint, so it gets its own copy -
   never another data's features);
 * `--teacher_features DIR`, a folder `python -m modeling_lightclip.training.neighbours build` wrote (row-indexed
-  features and neighbours): its features are attached to the rows once, as the same teacher columns.
+  frozen-encoder features): converted once into a reinforced copy the same way (`FolderFeatures` serves its features
+  by source row to `reinforce`), and trained from. Every run with teachers thus trains on a reinforced copy.
 
 CLIP-PING with the memory bank or in-batch neighbours also needs each sample's neighbours, found by row: it keeps a
 neighbour index beside the rows (map-style data only).
 """
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -27,8 +27,8 @@ import numpy as np
 
 from ..objectives_lightclip import TEACHER_TARGETS, enabled_objectives
 from .neighbours import FILES, NeighbourTable, nearest_neighbours
-from .reinforce import FROZEN_PAIR, reinforce
-from .reinforced_copy import split_files, teacher_columns
+from .reinforce import FROZEN_PAIR, FolderFeatures, reinforce
+from .reinforced_copy import split_files
 
 
 logger = logging.getLogger(__name__)
@@ -86,12 +86,8 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              "packaged teachers) or a folder from `python -m modeling_lightclip.training.neighbours "
                              "build`, train on a copy written by "
                              f"`lightclip-reinforce`, or switch {_switches(config)}.")
-        if source == "auto":
-            train_dataset, teachers, skipped = auto_reinforced(train_dataset, config, data_args, training_args)
-        else:
-            needs_rows = config.uses_teacher_feature_batches or config.uses_distillation
-            train_dataset, teachers = attach_folder_features(train_dataset, Path(source), data_args,
-                                                             with_features=needs_rows)
+        train_dataset, teachers, skipped = reinforced_for_training(train_dataset, source, config, data_args,
+                                                                   training_args)
     if config.uses_feature_distillation:
         dims = teacher_feature_dims(train_dataset, teachers)
         if config.feature_distill_teacher_dims and config.feature_distill_teacher_dims != dims:
@@ -124,7 +120,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
             raise ValueError("--streaming: CLIP-PING's memory bank and in-batch neighbours find each sample's "
                              "neighbours by row, which a stream has not: train without --streaming, or switch it off "
                              "(--ping_nn_loss_weight 0 --ping_xnn_loss_weight 0).")
-        neighbours = neighbour_table(train_dataset, teachers, source, data_args, training_args)
+        neighbours = neighbour_table(train_dataset, teachers, data_args, training_args)
         config.ping_bank_size = len(train_dataset)
         train_dataset = train_dataset.add_column("sample_id", list(range(len(train_dataset))))
     return TeacherSetup(train_dataset, neighbours, teachers, skipped)
@@ -172,28 +168,35 @@ def _fingerprint(dataset, *parts) -> str:
     return hashlib.sha256(repr((base, *parts)).encode()).hexdigest()[:16]
 
 
-def auto_reinforced(train_dataset, config, data_args, training_args):
-    """`--teacher_features auto`: a reinforced copy of the training split with the default teacher, written once into
-    OUTPUT_DIR/_reinforced/ (sharded over the run's processes, resumable) and keyed by the data's fingerprint, then
-    trained from. Returns (the copy's training split, its teachers, the rows it left out by reason)."""
+def reinforced_for_training(train_dataset, source: str, config, data_args, training_args):
+    """`--teacher_features auto` or `--teacher_features DIR`: a reinforced copy of the training split, written once
+    into OUTPUT_DIR/_reinforced/ (sharded over the run's processes, resumable) and keyed by the data's fingerprint and
+    the teacher, then trained from. `auto` runs the default teacher (the packaged frozen pair); a `neighbours build`
+    folder gives its stored features (`FolderFeatures`). Returns (the copy's training split, its teachers, the rows
+    it left out by reason)."""
     from datasets import Image as ImageFeature, load_dataset
 
     from .processes import process_state
     from .stops import writing_to
 
     image_size = max(64, int(config.image_size))
+    if source == "auto":
+        specs, teachers, key = [FROZEN_PAIR], None, (FROZEN_PAIR, image_size)
+    else:
+        teacher = FolderFeatures(Path(source), train_dataset)
+        specs, teachers, key = [], [teacher], tuple(sorted(teacher.describe().items()))
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER / _fingerprint(
-        train_dataset, data_args.image_column, data_args.caption_column, FROZEN_PAIR, image_size)
-    then = ("--teacher_features auto writes a reinforced copy of the training data there before training: free some "
-            "space or point --output_dir at a larger disk, then rerun the same command (the copy's finished shards "
-            "are kept).")
+        train_dataset, data_args.image_column, data_args.caption_column, *key)
+    then = (f"--teacher_features {source} writes a reinforced copy of the training data there before training: free "
+            "some space or point --output_dir at a larger disk, then rerun the same command (the copy's finished "
+            "shards are kept).")
     with writing_to(folder, then=then):  # the copy's shards, and datasets' cache of them
         try:
-            meta = reinforce({"train": train_dataset}, folder, [FROZEN_PAIR], data_args.image_column,
+            meta = reinforce({"train": train_dataset}, folder, specs, data_args.image_column,
                              data_args.caption_column, None, teacher_image_size=image_size, state=process_state(),
-                             max_aspect_ratio=data_args.max_image_aspect_ratio)
+                             teachers=teachers, max_aspect_ratio=data_args.max_image_aspect_ratio)
         except ValueError as err:
-            raise ValueError(f"--teacher_features auto: {err}") from None
+            raise ValueError(f"--teacher_features {source}: {err}") from None
         copy = load_dataset("parquet", data_files={"train": split_files(folder, "train")})["train"]
     copy = copy.cast_column("image", ImageFeature(decode=False))  # the collator decodes, skips and counts
     renames = {old: new for old, new in (("image", data_args.image_column), ("caption", data_args.caption_column))
@@ -209,37 +212,6 @@ def auto_reinforced(train_dataset, config, data_args, training_args):
 # ------------------------------------------------------------------------------------------------------ folders
 
 
-def attach_folder_features(train_dataset, folder: Path, data_args, with_features: bool = True):
-    """A folder written by `neighbours build` (features by row number): attach them to their rows once, as teacher
-    columns, so training reads them like a reinforced copy's (`with_features=False`: CLIP-PING alone, which reads
-    only the folder's neighbours). The folder must hold this split's rows."""
-    from datasets import Sequence, Value
-
-    table = NeighbourTable(folder, len(train_dataset))
-    meta_path = folder / FILES["meta"]
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    recorded = meta.get("dataset_fingerprint")
-    current = getattr(train_dataset, "_fingerprint", None)
-    if recorded and current and recorded != current:
-        raise ValueError(f"--teacher_features {folder} was built for other rows (its data fingerprint differs): "
-                         "the training data was edited, reordered or filtered since. Rebuild it, or use "
-                         "--teacher_features auto.")
-    described = {"name": FROZEN_PAIR if meta.get("image_encoder", "efficientnet-lite0") == "efficientnet-lite0"
-                 and meta.get("text_encoder", "all-MiniLM-L6-v2") == "all-MiniLM-L6-v2" else "unimodal pair",
-                 "kind": "unimodal_pair", "image_encoder": meta.get("image_encoder"),
-                 "text_encoder": meta.get("text_encoder"), "folder": str(folder)}
-    if not with_features:
-        return train_dataset, [described]
-    image, text = table.features(list(range(len(train_dataset))))
-    columns = teacher_columns(0)
-    dataset = train_dataset.add_column(columns["image"], image.half().numpy().tolist(),
-                                       feature=Sequence(Value("float16"), length=image.shape[1]))
-    dataset = dataset.add_column(columns["text"], text.half().numpy().tolist(),
-                                 feature=Sequence(Value("float16"), length=text.shape[1]))
-    return dataset, [{**described, "image_dim": int(image.shape[1]), "text_dim": int(text.shape[1]),
-                      "columns": columns}]
-
-
 def _one_point_per_row(values) -> np.ndarray:
     """(rows, d) float32 of a stored feature column; a row with one vector per caption (several captions per image)
     is the normalised mean of its captions' vectors."""
@@ -250,11 +222,9 @@ def _one_point_per_row(values) -> np.ndarray:
     return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
 
 
-def neighbour_table(train_dataset, teachers: list, source, data_args, training_args) -> NeighbourTable:
-    """CLIP-PING's neighbours of every training row: those of a `neighbours build` folder, or found here (faiss or
-    torch, exact) in the first teacher's feature spaces and kept beside the run, keyed by the rows' fingerprint."""
-    if source and source != "auto" and (Path(source) / FILES["image_neighbours"]).is_file():
-        return NeighbourTable(source, len(train_dataset), data_args.ping_top_k, training_args.seed)
+def neighbour_table(train_dataset, teachers: list, data_args, training_args) -> NeighbourTable:
+    """CLIP-PING's neighbours of every training row, found here (faiss or torch, exact) in the first teacher's feature
+    spaces and kept beside the run, keyed by the rows' fingerprint."""
     columns = teachers[0]["columns"]
     folder = Path(training_args.output_dir) / REINFORCED_FOLDER / ("neighbours-" + _fingerprint(train_dataset, columns))
     with training_args.main_process_first(local=False, desc="finding the teachers' neighbours"):
@@ -268,5 +238,5 @@ def neighbour_table(train_dataset, teachers: list, source, data_args, training_a
     return NeighbourTable(folder, len(train_dataset), data_args.ping_top_k, training_args.seed)
 
 
-__all__ = ["REINFORCED_FOLDER", "TeacherSetup", "attach_folder_features", "auto_reinforced", "describe_teacher_objectives",
-           "neighbour_table", "setup_teacher_features", "teacher_feature_dims", "teacher_objectives"]
+__all__ = ["REINFORCED_FOLDER", "TeacherSetup", "describe_teacher_objectives", "neighbour_table",
+           "reinforced_for_training", "setup_teacher_features", "teacher_feature_dims", "teacher_objectives"]
