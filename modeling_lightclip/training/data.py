@@ -1026,13 +1026,14 @@ class ImageTextCollator:
         if "mlm_input_ids" in wanted:
             targets["mlm_input_ids"], targets["mlm_labels"] = mask_for_mlm(
                 config, text["input_ids"], text["attention_mask"], generator)
-        kept = [examples[i] for i in keep]
-        if self.teachers and "teacher_image_features" in wanted:
-            targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
-                kept, self.teachers, drawn, views)
-        if self.teachers and "teacher_image_embeds" in wanted:
-            targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
-                kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn, views)
+        if self.teachers and wanted & {"teacher_image_features", "teacher_image_embeds"}:
+            kept = [examples[i] for i in keep]
+            if "teacher_image_features" in wanted:
+                targets["teacher_image_features"], targets["teacher_text_features"] = teacher_tensors(
+                    kept, self.teachers, drawn, views)
+            if "teacher_image_embeds" in wanted:
+                targets["teacher_image_embeds"], targets["teacher_text_embeds"] = teacher_tensors(
+                    kept, [t for t in self.teachers if t.get("kind") == "multimodal"], drawn, views)
         if STORED_TEXT_OUTPUTS in examples[0]:  # the locked text tower's outputs, stored with each row
             targets[STORED_TEXT_OUTPUTS] = torch.tensor(
                 np.asarray([examples[i][STORED_TEXT_OUTPUTS] for i in keep], dtype=np.float32))

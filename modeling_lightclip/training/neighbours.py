@@ -116,6 +116,18 @@ class FrozenImageEncoder:
 # ------------------------------------------------------------------------------------------------------ extraction
 
 
+def folder_meta(folder: Path) -> dict:
+    """A features folder's meta file (encoders, row count, the data's fingerprint, search summary), {} when absent."""
+    path = Path(folder) / FILES["meta"]
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def built_for_other_rows(meta: dict, dataset) -> bool:
+    """Whether the folder records a data fingerprint and `dataset` has another (edited, reordered or filtered rows)."""
+    recorded, current = meta.get("dataset_fingerprint"), getattr(dataset, "_fingerprint", None)
+    return bool(recorded and current and recorded != current)
+
+
 def _atomic_json(path: Path, value) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(value))
@@ -390,9 +402,7 @@ def _search_folder(out: Path, k: int, backend: str, ivf_lists: int, use_gpu: boo
     summary = search(out, k, backend, ivf_lists, use_gpu)
     if labels is not None:
         summary.update(neighbour_label_agreement(out, np.asarray(labels)))
-    meta_path = out / FILES["meta"]
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    _atomic_json(meta_path, {**meta, **summary})
+    _atomic_json(out / FILES["meta"], {**folder_meta(out), **summary})
     return summary
 
 
@@ -407,10 +417,8 @@ def build_folder(dataset, out: str | Path, image_column: str = "image", caption_
 
     state = process_state()
     out = Path(out)
-    meta_path = out / FILES["meta"]
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    recorded, current = meta.get("dataset_fingerprint"), getattr(dataset, "_fingerprint", None)
-    if recorded and current and recorded != current:
+    meta = folder_meta(out)
+    if built_for_other_rows(meta, dataset):
         raise ValueError(f"{out} holds features of other rows (its data fingerprint differs): the training data was "
                          "edited, reordered or filtered since, or it was loaded from another place. Use a fresh "
                          "folder, or delete this one.")

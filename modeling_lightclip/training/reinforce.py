@@ -97,13 +97,14 @@ class FrozenPairTeacher:
 class FolderFeatures:
     """The frozen-encoder features a `neighbours build` folder holds (row-indexed .npy files), served by source row:
     the teacher with which `reinforce` converts such a folder into a reinforced copy (`--teacher_features DIR`,
-    `neighbours convert`). The folder must hold this split's rows, every one the copy keeps with features."""
+    `lightclip-reinforce --features_folder DIR`). The folder must hold this split's rows, every one the copy keeps
+    with features."""
 
     kind = "unimodal_pair"
     by_row = True  # `reinforce` asks for the features of source rows, not of images and captions
 
     def __init__(self, folder: Path, dataset):
-        from .neighbours import FILES
+        from .neighbours import FILES, built_for_other_rows, folder_meta
 
         self.folder = folder = Path(folder)
         missing = [FILES[key] for key in ("image_features", "text_features") if not (folder / FILES[key]).is_file()]
@@ -111,10 +112,8 @@ class FolderFeatures:
             raise ValueError(f"{folder} has no {', '.join(missing)}: a folder from `python -m "
                              "modeling_lightclip.training.neighbours build` holds the frozen encoders' features of "
                              "every training row. Build one for this data, or use --teacher_features auto.")
-        meta_path = folder / FILES["meta"]
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        recorded, current = meta.get("dataset_fingerprint"), getattr(dataset, "_fingerprint", None)
-        if recorded and current and recorded != current:
+        meta = folder_meta(folder)
+        if built_for_other_rows(meta, dataset):
             raise ValueError(f"{folder} was built for other rows (its data fingerprint differs): the training data "
                              "was edited, reordered or filtered since. Rebuild it, or use --teacher_features auto.")
         self.image, self.text = (np.load(folder / FILES[key], mmap_mode="r")
