@@ -12,8 +12,9 @@ Each (B, b) arm runs in a fresh subprocess, so its peak is its own: on CUDA `tor
 (`ru_maxrss`) next to the same after building the model. A step is `ContrastiveAccumulation(b).step` (one piece:
 the model's forward + backward), then SGD; figures are medians over --steps timed steps after --warmup. An arm that
 runs out of memory is reported as such (it is the point: one piece stops fitting before the micro-batched one does).
-The objective is --objective: `clip`, `sigmoid` or `recommended` (soft labels from teacher features and relation
-distillation; random stand-in features of the teachers' width ride with the batch).
+The objective is --objective: `clip`, `sigmoid`, `recommended` (soft labels from teacher features and relation
+distillation; random stand-in features of the teachers' width ride with the batch) or `paper` (the papers' objectives
+at once: student soft labels, token alignment, MLM with fusion on half the rows, CLIP-PING with in-batch pairs).
 """
 
 import argparse
@@ -37,6 +38,11 @@ OBJECTIVES = {
                     relation_loss_weight=0.0),
     "recommended": dict(soft_label_mode="similarity", soft_label_source="frozen", soft_label_modality="candidates",
                         soft_label_max=0.3, token_loss_weight=0.0, mlm_loss_weight=0.0, relation_loss_weight=2.0),
+    # the papers' objectives at once: student soft labels, token alignment, MLM with fusion, CLIP-PING in-batch
+    "paper": dict(soft_label_mode="similarity", soft_label_source="student", soft_label_max=0.2,
+                  token_loss_weight=0.5, mlm_loss_weight=0.5, mlm_batch_fraction=0.5, mlm_probability=0.15,
+                  ping_nn_loss_weight=0.5, ping_xnn_loss_weight=0.5, ping_positives="in_batch",
+                  relation_loss_weight=0.0),
 }
 
 
@@ -79,6 +85,10 @@ def run_arm(args) -> dict:
     if args.objective == "recommended":
         targets = {"teacher_image_features": torch.nn.functional.normalize(torch.randn(rows, 512, device=device), dim=-1),
                    "teacher_text_features": torch.nn.functional.normalize(torch.randn(rows, 384, device=device), dim=-1)}
+    if args.objective == "paper":  # CLIP-PING's in-batch pairs: rows 2i and 2i + 1, found in the image space
+        pairs = torch.arange(rows, device=device) ^ 1
+        targets = {"ping_partner_rows": torch.where(pairs < rows, pairs, -1),
+                   "ping_partner_spaces": torch.zeros(rows, dtype=torch.long, device=device)}
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)

@@ -1,8 +1,9 @@
 """LightCLIP: small CLIP models trained with soft labels and relation distillation from frozen teacher encoders
 (the recommended objective), with the LightCLIP and CLIP-PING papers' objectives available.
 
-The remote-code set (saved beside every checkpoint; torch + transformers only):
-`configuration_lightclip`, `modeling_lightclip`, `objectives_lightclip`, `processing_lightclip`.
+The remote-code set (saved beside every checkpoint; torch + transformers only): `configuration_lightclip`,
+`modeling_lightclip`, `processing_lightclip` - what inference runs. The training objectives (`objectives_lightclip`)
+and the trainer (`training`) come with the package only.
 Importing this package also registers the classes with the transformers Auto classes, so a local
 `AutoModel.from_pretrained(dir)` works without `trust_remote_code` when the package is installed.
 """

@@ -9,33 +9,24 @@ Beside the towers it holds the projection sizes and the fields of every training
 fields only change what `forward(return_loss=True)` computes; the inference path (two towers, two
 projections) never depends on them.
 
-This file is saved beside the weights as remote code: it imports only torch/transformers at top level.
+This file is saved beside the weights as remote code: it imports only transformers at top level. The training
+objectives (`objectives_lightclip`) are not: they come with the LightCLIP package, and `training_objectives()` is the
+one place the remote-code files reach them. A Hub folder thus carries what inference runs, and its config checks the
+objective fields only where the objectives are installed (where they were checked when the model was trained).
 """
 
 import dataclasses
+import importlib
 import math
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
-from .objectives_lightclip import (  # noqa: F401  (the objectives' choices, re-exported where fields are documented)
-    DISTILL_ENSEMBLES,
-    MAX_LOG_LOGIT_SCALE,
-    MIN_TEMPERATURE,
-    OBJECTIVES,
-    PING_NEGATIVES,
-    PING_POSITIVES,
-    SOFT_LABEL_MODALITIES,
-    SOFT_LABEL_MODES,
-    SOFT_LABEL_SCHEDULES,
-    SOFT_LABEL_SOURCES,
-    loss_weight_fields,
-    require_choice,
-    require_field,
-)
-
 
 logger = logging.get_logger(__name__)
+
+MIN_TEMPERATURE = 1e-4                          # smallest temperature any loss divides by
+MAX_LOG_LOGIT_SCALE = math.log(1 / MIN_TEMPERATURE)   # the largest logit scale is 1 / MIN_TEMPERATURE
 
 TEXT_POOLING = ("auto", "cls", "mean", "eos", "pooler")
 VISION_POOLING = ("auto", "cls", "mean", "pooler")
@@ -47,6 +38,33 @@ _DEFAULT_VISION = {"model_type": "resnet", "embedding_size": 32, "hidden_sizes":
                    "depths": [1, 1, 1, 1], "layer_type": "basic"}
 _DEFAULT_TEXT = {"model_type": "bert", "vocab_size": 8192, "hidden_size": 256, "num_hidden_layers": 4,
                  "num_attention_heads": 4, "intermediate_size": 1024, "max_position_embeddings": 77}
+
+
+def training_objectives():
+    """The training objectives' module (`objectives_lightclip`), or None where it is not installed: a folder saved
+    for the Hub holds the inference code only, and the objectives come with the LightCLIP package."""
+    name = f"{__package__}.objectives_lightclip"
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:  # the module is there but something it imports is not: say so
+            raise
+        return None
+
+
+def require_field(name: str, value, test, what: str) -> None:
+    """One message naming the config field and its flag when `value` is not a finite number passing `test`."""
+    try:
+        ok = math.isfinite(float(value)) and test(value)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={value!r} (--{name}): {what}.")
+
+
+def require_choice(name: str, value, choices: tuple, flag: bool = False) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}{f' (--{name})' if flag else ''}: choose one of {choices}.")
 
 
 def _as_sub_config(value, default: dict, name: str) -> PretrainedConfig:
@@ -395,19 +413,15 @@ class LightCLIPConfig(PretrainedConfig):
             raise ValueError(f"image_size={self.image_size} (--image_size) is smaller than one {patch}-pixel patch of "
                              "the image tower.")
         require_choice("instance_loss", self.instance_loss, INSTANCE_LOSSES, flag=True)
-        for name in loss_weight_fields().values():
-            weight = getattr(self, name, 0.0)  # a field an objective registered later may be absent: off
-            require_field(name, weight, lambda v: True, "must be a finite number")
-            if weight < 0:
-                raise ValueError(f"{name}={weight}: a loss weight cannot be negative (0 switches it off).")
         require_choice("text_pooling", self.text_pooling, TEXT_POOLING)
         require_choice("vision_pooling", self.vision_pooling, VISION_POOLING)
         if self.cnn_init not in ("kaiming", "transformers"):
             raise ValueError(f"cnn_init={self.cnn_init!r}: choose 'kaiming' or 'transformers'.")
         if self.projection_dim <= 0 or self.token_projection_dim <= 0:
             raise ValueError("projection_dim and token_projection_dim must be positive.")
-        for objective in OBJECTIVES:
-            objective.validate(self)
+        objectives = training_objectives()
+        if objectives is not None:
+            objectives.validate_config(self)
 
     # ------------------------------------------------------------------ the one "is this objective on?" test
 
@@ -475,8 +489,9 @@ class LightCLIPConfig(PretrainedConfig):
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""
-        return {term: float(getattr(self, name)) for term, name in loss_weight_fields().items()
-                if getattr(self, name, 0.0) > 0}
+        objectives = training_objectives()
+        weights = objectives.loss_weight_fields() if objectives is not None else {}
+        return {term: float(getattr(self, name)) for term, name in weights.items() if getattr(self, name, 0.0) > 0}
 
     def special_token_ids(self) -> list[int]:
         """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM. The one rule both the

@@ -5,7 +5,9 @@ pooled vector -> `text_projection`, cosine similarity scaled by `logit_scale`. E
 projections, fusion module, MLM head, neighbour memory bank) lives under `self.objectives` and is touched only
 when `forward(return_loss=True)` runs in training.
 
-Saved beside the weights as remote code: imports only torch and transformers at top level.
+Saved beside the weights as remote code: imports only torch and transformers at top level. The training objectives
+are not saved with it (they come with the LightCLIP package): a model loaded from its folder alone embeds, scores and
+classifies, and `return_loss=True` says what to install.
 """
 
 import contextlib
@@ -22,24 +24,30 @@ from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
-from .configuration_lightclip import LightCLIPConfig
-from .objectives_lightclip import (
-    TRAINING_TARGETS,
-    LightCLIPObjectives,
-    TrainingFeatures,
-    feature_map_tokens,
-    find_text_layers,
-    first_global_row,
-    loss_weight_fields,
-    mask_for_mlm,
-    soft_label_alpha,
-    training_targets_from,
-)
+from .configuration_lightclip import LightCLIPConfig, training_objectives
 
 
 logger = logging.get_logger(__name__)
 
 _AUTO_MAP_CLASSES = ("AutoModel", "AutoModelForZeroShotImageClassification")
+
+
+def _objectives_for(what: str):
+    """The training objectives' module, for `what` (a sentence saying what needs it); a folder loaded from the Hub
+    holds the inference code only, and the objectives come with the LightCLIP package."""
+    objectives = training_objectives()
+    if objectives is None:
+        raise ImportError(f"{what} needs LightCLIP's training objectives, which come with the LightCLIP package "
+                          "(https://github.com/lightclip/lightclip), not with a model's Hub folder: install it and "
+                          "load the model with it, or call the model without `return_loss` for embeddings and logits.")
+    return objectives
+
+
+def feature_map_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H*W, C); a token sequence (B, L, C) -> (B, L - prefix, C)."""
+    if features.dim() == 4:
+        return features.flatten(2).transpose(1, 2)
+    return features[:, num_prefix_tokens:]
 
 
 @dataclass
@@ -279,6 +287,7 @@ class LightCLIPPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
     # Training-only modules may be left out of an inference checkpoint (config.save_training_modules=False).
     _keys_to_ignore_on_load_missing = [r"^objectives\."]
+    _keys_to_ignore_on_load_unexpected = [r"^objectives\."]  # a checkpoint with training modules, read for inference
 
     @torch.no_grad()
     def initialize_weights(self):
@@ -345,14 +354,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
         stage = config.vision_token_stage
         vision_token_dim = self.vision_shapes.feature_dim if stage is None else self.vision_shapes.stage_dims[stage]
-        # Training-only: token projections, fusion module, MLM head. Never run on the inference path.
-        self.objectives = LightCLIPObjectives(config, vision_token_dim, self.vision_shapes.stage_dims,
-                                              self.text_embed_dim)
-        if config.uses_mlm:
+        # Training-only: token projections, fusion module, MLM head. Never run on the inference path, and absent
+        # where the objectives are not installed (a model loaded from its Hub folder alone).
+        objectives = training_objectives()
+        self.objectives = None if objectives is None else objectives.LightCLIPObjectives(
+            config, vision_token_dim, self.vision_shapes.stage_dims, self.text_embed_dim)
+        if config.uses_mlm and objectives is not None:
             if config.mask_token_id is None:
                 raise ValueError("mlm_loss_weight > 0 needs a mask token: the tokenizer has none (set "
                                  "config.mask_token_id, use a tokenizer with [MASK], or set mlm_loss_weight=0).")
-            find_text_layers(self.text_model, config.text_config.num_hidden_layers)  # fail now, not mid-training
+            objectives.find_text_layers(self.text_model, config.text_config.num_hidden_layers)  # fail now
         # Training progress in [0, 1] for the progressive soft labels; set by a TrainerCallback or by hand.
         self.training_progress = 0.0
         self._channels_last = False  # see `set_channels_last`; a runtime choice, not saved
@@ -426,8 +437,9 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         joint_kwargs = {k: torch.cat([v, masked_kwargs[k]]) for k, v in text_kwargs.items()}
-        layers = find_text_layers(self.text_model, self.config.text_config.num_hidden_layers)
-        with self.objectives.mlm.fusing(layers, tuple(stage[rows] for stage in image_stages), start_row=batch):
+        layers = training_objectives().find_text_layers(self.text_model, self.config.text_config.num_hidden_layers)
+        with self.objectives.mlm.fusing(layers, tuple(feature_map_tokens(stage[rows]) for stage in image_stages),
+                                        start_row=batch):
             joint = self._encode_text(torch.cat([input_ids, masked_ids]), torch.cat([attention_mask, masked_attention]),
                                       **joint_kwargs)
         raw = joint.raw
@@ -565,7 +577,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             raise ValueError("the text tower's outputs can be stored with the training rows only when the tower is "
                              "locked whole (--lock_text_tower without --lock_text_unlocked_layers): a tower that "
                              "trains changes them at every step.")
-        if self.config.uses_mlm or self.objectives.token is not None:
+        if self.config.uses_mlm or self.config.uses_token_loss:
             raise ValueError("MLM and token alignment read the text tower's token states, not only its pooled output: "
                              "switch them off (--mlm_loss_weight 0 --token_loss_weight 0) to store the text tower's "
                              "outputs, or let the tower run.")
@@ -588,12 +600,13 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
     def soft_label_alpha(self) -> float:
         if not self.config.uses_soft_labels:
             return 0.0
-        return soft_label_alpha(self.training_progress, self.config.soft_label_max, self.config.soft_label_schedule)
+        return _objectives_for("soft labels").soft_label_alpha(self.training_progress, self.config.soft_label_max,
+                                                                self.config.soft_label_schedule)
 
     def mask_for_mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT-style masking with the config's mask and special token ids (the collator's rule too)."""
-        return mask_for_mlm(self.config, input_ids, attention_mask, generator)
+        return _objectives_for("MLM masking").mask_for_mlm(self.config, input_ids, attention_mask, generator)
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
@@ -604,15 +617,16 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 
     def _encode_pair(self, input_ids, pixel_values, attention_mask, text_kwargs: dict, targets: dict,
                      for_objectives: bool, first_row: int | None):
-        """Both towers on one batch: (`TrainingFeatures` for the objectives, image encoding, text encoding). With
-        `for_objectives`, the features the enabled objectives read (token states, MLM's fused masked captions) are
-        computed too; otherwise only the embeddings."""
+        """Both towers on one batch: (image embeddings, text embeddings, image encoding, text encoding, the
+        `TrainingFeatures` for the objectives or None). With `for_objectives`, the features the enabled objectives
+        read (token states, MLM's fused masked captions) are computed too; otherwise only the embeddings."""
+        objectives = _objectives_for("computing the training loss") if for_objectives else None
         needs_tokens = for_objectives and self.objectives.needs_tokens
         vision = self._encode_image(pixel_values, output_stages=for_objectives and self.objectives.needs_image_stages)
         masked = None
         if for_objectives:
             if first_row is None and self.objectives.mlm_active(self.training_progress):
-                first_row = first_global_row(input_ids.shape[0], input_ids.device)  # after the ranks before it
+                first_row = objectives.first_global_row(input_ids.shape[0], input_ids.device)  # after earlier ranks
             masked = self.objectives.mlm_inputs(input_ids, attention_mask, text_kwargs, targets.get("mlm_input_ids"),
                                                 targets.get("mlm_labels"), self.training_progress, first_row)
         stored_text = targets.get("text_tower_outputs") if self.training else None
@@ -628,9 +642,11 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         else:
             text, masked_states = self._encode_text_and_masked_copy(input_ids, attention_mask, text_kwargs, masked,
                                                                     vision.stages)
-        features = TrainingFeatures(
-            image_embeds=F.normalize(self.visual_projection(vision.pooled), dim=-1),
-            text_embeds=F.normalize(self.text_projection(text.pooled), dim=-1),
+        image_embeds = F.normalize(self.visual_projection(vision.pooled), dim=-1)
+        text_embeds = F.normalize(self.text_projection(text.pooled), dim=-1)
+        features = None if objectives is None else objectives.TrainingFeatures(
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
             image_tokens=self._token_alignment_tokens(vision) if needs_tokens else None,
             text_tokens=text.tokens if needs_tokens else None,
             word_mask=self.text_word_mask(input_ids, attention_mask) if needs_tokens else None,
@@ -638,24 +654,31 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             mlm_labels=masked[2] if masked is not None else None,
             mlm_rows=masked[4] if masked is not None else None,
         )
-        return features, vision, text
+        return image_embeds, text_embeds, vision, text, features
+
+    def _training_targets(self, training_targets: dict | None, keywords: dict) -> dict:
+        """The training targets given to `forward` as one dict (see `objectives_lightclip.TRAINING_TARGETS`)."""
+        if not training_targets and not keywords:
+            return {}
+        return _objectives_for("passing training targets").training_targets_from(training_targets, keywords)
 
     def training_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor,
                           attention_mask: torch.Tensor | None = None, training_targets: dict | None = None,
-                          first_row: int | None = None, **text_inputs) -> TrainingFeatures:
+                          first_row: int | None = None, **text_inputs):
         """What the towers hand the training objectives for this batch (`TrainingFeatures`); `first_row` is the
         batch's first row within the step's global batch (default: this process's share follows the earlier
         processes'), which fixes the rows MLM masks. `objective_terms(features)` turns them into the loss."""
-        targets = training_targets_from(training_targets, {})
+        targets = self._training_targets(training_targets, {})
         text_kwargs = {k: v for k, v in text_inputs.items() if v is not None and k in self._text_tower_inputs}
-        return self._encode_pair(input_ids, pixel_values, attention_mask, text_kwargs, targets, True, first_row)[0]
+        return self._encode_pair(input_ids, pixel_values, attention_mask, text_kwargs, targets, True, first_row)[-1]
 
-    def objective_terms(self, features: TrainingFeatures, training_targets: dict | None = None) -> dict:
+    def objective_terms(self, features, training_targets: dict | None = None) -> dict:
         """The training objectives' named terms for the batch `features` describe, and their weighted sum (`loss`)."""
+        _objectives_for("computing the training loss")
         return self.objectives(features, self.logit_scale.exp(), self.logit_bias,
                                soft_label_alpha=self.soft_label_alpha,
                                word_embeddings=self.text_model.get_input_embeddings().weight,
-                               targets=training_targets_from(training_targets, {}))
+                               targets=self._training_targets(training_targets, {}))
 
     def forward(
         self,
@@ -678,20 +701,20 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             token_type_ids, position_ids (*optional*): passed to the text tower when it takes them.
             return_loss (`bool`, *optional*): compute the training objectives and return `loss` and `losses`.
             training_targets (`dict[str, torch.Tensor]`, *optional*): the per-sample inputs of the training
-                objectives, from the collator; each objective reads what it needs (`TRAINING_TARGETS` lists the
-                keys: teacher features and embeddings, MLM's masked copies, CLIP-PING's ids and partners). The same
-                keys are also accepted as keyword arguments.
+                objectives, from the collator; each objective reads what it needs (`TRAINING_TARGETS` in
+                `objectives_lightclip` lists the keys: teacher features and embeddings, MLM's masked copies,
+                CLIP-PING's ids and partners). The same keys are also accepted as keyword arguments.
             output_tokens (`bool`, *optional*): also return image patch tokens and text token states.
         """
-        targets = training_targets_from(training_targets, targets)
+        targets = self._training_targets(training_targets, targets)
         if input_ids is None or pixel_values is None:
             raise ValueError("LightCLIPModel.forward needs both `input_ids` and `pixel_values`.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         text_kwargs = {k: v for k, v in (("token_type_ids", token_type_ids), ("position_ids", position_ids))
                        if v is not None and k in self._text_tower_inputs}
-        features, vision, text = self._encode_pair(input_ids, pixel_values, attention_mask, text_kwargs, targets,
-                                                   bool(return_loss), None)
-        logits_per_text = self.logit_scale.exp() * features.text_embeds @ features.image_embeds.t()
+        image_embeds, text_embeds, vision, text, features = self._encode_pair(
+            input_ids, pixel_values, attention_mask, text_kwargs, targets, bool(return_loss), None)
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.t()
         if self.logit_bias is not None:
             logits_per_text = logits_per_text + self.logit_bias
         logits_per_image = logits_per_text.t()
@@ -706,8 +729,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             loss=loss,
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_text,
-            text_embeds=features.text_embeds,
-            image_embeds=features.image_embeds,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
             losses=losses,
             image_tokens=vision.tokens if output_tokens else None,
             text_tokens=text.tokens if output_tokens else None,
@@ -804,7 +827,8 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith("objectives.")}
         original = self.config
         inference_config = copy.deepcopy(original)
-        for name in loss_weight_fields().values():
+        objectives = training_objectives()
+        for name in objectives.loss_weight_fields().values() if objectives is not None else ():
             setattr(inference_config, name, 0.0)
         self.config = inference_config
         try:
@@ -816,5 +840,5 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
 LightCLIPConfig.register_for_auto_class()
 LightCLIPModel.register_for_auto_class("AutoModel")
 
-__all__ = ["TRAINING_TARGETS", "LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower",
+__all__ = ["LightCLIPModel", "LightCLIPOutput", "LightCLIPPreTrainedModel", "probe_vision_tower",
            "tower_layer_groups"]

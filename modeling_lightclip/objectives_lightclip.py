@@ -1,7 +1,8 @@
 """LightCLIP / CLIP-PING training objectives, each an `nn.Module` returning a dict of named loss terms.
 
-Saved beside the weights as remote code: top-level imports are torch and transformers only. Anything a
-training-only path needs beyond that (scipy's Hungarian solver, torch-linear-assignment) is imported lazily
+Training code, part of the LightCLIP package: it is not saved beside the weights, so a Hub folder carries the
+inference code only (`configuration_lightclip.training_objectives()` is how the model and config reach this module).
+Anything beyond torch a training path needs (scipy's Hungarian solver, torch-linear-assignment) is imported lazily
 inside the function that uses it.
 
 Objectives
@@ -38,9 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .configuration_lightclip import MIN_TEMPERATURE, require_choice, require_field
 
-MIN_TEMPERATURE = 1e-4                          # smallest temperature any loss divides by
-MAX_LOG_LOGIT_SCALE = math.log(1 / MIN_TEMPERATURE)   # the largest logit scale is 1 / MIN_TEMPERATURE
+
 SOFT_LABEL_MODES = ("none", "uniform", "similarity")
 SOFT_LABEL_SCHEDULES = ("constant", "linear", "cosine", "step")
 SOFT_LABEL_SOURCES = ("student", "frozen")
@@ -112,28 +113,52 @@ def rows_of_this_step(local: int, device=None):
             _STEP_ROWS.pop()
 
 
-# (rows scored, this rank's row count) of a row-blocked objectives call in progress (`scoring_rows`)
+# (rows scored, this rank's row count, the step's cache) of a row-blocked objectives call in progress
 _ROW_BLOCK: list = []
 
 
 @contextlib.contextmanager
-def scoring_rows(rows: slice, local: int):
+def scoring_rows(rows: slice, local: int, step_cache: dict | None = None):
     """Inside: the row-decomposable objectives (`row_decomposable = True`) score only the rows `rows` of this rank's
     `local` rows, each against every column of the global batch, and their per-row means keep the global batch's
     normaliser. The terms of the blocks of a partition of the rows then sum to the terms of the whole batch, and so
     do their gradients, while no objective holds more than `rows` x global-batch of any matrix (contrastive
-    accumulation's objectives pass, computed block by block)."""
-    _ROW_BLOCK.append((rows, int(local)))
+    accumulation's objectives pass, computed block by block). `step_cache`: one dict shared by the blocks of a
+    step, where `once_per_step` keeps what the first block computed for the whole batch."""
+    _ROW_BLOCK.append((rows, int(local), step_cache if step_cache is not None else {}))
     try:
         yield
     finally:
         _ROW_BLOCK.pop()
 
 
+def once_per_step(key: str, compute):
+    """`compute()`, computed once per step: in a row-blocked call the first block's value is kept for the step's other
+    blocks. For what is the whole batch's and carries no gradient - a matching solved on detached similarities, the
+    neighbours read from a memory bank before the step writes it, a global count - so that blocks neither repeat
+    the work nor see a state the step has already changed. Every rank runs the first block, so a collective inside
+    `compute` stays matched across ranks."""
+    if not _ROW_BLOCK:
+        return compute()
+    cache = _ROW_BLOCK[-1][2]
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
 def own_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The rows of a per-row tensor of this rank that the objectives score: all of them, or the block of
     `scoring_rows`."""
     return tensor[_ROW_BLOCK[-1][0]] if _ROW_BLOCK else tensor
+
+
+def scored(row_index: torch.Tensor) -> torch.Tensor:
+    """Whether each of these local row indices is among the rows the objectives score (`own_rows`): for tensors
+    indexed by batch row rather than one entry per row (MLM's masked captions)."""
+    if not _ROW_BLOCK:
+        return torch.ones_like(row_index, dtype=torch.bool)
+    rows = _ROW_BLOCK[-1][0]
+    return (row_index >= rows.start) & (row_index < rows.stop)
 
 
 def first_global_row(local: int, device=None) -> int:
@@ -360,21 +385,6 @@ class TrainingFeatures:
 # --------------------------------------------------------------------------------------------------------------
 # the objective unit
 # --------------------------------------------------------------------------------------------------------------
-
-
-def require_field(name: str, value, test, what: str) -> None:
-    """One message naming the config field and its flag when `value` is not a finite number passing `test`."""
-    try:
-        ok = math.isfinite(float(value)) and test(value)
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{name}={value!r} (--{name}): {what}.")
-
-
-def require_choice(name: str, value, choices: tuple, flag: bool = False) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r}{f' (--{name})' if flag else ''}: choose one of {choices}.")
 
 
 def require_temperature(config, name: str) -> None:
@@ -1128,7 +1138,7 @@ class TokenAlignmentLoss(Objective):
     terms. Assignments are solved for the B positive pairs only, from one device-to-host transfer.
     """
 
-    slot, title, training_only = "token", "token alignment (relaxed bipartite matching)", False
+    slot, title, training_only, row_decomposable = "token", "token alignment (relaxed bipartite matching)", False, True
     weights = {"token": "token_loss_weight"}
     config_fields = ("token_loss_weight", "token_match_threshold", "token_temperature", "token_negatives",
                      "token_solver", "token_objective", "token_matching", "token_projection_dim",
@@ -1187,60 +1197,68 @@ class TokenAlignmentLoss(Objective):
         own = _own_global_rows(patches.shape[0], patches.device)
         all_patches = gather_with_grad(patches)
         all_words, all_mask = _gather_words(words, word_mask)
-        text_to_image = fine_grained_scores(words, word_mask, all_patches, self.matching, self.solver,
-                                            self.sinkhorn_epsilon) / self.temperature  # (B, B_g)
-        image_to_text = fine_grained_scores(all_words, all_mask, patches, self.matching, self.solver,
-                                            self.sinkhorn_epsilon).t() / self.temperature  # (B, B_g)
+        text_to_image = fine_grained_scores(own_rows(words), own_rows(word_mask), all_patches, self.matching,
+                                            self.solver, self.sinkhorn_epsilon) / self.temperature  # (rows, B_g)
+        image_to_text = fine_grained_scores(all_words, all_mask, own_rows(patches), self.matching, self.solver,
+                                            self.sinkhorn_epsilon).t() / self.temperature  # (rows, B_g)
         return {"token": 0.5 * (row_mean(F.cross_entropy(image_to_text, own, reduction="none"))
                                 + row_mean(F.cross_entropy(text_to_image, own, reduction="none")))}
 
+    def _matching(self, words: torch.Tensor, patches: torch.Tensor, word_mask: torch.Tensor) -> tuple:
+        """(B, L) each word's patch in its own image (-1: none) for every row of this rank, solved on detached
+        similarities, and the normaliser of the global count of matched words."""
+        similarity = torch.einsum("bld,bpd->blp", words.detach(), patches.detach())
+        matches = solve_word_patch_assignment(similarity, word_mask, self.solver)
+        if self.match_threshold is not None:
+            matched_sim = similarity.gather(2, matches.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            matches = matches.masked_fill(matched_sim < self.match_threshold, -1)
+        return matches, _global_mean_normaliser((matches >= 0).sum())
+
     def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, word_mask: torch.Tensor,
                 return_matches: bool = False) -> dict[str, torch.Tensor]:
-        """image_tokens (B, P, Cv), text_tokens (B, L, Ct), word_mask (B, L) bool."""
+        """image_tokens (B, P, Cv), text_tokens (B, L, Ct), word_mask (B, L) bool. The words of the rows scored
+        (`own_rows`) against every candidate; the matching is solved once for the whole batch (`once_per_step`)."""
         patches = F.normalize(self.image_token_projection(image_tokens), dim=-1)
         words = F.normalize(self.text_token_projection(text_tokens), dim=-1)
         word_mask = word_mask.bool()
         if self.objective == "filip":
             return self._fine_grained(patches, words, word_mask)
-        similarity = torch.einsum("bld,bpd->blp", words, patches)
-        matches = solve_word_patch_assignment(similarity, word_mask, self.solver)
-        if self.match_threshold is not None:
-            matched_sim = similarity.detach().gather(2, matches.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            matches = matches.masked_fill(matched_sim < self.match_threshold, -1)
-        matched = matches >= 0
-        b_idx, l_idx = matched.nonzero(as_tuple=True)
+        all_matches, normaliser = once_per_step("token.matching", lambda: self._matching(words, patches, word_mask))
+        matches, row_words, row_patches = own_rows(all_matches), own_rows(words), own_rows(patches)
+        b_idx, l_idx = (matches >= 0).nonzero(as_tuple=True)
         p_idx = matches[b_idx, l_idx]
-        normaliser = _global_mean_normaliser(matched.sum())
         num_patches = patches.shape[1]
 
         if self.negatives == "image":
+            similarity = torch.einsum("bld,bpd->blp", row_words, row_patches)
             w2p_logits = similarity[b_idx, l_idx] / self.temperature  # (n, P)
             w2p_target = p_idx
-            p2w_logits = similarity[b_idx, :, p_idx].masked_fill(~word_mask[b_idx], float("-inf")) / self.temperature
+            p2w_logits = similarity[b_idx, :, p_idx].masked_fill(~own_rows(word_mask)[b_idx], float("-inf"))
+            p2w_logits = p2w_logits / self.temperature
             p2w_target = l_idx
         else:
-            first_row = first_global_row(patches.shape[0], patches.device)
             all_patches = gather_with_grad(patches).flatten(0, 1)  # (B_g * P, d)
             all_words, all_word_mask = _gather_words(words, word_mask)
             length = all_words.shape[1]
             all_words, all_word_mask = all_words.flatten(0, 1), all_word_mask.flatten()  # (B_g * L, ...)
-            global_b = b_idx + first_row
-            w2p_logits = words[b_idx, l_idx] @ all_patches.t() / self.temperature
+            global_b = _own_global_rows(patches.shape[0], patches.device)[b_idx]
+            w2p_logits = row_words[b_idx, l_idx] @ all_patches.t() / self.temperature
             w2p_target = global_b * num_patches + p_idx
-            p2w_logits = (patches[b_idx, p_idx] @ all_words.t()).masked_fill(~all_word_mask, float("-inf"))
+            p2w_logits = (row_patches[b_idx, p_idx] @ all_words.t()).masked_fill(~all_word_mask, float("-inf"))
             p2w_logits = p2w_logits / self.temperature
             p2w_target = global_b * length + l_idx
 
         if b_idx.numel() == 0:
-            # nothing matched on this rank: a zero that still reaches the projections (DDP needs every grad)
-            zero = 0.0 * (patches.sum() + words.sum())
+            # nothing matched in these rows: a zero that still reaches the projections (DDP needs every grad) and
+            # the gathers (their backward is a collective every rank must join)
+            zero = 0.0 * (patches.sum() + words.sum() + w2p_logits.sum() + p2w_logits.sum())
             losses = {"token": zero}
         else:
             w2p = F.cross_entropy(w2p_logits, w2p_target, reduction="sum")
             p2w = F.cross_entropy(p2w_logits, p2w_target, reduction="sum")
             losses = {"token": 0.5 * (w2p + p2w) * normaliser}
         if return_matches:
-            losses["matches"] = matches
+            losses["matches"] = all_matches
         return losses
 
 
@@ -1314,16 +1332,10 @@ class FusionBlock(nn.Module):
         self.attention_gate = nn.Parameter(torch.zeros(()))
 
     def forward(self, text_states: torch.Tensor, image_features: torch.Tensor) -> torch.Tensor:
-        image = self.image_norm(self.image_projection(feature_map_tokens(image_features)))
+        """`image_features`: (B, N, C) tokens of one image stage."""
+        image = self.image_norm(self.image_projection(image_features))
         attended, _ = self.cross_attention(self.text_norm(text_states), image, image, need_weights=False)
         return text_states + self.attention_gate.tanh() * attended
-
-
-def feature_map_tokens(features: torch.Tensor, num_prefix_tokens: int = 0) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H*W, C); a token sequence (B, L, C) -> (B, L - prefix, C)."""
-    if features.dim() == 4:
-        return features.flatten(2).transpose(1, 2)
-    return features[:, num_prefix_tokens:]
 
 
 def find_text_layers(text_model: nn.Module, num_layers: int) -> nn.ModuleList:
@@ -1360,7 +1372,7 @@ class MaskedLanguageModelling(Objective):
     tells whether the image helps at all.
     """
 
-    slot, title, training_only = "mlm", "masked language modelling", False
+    slot, title, training_only, row_decomposable = "mlm", "masked language modelling", False, True
     weights = {"mlm": "mlm_loss_weight"}
     config_fields = ("mlm_loss_weight", "mlm_probability", "mlm_batch_fraction", "mlm_tie_head", "mlm_fusion",
                      "mlm_start", "fusion_text_layers", "fusion_vision_stages", "fusion_num_heads")
@@ -1411,7 +1423,7 @@ class MaskedLanguageModelling(Objective):
     def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
         if features.masked_states is None:  # MLM not started yet (mlm_start)
             return self.skipped(features.text_embeds)
-        return self(features.masked_states, features.mlm_labels, step.word_embeddings)
+        return self(features.masked_states, features.mlm_labels, step.word_embeddings, features.mlm_rows)
 
     def __init__(self, text_dim: int, vision_stage_dims: list, text_layers: list, vision_stages: list,
                  num_heads: int, vocab_size: int, layer_norm_eps: float = 1e-12, tie_head: bool = True,
@@ -1431,7 +1443,9 @@ class MaskedLanguageModelling(Objective):
     def skipped(self, states_like: torch.Tensor) -> dict[str, torch.Tensor]:
         """A zero term that still reaches every parameter of this module (DDP needs every gradient), for steps
         where MLM is off (delayed start)."""
-        return {"mlm": 0.0 * (states_like.sum() + sum(p.sum() for p in self.parameters()))}
+        # each parameter's zero is its own product, so its gradient is a tensor of its own: one sum over them all would
+        # hand the scalar gates one shared gradient tensor, which a later accumulation adds into in place for both
+        return {"mlm": 0.0 * states_like.sum() + sum((0.0 * p).sum() for p in self.parameters())}
 
     def _install_fusion_hooks(self, text_layers: nn.ModuleList) -> None:
         """Hook each fusion block behind its text layer, once per text tower, for good. A hook does nothing unless
@@ -1468,13 +1482,17 @@ class MaskedLanguageModelling(Objective):
         finally:
             self._fusion_inputs = None
 
-    def forward(self, masked_states: torch.Tensor, mlm_labels: torch.Tensor,
-                word_embeddings: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, masked_states: torch.Tensor, mlm_labels: torch.Tensor, word_embeddings: torch.Tensor,
+                mlm_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`masked_states` (R, L, D): the text tower's states of the masked captions (fused with their images);
-        `mlm_labels` (R, L): targets, -100 where nothing is predicted; `word_embeddings`: the tied decoder."""
-        states = masked_states
+        `mlm_labels` (R, L): targets, -100 where nothing is predicted; `word_embeddings`: the tied decoder;
+        `mlm_rows` (R,): the batch row of each masked caption, so that only the rows scored (`own_rows`) are."""
         asked = mlm_labels != -100
-        normaliser = _global_mean_normaliser(asked.sum())
+        normaliser = once_per_step("mlm.normaliser", lambda: _global_mean_normaliser(asked.sum()))
+        if mlm_rows is not None:
+            rows = scored(mlm_rows)
+            masked_states, mlm_labels, asked = masked_states[rows], mlm_labels[rows], asked[rows]
+        states = masked_states
         hidden = self.head_transform(states[asked])
         decoder = word_embeddings if self.head_decoder is None else self.head_decoder
         logits = F.linear(hidden, decoder, self.head_bias)
@@ -1544,7 +1562,7 @@ class NeighbourEmbeddingBank:
 class NeighbourGuidance(Objective):
     """What CLIP-PING's two forms share: their switches, settings, card row and scale."""
 
-    slot, title = "ping", "CLIP-PING"
+    slot, title, row_decomposable = "ping", "CLIP-PING", True
     weights = {"ping_nn": "ping_nn_loss_weight", "ping_xnn": "ping_xnn_loss_weight"}
     config_fields = ("ping_nn_loss_weight", "ping_xnn_loss_weight", "ping_bank_size", "ping_temperature",
                      "ping_negatives", "ping_positives")
@@ -1624,47 +1642,56 @@ class NeighbourContrastiveLoss(NeighbourGuidance):
         self.nn_weight, self.xnn_weight, self.negatives = nn_weight, xnn_weight, negatives
 
     @staticmethod
-    def _term(queries, all_candidates, positives, valid, logit_scale, first_row, negatives: str = "bank"):
-        """One direction of one term; `all_candidates` (the gathered current embeddings) is read in "batch" mode
-        only; `first_row`: where this rank's rows start in the global batch."""
-        own = torch.arange(queries.shape[0], device=queries.device) + first_row
+    def _term(queries, all_candidates, positives, valid, logit_scale, negatives: str, key: str):
+        """One direction of one term for the rows scored (`own_rows`): `queries` (B, D) this rank's embeddings,
+        `positives` / `valid` (B, ...) their neighbours' bank entries; `all_candidates` (the gathered current
+        embeddings) is read in "batch" mode only. `key` names the direction for `once_per_step`."""
+        own = _own_global_rows(queries.shape[0], queries.device)
         if negatives == "bank":
-            all_positives = gather_no_grad(positives)  # bank entries: detached
-            all_valid = gather_no_grad(valid.to(torch.uint8)).bool()
-            logits = logit_scale * queries @ all_positives.t()
+            all_positives, all_valid = once_per_step(f"ping.{key}.candidates", lambda: (
+                gather_no_grad(positives), gather_no_grad(valid.to(torch.uint8)).bool()))  # bank entries: detached
+            logits = logit_scale * own_rows(queries) @ all_positives.t()
             # unusable rows' entries are no candidates; a finite fill keeps rows without any candidate NaN-free
             logits = logits.masked_fill(~all_valid.unsqueeze(0), _MASKED_LOGIT)
         else:
-            logits = logit_scale * queries @ all_candidates.t()
-            positive_logit = logit_scale * (queries * positives).sum(-1)
+            logits = logit_scale * own_rows(queries) @ all_candidates.t()
+            positive_logit = logit_scale * (own_rows(queries) * own_rows(positives)).sum(-1)
             logits = logits.scatter(1, own.unsqueeze(1), positive_logit.unsqueeze(1))
         per_row = F.cross_entropy(logits, own, reduction="none")
-        normaliser = _global_mean_normaliser(valid.sum())
-        return (per_row * valid).sum() * normaliser
+        normaliser = once_per_step(f"ping.{key}.normaliser", lambda: _global_mean_normaliser(valid.sum()))
+        return (per_row * own_rows(valid)).sum() * normaliser
+
+    def _neighbours(self, image_neighbour_ids, text_neighbour_ids, sample_ids, image_embeds, text_embeds,
+                    update_bank: bool) -> dict:
+        """The bank entries of every row's neighbours, read before this step writes its own embeddings into the
+        bank (then written, in training)."""
+        found = {"text_of_image_nn": self.bank.lookup(image_neighbour_ids, "text"),
+                 "image_of_text_nn": self.bank.lookup(text_neighbour_ids, "image"),
+                 "text_of_text_nn": self.bank.lookup(text_neighbour_ids, "text"),
+                 "image_of_image_nn": self.bank.lookup(image_neighbour_ids, "image")}
+        if update_bank and self.training:
+            self.bank.update(sample_ids, image_embeds.detach(), text_embeds.detach())
+        return found
 
     def forward(self, image_embeds, text_embeds, logit_scale, sample_ids, image_neighbour_ids, text_neighbour_ids,
                 update_bank: bool = True) -> dict[str, torch.Tensor]:
-        first_row = first_global_row(image_embeds.shape[0], image_embeds.device)
         all_images = all_texts = None  # "bank" negatives never look at the current batch's embeddings
         if self.negatives == "batch":
             all_images = gather_with_grad(image_embeds)
             all_texts = gather_with_grad(text_embeds)
-        text_of_image_nn, ok_a_text = self.bank.lookup(image_neighbour_ids, "text")
-        image_of_text_nn, ok_t_image = self.bank.lookup(text_neighbour_ids, "image")
-        text_of_text_nn, ok_t_text = self.bank.lookup(text_neighbour_ids, "text")
-        image_of_image_nn, ok_a_image = self.bank.lookup(image_neighbour_ids, "image")
+        found = once_per_step("ping.neighbours", lambda: self._neighbours(
+            image_neighbour_ids, text_neighbour_ids, sample_ids, image_embeds, text_embeds, update_bank))
+
+        def term(queries, candidates, name):
+            return self._term(queries, candidates, *found[name], logit_scale, self.negatives, name)
+
         losses = {}
         if self.nn_weight > 0:
-            losses["ping_nn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_image_nn, ok_a_text, logit_scale, first_row, self.negatives)
-                + self._term(text_embeds, all_images, image_of_text_nn, ok_t_image, logit_scale, first_row, self.negatives))
+            losses["ping_nn"] = 0.5 * (term(image_embeds, all_texts, "text_of_image_nn")
+                                       + term(text_embeds, all_images, "image_of_text_nn"))
         if self.xnn_weight > 0:
-            losses["ping_xnn"] = 0.5 * (
-                self._term(image_embeds, all_texts, text_of_text_nn, ok_t_text, logit_scale, first_row, self.negatives)
-                + self._term(text_embeds, all_images, image_of_image_nn, ok_a_image, logit_scale, first_row,
-                             self.negatives))
-        if update_bank and self.training:
-            self.bank.update(sample_ids, image_embeds, text_embeds)
+            losses["ping_xnn"] = 0.5 * (term(image_embeds, all_texts, "text_of_text_nn")
+                                        + term(text_embeds, all_images, "image_of_image_nn"))
         return losses
 
 
@@ -1699,9 +1726,13 @@ class InBatchNeighbourLoss(NeighbourGuidance):
         self.nn_weight, self.xnn_weight = nn_weight, xnn_weight
 
     def forward(self, image_embeds, text_embeds, logit_scale, partner_rows, partner_spaces) -> dict[str, torch.Tensor]:
+        """The rows scored (`own_rows`) against the global batch; normalised by the global count of usable rows."""
         local = image_embeds.shape[0]
         first_row = first_global_row(local, image_embeds.device)
-        own = torch.arange(local, device=image_embeds.device) + first_row
+        own = _own_global_rows(local, image_embeds.device)
+        normaliser = once_per_step("ping.in_batch.normaliser",
+                                   lambda: _global_mean_normaliser((partner_rows >= 0).sum()))
+        partner_rows, partner_spaces = own_rows(partner_rows), own_rows(partner_spaces)
         valid = partner_rows >= 0
         partner = partner_rows.clamp(min=0) + first_row
 
@@ -1710,11 +1741,10 @@ class InBatchNeighbourLoss(NeighbourGuidance):
             logits = (logit_scale * queries @ candidates.t()).masked_fill(own_column, _MASKED_LOGIT)
             return F.cross_entropy(logits, partner, reduction="none")
 
-        image_to_text = _direction(image_embeds, gather_with_grad(text_embeds))
-        text_to_image = _direction(text_embeds, gather_with_grad(image_embeds))
+        image_to_text = _direction(own_rows(image_embeds), gather_with_grad(text_embeds))
+        text_to_image = _direction(own_rows(text_embeds), gather_with_grad(image_embeds))
         image_space = (valid & (partner_spaces == 0)).to(image_to_text.dtype)
         text_space = (valid & (partner_spaces == 1)).to(image_to_text.dtype)
-        normaliser = _global_mean_normaliser(valid.sum())
         losses = {}
         if self.nn_weight > 0:
             losses["ping_nn"] = ((image_to_text * image_space).sum() + (text_to_image * text_space).sum()) * normaliser
@@ -1751,6 +1781,18 @@ def register_objective(objective: type) -> type:
 def loss_weight_fields() -> dict[str, str]:
     """Each weighted term (its name in `LightCLIPOutput.losses`) and the config field holding its weight."""
     return {term: field for objective in OBJECTIVES for term, field in objective.weights.items()}
+
+
+def validate_config(config) -> None:
+    """Check every objective's config fields (`LightCLIPConfig` calls this where the objectives are installed): each
+    loss weight is a finite number, never negative, and each objective checks its own group (`Objective.validate`)."""
+    for name in loss_weight_fields().values():
+        weight = getattr(config, name, 0.0)  # a field an objective registered later may be absent: off
+        require_field(name, weight, lambda v: True, "must be a finite number")
+        if weight < 0:
+            raise ValueError(f"{name}={weight}: a loss weight cannot be negative (0 switches it off).")
+    for objective in OBJECTIVES:
+        objective.validate(config)
 
 
 def enabled_objectives(config) -> list:
@@ -1824,8 +1866,8 @@ class LightCLIPObjectives(nn.Module):
     @property
     def row_decomposable(self) -> bool:
         """Whether every active objective is row-decomposable (`scoring_rows`): contrastive accumulation then
-        computes them a block of rows at a time. Token alignment, MLM and CLIP-PING are computed on the whole
-        batch at once."""
+        computes them a block of rows at a time (every objective of this package is; one registered from outside
+        may not be, and then the whole batch is computed at once)."""
         return all(objective.row_decomposable for objective in self.active())
 
     @property
@@ -1885,6 +1927,7 @@ __all__ = [
     "TowerDims",
     "enabled_objectives",
     "loss_weight_fields",
+    "validate_config",
     "register_objective",
     "training_targets_read",
     "TEACHER_TARGETS",
@@ -1903,7 +1946,6 @@ __all__ = [
     "TrainingFeatures",
     "MaskedLanguageModelling",
     "TokenAlignmentLoss",
-    "feature_map_tokens",
     "fine_grained_scores",
     "find_text_layers",
     "gather_no_grad",

@@ -97,19 +97,13 @@ SIGMOID = {"instance_loss": "sigmoid", "soft_label_mode": "none", "distill_teach
            "distill_ensemble": "concatenate"}
 
 
-# the objectives contrastive accumulation cannot score by row blocks, switched off
-NOT_ROW_DECOMPOSABLE_OFF = {"token_loss_weight": 0.0, "mlm_loss_weight": 0.0, "ping_nn_loss_weight": 0.0,
-                            "ping_xnn_loss_weight": 0.0}
-
-
-def all_objectives_model_and_batch(tokenizer, variant: str = "paper", row_decomposable_only: bool = False):
+def all_objectives_model_and_batch(tokenizer, variant: str = "paper"):
     """CLIP-vision + BERT (no BatchNorm, no dropout: both would make 1 vs 2 processes differ by design), all
     objectives on (CLIP-PING too, with a pre-filled bank), soft labels at full strength, fusion gates open so
     every parameter gets a gradient. `variant="redesign"`: soft labels from frozen-encoder features (gathered across
     ranks), relation distillation, cross-modal distillation from a teacher's embeddings and CLIP-PING with in-batch
     neighbours instead of the bank. `variant="sigmoid"`: the redesign with the sigmoid instance loss and sigmoid
-    distillation (no soft labels: they are a softmax's). `row_decomposable_only`: token alignment, MLM and CLIP-PING
-    off (the bank then None), leaving the objectives contrastive accumulation scores a block of rows at a time."""
+    distillation (no soft labels: they are a softmax's)."""
     from modeling_lightclip import LightCLIPModel
     from modeling_lightclip.training.recipes import build_model_config
 
@@ -125,7 +119,6 @@ def all_objectives_model_and_batch(tokenizer, variant: str = "paper", row_decomp
                         "intermediate_size": 64, "max_position_embeddings": 32, "hidden_dropout_prob": 0.0,
                         "attention_probs_dropout_prob": 0.0},
         **(SIGMOID if variant == "sigmoid" else {}),
-        **(NOT_ROW_DECOMPOSABLE_OFF if row_decomposable_only else {}),
     }, tokenizer)
     torch.manual_seed(0)
     model = LightCLIPModel(config)

@@ -86,12 +86,13 @@ class _ScoreMatrixRows(TorchDispatchMode):
 
 @pytest.mark.parametrize("variant", ["paper", "redesign", "sigmoid"])
 @pytest.mark.parametrize("micro", [1, 3])
-def test_row_decomposable_objectives_are_scored_a_micro_batch_of_rows_at_a_time(tokenizer, variant, micro):
-    """Instance loss (softmax with soft labels from the student or the frozen encoders, or sigmoid), relation,
-    cross-modal (ensemble) and feature distillation: the step equals one call on the 8 rows, and no score matrix
-    against the 8 columns of the batch has more rows than a micro-batch (the whole-batch objectives, the control,
-    build 8 x 8 ones)."""
-    model, batch, _ = all_objectives_model_and_batch(tokenizer, variant, row_decomposable_only=True)
+def test_every_objective_is_scored_a_micro_batch_of_rows_at_a_time(tokenizer, variant, micro, monkeypatch):
+    """Every objective at once - instance loss (softmax with soft labels, or sigmoid), token alignment, MLM, CLIP-PING
+    (bank or in-batch), relation, cross-modal and feature distillation: the step equals one call on the 8 rows, and
+    no score matrix against the 8 columns of the batch has more rows than a micro-batch. The control: an objective
+    that says it is not row-decomposable makes the engine score the whole batch at once (8 x 8 matrices), with the
+    same step."""
+    model, batch, _ = all_objectives_model_and_batch(tokenizer, variant)
     assert model.objectives.row_decomposable
     model.train()
     model.set_training_progress(1.0)
@@ -105,9 +106,11 @@ def test_row_decomposable_objectives_are_scored_a_micro_batch_of_rows_at_a_time(
     control, control_batch, _ = all_objectives_model_and_batch(tokenizer, variant)
     control.train()
     control.set_training_progress(1.0)
+    monkeypatch.setattr(type(control.objectives.ping), "row_decomposable", False)
     assert not control.objectives.row_decomposable
     with _ScoreMatrixRows(rows) as recorded:
-        ContrastiveAccumulation(micro).step(control, _engine_inputs(control_batch))
+        terms = ContrastiveAccumulation(micro).step(control, _engine_inputs(control_batch))
+    _assert_same_step(reference, out, control, terms)
     assert recorded.most_rows == rows
 
 

@@ -101,9 +101,9 @@ def test_push_goes_up_to_the_upload_call(trained_folder, monkeypatch):
     repo, files = calls["upload"]
     assert repo == "someone/tiny-lightclip"
     for needed in ("model.safetensors", "config.json", "modeling_lightclip.py", "configuration_lightclip.py",
-                   "objectives_lightclip.py", "processing_lightclip.py", "processor_config.json", "tokenizer.json",
-                   "README.md"):
+                   "processing_lightclip.py", "processor_config.json", "tokenizer.json", "README.md"):
         assert needed in files, needed
+    assert "objectives_lightclip.py" not in files  # training code stays in the package
     assert not [f for f in files if f.startswith("_") or f.endswith(".bin")]
 
 
@@ -260,3 +260,26 @@ def test_evaluation_and_export_of_a_broken_folder_end_in_one_message(broken_save
     assert stopped.value.code == 2 and "export needs --out" in capsys.readouterr().err
     hub.main(["card", good])  # the whole folder passes the check
     assert (Path(good) / "README.md").is_file()
+
+
+def test_hub_command_takes_the_training_flags_for_the_hub(broken_saved_folders, monkeypatch, capsys):
+    """`hub push` reads training's --hub_model_id / --hub_token / --hub_private_repo (--private kept as an alias),
+    with training's help text, and hands them to the upload unchanged."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from modeling_lightclip.training import hub
+
+    good = broken_saved_folders[0]
+    pushed = []
+    monkeypatch.setattr(hub, "push_folder", lambda *args: pushed.append(args) or "https://hub/x")
+    hub.main(["push", good, "--hub_model_id", "me/tiny", "--hub_token", "secret", "--private"])
+    hub.main(["push", good, "--hub_model_id", "me/tiny", "--hub_private_repo", "false"])
+    assert pushed == [(good, "me/tiny", "secret", True), (good, "me/tiny", None, False)]
+    with pytest.raises(SystemExit) as stopped:
+        hub.main(["push", good])
+    assert stopped.value.code == 2 and "push needs --hub_model_id" in capsys.readouterr().err
+    training_help = {item.name: item.metadata["help"] for item in dataclasses.fields(TrainingArguments)}
+    ours = {item.name: item.metadata["help"] for item in dataclasses.fields(hub.HubCommandArguments)}
+    assert ours["hub_model_id"] == training_help["hub_model_id"] and ours["hub_token"] == training_help["hub_token"]

@@ -1,5 +1,5 @@
-"""The code's shape: the remote-code set imports nothing from the training side, and no module imports itself back
-through another (no import cycle), module-level or inside functions."""
+"""The code's shape: the remote-code set imports nothing from the training side nor the training objectives, and no
+module imports itself back through another (no import cycle), module-level or inside functions."""
 
 import ast
 from pathlib import Path
@@ -8,7 +8,7 @@ from conftest import REPO
 
 
 PACKAGE = REPO / "modeling_lightclip"
-REMOTE_CODE = ("configuration_lightclip", "modeling_lightclip", "objectives_lightclip", "processing_lightclip")
+REMOTE_CODE = ("configuration_lightclip", "modeling_lightclip", "processing_lightclip")
 
 
 def _module_name(path: Path) -> str:
@@ -49,6 +49,10 @@ def test_remote_code_set_imports_nothing_from_the_training_side():
         imported = graph[f"modeling_lightclip.{name}"]
         assert not [m for m in imported if m.startswith("modeling_lightclip.training")], (name, imported)
         assert imported <= {f"modeling_lightclip.{n}" for n in REMOTE_CODE}, (name, imported)
+    # the objectives are training code beside the set: they read the config and never the trainer; the set reaches
+    # them through `training_objectives()` only, so they are not saved with a model (test_remote_code)
+    objectives = graph["modeling_lightclip.objectives_lightclip"]
+    assert objectives == {"modeling_lightclip.configuration_lightclip"}, objectives
 
 
 def test_no_import_cycle():

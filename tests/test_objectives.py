@@ -621,6 +621,7 @@ def test_one_text_call_for_captions_and_masked_copies_equals_two_passes(tiny_rec
         plain = model.get_text_features(batch["input_ids"], batch["attention_mask"]).pooler_output
         torch.testing.assert_close(out.text_embeds, F.normalize(plain, dim=-1))
         image_stages = model.vision_model(pixel_values=batch["pixel_values"][rows], output_hidden_states=True).hidden_states
+        image_stages = [stage.flatten(2).transpose(1, 2) for stage in image_stages]  # (B, C, H, W) -> (B, HW, C)
         mlm = model.objectives.mlm
         layers = find_text_layers(model.text_model, config.text_config.num_hidden_layers)
         handles = []

@@ -339,11 +339,10 @@ def test_fixed_ping_temperature_replaces_the_logit_scale(tiny_recipe, tokenizer)
         bank_image = model.objectives.ping.bank.image.clone()
         out = model(**batch, **ids, return_loss=True)
         scale = out.logits_per_text.new_tensor(2.0) if temperature else model.logit_scale.exp()
-        usable = torch.ones(4, dtype=torch.bool)
-        expected = 0.5 * (NeighbourContrastiveLoss._term(out.image_embeds, out.text_embeds, bank_text[[1, 0, 3, 2]],
-                                                         usable, scale, 0, config.ping_negatives)
-                          + NeighbourContrastiveLoss._term(out.text_embeds, out.image_embeds, bank_image[[2, 3, 0, 1]],
-                                                           usable, scale, 0, config.ping_negatives))
+        assert config.ping_negatives == "bank"  # every neighbour seen: each row's positive among the rows' entries
+        rows = torch.arange(4)
+        expected = 0.5 * (F.cross_entropy(scale * out.image_embeds @ bank_text[[1, 0, 3, 2]].t(), rows)
+                          + F.cross_entropy(scale * out.text_embeds @ bank_image[[2, 3, 0, 1]].t(), rows))
         torch.testing.assert_close(out.losses["ping_nn"], expected)
         terms[temperature] = out.losses["ping_nn"].item()
     assert terms[None] != pytest.approx(terms[0.5])

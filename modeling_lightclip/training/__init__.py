@@ -1,7 +1,8 @@
 """The training side of LightCLIP: everything `train_lightclip.py` needs beyond the remote-code set.
 
-Never imported by the remote-code files (`configuration_lightclip`, `modeling_lightclip`, `objectives_lightclip`,
-`processing_lightclip`), so a saved model runs with torch + transformers alone. One module per concept:
+Never imported by the remote-code files (`configuration_lightclip`, `modeling_lightclip`, `processing_lightclip`),
+so a saved model runs with torch + transformers alone; the training objectives (`objectives_lightclip`) sit beside
+them in the package but are not saved with a model either. One module per concept:
 
 * `arguments` - command-line flags (every `LightCLIPConfig` field is one) and contrastive `TrainingArguments`
 * `recipes` - named recipes in `configuration/` -> `LightCLIPConfig`

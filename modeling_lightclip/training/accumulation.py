@@ -11,13 +11,15 @@ al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
    (`TrainingFeatures`: embeddings, token states, MLM's fused masked captions);
 2. the objectives of the whole batch, on its features made leaves: the loss, and its gradient with respect to
    those features (and to the parameters the objectives use directly: logit scale and bias, the MLM decoder) -
-   when every active objective is row-decomposable (the instance losses, soft labels, relation, cross-modal and
-   feature distillation), one micro-batch of rows at a time against the whole batch's columns, else in one piece;
+   one micro-batch of rows at a time against the whole batch's columns, every objective of this package being
+   row-decomposable (an objective registered from outside that is not makes the whole pass one piece). What an
+   objective needs of the whole batch - token alignment's matching, CLIP-PING's bank reads and the bank write, the
+   global counts - is computed once, by the first block;
 3. every micro-batch through the towers again, this time with a graph, back-propagating its slice of that gradient.
 
 Memory is that of one micro-batch's towers plus the whole batch's features (B x D embeddings, and the token states
-when token alignment or MLM is on) plus the objectives' matrices: b x B by row blocks (micro-batch b), B x B when
-token alignment, MLM or CLIP-PING is on. Compute is one extra forward pass of the towers. The loss, the terms and the
+when token alignment or MLM is on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token
+alignment's word-patch scores b x L x B x P). Compute is one extra forward pass of the towers. The loss, the terms and the
 gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
 tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not
 the same as one big call would; BatchNorm normalises each micro-batch by its own statistics (as DDP does each
@@ -177,10 +179,10 @@ class ContrastiveAccumulation:
         device = features.image_embeds.device
         with rows_of_this_step(rows, device):
             longest = max(batch_sizes(rows, device))
-            totals = {}
+            totals, step_cache = {}, {}  # what the first block computes for the whole batch (`once_per_step`)
             for start in range(0, max(longest, 1), self.micro_batch_size):
                 block = slice(min(start, rows), min(start + self.micro_batch_size, rows))
-                with scoring_rows(block, rows):
+                with scoring_rows(block, rows, step_cache):
                     with self.autocast():
                         terms = model.objective_terms(features, targets)
                     self.backward(terms["loss"])

@@ -10,10 +10,12 @@ The card is rendered from the repository's `model_card.md` template with `huggin
 """
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -480,53 +482,78 @@ def export_clip(model, processor, out_dir) -> Path:
     return out_dir
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _training_help(name: str) -> str:
+    """The help of the training flag of the same name (`TrainingArguments`): one wording for both commands."""
+    from transformers import TrainingArguments
+
+    return {item.name: item for item in dataclasses.fields(TrainingArguments)}[name].metadata.get("help", "")
+
+
+@dataclass
+class HubCommandArguments:
+    """The hub command's flags; the Hub ones carry training's names and help (`--hub_model_id`, `--hub_token`,
+    `--hub_private_repo`), so a run's push flags work here unchanged."""
+
+    hub_model_id: str | None = field(default=None, metadata={"help": _training_help("hub_model_id")})
+    hub_token: str | None = field(default=None, metadata={"help": _training_help("hub_token")})
+    hub_private_repo: bool = field(default=False, metadata={"aliases": ["--private"],
+                                                            "help": "push: create the repository private"})
+    out: str | None = field(default=None, metadata={"help": "export: output folder of the native CLIPModel"})
+    license: str | None = field(default=None, metadata={
+        "help": "card: the licence to declare (default: what training recorded)"})
+
+
+def _parse(argv=None) -> tuple[str, str, HubCommandArguments, "argparse.ArgumentParser"]:
+    """(command, folder, flags, parser) of `python -m modeling_lightclip.training.hub COMMAND FOLDER [flags]`."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(HubCommandArguments, prog="python -m modeling_lightclip.training.hub",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["card", "push", "export"])
-    parser.add_argument("folder")
-    parser.add_argument("--hub_model_id")
-    parser.add_argument("--hub_token")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--out", help="export: output folder of the native CLIPModel")
-    parser.add_argument("--license", help="card: the licence to declare (default: what training recorded)")
-    args = parser.parse_args(argv)
-    if args.command == "export" and not args.out:
+    parser.add_argument("folder", help="a saved LightCLIP folder (train_lightclip.py's output_dir)")
+    args, rest = parser.parse_args_into_dataclasses(args=argv)
+    return rest.command, rest.folder, args, parser
+
+
+def main(argv=None):
+    command, folder, args, parser = _parse(argv)
+    if command == "export" and not args.out:
         parser.error("export needs --out FOLDER (where the native CLIPModel is written)")
     from .packaged_weights import check_saved_model
 
     try:  # a folder that cannot load: one message naming the file, not a library's traceback
-        processor = check_saved_model(args.folder, f"hub {args.command}")
+        processor = check_saved_model(folder, f"hub {command}")
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    if args.command == "card":
-        print(write_model_card(args.folder, repo_id=args.hub_model_id, license=args.license))
-    elif args.command == "export":
+    if command == "card":
+        print(write_model_card(folder, repo_id=args.hub_model_id, license=args.license))
+    elif command == "export":
         from .. import LightCLIPModel
 
-        model = LightCLIPModel.from_pretrained(args.folder)
+        model = LightCLIPModel.from_pretrained(folder)
         out = export_clip(model, processor, args.out)
         for name in ("eval_results.json", "training_info.json", "trainer_state.json"):
-            if (Path(args.folder) / name).is_file():
-                (out / name).write_text((Path(args.folder) / name).read_text())
-        card = build_model_card(args.folder, model=model, repo_id=args.hub_model_id, form="native")
+            if (Path(folder) / name).is_file():
+                (out / name).write_text((Path(folder) / name).read_text())
+        card = build_model_card(folder, model=model, repo_id=args.hub_model_id, form="native")
         card.save(out / "README.md")
         print(out)
     else:
         if not args.hub_model_id:
             parser.error("push needs --hub_model_id ORG/NAME")
-        if not (Path(args.folder) / "README.md").is_file():
-            write_model_card(args.folder, repo_id=args.hub_model_id)
+        if not (Path(folder) / "README.md").is_file():
+            write_model_card(folder, repo_id=args.hub_model_id)
         try:
-            print(push_folder(args.folder, args.hub_model_id, args.hub_token, args.private))
+            print(push_folder(folder, args.hub_model_id, args.hub_token, args.hub_private_repo))
         except HubUploadError as err:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
 
 
-__all__ = ["HubUploadError", "build_model_card", "describe_objectives", "export_clip", "measure_latency",
-           "parameter_counts", "tower_starts", "write_training_info",
-           "push_folder", "write_model_card"]
+__all__ = ["HubCommandArguments", "HubUploadError", "build_model_card", "describe_objectives", "export_clip",
+           "measure_latency", "parameter_counts", "push_folder", "tower_starts", "write_model_card",
+           "write_training_info"]
 
 
 if __name__ == "__main__":
