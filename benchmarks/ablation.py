@@ -276,6 +276,13 @@ def parse_arm(text: str) -> tuple[str, dict]:
     return name, {**_OFF, **{k[2:]: v for k, v in zip(tokens[::2], tokens[1::2])}}
 
 
+def needs_teacher_knowledge(config) -> bool:
+    """Whether an arm's config reads teacher knowledge (its run then needs the teachers' features)."""
+    from modeling_lightclip.objectives_lightclip import reads_teacher_knowledge
+
+    return reads_teacher_knowledge(config)
+
+
 def arm_config(setting: dict, overrides: dict):
     """The `LightCLIPConfig` an arm trains (recipe + the arm's flags, parsed as `train_lightclip.py` parses them),
     so that "is this objective on?" is asked of the config's own `uses_*` helpers."""
@@ -331,7 +338,7 @@ def train_argv(setting: dict, overrides: dict, seed: int, files: dict, tokenizer
             "--learning_rate", str(setting["learning_rate"]), "--seed", str(seed), "--output_dir", str(out_dir),
             "--do_eval", "false", "--eval_strategy", "no", "--save_strategy", "no", "--logging_steps", "25",
             "--report_to", "none", *setting["extra"], *arm_flags(overrides)]
-    if arm_config(setting, overrides).uses_teacher_features and reinforced is None:
+    if needs_teacher_knowledge(arm_config(setting, overrides)) and reinforced is None:
         argv += ["--teacher_features", str(neighbours)]
     return argv
 
@@ -762,7 +769,7 @@ def main(argv=None):
         if args.eval_split == "val":
             files, files_dir = prepare_selection_data(data_dir, files), data_dir / "selection"
         tokenizer = setting_tokenizer(files_dir, files, setting)
-        needs_frozen = any(arm_config(setting, arms[a]).uses_teacher_features for a in selected)
+        needs_frozen = any(needs_teacher_knowledge(arm_config(setting, arms[a])) for a in selected)
         neighbours = prepare_neighbours(files_dir, files["train"], setting["image_size"]) if needs_frozen else None
         reinforced = {kind: prepare_reinforced(files_dir, files["train"], setting["image_size"], kind)
                       for kind in sorted({STREAMED_ARMS[a] for a in selected if a in STREAMED_ARMS})}

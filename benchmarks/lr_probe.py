@@ -55,7 +55,7 @@ def main(argv=None):
     tokenizer = ablation.setting_tokenizer(data_dir, files, setting)
     arm = ablation.ARMS[args.arm]
     neighbours = (ablation.prepare_neighbours(data_dir, files["train"], setting["image_size"])
-                  if ablation.arm_config(setting, arm).uses_teacher_features else None)
+                  if ablation.needs_teacher_knowledge(ablation.arm_config(setting, arm)) else None)
     work = Path(tempfile.mkdtemp(prefix="lr_probe_"))
 
     def _one(rate: float) -> dict:

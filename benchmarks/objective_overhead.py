@@ -126,12 +126,12 @@ def main():
     }
 
     def _inputs(model):
-        config, extra = model.config, {}
-        if config.uses_ping_bank:
+        read, extra = objectives_lightclip.training_targets_read(model.config), {}
+        if "sample_ids" in read:  # CLIP-PING's bank
             extra.update(ping_inputs)
-        elif config.uses_ping_in_batch:
+        elif "ping_partner_rows" in read:
             extra.update(extra_inputs["in_batch"])
-        if config.uses_teacher_feature_batches:
+        if "teacher_image_features" in read:
             extra.update(extra_inputs["frozen"])
         return extra
 
@@ -148,7 +148,7 @@ def main():
             base_state = {k: v for k, v in model.state_dict().items() if not k.startswith("objectives.")}
         model.load_state_dict(base_state, strict=False)  # same towers in every arm
         model.set_training_progress(1.0)
-        if config.uses_ping_bank:
+        if objectives_lightclip.NeighbourContrastiveLoss.enabled(config):
             dim = config.projection_dim
             model.objectives.ping.bank.load_state_dict({
                 "image": torch.nn.functional.normalize(torch.randn(BANK_SIZE, dim), dim=-1).to(device),

@@ -64,7 +64,7 @@ def main(argv=None):
                     str(args.learning_rate), "--seed", str(seed), "--output_dir", str(run_dir), "--save_strategy",
                     "no", "--logging_steps", "50", "--report_to", "none", "--dataloader_num_workers",
                     str(args.workers), *ablation.arm_flags(ablation.ARMS[arm])]
-            if ablation.arm_config({"recipe": args.recipe}, ablation.ARMS[arm]).uses_teacher_features:
+            if ablation.needs_teacher_knowledge(ablation.arm_config({"recipe": args.recipe}, ablation.ARMS[arm])):
                 argv += ["--teacher_features", str(frozen)]
             for flag, value in (("--max_train_samples", args.max_train_samples),
                                 ("--max_eval_samples", args.max_eval_samples)):

@@ -423,69 +423,11 @@ class LightCLIPConfig(PretrainedConfig):
         if objectives is not None:
             objectives.validate_config(self)
 
-    # ------------------------------------------------------------------ the one "is this objective on?" test
-
     @property
     def uses_sigmoid_loss(self) -> bool:
-        """SigLIP's sigmoid instance loss (a learnable `logit_bias` beside the scale) instead of CLIP's softmax."""
+        """SigLIP's sigmoid instance loss (a learnable `logit_bias` beside the scale) instead of CLIP's softmax.
+        Whether each training objective is on is the objective's own test (`Objective.enabled`)."""
         return self.instance_loss == "sigmoid"
-
-    @property
-    def uses_soft_labels(self) -> bool:
-        return self.soft_label_mode != "none" and self.soft_label_max > 0
-
-    @property
-    def uses_token_loss(self) -> bool:
-        return self.token_loss_weight > 0
-
-    @property
-    def uses_mlm(self) -> bool:
-        return self.mlm_loss_weight > 0
-
-    @property
-    def uses_ping(self) -> bool:
-        return self.ping_nn_loss_weight > 0 or self.ping_xnn_loss_weight > 0
-
-    @property
-    def uses_ping_bank(self) -> bool:
-        """CLIP-PING with neighbour embeddings from the memory bank (saved beside each checkpoint)."""
-        return self.uses_ping and self.ping_positives == "bank"
-
-    @property
-    def uses_ping_in_batch(self) -> bool:
-        """CLIP-PING with fresh neighbours placed in the same batch by the pair sampler."""
-        return self.uses_ping and self.ping_positives == "in_batch"
-
-    @property
-    def uses_frozen_soft_labels(self) -> bool:
-        """Soft labels spread by the frozen encoders' similarities: the batch must carry their features."""
-        return self.uses_soft_labels and self.soft_label_mode == "similarity" and self.soft_label_source == "frozen"
-
-    @property
-    def uses_relation_distillation(self) -> bool:
-        return self.relation_loss_weight > 0
-
-    @property
-    def uses_distillation(self) -> bool:
-        """Cross-modal distillation: each batch must carry multimodal teachers' image and text embeddings."""
-        return self.distill_loss_weight > 0
-
-    @property
-    def uses_feature_distillation(self) -> bool:
-        """Feature distillation: each batch must carry the teachers' features; training-only projections."""
-        return self.feature_distill_loss_weight > 0
-
-    @property
-    def uses_teacher_feature_batches(self) -> bool:
-        """Whether each training batch carries the teachers' features of its samples (soft labels spread by their
-        similarities, relation distillation, feature distillation)."""
-        return self.uses_frozen_soft_labels or self.uses_relation_distillation or self.uses_feature_distillation
-
-    @property
-    def uses_teacher_features(self) -> bool:
-        """Whether training needs teacher knowledge per sample: teacher features or embeddings in each batch (from
-        reinforced data), or CLIP-PING's neighbours of those features."""
-        return self.uses_ping or self.uses_teacher_feature_batches or self.uses_distillation
 
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""

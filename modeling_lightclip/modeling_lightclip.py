@@ -233,8 +233,10 @@ def _probe_or_explain(config) -> VisionTowerShapes:
                          f"{config.vision_config.model_type} image tower ({type(err).__name__}: "
                          f"{str(err).splitlines()[0][:200]}): use a larger size.") from None
     stages = len(shapes.stage_dims)
+    objectives = training_objectives()
+    fuses = objectives is not None and objectives.MaskedLanguageModelling.enabled(config) and config.mlm_fusion
     fields = {"vision_token_stage": [config.vision_token_stage] if config.vision_token_stage is not None else [],
-              "fusion_vision_stages": list(config.fusion_vision_stages) if config.uses_mlm and config.mlm_fusion else []}
+              "fusion_vision_stages": list(config.fusion_vision_stages) if fuses else []}
     for name, values in fields.items():
         bad = [v for v in values if not -stages <= v < stages]
         if bad:
@@ -359,7 +361,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         objectives = training_objectives()
         self.objectives = None if objectives is None else objectives.LightCLIPObjectives(
             config, vision_token_dim, self.vision_shapes.stage_dims, self.text_embed_dim)
-        if config.uses_mlm and objectives is not None:
+        if self._trains_mlm:
             if config.mask_token_id is None:
                 raise ValueError("mlm_loss_weight > 0 needs a mask token: the tokenizer has none (set "
                                  "config.mask_token_id, use a tokenizer with [MASK], or set mlm_loss_weight=0).")
@@ -554,7 +556,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         """`torch.no_grad()` for a tower locked whole (nothing in it, nor before it, needs a gradient); the text
         tower keeps its graph when MLM's fusion blocks run inside it."""
         info = self._locked_towers.get(side)
-        if info is None or info["unlocked"] or not self.training or (side == "text" and self.config.uses_mlm):
+        if info is None or info["unlocked"] or not self.training or (side == "text" and self._trains_mlm):
             return contextlib.nullcontext()
         return torch.no_grad()
 
@@ -577,7 +579,7 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
             raise ValueError("the text tower's outputs can be stored with the training rows only when the tower is "
                              "locked whole (--lock_text_tower without --lock_text_unlocked_layers): a tower that "
                              "trains changes them at every step.")
-        if self.config.uses_mlm or self.config.uses_token_loss:
+        if self._trains_mlm or (self.objectives is not None and self.objectives.needs_tokens):
             raise ValueError("MLM and token alignment read the text tower's token states, not only its pooled output: "
                              "switch them off (--mlm_loss_weight 0 --token_loss_weight 0) to store the text tower's "
                              "outputs, or let the tower run.")
@@ -597,11 +599,14 @@ class LightCLIPModel(LightCLIPPreTrainedModel):
         self.training_progress = min(max(float(progress), 0.0), 1.0)
 
     @property
+    def _trains_mlm(self) -> bool:
+        """Whether MLM is among the objectives (its fusion blocks then run inside the text tower in training)."""
+        return self.objectives is not None and self.objectives.mlm is not None
+
+    @property
     def soft_label_alpha(self) -> float:
-        if not self.config.uses_soft_labels:
-            return 0.0
-        return _objectives_for("soft labels").soft_label_alpha(self.training_progress, self.config.soft_label_max,
-                                                                self.config.soft_label_schedule)
+        """The soft labels' weight at this point of training (0 without soft labels)."""
+        return 0.0 if self.objectives is None else self.objectives.soft_label_alpha(self.training_progress)
 
     def mask_for_mlm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

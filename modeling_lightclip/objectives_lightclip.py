@@ -595,15 +595,25 @@ class InstanceContrastiveLoss(InstanceLoss):
             require_choice(name, getattr(config, name), choices)
         if not 0.0 <= config.soft_label_max < 1.0:
             raise ValueError(f"soft_label_max={config.soft_label_max}: must lie in [0, 1).")
-        if config.uses_sigmoid_loss and config.uses_soft_labels:
+        if config.uses_sigmoid_loss and cls.softens(config):
             raise ValueError("soft labels (soft_label_mode) move a softmax's target mass from the positive onto the "
                              "negatives; the sigmoid loss has no such mass to move (each pair is its own binary "
                              "problem). Use --instance_loss softmax, or --soft_label_mode none with --instance_loss "
                              "sigmoid (relation distillation still works with it).")
 
+    @staticmethod
+    def softens(config) -> bool:
+        """Whether the targets are softened (LightCLIP's soft labels)."""
+        return config.soft_label_mode != "none" and config.soft_label_max > 0
+
+    @classmethod
+    def softens_from_teachers(cls, config) -> bool:
+        """Soft labels spread by the frozen encoders' similarities: the batch must carry their features."""
+        return cls.softens(config) and config.soft_label_mode == "similarity" and config.soft_label_source == "frozen"
+
     @classmethod
     def reads(cls, config) -> tuple:
-        return TEACHER_FEATURES if config.uses_frozen_soft_labels else ()
+        return TEACHER_FEATURES if cls.softens_from_teachers(config) else ()
 
     @classmethod
     def build(cls, config, dims: TowerDims) -> "InstanceContrastiveLoss":
@@ -620,9 +630,9 @@ class InstanceContrastiveLoss(InstanceLoss):
 
     @classmethod
     def summary(cls, config) -> str:
-        if not config.uses_soft_labels:
+        if not cls.softens(config):
             return ""
-        source = "frozen teacher encoders'" if config.uses_frozen_soft_labels else "the student's own"
+        source = "frozen teacher encoders'" if cls.softens_from_teachers(config) else "the student's own"
         return (f"soft labels ({config.soft_label_mode}"
                 + (f", from {source} similarities" if config.soft_label_mode == "similarity" else "") + ")")
 
@@ -632,7 +642,7 @@ class InstanceContrastiveLoss(InstanceLoss):
                 f"soft labels: {config.soft_label_mode}" + (
                     f" from the {'frozen teachers' if config.soft_label_source == 'frozen' else 'student'}' "
                     f"similarities ({config.soft_label_modality}), max α {config.soft_label_max}, "
-                    f"{config.soft_label_schedule} schedule" if config.uses_soft_labels else ""))
+                    f"{config.soft_label_schedule} schedule" if cls.softens(config) else ""))
 
     def compute(self, features, step, targets) -> dict[str, torch.Tensor]:
         return self(features.image_embeds, features.text_embeds, step.logit_scale, alpha=step.soft_label_alpha,
@@ -1570,7 +1580,12 @@ class NeighbourGuidance(Objective):
 
     @classmethod
     def enabled(cls, config) -> bool:
-        return config.uses_ping and config.ping_positives == cls.positives
+        return cls.switched_on(config) and config.ping_positives == cls.positives
+
+    @classmethod
+    def switched_on(cls, config) -> bool:
+        """CLIP-PING in either form (a weight above 0)."""
+        return super().enabled(config)
 
     @classmethod
     def validate(cls, config) -> None:
@@ -1805,6 +1820,12 @@ def training_targets_read(config) -> set:
     return {key for objective in enabled_objectives(config) for key in objective.reads(config)}
 
 
+def reads_teacher_knowledge(config) -> bool:
+    """Whether training `config` reads teacher knowledge per sample - the teachers' features or embeddings, or
+    CLIP-PING's neighbours found with them - so that the data must carry it (a reinforced copy)."""
+    return bool(training_targets_read(config) & TEACHER_TARGETS)
+
+
 class LightCLIPObjectives(nn.Module):
     """Every training objective of a LightCLIP model, built from its config, and the one place their terms are
     computed and summed.
@@ -1852,6 +1873,13 @@ class LightCLIPObjectives(nn.Module):
         rows = mlm_row_indices(input_ids.shape[0], config.mlm_batch_fraction, first_row).to(input_ids.device)
         return (mlm_input_ids[rows], attention_mask[rows], mlm_labels[rows],
                 {k: v[rows] for k, v in (text_kwargs or {}).items()}, rows)
+
+    def soft_label_alpha(self, training_progress: float) -> float:
+        """The soft labels' weight at `training_progress` (0 when the instance targets are not softened)."""
+        config = self.config
+        if not InstanceContrastiveLoss.softens(config):
+            return 0.0
+        return soft_label_alpha(training_progress, config.soft_label_max, config.soft_label_schedule)
 
     def mlm_active(self, training_progress: float) -> bool:
         """Whether this step trains MLM: it is on, and in training it has started (`mlm_start`)."""
@@ -1928,6 +1956,7 @@ __all__ = [
     "enabled_objectives",
     "loss_weight_fields",
     "validate_config",
+    "reads_teacher_knowledge",
     "register_objective",
     "training_targets_read",
     "TEACHER_TARGETS",

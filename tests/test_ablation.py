@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from modeling_lightclip.objectives_lightclip import reads_teacher_knowledge
+
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def test_every_arm_parses_as_training_flags(ablation, tmp_path):
                 assert getattr(owner, key) == value, (name, key)
         assert training_args.seed == 3  # an arm's own steps (the batch study's equal samples) override the setting's
         assert training_args.max_steps == overrides.get("max_steps", ablation.SETTINGS["cpu"]["max_steps"])
-        needs_folder = build_model_config(recipe["model"], **given).uses_teacher_features
+        needs_folder = reads_teacher_knowledge(build_model_config(recipe["model"], **given))
         assert needs_folder == (name in ("lightclip+ping", "lightclip+ping_batch_negatives", "+ping_in_batch",
                                          "+frozen_soft_labels", "+frozen_relation", *ablation.STREAMED_ARMS)
                                 or name.endswith(("+frozen_relation", "+frozen_soft_labels")) and not name.startswith("+")

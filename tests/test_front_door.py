@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CAPTIONS, FIXTURES, REPO
+from modeling_lightclip.objectives_lightclip import InstanceContrastiveLoss, reads_teacher_knowledge
 
 
 def _tiny_data(out: Path, *flags) -> list[str]:
@@ -48,7 +49,7 @@ def test_the_documented_plain_clip_command_trains_plain_clip(tmp_path):
     out = tmp_path / "clip"
     train_lightclip.main([*flags, *_tiny_data(out)])
     config = LightCLIPConfig.from_pretrained(out)
-    assert not config.uses_soft_labels and not config.uses_teacher_features
+    assert not InstanceContrastiveLoss.softens(config) and not reads_teacher_knowledge(config)
     assert {name: getattr(config, name) for name in loss_weight_fields().values()} == \
         dict.fromkeys(loss_weight_fields().values(), 0.0)
     assert not (out / "_reinforced").exists()               # no teacher features were built or read

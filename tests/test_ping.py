@@ -17,7 +17,8 @@ from modeling_lightclip.training.neighbours import (
     nearest_neighbours,
     search,
 )
-from modeling_lightclip.objectives_lightclip import NeighbourContrastiveLoss, NeighbourEmbeddingBank
+from modeling_lightclip.objectives_lightclip import (InBatchNeighbourLoss, NeighbourContrastiveLoss, NeighbourEmbeddingBank,
+                                                    NeighbourGuidance, reads_teacher_knowledge)
 
 
 def _brute_force(features, k, valid):
@@ -363,7 +364,7 @@ def test_continuing_from_a_ping_trained_folder_uses_its_saved_config(tmp_path):
               "--do_eval", "false", "--logging_steps", "1"]
     train_lightclip.main(common + ["--max_steps", "2", "--ping_nn_loss_weight", "0.5", "--ping_xnn_loss_weight",
                                    "0.5", "--teacher_features", str(neighbours), "--output_dir", str(first)])
-    assert LightCLIPConfig.from_pretrained(first).uses_ping
+    assert NeighbourGuidance.switched_on(LightCLIPConfig.from_pretrained(first))
 
     with pytest.raises(ValueError, match="saved config.*--teacher_features"):
         train_lightclip.main(common + ["--max_steps", "2", "--model_name_or_path", str(first),
@@ -406,8 +407,8 @@ def test_collator_reads_teacher_features_from_each_row(tmp_path, tiny_recipe, to
     np.save(folder / FILES["image_features"], image_features)
     np.save(folder / FILES["text_features"], text_features)
     config = build_model_config(tiny_recipe["model"], tokenizer, soft_label_source="frozen", mlm_loss_weight=0.0)
-    assert config.uses_teacher_features and not config.uses_ping
-    assert not build_model_config(tiny_recipe["model"], tokenizer).uses_teacher_features
+    assert reads_teacher_knowledge(config) and not NeighbourGuidance.switched_on(config)
+    assert not reads_teacher_knowledge(build_model_config(tiny_recipe["model"], tokenizer))
     rows = Dataset.from_dict({"image": [str(photo_paths[i % 2]) for i in range(10)],
                               "caption": [f"a cat number {i}" for i in range(10)]})
     copy, teachers, skipped = reinforced_for_training(rows, str(folder), config, DataArguments(),
@@ -482,7 +483,7 @@ def test_neighbour_pair_sampler_and_collator_partners(tmp_path, tiny_recipe, tok
 
     config = build_model_config(tiny_recipe["model"], tokenizer, ping_nn_loss_weight=0.5, ping_positives="in_batch",
                                 mlm_loss_weight=0.0)
-    assert config.uses_ping and not config.uses_ping_bank
+    assert InBatchNeighbourLoss.enabled(config) and not NeighbourContrastiveLoss.enabled(config)
     collator = ImageTextCollator(build_processor(32, tokenizer), model_config=config, neighbours=table)
     examples = [{"image": str(photo_paths[0]), "caption": "a cat", "sample_id": i} for i in order[:6]]
     examples[3]["image"] = str(tmp_path / "missing.jpg")  # the second pair loses its neighbour

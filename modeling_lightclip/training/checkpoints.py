@@ -20,9 +20,10 @@ CHECKPOINT_STATE = ("optimizer.pt", "scheduler.pt")
 
 def _checkpoint_needs_bank(path: Path) -> bool:
     from ..configuration_lightclip import LightCLIPConfig
+    from ..objectives_lightclip import NeighbourContrastiveLoss
 
     try:
-        return LightCLIPConfig.from_pretrained(path).uses_ping_bank
+        return NeighbourContrastiveLoss.enabled(LightCLIPConfig.from_pretrained(path))
     except (OSError, ValueError):
         return False
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ..objectives_lightclip import enabled_objectives
+from ..objectives_lightclip import (FrozenRelationLoss, InstanceContrastiveLoss, enabled_objectives,
+                                    reads_teacher_knowledge)
 
 
 _TEMPLATE_CANDIDATES = (Path(__file__).resolve().parents[2] / "model_card.md",
@@ -142,9 +143,8 @@ def _tower_name(config) -> str:
 
 def describe_objectives(config) -> str:
     """One sentence naming what the model was trained with, read from its config."""
-    recommended = (config.uses_frozen_soft_labels and config.uses_relation_distillation and not config.uses_token_loss
-                   and not config.uses_mlm and not config.uses_ping and not config.uses_distillation
-                   and not config.uses_feature_distillation)
+    recommended = (InstanceContrastiveLoss.softens_from_teachers(config)
+                   and set(enabled_objectives(config)) == {InstanceContrastiveLoss, FrozenRelationLoss})
     if recommended:
         return ("LightCLIP's **recommended objective**: the CLIP contrastive loss with soft labels spread by frozen "
                 "teacher encoders' similarities, plus distillation of the teachers' similarity structure into each "
@@ -168,7 +168,7 @@ def _objectives_table(config) -> str:
 def _teachers_section(teachers, config) -> str:
     """Who the model learned from: each teacher named and credited (`teachers`: the reinforced data's teacher
     metadata, recorded in training_info.json)."""
-    if not config.uses_teacher_features:
+    if not reads_teacher_knowledge(config):
         return "No teacher: every objective this model was trained with reads only its own image-text pairs."
     if not teachers:
         return "Teacher encoders were used in training; their names were not recorded with this folder."

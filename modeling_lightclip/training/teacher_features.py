@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..objectives_lightclip import TEACHER_TARGETS, enabled_objectives
+from ..objectives_lightclip import (TEACHER_TARGETS, CrossModalDistillationLoss, FeatureDistillationLoss,
+                                    NeighbourGuidance, enabled_objectives, reads_teacher_knowledge)
 from .neighbours import FILES, NeighbourTable, nearest_neighbours
 from .reinforce import FROZEN_PAIR, FolderFeatures, reinforce
 from .reinforced_copy import split_files
@@ -68,7 +69,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
     """The `TeacherSetup` of a run of `config`; `config.ping_bank_size` and the distilled teacher's logit scale and
     bias are set from the data. `given`: the config fields set on the command line; a teacher scale or bias given
     there that differs from the one the data records is refused (one of the two would be silently ignored)."""
-    if not (config.uses_teacher_features and training_args.do_train and train_dataset is not None):
+    if not (reads_teacher_knowledge(config) and training_args.do_train and train_dataset is not None):
         return TeacherSetup(train_dataset)
     what = describe_teacher_objectives(config)
     teachers = (reinforced or {}).get("teachers")
@@ -88,7 +89,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              f"`lightclip-reinforce`, or switch {_switches(config)}.")
         train_dataset, teachers, skipped = reinforced_for_training(train_dataset, source, config, data_args,
                                                                    training_args)
-    if config.uses_feature_distillation:
+    if FeatureDistillationLoss.enabled(config):
         dims = teacher_feature_dims(train_dataset, teachers)
         if config.feature_distill_teacher_dims and config.feature_distill_teacher_dims != dims:
             raise ValueError(f"feature distillation: the model's projections were built for teacher features of "
@@ -96,7 +97,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              f"({', '.join(t['name'] for t in teachers)}) give {dims}. Train on data reinforced with "
                              "the same teachers, or start the projections afresh from a recipe.")
         config.feature_distill_teacher_dims = dims
-    if config.uses_distillation:
+    if CrossModalDistillationLoss.enabled(config):
         multimodal = [t for t in teachers if t.get("kind") == "multimodal"]
         if not multimodal:
             raise ValueError("distill_loss_weight > 0 distils a multimodal teacher's image-text similarities, and this "
@@ -115,7 +116,7 @@ def setup_teacher_features(config, train_dataset, reinforced: dict | None, data_
                              "(SigLIP) teacher, give --distill_teacher_logit_bias B, or distil with --instance_loss "
                              "softmax.")
     neighbours = None
-    if config.uses_ping:
+    if NeighbourGuidance.switched_on(config):
         if data_args.streaming:
             raise ValueError("--streaming: CLIP-PING's memory bank and in-batch neighbours find each sample's "
                              "neighbours by row, which a stream has not: train without --streaming, or switch it off "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..objectives_lightclip import InBatchNeighbourLoss
 from .benchmark import evaluate_benchmark
 from .checkpoints import PING_BANK_FILE, last_finite_checkpoint
 from .evaluation import class_text_embeddings, embed_pairs, retrieval_metrics, sum_over_processes, zero_shot_metrics
@@ -137,7 +138,7 @@ class LightCLIPTrainer(Trainer):
 
         config = getattr(self.data_collator, "model_config", None)
         neighbours = getattr(self.data_collator, "neighbours", None)
-        if config is None or neighbours is None or not config.uses_ping_in_batch:
+        if config is None or neighbours is None or not InBatchNeighbourLoss.enabled(config):
             return super().get_train_dataloader()
         args = self.args
         if args.per_device_train_batch_size % 2:
