@@ -432,8 +432,7 @@ class LightCLIPConfig(PretrainedConfig):
     def loss_weights(self) -> dict[str, float]:
         """Weight of each enabled weighted term, by term name (the instance loss, weight 1, is not listed)."""
         objectives = training_objectives()
-        weights = objectives.loss_weight_fields() if objectives is not None else {}
-        return {term: float(getattr(self, name)) for term, name in weights.items() if getattr(self, name, 0.0) > 0}
+        return objectives.loss_weights(self) if objectives is not None else {}
 
     def special_token_ids(self) -> list[int]:
         """CLS/SEP/BOS/EOS/PAD/MASK ids of the text tower: never words, never masked for MLM. The one rule both the

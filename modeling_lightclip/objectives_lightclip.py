@@ -1798,6 +1798,12 @@ def loss_weight_fields() -> dict[str, str]:
     return {term: field for objective in OBJECTIVES for term, field in objective.weights.items()}
 
 
+def loss_weights(config) -> dict[str, float]:
+    """Weight of each enabled weighted term of `config`, by term name (the instance loss, weight 1, is not listed)."""
+    return {term: float(getattr(config, name)) for term, name in loss_weight_fields().items()
+            if getattr(config, name, 0.0) > 0}
+
+
 def validate_config(config) -> None:
     """Check every objective's config fields (`LightCLIPConfig` calls this where the objectives are installed): each
     loss weight is a finite number, never negative, and each objective checks its own group (`Objective.validate`)."""
@@ -1833,7 +1839,7 @@ class LightCLIPObjectives(nn.Module):
     Builds each objective of `OBJECTIVES` that the config switches on into its slot (`self.instance`, `self.token`,
     `self.mlm`, `self.ping`, ...; None when off: objectives whose weight is 0 cost nothing and hold no parameters).
     `forward` takes what the towers produced and returns the dict of named unweighted terms plus `"loss"`, their
-    weighted sum (weights: `config.loss_weights()`; the instance term has weight 1).
+    weighted sum (weights: `loss_weights(config)`; the instance term has weight 1).
     """
 
     def __init__(self, config, vision_token_dim: int, vision_stage_dims: list, text_dim: int):
@@ -1934,7 +1940,7 @@ class LightCLIPObjectives(nn.Module):
                 _require_targets(targets, objective, self.config)
                 terms.update(objective.compute(features, step, targets))
         loss = terms["instance"]
-        for term, weight in self.config.loss_weights().items():
+        for term, weight in loss_weights(self.config).items():
             if term in terms:
                 loss = loss + weight * terms[term]
         terms["loss"] = loss
@@ -1955,6 +1961,7 @@ __all__ = [
     "TowerDims",
     "enabled_objectives",
     "loss_weight_fields",
+    "loss_weights",
     "validate_config",
     "reads_teacher_knowledge",
     "register_objective",

@@ -19,8 +19,8 @@ al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
 
 Memory is that of one micro-batch's towers plus the whole batch's features (B x D embeddings, and the token states
 when token alignment or MLM is on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token
-alignment's word-patch scores b x L x B x P). Compute is one extra forward pass of the towers. The loss, the terms and the
-gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
+alignment's word-patch scores b x L x B x P). Compute is one extra forward pass of the towers. The loss, the terms and
+the gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
 tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not
 the same as one big call would; BatchNorm normalises each micro-batch by its own statistics (as DDP does each
 process's share), and its running statistics are updated once per micro-batch (in pass 3).
