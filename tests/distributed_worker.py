@@ -9,6 +9,7 @@ ranks' row counts.
 """
 
 import faulthandler
+import os
 import sys
 from pathlib import Path
 
@@ -74,8 +75,13 @@ def main(model_dir: str, batch_path: str, out_path: str, micro: str | None = Non
             tensors[f"term.{k}"] = terms[i + 1]
         save_file(tensors, out_path)
     dist.barrier()
-    # No destroy_process_group() here: tearing the groups down while the DDP wrapper is still alive can leave its
-    # destructor waiting on a dead communicator (seen as a rare hang at exit); the process exit releases them.
+    # Every result is written: leave without tearing anything down. destroy_process_group() while the DDP wrapper is
+    # alive can wait on a dead communicator (a rare hang at exit), and letting the interpreter's exit destroy the gloo
+    # groups can destroy a still-joinable worker thread ("terminate called without an active exception", SIGABRT,
+    # seen once in CI). os._exit skips both.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _count_row_count_gathers() -> list:
