@@ -24,7 +24,7 @@ from modeling_lightclip.training.data import DataArguments, StreamForProcesses, 
 from modeling_lightclip.training.hub import HubUploadError, push_folder, write_model_card, write_training_info
 from modeling_lightclip.training.lora import merge_lora
 from modeling_lightclip.training.recipes import load_recipe
-from modeling_lightclip.training.processes import unwrap_model
+from modeling_lightclip.training.processes import end_processes, unwrap_model
 from modeling_lightclip.training.stops import TrainingStopped, writing_to
 from modeling_lightclip.training.trainer import LightCLIPTrainer, skip_metric_name
 
@@ -145,6 +145,7 @@ def cli(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    end_processes()
     return 0
 
 

@@ -42,6 +42,9 @@ def main() -> None:
                           "4", "--image_size", "32", "--dataloader_num_workers", "0", "--do_eval", "false",
                           "--logging_steps", "5", "--output_dir", run, *sys.argv[5:]])
     Path(f"{record}-rank{rank}.txt").write_text("\n".join(seen) + "\n")
+    from modeling_lightclip.training.processes import end_processes
+
+    end_processes()
 
 
 if __name__ == "__main__":

@@ -303,13 +303,17 @@ def main(argv=None) -> int:
     import os
     import sys
 
+    from .processes import end_processes
+
     try:
-        return _main(argv)
+        status = _main(argv)
     except ValueError as err:
         if os.environ.get("LIGHTCLIP_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    end_processes()
+    return status
 
 
 def _main(argv=None) -> int:

@@ -474,7 +474,7 @@ def main(argv=None):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} {getattr(args, flag)}: must be at least 1.")
 
-    from .processes import process_state
+    from .processes import end_processes, process_state
 
     state = process_state()
     out = Path(args.out)
@@ -493,6 +493,7 @@ def main(argv=None):
                                args.ivf_lists, args.faiss_gpu, label)
         if state.is_main_process:
             print(json.dumps(summary))
+        end_processes()
         return
     if rest.command == "extract":
         _extract_folder(_dataset(), out, data_args.image_column, data_args.caption_column, args.image_encoder,
@@ -501,7 +502,7 @@ def main(argv=None):
         asked = any(a == "--label_column" or a.startswith("--label_column=") for a in argv)
         print(json.dumps(_search_folder(out, args.k, args.backend, args.ivf_lists, args.faiss_gpu,
                                         _labels(_dataset()) if asked else None)))
-    state.wait_for_everyone()
+    end_processes()
 
 
 __all__ = ["FrozenImageEncoder", "FrozenTextEncoder", "NeighbourArguments", "NeighbourPairSampler", "NeighbourTable",

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from .packaged_weights import check_pretrained_source, check_tokenizer
-from .processes import process_state
+from .processes import end_processes, process_state
 from .reinforced_copy import FORMAT, META_FILE, SYNTHETIC_CAPTIONS, feature_width, read_meta, teacher_columns
 
 
@@ -921,6 +921,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    end_processes()  # every process has written its shards
     if meta is not None:
         print(json.dumps({split: info for split, info in meta["splits"].items()}))
         train = meta["splits"].get("train") or {}
