@@ -7,11 +7,12 @@ piece, same model, same objective.
     python benchmarks/accumulation.py --recipe resnet18 --image_size 224 --batches 512 2048 8192 \\
         --micro 64 256 --bf16 --json benchmarks/results/accumulation_gpu.json          # a GPU
 
-Each (B, b) arm runs in a fresh subprocess, so its peak is its own: on CUDA `torch.cuda.max_memory_allocated`
-(after the model is built: what the step adds shows as `peak - model`), on the CPU the process's peak resident set
-(`ru_maxrss`) next to the same after building the model. A step is `ContrastiveAccumulation(b).step` (one piece:
-the model's forward + backward), then SGD; figures are medians over --steps timed steps after --warmup. An arm that
-runs out of memory is reported as such (it is the point: one piece stops fitting before the micro-batched one does).
+Each (B, b) arm runs in a fresh subprocess, so its peak is its own: on CUDA `torch.cuda.max_memory_allocated` (after
+the model is built: what the step adds shows as `peak - model`), on the CPU the process's peak resident set
+(`ru_maxrss`) next to the same after building the model. A step is `ContrastiveAccumulation(b).step` with the images
+on the host, moved a micro-batch at a time as the trainer does (one piece: the model's forward + backward, the images
+on the device), then SGD; figures are medians over --steps timed steps after --warmup. An arm that runs out of memory
+is reported as such (it is the point: one piece stops fitting before the micro-batched one does).
 The objective is --objective: `clip`, `sigmoid`, `recommended` (soft labels from teacher features and relation
 distillation; random stand-in features of the teachers' width ride with the batch) or `paper` (the papers' objectives
 at once: student soft labels, token alignment, MLM with fusion on half the rows, CLIP-PING with in-batch pairs).
@@ -79,8 +80,11 @@ def run_arm(args) -> dict:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows, micro = args.batch, args.micro[0]
     text = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(rows)], padding=True, return_tensors="pt")
+    # micro-batched, the images stay on the host and reach the device a micro-batch at a time, as in the trainer
+    images = torch.randn(rows, 3, args.image_size, args.image_size)
+    images = images.pin_memory() if device.type == "cuda" and micro < rows else images.to(device)
     batch = {"input_ids": text["input_ids"].to(device), "attention_mask": text["attention_mask"].to(device),
-             "pixel_values": torch.randn(rows, 3, args.image_size, args.image_size, device=device)}
+             "pixel_values": images}
     targets = {}
     if args.objective == "recommended":
         targets = {"teacher_image_features": torch.nn.functional.normalize(torch.randn(rows, 512, device=device), dim=-1),
@@ -94,7 +98,8 @@ def run_arm(args) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model_mib = _peak_mib(device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.bf16 else None
-    engine = ContrastiveAccumulation(micro, autocast=autocast) if micro < rows else None
+    to_device = lambda images: images.to(device, non_blocking=True)  # noqa: E731
+    engine = ContrastiveAccumulation(micro, autocast=autocast, images_to_device=to_device) if micro < rows else None
     inputs = {**batch, "training_targets": training_targets_from(targets, {})}
     times = []
     try:

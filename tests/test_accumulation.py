@@ -392,3 +392,63 @@ def test_bf16_autocast_micro_batches_match_one_bf16_batch(tokenizer):
     expected = torch.cat([p.grad.flatten() for p in reference.parameters() if p.grad is not None])
     got = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert torch.nn.functional.cosine_similarity(got, expected, dim=0) > 0.99
+
+
+def test_images_reach_the_device_one_micro_batch_at_a_time(tokenizer):
+    """`images_to_device` is applied to each micro-batch's images before each of its two tower calls, never to the
+    whole batch, and the step is that of the batch it produces. Oracle: one call on the images it maps to (here the
+    "host" copy is stored doubled in float64, so an engine that skipped the mapping would train other images)."""
+    model, batch, _ = all_objectives_model_and_batch(tokenizer, "redesign")
+    model.train()
+    model.set_training_progress(1.0)
+    reference, out = _one_batch(model, batch)
+    calls = []
+
+    def images_to_device(images):
+        calls.append(images.shape[0])
+        return (images / 2).to(torch.float32)
+
+    inputs = _engine_inputs(batch)
+    inputs["pixel_values"] = batch["pixel_values"].double() * 2
+    terms = ContrastiveAccumulation(3, images_to_device=images_to_device).step(model, inputs)
+    assert calls == [3, 3, 2, 3, 3, 2]  # pass 1 then pass 3, one micro-batch at a time
+    _assert_same_step(reference, out, model, terms)
+
+
+def test_the_trainer_keeps_the_batchs_images_on_the_host(tokenizer, monkeypatch):
+    """Under contrastive accumulation the training loader leaves batches where the collator made them, the trainer
+    moves the text side whole and hands the images over one micro-batch at a time (uint8 `--images_on_device` images
+    normalised per micro-batch); the step equals one call on the whole normalised batch. Without accumulation the
+    loader places batches on the device as usual."""
+    from modeling_lightclip.training.arguments import LightCLIPTrainingArguments
+    from modeling_lightclip.training.data import normalize_on_device
+    from modeling_lightclip.training.preprocessing import build_processor
+    from modeling_lightclip.training.trainer import LightCLIPTrainer
+
+    model, batch, _ = all_objectives_model_and_batch(tokenizer, "redesign")
+    model.set_training_progress(1.0)
+    processor = build_processor(32, tokenizer)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    batch["pixel_values"] = normalize_on_device(images, processor.image_processor)
+    model.train()
+    reference, out = _one_batch(model, batch)
+
+    def trainer(**flags):
+        args = LightCLIPTrainingArguments(output_dir="/tmp/unused", report_to=[], use_cpu=True,
+                                          per_device_train_batch_size=8, **flags)
+        return LightCLIPTrainer(model=model, args=args, processing_class=processor,
+                                train_dataset=[{"i": i} for i in range(16)], data_collator=lambda rows: rows)
+
+    assert trainer().get_train_dataloader().device is not None
+    accumulating = trainer(micro_batch_size=3)
+    assert accumulating.get_train_dataloader().device is None
+    moved = []
+    to_device = accumulating._images_to_device
+    monkeypatch.setattr(accumulating, "_images_to_device", lambda x: moved.append(tuple(x.shape)) or to_device(x))
+    inputs = {**_engine_inputs(batch), "pixel_values": images, "return_loss": True}
+    loss = accumulating.training_step(model, inputs)
+    assert [rows for rows, *_ in moved] == [3, 3, 2, 3, 3, 2]
+    torch.testing.assert_close(loss, out.loss.detach(), rtol=1e-5, atol=1e-6)
+    for (name, param), expected in zip(model.named_parameters(), reference.parameters()):
+        if expected.grad is not None:
+            torch.testing.assert_close(param.grad, expected.grad, rtol=1e-4, atol=1e-5, msg=name)

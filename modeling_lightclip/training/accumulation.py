@@ -17,13 +17,15 @@ al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
    global counts - is computed once, by the first block;
 3. every micro-batch through the towers again, this time with a graph, back-propagating its slice of that gradient.
 
-Memory is that of one micro-batch's towers plus the whole batch's features (B x D embeddings, and the token states
-when token alignment or MLM is on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token
-alignment's word-patch scores b x L x B x P). Compute is one extra forward pass of the towers. The loss, the terms and
-the gradients equal those of one batch of the full size, to float precision, for every objective - with two caveats the
-tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not
-the same as one big call would; BatchNorm normalises each micro-batch by its own statistics (as DDP does each
-process's share), and its running statistics are updated once per micro-batch (in pass 3).
+Memory is that of one micro-batch's towers and images (the trainer keeps the batch's images on the host and moves
+each micro-batch's there for passes 1 and 3: twice the host-to-device copy of the images, none of the batch held on
+the device) plus the whole batch's features (B x D embeddings, and the token states when token alignment or MLM is
+on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token alignment's word-patch scores b x L x B
+x P). Compute is one extra forward pass of the towers. The loss, the terms and the gradients equal those of one batch
+of the full size, to float precision, for every objective - with two caveats the tests pin down: dropout draws the
+same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not the same as one big call would;
+BatchNorm normalises each micro-batch by its own statistics (as DDP does each process's share), and its running
+statistics are updated once per micro-batch (in pass 3).
 
 Across processes each rank runs its local rows this way and the objectives gather features as usual; the
 parameters' gradients are then averaged over ranks here (the towers are called outside DDP's forward, so DDP's own
@@ -84,14 +86,18 @@ class ContrastiveAccumulation:
             the towers and the objectives itself, outside the model's wrapped `forward`.
         backward: how the loss is back-propagated (accelerate's `Accelerator.backward`, which scales for fp16);
             default `Tensor.backward`.
+        images_to_device: called on each micro-batch's `pixel_values` before each tower call (passes 1 and 3), so the
+            whole batch's images may stay on the host and only one micro-batch of them occupies the device at a time
+            (the trainer moves them there and normalises `--images_on_device` uint8 images); default: used as given.
     """
 
-    def __init__(self, micro_batch_size: int, autocast=None, backward=None):
+    def __init__(self, micro_batch_size: int, autocast=None, backward=None, images_to_device=None):
         self.micro_batch_size = int(micro_batch_size)
         if self.micro_batch_size < 1:
             raise ValueError(f"micro_batch_size {micro_batch_size}: >= 1.")
         self.autocast = autocast or contextlib.nullcontext
         self.backward = backward or (lambda loss: loss.backward())
+        self.images_to_device = images_to_device
 
     def step(self, model: nn.Module, inputs: dict, distributed_model: nn.Module | None = None) -> dict:
         """Back-propagate the loss of the batch `inputs` (the collator's batch: tower inputs and `training_targets`)
@@ -109,6 +115,8 @@ class ContrastiveAccumulation:
 
         def piece_inputs(piece):
             chunk = {k: v[piece] for k, v in tower_inputs.items()}
+            if self.images_to_device is not None and "pixel_values" in chunk:
+                chunk["pixel_values"] = self.images_to_device(chunk["pixel_values"])
             chunk["training_targets"] = {k: targets[k][piece] for k in TOWER_TARGETS if k in targets}
             return chunk
 

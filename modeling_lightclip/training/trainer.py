@@ -139,7 +139,7 @@ class LightCLIPTrainer(Trainer):
         config = getattr(self.data_collator, "model_config", None)
         neighbours = getattr(self.data_collator, "neighbours", None)
         if config is None or neighbours is None or not InBatchNeighbourLoss.enabled(config):
-            return super().get_train_dataloader()
+            return self._images_stay_on_host(super().get_train_dataloader())
         args = self.args
         if args.per_device_train_batch_size % 2:
             raise ValueError("ping_positives='in_batch' lays batches out in (anchor, neighbour) pairs: use an even "
@@ -152,7 +152,17 @@ class LightCLIPTrainer(Trainer):
             pin_memory=args.dataloader_pin_memory, persistent_workers=args.dataloader_persistent_workers if workers
             else False, prefetch_factor=args.dataloader_prefetch_factor if workers else None,
             worker_init_fn=partial(seed_worker, num_workers=workers, rank=args.process_index))
-        return self.accelerator.prepare(loader)
+        return self._images_stay_on_host(self.accelerator.prepare(loader))
+
+    def _images_stay_on_host(self, loader):
+        """Under contrastive accumulation the loader leaves its batches on the host: `_accumulated_training_step`
+        moves the text side whole and the images one micro-batch at a time, so the device never holds the whole
+        batch's pixels (at 224 px, 8192 float32 images are 4.9 GB). Other steps move their batch as usual
+        (`_prepare_inputs`). A loader that dispatches batches from the main process places them itself."""
+        if getattr(self.args, "micro_batch_size", None) and getattr(loader, "device", None) is not None \
+                and hasattr(loader, "skip_batches"):  # accelerate's DataLoaderShard
+            loader.device = None
+        return loader
 
     def get_decay_parameter_names(self, model) -> list[str]:
         return decay_parameter_names(model)
@@ -188,9 +198,10 @@ class LightCLIPTrainer(Trainer):
         skipped["other_process_batch_empty"] += rows
         return {"skipped": dict(skipped), "empty_batch": torch.zeros(0, dtype=torch.long), "return_loss": True}
 
-    def _model_inputs(self, model, inputs) -> dict | None:
+    def _model_inputs(self, model, inputs, normalise_images: bool = True) -> dict | None:
         """The collator's batch as the model's inputs: bad-sample counts recorded (training), uint8 images
-        normalised on the device (`--images_on_device`); None when no usable sample is left."""
+        normalised on the device (`--images_on_device`; left to `_images_to_device` when not `normalise_images`);
+        None when no usable sample is left."""
         skipped = inputs.get("skipped") or {}
         if model.training:
             self._skipped.update({k: int(v) for k, v in skipped.items()})
@@ -200,11 +211,18 @@ class LightCLIPTrainer(Trainer):
             return None
         if model.training:
             self._trained_samples += int(inputs["pixel_values"].shape[0])
-        if inputs["pixel_values"].dtype == torch.uint8:  # `--images_on_device`: scaled and normalised here
+        if normalise_images:
+            inputs["pixel_values"] = self._images_to_device(inputs["pixel_values"])
+        return inputs
+
+    def _images_to_device(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images on the training device, uint8 ones (`--images_on_device`) scaled and normalised there."""
+        pixel_values = pixel_values.to(self.args.device, non_blocking=True)
+        if pixel_values.dtype == torch.uint8:
             from .data import normalize_on_device
 
-            inputs["pixel_values"] = normalize_on_device(inputs["pixel_values"], self.processing_class.image_processor)
-        return inputs
+            pixel_values = normalize_on_device(pixel_values, self.processing_class.image_processor)
+        return pixel_values
 
     def _record_terms(self, terms: dict) -> None:
         for name, value in terms.items():
@@ -246,13 +264,17 @@ class LightCLIPTrainer(Trainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        inputs = self._model_inputs(model, self._prepare_inputs(inputs))
+        images = inputs.get("pixel_values")  # left on the host: moved a micro-batch at a time by the engine
+        inputs = self._prepare_inputs({k: v for k, v in inputs.items() if k != "pixel_values"})
+        if images is not None:
+            inputs["pixel_values"] = images
+        inputs = self._model_inputs(model, inputs, normalise_images=False)
         if inputs is None:
             loss = self._empty_batch_loss(model, False)
             self.accelerator.backward(loss)
             return loss.detach()
         engine = ContrastiveAccumulation(micro_batch_size, autocast=self.accelerator.autocast,
-                                         backward=self.accelerator.backward)
+                                         backward=self.accelerator.backward, images_to_device=self._images_to_device)
         inner = unwrap_model(model)
         terms = engine.step(inner, inputs, distributed_model=model if model is not inner else None)
         self._record_terms({k: v for k, v in terms.items() if k != "loss"})
