@@ -190,6 +190,65 @@ def row_mean(per_row: torch.Tensor) -> torch.Tensor:
     return per_row.sum() * _global_mean_normaliser(per_row.new_tensor(float(per_row.shape[0])))
 
 
+LOGIT_CHUNK_ELEMENTS = 2**22  # logits held at once by `similarity_cross_entropy` (16 MiB in float32)
+
+
+class _SimilarityCrossEntropy(torch.autograd.Function):
+    """Forward and backward of `similarity_cross_entropy`, a block of key columns at a time (at least float32)."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, targets, key_mask, temperature, columns):
+        q, k = _at_least_float32(queries), _at_least_float32(keys)
+        lse = q.new_full((q.shape[0],), float("-inf"))
+        for start in range(0, k.shape[0], columns):
+            logits = _masked_logits(q, k, key_mask, temperature, start, columns)
+            lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
+        target_logits = (q * k[targets]).sum(-1) / temperature
+        ctx.save_for_backward(queries, keys, targets, lse, key_mask if key_mask is not None else torch.empty(0))
+        ctx.temperature, ctx.columns, ctx.has_mask = temperature, columns, key_mask is not None
+        return (lse - target_logits).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        queries, keys, targets, lse, key_mask = ctx.saved_tensors
+        key_mask = key_mask if ctx.has_mask else None
+        q, k, t = _at_least_float32(queries), _at_least_float32(keys), ctx.temperature
+        grad_q, grad_k = torch.zeros_like(q), torch.zeros_like(k)
+        for start in range(0, k.shape[0], ctx.columns):
+            probs = torch.exp(_masked_logits(q, k, key_mask, t, start, ctx.columns) - lse[:, None])
+            grad_q += probs @ k[start:start + ctx.columns]
+            grad_k[start:start + ctx.columns] += probs.t() @ q
+        grad_q -= k[targets]
+        grad_k.index_add_(0, targets, -q)
+        scale = grad_output.to(q.dtype) / t
+        return (grad_q * scale).to(queries.dtype), (grad_k * scale).to(keys.dtype), None, None, None, None
+
+
+def _at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
+
+
+def _masked_logits(q, k, key_mask, temperature, start, columns):
+    with torch.autocast(q.device.type, enabled=False):  # at least float32 under mixed precision too
+        logits = q @ k[start:start + columns].t() / temperature
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[start:start + columns], float("-inf"))
+    return logits
+
+
+def similarity_cross_entropy(queries: torch.Tensor, keys: torch.Tensor, targets: torch.Tensor, temperature: float,
+                             key_mask: torch.Tensor | None = None, columns: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `queries @ keys.T / temperature` (n, m) against `targets` (n,) - keys where `key_mask`
+    is False are no candidates - without ever holding the (n, m) logits: they are computed `columns` keys at a time
+    (default: `LOGIT_CHUNK_ELEMENTS` logits at once) in the forward pass with a running log-sum-exp, and again in the
+    backward pass (a memory-bounded softmax cross-entropy, as Inf-CL tiles the contrastive loss). Token alignment's
+    batch negatives score every word of a row block against every patch of the global batch: with it, their memory
+    stays that of one chunk however large the batch."""
+    if columns is None:
+        columns = max(1, LOGIT_CHUNK_ELEMENTS // max(queries.shape[0], 1))
+    return _SimilarityCrossEntropy.apply(queries, keys, targets, key_mask, float(temperature), int(columns))
+
+
 def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """All-gather along dim 0; ranks may hold different numbers of rows (each is padded to the longest for the
     collective, and the padding dropped again)."""
@@ -1241,32 +1300,27 @@ class TokenAlignmentLoss(Objective):
 
         if self.negatives == "image":
             similarity = torch.einsum("bld,bpd->blp", row_words, row_patches)
-            w2p_logits = similarity[b_idx, l_idx] / self.temperature  # (n, P)
-            w2p_target = p_idx
             p2w_logits = similarity[b_idx, :, p_idx].masked_fill(~own_rows(word_mask)[b_idx], float("-inf"))
-            p2w_logits = p2w_logits / self.temperature
-            p2w_target = l_idx
+            w2p = F.cross_entropy(similarity[b_idx, l_idx] / self.temperature, p_idx, reduction="sum")
+            p2w = F.cross_entropy(p2w_logits / self.temperature, l_idx, reduction="sum")
+            candidates = similarity.sum()
         else:
             all_patches = gather_with_grad(patches).flatten(0, 1)  # (B_g * P, d)
             all_words, all_word_mask = _gather_words(words, word_mask)
             length = all_words.shape[1]
             all_words, all_word_mask = all_words.flatten(0, 1), all_word_mask.flatten()  # (B_g * L, ...)
             global_b = _own_global_rows(patches.shape[0], patches.device)[b_idx]
-            w2p_logits = row_words[b_idx, l_idx] @ all_patches.t() / self.temperature
-            w2p_target = global_b * num_patches + p_idx
-            p2w_logits = (row_patches[b_idx, p_idx] @ all_words.t()).masked_fill(~all_word_mask, float("-inf"))
-            p2w_logits = p2w_logits / self.temperature
-            p2w_target = global_b * length + l_idx
-
+            # each matched word against every patch of the batch and back, a chunk of the batch at a time
+            w2p = similarity_cross_entropy(row_words[b_idx, l_idx], all_patches, global_b * num_patches + p_idx,
+                                           self.temperature)
+            p2w = similarity_cross_entropy(row_patches[b_idx, p_idx], all_words, global_b * length + l_idx,
+                                           self.temperature, key_mask=all_word_mask)
+            candidates = all_patches.sum() + all_words.sum()
         if b_idx.numel() == 0:
             # nothing matched in these rows: a zero that still reaches the projections (DDP needs every grad) and
             # the gathers (their backward is a collective every rank must join)
-            zero = 0.0 * (patches.sum() + words.sum() + w2p_logits.sum() + p2w_logits.sum())
-            losses = {"token": zero}
-        else:
-            w2p = F.cross_entropy(w2p_logits, w2p_target, reduction="sum")
-            p2w = F.cross_entropy(p2w_logits, p2w_target, reduction="sum")
-            losses = {"token": 0.5 * (w2p + p2w) * normaliser}
+            w2p = p2w = 0.0 * (patches.sum() + words.sum() + candidates)
+        losses = {"token": 0.5 * (w2p + p2w) * normaliser}
         if return_matches:
             losses["matches"] = all_matches
         return losses

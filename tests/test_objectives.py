@@ -14,6 +14,7 @@ from modeling_lightclip.objectives_lightclip import (
     InstanceContrastiveLoss,
     TokenAlignmentLoss,
     mask_tokens,
+    similarity_cross_entropy,
     soft_label_alpha,
     soft_targets,
     solve_word_patch_assignment,
@@ -212,6 +213,54 @@ def test_token_objective_learns_a_toy_alignment_without_collapse(negatives):
     off_diagonal = cosine[~torch.eye(len(cosine), dtype=torch.bool)]
     assert off_diagonal.mean().item() < 0.5
     assert embedded.var(dim=0).sum().item() > 0.5
+
+
+@pytest.mark.parametrize("columns", [1, 5, None])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_similarity_cross_entropy_equals_the_materialised_logits(columns, masked):
+    """The summed cross-entropy computed a few key columns at a time equals `F.cross_entropy` of the whole logit
+    matrix (masked keys at -inf), value and gradients for queries and keys, in float64."""
+    generator = torch.Generator().manual_seed(4)
+    queries = F.normalize(torch.randn(7, 6, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+    keys = F.normalize(torch.randn(23, 6, generator=generator, dtype=torch.float64), dim=-1).requires_grad_()
+    targets = torch.tensor([0, 4, 4, 9, 22, 13, 17])
+    key_mask = (torch.rand(23, generator=generator) > 0.3) if masked else None
+    if key_mask is not None:
+        key_mask[targets] = True
+    logits = queries @ keys.t() / 0.07
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+    expected = F.cross_entropy(logits, targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected * 1.7, (queries, keys))
+    got = similarity_cross_entropy(queries, keys, targets, 0.07, key_mask=key_mask, columns=columns)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
+    for grad, want in zip(torch.autograd.grad(got * 1.7, (queries, keys)), expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_token_alignment_with_batch_negatives_equals_a_loop_over_matched_words():
+    """Batch negatives: each matched word's cross-entropy over every patch of the batch, and each matched patch's
+    over every real word of the batch, summed in a Python loop and normalised by the matched count."""
+    torch.manual_seed(2)
+    loss_fn = TokenAlignmentLoss(5, 4, 6, temperature=0.2, negatives="batch", solver="scipy")
+    image_tokens, text_tokens = torch.randn(3, 7, 5), torch.randn(3, 4, 4)
+    word_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    out = loss_fn(image_tokens, text_tokens, word_mask, return_matches=True)
+    patches = F.normalize(loss_fn.image_token_projection(image_tokens), dim=-1)
+    words = F.normalize(loss_fn.text_token_projection(text_tokens), dim=-1)
+    terms = []
+    for b, l in (out["matches"] >= 0).nonzero().tolist():
+        p = int(out["matches"][b, l])
+        word_scores = torch.stack([words[b, l] @ patches[i, j] for i in range(3) for j in range(7)]) / 0.2
+        terms.append(torch.logsumexp(word_scores, 0) - word_scores[b * 7 + p])
+        real = [(i, j) for i in range(3) for j in range(4) if word_mask[i, j]]
+        patch_scores = torch.stack([patches[b, p] @ words[i, j] for i, j in real]) / 0.2
+        terms.append(torch.logsumexp(patch_scores, 0) - patch_scores[real.index((b, l))])
+    expected = 0.5 * torch.stack(terms).sum() / (out["matches"] >= 0).sum()
+    torch.testing.assert_close(out["token"], expected, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out["token"], list(loss_fn.parameters()), retain_graph=True)
+    for grad, want in zip(grads, torch.autograd.grad(expected, list(loss_fn.parameters()))):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- MLM

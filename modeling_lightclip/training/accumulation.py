@@ -20,12 +20,13 @@ al., 2021, as OpenCLIP's `--accum-freq` does for its losses):
 Memory is that of one micro-batch's towers and images (the trainer keeps the batch's images on the host and moves
 each micro-batch's there for passes 1 and 3: twice the host-to-device copy of the images, none of the batch held on
 the device) plus the whole batch's features (B x D embeddings, and the token states when token alignment or MLM is
-on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token alignment's word-patch scores b x L x B
-x P). Compute is one extra forward pass of the towers. The loss, the terms and the gradients equal those of one batch
-of the full size, to float precision, for every objective - with two caveats the tests pin down: dropout draws the
-same masks in passes 1 and 3 (the random state is replayed per micro-batch) but not the same as one big call would;
-BatchNorm normalises each micro-batch by its own statistics (as DDP does each process's share), and its running
-statistics are updated once per micro-batch (in pass 3).
+on) plus the objectives' matrices, b x B by row blocks (micro-batch b; token alignment's word-patch scores against
+the batch a bounded chunk at a time, `similarity_cross_entropy`). Compute is one extra forward pass of the towers.
+The loss, the terms and the gradients equal those of one batch of the full size, to float precision, for every
+objective - with two caveats the tests pin down: dropout draws the same masks in passes 1 and 3 (the random state is
+replayed per micro-batch) but not the same as one big call would; BatchNorm normalises each micro-batch by its own
+statistics (as DDP does each process's share), and its running statistics are updated once per micro-batch (in pass
+3).
 
 Across processes each rank runs its local rows this way and the objectives gather features as usual; the
 parameters' gradients are then averaged over ranks here (the towers are called outside DDP's forward, so DDP's own
