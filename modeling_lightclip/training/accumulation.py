@@ -135,6 +135,8 @@ class ContrastiveAccumulation:
 
         # pass 2: the objectives of the whole batch, on its features made leaves
         features = TrainingFeatures.concatenate(parts)
+        masked_rows = [0 if part.masked_states is None else part.masked_states.shape[0] for part in parts]
+        del parts  # the batch's features are held once, concatenated
         leaves = {}
         for name in TrainingFeatures.DIFFERENTIABLE:
             value = getattr(features, name)
@@ -151,7 +153,7 @@ class ContrastiveAccumulation:
 
         # pass 3: each micro-batch's towers again, with a graph, fed its slice of the features' gradient
         masked_start = 0
-        for piece, state, part in zip(pieces, states, parts):
+        for piece, state, masked_count in zip(pieces, states, masked_rows):
             state.restore()
             with self.autocast():
                 again = model.training_features(**piece_inputs(piece), first_row=first_row + piece.start)
@@ -160,16 +162,14 @@ class ContrastiveAccumulation:
                 if leaf.grad is None:
                     continue
                 if name in TrainingFeatures.PER_MASKED_ROW:
-                    count = getattr(part, name).shape[0]
-                    grad = leaf.grad[masked_start:masked_start + count]
+                    grad = leaf.grad[masked_start:masked_start + masked_count]
                 else:
                     grad = leaf.grad[piece]
                 output = getattr(again, name)
                 if output is not None and output.requires_grad:
                     outputs.append(output)
                     grads.append(grad.to(output.dtype))
-            if part.masked_states is not None:
-                masked_start += part.masked_states.shape[0]
+            masked_start += masked_count
             if outputs:
                 torch.autograd.backward(outputs, grads)
 
