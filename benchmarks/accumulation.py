@@ -138,6 +138,7 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--micro", type=int, nargs="+", default=[64], help="micro-batch sizes; each batch also runs "
                                                                               "in one piece")
+    parser.add_argument("--no_one_piece", action="store_true", help="skip the one-piece arms (micro-batches only)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
@@ -164,7 +165,7 @@ def main(argv=None):
                "steps": args.steps, "max_memory_gib": args.max_memory_gib, "arms": []}
     print(f"{args.recipe}, {args.objective} objective, {args.image_size} px; median step of {args.steps}:")
     for batch in args.batches:
-        for micro in sorted({m for m in args.micro if m < batch} | {batch}):
+        for micro in sorted({m for m in args.micro if m < batch} | (set() if args.no_one_piece else {batch})):
             command = [sys.executable, __file__, "--arm", "--batch", str(batch), "--micro", str(micro), *shared]
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
