@@ -137,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--micro", type=int, nargs="+", default=[64], help="micro-batch sizes; each batch also runs "
-                                                                              "in one piece")
+                                                                              "in one piece unless --no_one_piece")
     parser.add_argument("--no_one_piece", action="store_true", help="skip the one-piece arms (micro-batches only)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
