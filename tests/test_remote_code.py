@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from clean_env import add_to_client_env, distributions_in, make_client_env
 from modeling_lightclip import LightCLIPModel
 from modeling_lightclip.training.preprocessing import build_processor
 
@@ -141,28 +142,18 @@ def test_remote_code_and_pipeline_without_the_package(tiny_model, tokenizer, pho
     _check(_run_client(sys.executable, folder, photo_paths, tmp_path), expected)
 
 
-@pytest.mark.skipif(os.environ.get("LIGHTCLIP_SKIP_CLEAN_VENV") == "1", reason="LIGHTCLIP_SKIP_CLEAN_VENV=1")
 def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
-    """A fresh virtualenv with only torch, transformers and pillow: what a Hub user has (then + timm, for a timm
-    image tower)."""
-    import transformers
-
+    """A fresh virtualenv with only torch, transformers and pillow (and what they require): what a Hub user has
+    (then + timm, for a timm image tower). Its files are linked from this environment (clean_env.py says why)."""
     folder = tmp_path / "model"
     _save_tiny_folder(tiny_model, tokenizer, folder)
     expected = _expected(tiny_model, tokenizer, photo_paths, folder, pil_backend=True)  # no torchvision there
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    python = str(venv / "bin" / "python")
-    install = subprocess.run(
-        [python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}",
-         f"transformers=={transformers.__version__}", "pillow"],
-        capture_output=True, text=True, timeout=900,
-    )
-    assert install.returncode == 0, install.stderr[-4000:]
-    listed = subprocess.run([python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
-                            check=True)
-    installed = {p["name"].lower() for p in json.loads(listed.stdout)}
-    assert not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
+    python = make_client_env(tmp_path / "venv", ["torch", "transformers", "pillow"])
+    installed = distributions_in(python)
+    assert {"torch", "transformers", "pillow"} <= installed
+    assert not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft", "torchvision", "timm"}
+    blocked = subprocess.run([python, "-c", "import datasets"], capture_output=True, text=True, cwd=tmp_path)
+    assert blocked.returncode != 0 and "No module named 'datasets'" in blocked.stderr  # the oracle: it is not there
     _check(_run_client(python, folder, photo_paths, tmp_path), expected)
 
     # the native export of a CLIP-shaped model: plain CLIPModel, no custom code, same pipeline
@@ -190,13 +181,9 @@ def test_clean_virtualenv_client(tiny_model, tokenizer, photo_paths, tmp_path):
     # a timm image tower (TimmWrapper): the same client once timm is added, and nothing else of ours
     if importlib.util.find_spec("timm") is None and os.environ.get("LIGHTCLIP_REQUIRE_TIMM") != "1":
         return
-    import timm
 
-    install = subprocess.run([python, "-m", "pip", "install", "-q", f"timm=={timm.__version__}"],
-                             capture_output=True, text=True, timeout=900)
-    assert install.returncode == 0, install.stderr[-4000:]
-    installed = {p["name"].lower() for p in json.loads(subprocess.run(
-        [python, "-m", "pip", "list", "--format", "json"], capture_output=True, text=True, check=True).stdout)}
+    add_to_client_env(python, ["timm"])
+    installed = distributions_in(python)
     assert "timm" in installed and not installed & {"lightclip", "datasets", "accelerate", "scipy", "peft"}
     import train_lightclip
     from modeling_lightclip import LightCLIPProcessor
