@@ -52,12 +52,13 @@ def closure(names) -> list[metadata.Distribution]:
     return list(seen.values())
 
 
-def link_distributions(site_packages: Path, names) -> set[str]:
-    """Symlink every file of `names`' closure into `site_packages`; returns the canonical names linked."""
-    linked = set()
+def link_distributions(site_packages: Path, names) -> None:
+    """Symlink every file of `names`' closure into `site_packages`."""
     for dist in closure(names):
+        if dist.files is None:  # no RECORD (an egg or a hand-made install): nothing says which files are its own
+            raise LookupError(f"{dist.metadata['Name']} lists no files; reinstall it with pip")
         root = Path(dist.locate_file(""))
-        for file in dist.files or []:
+        for file in dist.files:
             parts = Path(file).parts
             if not parts or parts[0] == ".." or "__pycache__" in parts:  # scripts outside site-packages; caches
                 continue
@@ -68,21 +69,18 @@ def link_distributions(site_packages: Path, names) -> set[str]:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 os.symlink(source, target)
-        linked.add(canonicalize_name(dist.metadata["Name"]))
-    return linked
 
 
 def make_client_env(venv: Path, names) -> str:
     """A new virtualenv at `venv` holding `names` and what they require; returns its python."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    link_distributions(Path(site), names)
+    add_to_client_env(python, names)
     return python
 
 
 def add_to_client_env(python: str, names) -> None:
+    """Link `names` and what they require into the virtualenv of `python`."""
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     link_distributions(Path(site), names)
