@@ -4,7 +4,7 @@ A Hub user's client has torch, transformers and pillow and nothing of ours. Inst
 download and unpack a second CUDA torch (several GB, which a CI machine's disk may not have). Linking the files of
 the distributions already installed here gives the same environment, file for file, at no cost in disk: the new
 virtualenv's site-packages holds a symlink for every file its distributions' RECORDs list and nothing else, so
-`pip list` there shows those distributions alone and every other import fails as it would on the user's machine.
+its interpreter's metadata lists those distributions alone and every other import fails as on the user's machine.
 """
 
 from __future__ import annotations
@@ -30,26 +30,25 @@ def _installed() -> dict[str, metadata.Distribution]:
 
 
 def closure(names) -> list[metadata.Distribution]:
-    """The installed distributions `names` and, recursively, the ones they require (no extras; markers evaluated
-    for this interpreter). A requirement that is not installed here is left out, as pip here would have had it."""
+    """The installed distributions `names` and, recursively, the ones they require (with the requirements of any
+    extras asked for, e.g. `cuda-toolkit[cublas]`; markers evaluated for this interpreter). A requirement that is not
+    installed here is left out, as pip here would have had it."""
     installed = _installed()
     missing = [n for n in names if canonicalize_name(n) not in installed]
     if missing:
         raise LookupError(f"not installed in this environment: {missing}")
     todo = [(canonicalize_name(n), "") for n in names]
-    seen: dict[str, metadata.Distribution] = {}
     done = set()
     while todo:
         name, extra = todo.pop()  # a requirement `pkg[extra]` brings pkg's requirements marked for that extra
         if (name, extra) in done or name not in installed:
             continue
         done.add((name, extra))
-        dist = seen[name] = installed[name]
-        for line in dist.requires or []:
+        for line in installed[name].requires or []:
             req = Requirement(line)
             if req.marker is None or req.marker.evaluate({"extra": extra}):
                 todo += [(canonicalize_name(req.name), e) for e in ("", *req.extras)]
-    return list(seen.values())
+    return [installed[name] for name in {name for name, _ in done}]
 
 
 def link_distributions(site_packages: Path, names) -> None:
